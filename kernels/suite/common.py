@@ -1,0 +1,79 @@
+"""Shared pieces of the kernel sweeps: error metric, result rows, timers."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Relative-error tolerances against a float64 reference (DESIGN.md, testing conventions).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over the finite entries of `ref`; inf if NaN/inf do not match exactly."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        return float("inf")
+    finite = torch.isfinite(ref)
+    same_nonfinite = torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(
+        out[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)])
+    if not same_nonfinite or not torch.isfinite(out[finite]).all():
+        return float("inf")
+    denom = ref[finite].norm().item()
+    diff = (out[finite] - ref[finite]).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+@dataclass
+class CheckRow:
+    kernel: str
+    case: str
+    backend: str
+    dtype: str
+    errors: dict  # name -> relative error (e.g. {"out": 1e-8, "grad_x": 2e-8})
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return all(e <= self.tolerance for e in self.errors.values())
+
+
+@dataclass
+class BenchRow:
+    kernel: str
+    case: str
+    dtype: str
+    ms: float
+    metrics: dict  # e.g. {"GB/s": ..., "vs torch": ..., "vs copy": ...}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Median milliseconds per call: triton.testing.do_bench on CUDA, a wall-clock median on CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    samples = []
+    budget = time.perf_counter() + 0.5
+    while len(samples) < 5 or (time.perf_counter() < budget and len(samples) < 200):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 28) -> float:
+    """Device memory bandwidth of a plain copy (read + write), measured now, in GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6

@@ -1,0 +1,1 @@
+"""The `wb` command line: the only layer that knows all the others."""

@@ -1,0 +1,120 @@
+"""`wb kernels check | bench | compile`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, help="Check, time and ahead-of-time compile the Triton kernels.")
+# Wide enough for the tables when output is piped (CI logs), as on a terminal.
+console = Console(width=None if Console().is_terminal else 160)
+
+
+def default_backends() -> list[str]:
+    from kernels.backend import cuda_available
+
+    return ["triton"] if cuda_available() else ["interpret", "torch"]
+
+
+def run_checks(selection: str, backends: list[str], seed: int = 0):
+    from kernels import suite
+
+    return [row for name in suite.names(selection) for backend in backends
+            for row in suite.suite(name).check(backend, seed)]
+
+
+def check_table(rows) -> Table:
+    table = Table(title="kernel correctness vs float64 reference (relative error)")
+    for col in ("kernel", "case", "backend", "dtype", "errors", "tol", "result"):
+        table.add_column(col)
+    for r in rows:
+        errors = " ".join(f"{k}={v:.1e}" for k, v in r.errors.items())
+        table.add_row(r.kernel, r.case, r.backend, r.dtype, errors, f"{r.tolerance:.0e}",
+                      "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    return table
+
+
+def _write_json(path: Path | None, rows) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
+
+
+@app.command()
+def check(kernel: str = typer.Argument("all", help="softmax | all"),
+          backend: list[str] = typer.Option(None, "--backend", "-b", help="triton | interpret | torch (repeatable)"),
+          seed: int = typer.Option(0, help="random seed of the inputs"),
+          json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
+    """Correctness sweep against float64 on random odd shapes; exit 1 on any failure."""
+    rows = run_checks(kernel, backend or default_backends(), seed)
+    console.print(check_table(rows))
+    _write_json(json_out, rows)
+    failed = sum(not r.passed for r in rows)
+    console.print(f"{len(rows) - failed} passed, {failed} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(kernel: str = typer.Argument("all", help="softmax | all"),
+          quick: bool = typer.Option(False, help="fewer shapes"),
+          json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
+    """Time the kernels on this machine's device beside the torch equivalent, in one run."""
+    import torch
+
+    from kernels import suite
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [row for name in suite.names(kernel) for row in suite.suite(name).bench(device, quick)]
+    title = torch.cuda.get_device_name() if device == "cuda" else "CPU (torch backend)"
+    table = Table(title=f"kernel benchmarks on {title}")
+    metric_names = list(dict.fromkeys(k for r in rows for k in r.metrics))
+    for col in ("kernel", "case", "dtype", "ms", *metric_names):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.kernel, r.case, r.dtype, f"{r.ms:.4f}",
+                      *(f"{r.metrics[m]:.2f}" if m in r.metrics else "" for m in metric_names))
+    console.print(table)
+    _write_json(json_out, rows)
+
+
+@app.command("compile")
+def compile_(kernel: str = typer.Argument("all", help="softmax | all"),
+             arch: str = typer.Option("80,90", help="comma-separated compute capabilities"),
+             jobs: int = typer.Option(0, help="worker processes (0: one per CPU)"),
+             json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
+    """Compile every kernel at every autotune config for GPUs that need not be present."""
+    from kernels import suite
+    from kernels.aot import SHARED_MEMORY_LIMIT, compile_all
+
+    try:
+        archs = tuple(int(a) for a in arch.split(","))
+    except ValueError:
+        raise ValueError(f"--arch={arch!r} must be comma-separated integers such as 80,90") from None
+    for a in archs:
+        if a not in SHARED_MEMORY_LIMIT:
+            raise ValueError(f"--arch {a} is not supported; choose from {sorted(SHARED_MEMORY_LIMIT)}")
+    specs = [s for name in suite.names(kernel) for s in suite.suite(name).compile_specs()]
+    results = compile_all(specs, archs, jobs or None)
+    table = Table(title="ahead-of-time compile (PTX + cubin)")
+    for col in ("kernel config", "sm", "result", "smem B", "regs", "spill B", "note"):
+        table.add_column(col)
+    for r in results:
+        note = r.error or (f"missing in PTX: {', '.join(r.missing_ptx)}" if r.missing_ptx else "")
+        if r.ok and (r.shared_bytes or 0) > SHARED_MEMORY_LIMIT[r.arch]:
+            note = f"shared memory over the {SHARED_MEMORY_LIMIT[r.arch]} B limit"
+        table.add_row(r.spec.label, str(r.arch), "[green]ok[/]" if r.passed else "[red]FAIL[/]",
+                      str(r.shared_bytes if r.ok else ""), str(r.registers or ""), str(r.spill_bytes or 0), note)
+    console.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps([{**asdict(r), "passed": r.passed} for r in results], indent=1))
+    failed = sum(not r.passed for r in results)
+    console.print(f"{len(results) - failed} passed, {failed} failed")
+    if failed:
+        raise typer.Exit(1)
