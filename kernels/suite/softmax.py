@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 import kernels
@@ -48,6 +50,11 @@ def check(backend: str, seed: int = 0) -> list[CheckRow]:
     return rows
 
 
+def _fwd_bwd(fn, x, dy):
+    x.grad = None
+    fn(x).backward(dy)
+
+
 def bench(device: str, quick: bool = False) -> list[BenchRow]:
     """GB/s of forward and forward+backward against torch.softmax and the device's copy bandwidth."""
     rows = []
@@ -64,19 +71,15 @@ def bench(device: str, quick: bool = False) -> list[BenchRow]:
             x = torch.randn(n_rows, n, device=device, dtype=dtype)
             dy = torch.randn_like(x)
             nbytes = x.numel() * x.element_size()
-            fwd_ms = time_ms(lambda: kernels.softmax(x, backend=backend), device)
-            ref_ms = time_ms(lambda: torch.softmax(x, -1), device)
+            fwd_ms = time_ms(lambda x=x: kernels.softmax(x, backend=backend), device)
+            ref_ms = time_ms(lambda x=x: torch.softmax(x, -1), device)
             gbs = 2 * nbytes / fwd_ms / 1e6
             rows.append(BenchRow("softmax fwd", f"{n_rows}x{n}", dtype_name(dtype), fwd_ms,
                                  {"GB/s": gbs, "vs torch": ref_ms / fwd_ms, "of copy BW": gbs / copy_gbs}))
             xg = x.clone().requires_grad_()
-
-            def fwd_bwd(f):
-                xg.grad = None
-                f(xg).backward(dy)
-
-            both_ms = time_ms(lambda: fwd_bwd(lambda t: kernels.softmax(t, backend=backend)), device)
-            ref_both = time_ms(lambda: fwd_bwd(lambda t: torch.softmax(t, -1)), device)
+            ours = partial(kernels.softmax, backend=backend)
+            both_ms = time_ms(lambda xg=xg, dy=dy, f=ours: _fwd_bwd(f, xg, dy), device)
+            ref_both = time_ms(lambda xg=xg, dy=dy: _fwd_bwd(lambda t: torch.softmax(t, -1), xg, dy), device)
             # forward reads x, writes y; backward reads y and dy, writes dx
             gbs_both = 5 * nbytes / both_ms / 1e6
             rows.append(BenchRow("softmax fwd+bwd", f"{n_rows}x{n}", dtype_name(dtype), both_ms,
