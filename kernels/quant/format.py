@@ -1,0 +1,186 @@
+"""Weight quantisation formats: quantise, dequantise, pack, and per-token activation quantisation.
+
+A weight W (N, K) (nn.Linear layout: out_features x in_features) becomes a `QuantizedWeight`:
+
+  w8a16, w8a8  qweight int8 (N, K): symmetric per output channel, q = round(W / s), s = max|W_n| / 127.
+               scales fp32 (1, N). The two modes share the weight format; w8a8 also quantises x.
+  w4a16        qweight int32 (ceil(K/8), N): unsigned 4-bit q in [0, 15] with a zero point per group,
+               W ~ (q - z) * s. Eight values along K per int32 (row 8r + j in bits 4j..4j+3), so the
+               kernel's tile loads are contiguous along N. scales fp16 (G, N), zeros uint8 (G, N),
+               G = K / group_size (G = 1 per channel, where K need not be a multiple of 8).
+
+`dequantize` returns fp32 and is exactly the weight the kernels multiply by: they feed the integers
+(q - z) to the tensor cores (exact in fp16/bf16) and apply the scales to the fp32 accumulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("w8a16", "w4a16", "w8a8")
+GROUP_SIZES = (32, 64, 128)
+BITS = {"w8a16": 8, "w4a16": 4, "w8a8": 8}
+
+
+@dataclass
+class QuantizedWeight:
+    mode: str
+    shape: tuple  # (N, K) of the float weight
+    group_size: int  # K when quantised per output channel
+    qweight: torch.Tensor
+    scales: torch.Tensor  # (groups, N)
+    zeros: torch.Tensor | None = None  # (groups, N) uint8, w4a16 only
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.mode]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device) -> QuantizedWeight:
+        zeros = self.zeros.to(device) if self.zeros is not None else None
+        return QuantizedWeight(self.mode, self.shape, self.group_size, self.qweight.to(device),
+                               self.scales.to(device), zeros)
+
+
+def _check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a quantisation mode; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def resolve_group_size(mode: str, group_size, k: int) -> int:
+    """Effective group size: K for per-channel (None or -1; always for the 8-bit modes)."""
+    if mode != "w4a16":
+        if group_size not in (None, -1, k):
+            raise ValueError(f"group_size={group_size} is only for w4a16; mode={mode!r} is per output channel")
+        return k
+    if group_size in (None, -1):
+        return k
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported; choose one of {GROUP_SIZES}, or None / -1 "
+                         "for per output channel")
+    if k % group_size:
+        raise ValueError(f"group_size={group_size} does not divide K={k} (the weight's in_features); "
+                         "pick a divisor or group_size=None for per output channel")
+    return group_size
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit packing: eight values along K per int32
+# ----------------------------------------------------------------------------------------------
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) integers in [0, 15] -> int32 (ceil(K/8), N); K is padded with zeros to a multiple of 8."""
+    n, k = q.shape
+    rows = -(-k // 8)
+    padded = torch.zeros(rows * 8, n, dtype=torch.int64, device=q.device)
+    padded[:k] = q.T.to(torch.int64)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = (padded.view(rows, 8, n) << shifts[None, :, None]).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the top nibble lands in the sign bit
+    return words.to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_int4: int32 (ceil(K/8), N) -> uint8 (N, K)."""
+    rows, n = packed.shape
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+    return q.reshape(rows * 8, n)[:k].T.to(torch.uint8).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantise / dequantise weights
+# ----------------------------------------------------------------------------------------------
+def quantize(w: torch.Tensor, mode: str = "w4a16", group_size: int | None = 128) -> QuantizedWeight:
+    """Quantise a float weight (N, K). group_size applies to w4a16 (None or -1: per output channel)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    _check_mode(mode)
+    if not w.is_floating_point():
+        raise TypeError(f"w has dtype {str(w.dtype).replace('torch.', '')}; expected a floating-point weight")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"w must be a non-empty 2-D (out_features, in_features) weight, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("w has NaN or inf entries; they cannot be quantised")
+    n, k = w.shape
+    group = resolve_group_size(mode, group_size, k)
+    w32 = w.detach().float()
+    if mode == "w4a16":
+        return _quantize_w4(w32, group)
+    amax = w32.abs().amax(1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight(mode, (n, k), k, q.contiguous(), scales.view(1, n).contiguous())
+
+
+def _quantize_w4(w32: torch.Tensor, group: int) -> QuantizedWeight:
+    n, k = w32.shape
+    groups = w32.view(n, k // group, group)
+    wmin, wmax = groups.amin(-1), groups.amax(-1)
+    # Scales are stored in fp16 (bandwidth); quantise with the rounded scale so dequantize is exact.
+    scale = ((wmax - wmin) / 15).clamp(min=2.0**-24)
+    scales = scale.to(torch.float16)
+    if not torch.isfinite(scales).all():
+        raise ValueError("w has a group whose range exceeds what fp16 scales can hold (|w| > ~1e6)")
+    s = scales.float()
+    zeros = torch.round(-wmin / s).clamp(0, 15)
+    q = (torch.round(groups / s[..., None]) + zeros[..., None]).clamp(0, 15).view(n, k)
+    return QuantizedWeight("w4a16", (n, k), group, pack_int4(q), scales.T.contiguous(),
+                           zeros.to(torch.uint8).T.contiguous())
+
+
+def int_weight(qw: QuantizedWeight) -> torch.Tensor:
+    """The integer weight (N, K) before scaling: q for the 8-bit modes, q - z for w4a16 (int32)."""
+    if qw.mode != "w4a16":
+        return qw.qweight.to(torch.int32)
+    n, k = qw.shape
+    q = unpack_int4(qw.qweight, k).to(torch.int32)
+    zeros = qw.zeros.T.to(torch.int32).repeat_interleave(qw.group_size, dim=1)
+    return q - zeros
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """The fp32 weight (N, K) the kernels multiply by, exactly."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a QuantizedWeight (from kernels.quant.quantize), got {type(qw).__name__}")
+    scales = qw.scales.float().T.repeat_interleave(qw.group_size, dim=1)  # (N, K)
+    return int_weight(qw).float() * scales
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic per-token activation quantisation (w8a8)
+# ----------------------------------------------------------------------------------------------
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (int8 xq (..., K), fp32 sx (...)), symmetric per row; as act_quant_kernel, bit for bit."""
+    x32 = x.float()
+    amax = x32.abs().amax(-1, keepdim=True)
+    sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.floor(x32 / sx + 0.5).clamp(-127, 127).to(torch.int8)
+    return xq, sx.squeeze(-1)
+
+
+def dequantize_activations(xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+    return xq.float() * sx.unsqueeze(-1)
