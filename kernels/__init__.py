@@ -7,7 +7,10 @@
 "triton", "interpret" (the same Triton source through Triton's interpreter, on CPU tensors), "torch".
 """
 
+from kernels import quant
 from kernels.backend import BACKENDS, resolve_backend
+from kernels.flash_attention import attention
 from kernels.fused_softmax import log_softmax, softmax
+from kernels.quant_matmul import quant_matmul
 
-__all__ = ["BACKENDS", "log_softmax", "resolve_backend", "softmax"]
+__all__ = ["BACKENDS", "attention", "log_softmax", "quant", "quant_matmul", "resolve_backend", "softmax"]

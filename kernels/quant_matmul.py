@@ -77,7 +77,7 @@ def act_quant(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | None = None) -> torch.Tensor:
-    """y (M, N) in x's dtype; x (M, K) is float (already int8 for w8a8 is not expected: quantised here)."""
+    """y (M, N) in x's dtype for float x (M, K), last dim contiguous; w8a8 quantises x per token here."""
     kernels = jit_loader.kernels_for("quant_matmul", backend)
     m, k = x.shape
     n = qw.out_features
@@ -97,8 +97,12 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
         k_per_split = triton.cdiv(k_blocks, split) * block_k
         split = triton.cdiv(k, k_per_split)
         atomic = split > 1
-        y = (torch.zeros if atomic else torch.empty)(m, n, device=x.device,
-                                                      dtype=torch.float32 if atomic else x.dtype)
+        if atomic:  # partial sums are added into a zeroed fp32 workspace
+            y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+        elif backend == "interpret":  # poison (cheap at interpreter sizes): a skipped element shows as NaN
+            y = torch.full((m, n), float("nan"), device=x.device, dtype=x.dtype)
+        else:
+            y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(m, c.meta["BLOCK_M"]) * triton.cdiv(n, c.meta["BLOCK_N"]), split)
         kernels.quant_matmul_kernel[grid](
             a, qw.qweight, qw.scales, zeros, sx, y, m, n, k, qw.group_size, k_per_split, a.stride(0), y.stride(0),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from workbench import demo, kernels_cli
@@ -19,14 +18,8 @@ app.command("demo", help=demo.__doc__)(demo.run)
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a user mistake is one line on stderr and exit code 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="wb")
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
-    except click.ClickException as usage:
-        usage.show()
-        sys.exit(usage.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
+        # standalone: usage errors print themselves and exit 2; typer.Exit(n) exits with n.
+        app(args=argv, prog_name="wb")
     except (ValueError, TypeError) as mistake:
         if os.environ.get("WB_DEBUG"):
             raise

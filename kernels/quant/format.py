@@ -71,10 +71,9 @@ def _check_mode(mode) -> str:
 
 
 def resolve_group_size(mode: str, group_size, k: int) -> int:
-    """Effective group size: K for per-channel (None or -1; always for the 8-bit modes)."""
+    """Effective group size: K for per channel (None or -1). The 8-bit modes are always per output
+    channel and ignore group_size, so `quantize(w, "w8a16")` works with the w4a16 default of 128."""
     if mode != "w4a16":
-        if group_size not in (None, -1, k):
-            raise ValueError(f"group_size={group_size} is only for w4a16; mode={mode!r} is per output channel")
         return k
     if group_size in (None, -1):
         return k
@@ -115,7 +114,7 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 # Quantise / dequantise weights
 # ----------------------------------------------------------------------------------------------
 def quantize(w: torch.Tensor, mode: str = "w4a16", group_size: int | None = 128) -> QuantizedWeight:
-    """Quantise a float weight (N, K). group_size applies to w4a16 (None or -1: per output channel)."""
+    """Quantise a float weight (N, K). group_size applies to w4a16 only (None or -1: per output channel)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     _check_mode(mode)

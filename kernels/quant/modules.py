@@ -7,7 +7,6 @@ import fnmatch
 import torch
 from torch import nn
 
-import kernels.quant_matmul as _qmm
 from kernels.quant.format import BITS, QuantizedWeight, _check_mode, quantize, resolve_group_size
 
 
@@ -67,7 +66,11 @@ class QuantLinear(nn.Module):
                                self.scales, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _qmm.quant_matmul(x, self.qw, backend=self.backend)
+        # Imported here: kernels.quant_matmul imports this package while it loads, and `kernels.quant_matmul`
+        # as an attribute is the function (see kernels/__init__.py), so only a from-import is reliable.
+        from kernels.quant_matmul import quant_matmul
+
+        y = quant_matmul(x, self.qw, backend=self.backend)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,8 @@ import importlib
 
 KERNELS = {
     "softmax": "kernels.suite.softmax",
+    "quant": "kernels.suite.quant",
+    "attention": "kernels.suite.attention",
 }
 
 

@@ -1,0 +1,422 @@
+"""Attention: validation, autotuned launchers, torch.library ops with autograd, the torch reference.
+
+    o = attention(q, k, v, causal=False, scale=None, backend=None)
+    q: (B, Hq, N, D); k, v: (B, Hkv, M, D); Hq % Hkv == 0 (GQA/MQA); causal aligned bottom-right.
+
+The Triton paths ("triton", "interpret") run the kernels of kernels/jit/attention.py through the
+custom ops `wb::attention_fwd` (-> out, lse) and `wb::attention_bwd` (-> dq, dk, dv), so that
+`torch.compile(fullgraph=True)` traces through them. The "torch" path is a chunked re-statement of
+the same algorithm in PyTorch (memory O(chunk x M), never O(N x M) for the whole problem), with the
+same semantics: rows that see no key give 0 and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from kernels import jit_loader
+from kernels.aot import SHARED_MEMORY_LIMIT, CompileSpec, triton_type
+from kernels.autotune import Autotuner, Config
+from kernels.backend import resolve_backend
+from kernels.validate import require_tensor
+
+# Head dims the configs are tuned and compile-checked for; any D up to MAX_HEAD_DIM runs (a D that is
+# not a power of two is padded to the next one inside the kernel, with masked loads).
+HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
+# Tests set this to fill fresh outputs with NaN, so a row a kernel forgets to write cannot pass.
+POISON_OUTPUTS = os.environ.get("WB_POISON_OUTPUTS") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs. The first config that fits is the one the interpreter runs: small blocks, so
+# that test shapes of ~100 rows span several blocks and exercise every masked path.
+# ----------------------------------------------------------------------------------------------
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> Config:
+    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Forward: BLOCK_M query rows per program, BLOCK_N keys per step.
+FWD_TUNER = Autotuner("attention_fwd", [
+    _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3),
+    _cfg(128, 128, 8, 3), _cfg(128, 32, 8, 2),
+])
+# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (the Triton tutorial's 32 x 128 shape).
+DKDV_TUNER = Autotuner("attention_bwd_dkdv", [
+    _cfg(32, 64, 4, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(16, 64, 4, 2),
+])
+# dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
+DQ_TUNER = Autotuner("attention_bwd_dq", [
+    _cfg(64, 32, 4, 2), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 16, 4, 2),
+])
+# fp32 runs the dots in IEEE fp32 on CUDA cores (exact, not tf32): small tiles only.
+FP32_MAX_TILE = 64 * 32
+PREPROCESS_BLOCK_M = 64
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs an inner size of at least 16
+
+
+def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
+    """Shared memory a config needs, estimated from its tiles (operand tiles per pipeline stage)."""
+    bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
+    if kind == "fwd":  # q resident; k and v streamed
+        return elem * (bm * d + 2 * c.num_stages * bn * d)
+    if kind == "dkdv":  # k and v resident; q and dO streamed
+        return elem * (2 * bn * d + 2 * c.num_stages * bm * d)
+    return elem * (2 * bm * d + 2 * c.num_stages * bn * d)  # dq: q and dO resident; k and v streamed
+
+
+def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = None):
+    """Configs that can run: within the shared memory of an A100 (the smaller of sm_80/sm_90), an fp32
+    accumulator of at most 128 registers per thread, small tiles for fp32, no tile far above N."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    limit = min(SHARED_MEMORY_LIMIT.values())
+
+    def fits(c: Config) -> bool:
+        bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
+        acc_rows = bm if kind != "dkdv" else 2 * bn  # dkdv keeps dk and dv
+        if acc_rows * d > 128 * 32 * c.num_warps or _smem_bytes(kind, c, head_dim, elem) > limit:
+            return False
+        if dtype == torch.float32 and bm * bn > FP32_MAX_TILE:
+            return False
+        program_rows = bn if kind == "dkdv" else bm
+        return n_rows is None or program_rows <= max(64, triton.next_power_of_2(n_rows))
+    return fits
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (q, k, v already validated; any strides).
+# ----------------------------------------------------------------------------------------------
+def forward(q, k, v, causal: bool, scale: float, backend: str, config: Config | None = None):
+    """Return (out, lse): out like q (contiguous), lse (B, Hq, N) fp32 natural-log logsumexp."""
+    jit = jit_loader.kernels_for("attention", backend)
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    out = _new((B, Hq, N, D), q)
+    lse = _new((B, Hq, N), q, torch.float32)
+    block_d = _block_d(D)
+
+    def run(c: Config):
+        grid = (triton.cdiv(N, c.meta["BLOCK_M"]), B * Hq)
+        jit.attn_fwd[grid](q, k, v, out, lse, N, M, Hq, Hq // Hkv,
+                           *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                           scale * math.log2(math.e),
+                           CAUSAL=causal, PAD_D=0 if D == block_d else D, BLOCK_D=block_d, **c.launch_options())
+
+    key = ("fwd", _bucket(N), _bucket(M), D, causal, q.dtype)
+    config = config or FWD_TUNER.pick(key, run, timed=backend == "triton", fits=_fits("fwd", D, q.dtype, N))
+    run(config)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, causal: bool, scale: float, backend: str,
+             dkdv_config: Config | None = None, dq_config: Config | None = None):
+    """Return (dq, dk, dv) from the saved out and lse; deterministic (no atomics)."""
+    jit = jit_loader.kernels_for("attention", backend)
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    block_d = _block_d(D)
+    pad_d = 0 if D == block_d else D
+    qk_scale = scale * math.log2(math.e)
+
+    delta = _new((B, Hq, N), q, torch.float32)
+    jit.attn_bwd_preprocess[(triton.cdiv(N, PREPROCESS_BLOCK_M), B * Hq)](
+        out, do, delta, N, Hq, *_strides(out), *_strides(do),
+        PAD_D=pad_d, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4)
+
+    dq = _new(q.shape, q)
+    dk = _new(k.shape, k)
+    dv = _new(v.shape, v)
+
+    def run_dkdv(c: Config):
+        grid = (triton.cdiv(M, c.meta["BLOCK_N"]), B * Hkv)
+        jit.attn_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, N, M, Hq, Hkv, group,
+                                *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                                *_strides(dk), *_strides(dv), qk_scale, scale,
+                                CAUSAL=causal, PAD_D=pad_d, BLOCK_D=block_d, **c.launch_options())
+
+    def run_dq(c: Config):
+        grid = (triton.cdiv(N, c.meta["BLOCK_M"]), B * Hq)
+        jit.attn_bwd_dq[grid](q, k, v, do, dq, lse, delta, N, M, Hq, group,
+                              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                              qk_scale, scale,
+                              CAUSAL=causal, PAD_D=pad_d, BLOCK_D=block_d, **c.launch_options())
+
+    timed = backend == "triton"
+    key = ("bwd", _bucket(N), _bucket(M), D, causal, q.dtype)
+    dkdv_config = dkdv_config or DKDV_TUNER.pick(key, run_dkdv, timed=timed, fits=_fits("dkdv", D, q.dtype, M))
+    dq_config = dq_config or DQ_TUNER.pick(key, run_dq, timed=timed, fits=_fits("dq", D, q.dtype, N))
+    run_dkdv(dkdv_config)
+    run_dq(dq_config)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops (the Triton and interpreter paths)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("wb::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, causal, scale, backend)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, causal, scale, backend):
+    B, Hq, N, D = q.shape
+    return q.new_empty((B, Hq, N, D)), q.new_empty((B, Hq, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("wb::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, causal: bool, scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(do.to(q.dtype), q, k, v, out, lse, causal, scale, backend)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch backend: the same algorithm, chunked over query rows, in fp32 (fp64 for fp64 inputs).
+# ----------------------------------------------------------------------------------------------
+TORCH_CHUNK_ELEMENTS = 1 << 22  # scores per chunk (B * Hq * rows * M): bounds the temporaries
+
+
+def _chunk_rows(q: torch.Tensor, M: int) -> int:
+    B, Hq, N, _ = q.shape
+    return max(1, min(N, TORCH_CHUNK_ELEMENTS // max(1, B * Hq * M)))
+
+
+def _chunk_scores(qg, k, start, end, causal, scale):
+    """Scaled scores of query rows [start, end) of every head in each GQA group, (B, Hkv, G*rows, M),
+    with masked entries -inf. qg: (B, Hkv, G, N, D); k: (B, Hkv, M, D). K is never repeated."""
+    B, Hkv, G, N, D = qg.shape
+    M = k.shape[2]
+    qc = qg[:, :, :, start:end].reshape(B, Hkv, G * (end - start), D)
+    scores = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(start, end, device=k.device)
+        hidden = torch.arange(M, device=k.device)[None, :] > rows[:, None] + (M - N)
+        scores = scores.masked_fill(hidden.repeat(G, 1), float("-inf"))
+    return qc, scores
+
+
+def _probs(scores, lse):
+    # lse = -inf (no visible key) -> +inf, so that exp(-inf - inf) = 0 rather than NaN.
+    return torch.exp(scores - lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1))
+
+
+class _TorchAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        B, Hq, N, D = q.shape
+        Hkv, M = k.shape[1], k.shape[2]
+        G = Hq // Hkv
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qg, kc, vc = q.to(cdt).reshape(B, Hkv, G, N, D), k.to(cdt), v.to(cdt)
+        out = torch.empty(B, Hkv, G, N, D, dtype=cdt, device=q.device)
+        lse = torch.empty(B, Hkv, G, N, dtype=cdt, device=q.device)
+        step = _chunk_rows(q, M)
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            _, scores = _chunk_scores(qg, kc, s, e, causal, scale)
+            lse_c = torch.logsumexp(scores, dim=-1)
+            out[:, :, :, s:e] = torch.matmul(_probs(scores, lse_c), vc).view(B, Hkv, G, e - s, D)
+            lse[:, :, :, s:e] = lse_c.view(B, Hkv, G, e - s)
+        out = out.reshape(B, Hq, N, D).to(q.dtype)
+        lse = lse.reshape(B, Hq, N)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale = ctx.causal, ctx.scale
+        B, Hq, N, D = q.shape
+        Hkv, M = k.shape[1], k.shape[2]
+        G = Hq // Hkv
+        cdt = lse.dtype
+        qg, kc, vc = q.to(cdt).reshape(B, Hkv, G, N, D), k.to(cdt), v.to(cdt)
+        dog = do.to(cdt).reshape(B, Hkv, G, N, D)
+        delta = (do.to(cdt) * out.to(cdt)).sum(-1).reshape(B, Hkv, G, N)
+        lse = lse.reshape(B, Hkv, G, N)
+        dq = torch.empty(B, Hkv, G, N, D, dtype=cdt, device=q.device)
+        dk = torch.zeros(B, Hkv, M, D, dtype=cdt, device=q.device)
+        dv = torch.zeros_like(dk)
+        step = _chunk_rows(q, M)
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            qc, scores = _chunk_scores(qg, kc, s, e, causal, scale)
+            p = _probs(scores, lse[:, :, :, s:e].reshape(B, Hkv, -1))
+            doc = dog[:, :, :, s:e].reshape(B, Hkv, G * (e - s), D)
+            dv += torch.matmul(p.transpose(-1, -2), doc)
+            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta[:, :, :, s:e].reshape(B, Hkv, -1, 1))
+            dq[:, :, :, s:e] = (torch.matmul(ds, kc) * scale).view(B, Hkv, G, e - s, D)
+            dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
+        return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, length, head_dim); got shape "
+                             f"{tuple(t.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    chosen = resolve_backend(backend, q=q, k=k, v=v)
+    allowed = TORCH_DTYPES if chosen == "torch" else KERNEL_DTYPES
+    if q.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"q has dtype {str(q.dtype).replace('torch.', '')}; backend {chosen!r} takes {names}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
+    if chosen == "interpret" and q.dtype == torch.bfloat16:
+        raise TypeError("q is bfloat16, which the Triton interpreter computes wrongly; use float16/float32 "
+                        "or backend='torch'")
+    (B, Hq, N, D), (Bk, Hkv, M, Dk) = q.shape, k.shape
+    if Bk != B or v.shape[0] != B:
+        name = "k" if Bk != B else "v"
+        raise ValueError(f"{name} has batch size {(k if name == 'k' else v).shape[0]} but q has {B}")
+    if Dk != D or v.shape[3] != D:
+        name = "k" if Dk != D else "v"
+        raise ValueError(f"{name} has head dim {(k if name == 'k' else v).shape[3]} but q has {D}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); attention needs at least one row")
+    if Hq % Hkv:
+        raise ValueError(f"k has {Hkv} heads, which does not divide the {Hq} heads of q (GQA needs Hq % Hkv == 0)")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q has head dim {D}; head dims up to {MAX_HEAD_DIM} are supported")
+    if scale is None:
+        return chosen, 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return chosen, float(scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v, differentiable. scale defaults to 1/sqrt(D). Causal masks are
+    aligned bottom-right: query i sees key j iff j <= i + M - N (rows that see nothing give 0)."""
+    chosen, scale = _validate(q, k, v, causal, scale, backend)
+    if chosen == "torch":
+        return _TorchAttention.apply(q, k, v, causal, scale)
+    out, _ = _attention_fwd_op(q, k, v, causal, scale, chosen)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Every (kernel, config, dtype) the launchers may compile, for the ahead-of-time check. Each config
+# is compiled at the largest head dim its `fits` admits (the most registers and shared memory),
+# plus the padded D = 96 path once per kernel and the preprocess kernel per head dim.
+# ----------------------------------------------------------------------------------------------
+def _signature(names: list[str], ptr: str, n_ptr: int, n_ints: int, n_floats: int) -> dict:
+    sig = dict.fromkeys(names[:n_ptr], ptr)
+    sig.update(dict.fromkeys(names[n_ptr:n_ptr + n_ints], "i32"))
+    sig.update(dict.fromkeys(names[n_ptr + n_ints:n_ptr + n_ints + n_floats], "fp32"))
+    sig.update(dict.fromkeys(names[n_ptr + n_ints + n_floats:], "constexpr"))
+    return sig
+
+
+def _kernel_signature(fn: str, dtype: torch.dtype) -> dict:
+    jit = jit_loader.load("attention", interpret=False)
+    names = list(getattr(jit, fn).arg_names)
+    ptr = triton_type(dtype)
+    n_ptr = {"attn_fwd": 5, "attn_bwd_preprocess": 3, "attn_bwd_dkdv": 8, "attn_bwd_dq": 7}[fn]
+    n_floats = {"attn_fwd": 1, "attn_bwd_preprocess": 0, "attn_bwd_dkdv": 2, "attn_bwd_dq": 2}[fn]
+    n_const = 3 if fn == "attn_bwd_preprocess" else 5
+    sig = _signature(names, ptr, n_ptr, len(names) - n_ptr - n_floats - n_const, n_floats)
+    # lse and delta are fp32 whatever the data dtype.
+    for name in ("lse_ptr", "delta_ptr"):
+        if name in sig:
+            sig[name] = "*fp32"
+    # The JIT specialises a stride equal to 1 (the head dim is contiguous in practice): do the same.
+    return {n: ("constexpr" if n.startswith("stride_") and n.endswith("d") else t) for n, t in sig.items()}
+
+
+def _unit_strides(sig: dict) -> dict:
+    return {n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}
+
+
+def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> list[CompileSpec]:
+    specs = []
+    for dtype in dtypes:
+        short = triton_type(dtype)[1:]
+        for fn, tuner, kind in (("attn_fwd", FWD_TUNER, "fwd"), ("attn_bwd_dkdv", DKDV_TUNER, "dkdv"),
+                                ("attn_bwd_dq", DQ_TUNER, "dq")):
+            sig = _kernel_signature(fn, dtype)
+            expect = {90: ("wgmma",)} if fn == "attn_fwd" else {}
+            for i, c in enumerate(tuner.configs):
+                dims = [d for d in HEAD_DIMS if _fits(kind, d, dtype)(c)]
+                if not dims:
+                    continue
+                # The largest admitted D, and D = 96 (the padded path) for the first config.
+                chosen = {max(dims)} | ({96} if i == 0 and 96 in dims else set())
+                for causal in (False, True):
+                    for d in sorted(chosen):
+                        consts = {"CAUSAL": causal, "PAD_D": 0 if d == _block_d(d) else d,
+                                  "BLOCK_D": _block_d(d), **c.meta, **_unit_strides(sig)}
+                        specs.append(CompileSpec("attention", fn, sig, consts, c.num_warps, c.num_stages,
+                                                 f"attention {kind} {short} D={d} causal={causal} {c.label()}",
+                                                 expect_ptx=expect))
+        sig = _kernel_signature("attn_bwd_preprocess", dtype)
+        for d in (64, 96):
+            consts = {"PAD_D": 0 if d == _block_d(d) else d, "BLOCK_D": _block_d(d),
+                      "BLOCK_M": PREPROCESS_BLOCK_M, **_unit_strides(sig)}
+            specs.append(CompileSpec("attention", "attn_bwd_preprocess", sig, consts, 4, 2,
+                                     f"attention bwd preprocess {short} D={d}"))
+    return specs

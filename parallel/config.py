@@ -1,0 +1,324 @@
+"""RunConfig: typed dataclasses, read from TOML plus `key=value` overrides, validated up front.
+
+    cfg = RunConfig.from_toml("configs/tiny.toml", overrides=["recipe=zero2", "optim.lr=3e-4"])
+    cfg.validate(world_size=2)        # the checks that need the process count
+
+Every mistake is one `ValueError` (or `TypeError` for a wrong type) that names the field.
+To add a section (e.g. `pp` for the pipeline recipe): write a dataclass with defaults, add it as a
+field of RunConfig with `field(default_factory=...)`, and put its checks in `_check_<section>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 64
+    seq_len: int = 32            # tokens per sample (the model's context length)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 0                # 0 means 4 * d_model
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["synthetic", "bytes"] = "synthetic"
+    path: str = ""               # token file written by `wb data prepare` (kind = "bytes")
+    noise: float = 0.1           # synthetic: chance that a token ignores the hidden rule
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1    # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0       # global-norm clipping; 0 turns it off
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = -1              # -1: taken from the recipe (zero1/zero2/zero3)
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    config_file: str = ""        # a user's DeepSpeed JSON, used as-is (`wb train --deepspeed F`)
+
+
+@dataclass
+class FsdpConfig:
+    reshard_after_forward: bool = True   # True behaves like ZeRO-3, False like ZeRO-2
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0               # save every N optimizer steps; 0 = never
+    resume: bool = True          # resume from the newest complete checkpoint in <run_dir>/checkpoints
+    keep: int = 2                # complete checkpoints kept (older ones deleted after a newer one lands)
+    save_final: bool = False     # write <run_dir>/final_model.pt (full, unsharded state dict)
+
+
+@dataclass
+class FaultConfig:
+    kill_rank: int = -1          # this rank exits abruptly (os._exit) at step `at_step`; -1 = never
+    at_step: int = 0
+
+
+@dataclass
+class ProfilingConfig:
+    timeline: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    recipe: str = "single"
+    seed: int = 0
+    steps: int = 100
+    global_batch: int = 16       # samples per optimizer step, over all data-parallel ranks
+    micro_batch: int = 4         # samples per forward/backward on one rank
+    precision: Literal["fp32", "bf16"] = "fp32"
+    nan_policy: Literal["skip", "stop"] = "skip"
+    target_loss: float = 0.0     # time_to_target_s measures when the loss first gets here; 0 = off
+    run_dir: str = ""            # default runs/<name or recipe-timestamp>
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ValueError(f"config file not found: {p}")
+            try:
+                raw = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+        cfg = cls.from_dict(raw)
+        for item in overrides or []:
+            cfg.set(*_split_override(item))
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        cfg = cls()
+        for key, value in _flatten(raw):
+            cfg.set(key, value, from_text=False)
+        return cfg
+
+    def set(self, key: str, value: Any, from_text: bool = True) -> None:
+        """Set `section.key` (or a top-level key); `value` is parsed from text when from_text."""
+        target, leaf = self._resolve(key)
+        hint = _field_types(type(target))[leaf]
+        if from_text:
+            value = _parse_text(value, hint, key)
+        setattr(target, leaf, _coerce(value, hint, key))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def _resolve(self, key: str) -> tuple[Any, str]:
+        parts = key.split(".")
+        target: Any = self
+        for i, part in enumerate(parts):
+            types_ = _field_types(type(target))
+            if part not in types_:
+                prefix = ".".join(parts[:i])
+                known = [f"{prefix}.{k}" if prefix else k for k in types_]
+                raise ValueError(f"unknown config key '{key}'{_suggest(key, known + _all_keys())}")
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(getattr(target, part)):
+                    raise ValueError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}."
+                                     f"{next(iter(_field_types(type(getattr(target, part)))))}=...'")
+                return target, part
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise ValueError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
+        raise AssertionError("unreachable")
+
+    # ---- validation ------------------------------------------------------------------------
+    @property
+    def zero_stage(self) -> int:
+        if self.zero.stage >= 0:
+            return self.zero.stage
+        return int(self.recipe[-1]) if self.recipe in ("zero1", "zero2", "zero3") else 0
+
+    def accum_steps(self, dp: int) -> int:
+        return self.global_batch // (self.micro_batch * dp)
+
+    def validate(self, world_size: int | None = None) -> RunConfig:
+        from parallel.recipes import RECIPES
+
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe: unknown recipe '{self.recipe}'{_suggest(self.recipe, list(RECIPES))}; "
+                             f"choose from {', '.join(RECIPES)}")
+        _positive(self, "steps", "global_batch", "micro_batch", "log_every")
+        _positive(self.model, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", prefix="model.")
+        m = self.model
+        if m.d_ff < 0:
+            raise ValueError(f"model.d_ff must be >= 0 (0 means 4 * d_model), got {m.d_ff}")
+        if m.d_model % m.n_heads:
+            raise ValueError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        if self.data.kind == "bytes":
+            if not self.data.path:
+                raise ValueError("data.path is required when data.kind = 'bytes' (make one with `wb data prepare`)")
+            if not Path(self.data.path).is_file():
+                raise ValueError(f"data.path: file not found: {self.data.path}")
+            if m.vocab_size < 256:
+                raise ValueError(f"model.vocab_size must be >= 256 for byte-level data, got {m.vocab_size}")
+        if not 0.0 <= self.data.noise < 1.0:
+            raise ValueError(f"data.noise must be in [0, 1), got {self.data.noise}")
+        o = self.optim
+        if o.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {o.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(o, name) < 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio"):
+            if getattr(o, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
+        if o.min_lr_ratio > 1:
+            raise ValueError(f"optim.min_lr_ratio must be <= 1, got {o.min_lr_ratio}")
+        if not -1 <= self.zero.stage <= 3:
+            raise ValueError(f"zero.stage must be 0, 1, 2 or 3 (or -1 to follow the recipe), got {self.zero.stage}")
+        if self.recipe.startswith("zero") and self.zero.stage >= 0 and self.zero.stage != int(self.recipe[-1]):
+            raise ValueError(f"zero.stage={self.zero.stage} contradicts recipe={self.recipe}")
+        if self.zero.config_file and not Path(self.zero.config_file).is_file():
+            raise ValueError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
+        if self.zero.config_file and not self.recipe.startswith("zero"):
+            raise ValueError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, got recipe={self.recipe}")
+        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
+            raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
+                             f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
+        if self.target_loss < 0:
+            raise ValueError(f"target_loss must be >= 0, got {self.target_loss}")
+        if world_size is not None:
+            self._check_world(world_size)
+        return self
+
+    def _check_world(self, world_size: int) -> None:
+        from parallel.recipes import RECIPES
+
+        if world_size < 1:
+            raise ValueError(f"world size (--nproc) must be >= 1, got {world_size}")
+        spec = RECIPES[self.recipe]
+        if not spec.min_world <= world_size <= (spec.max_world or world_size):
+            allowed = (f"exactly {spec.min_world}" if spec.max_world == spec.min_world
+                       else f"at least {spec.min_world}")
+            raise ValueError(f"recipe '{self.recipe}' runs on {allowed} process(es), got world size (--nproc) "
+                             f"{world_size}")
+        dp = spec.dp_degree(self, world_size)
+        if self.global_batch % (self.micro_batch * dp):
+            raise ValueError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
+                             f"({self.micro_batch}) x data-parallel degree ({dp})")
+        if self.fault.kill_rank >= world_size:
+            raise ValueError(f"fault.kill_rank ({self.fault.kill_rank}) must be < world size ({world_size})")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in _field_types(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    if not close and "." in word:   # 'lr' under the wrong section: match on the leaf name
+        leaf = word.rsplit(".", 1)[1]
+        close = [c for c in choices if c.rsplit(".", 1)[-1] == leaf][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override '{item}' must look like key=value (e.g. steps=20 or optim.lr=1e-3)")
+    return key.strip(), value.strip()
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _parse_text(text: str, hint: Any, key: str) -> Any:
+    """Parse an override's text by the field's type (so steps=20 is an int, name=abc a string)."""
+    if hint is str or typing.get_origin(hint) is Literal:
+        return text
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise TypeError(f"{key} must be a bool (true/false), got '{text}'")
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise TypeError(f"{key} must be {_type_name(hint)}, got '{text}'") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if typing.get_origin(hint) is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{key} must be one of {_type_name(hint)}, got {value!r}"
+                             f"{_suggest(str(value), [str(a) for a in typing.get_args(hint)])}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, hint) if isinstance(hint, type) else True
+    if hint in (int, float) and isinstance(value, bool):   # TOML true is not a number
+        ok = False
+    if not ok:
+        raise TypeError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(obj: Any, *names: str, prefix: str = "") -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{prefix}{name} must be > 0, got {getattr(obj, name)}")

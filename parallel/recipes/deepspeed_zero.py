@@ -1,0 +1,117 @@
+"""`zero1`, `zero2`, `zero3`: DeepSpeed ZeRO through `deepspeed.initialize`.
+
+Stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters
+(gathered layer by layer for forward and backward). The DeepSpeed config is generated from the
+RunConfig (micro batch, accumulation, clipping, bf16, optimizer offload) unless the user passes
+their own (`--deepspeed ds.json`, used as-is). The optimizer is the same torch AdamW the other
+recipes use, handed to DeepSpeed as a client optimizer: no compiled FusedAdam/CPUAdam needed on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parallel.config import RunConfig
+from parallel.recipes.base import Context, lr_lambda, make_optimizer
+
+
+def ds_config(cfg: RunConfig, dp: int) -> dict:
+    """The DeepSpeed config equivalent to this RunConfig."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.accum_steps(dp),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,   # torch AdamW as the client optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """Adapts a DeepSpeedEngine to the loop's interface (see recipes/base.py)."""
+
+    sharded = True
+
+    def __init__(self, engine, raw: nn.Module, cfg: RunConfig, ctx: Context):
+        self.module, self.raw, self.cfg, self.ctx = engine, raw, cfg, ctx
+        self.stage = engine.zero_optimization_stage()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.module(x, y)
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        # DeepSpeed divides by its gradient_accumulation_steps itself and reduces at the boundary.
+        assert accum == self.module.gradient_accumulation_steps()
+        self.module.backward(loss)
+
+    def step(self) -> tuple[float, bool]:
+        # Clipping, the NaN/Inf check (skip on overflow) and the LR schedule are inside engine.step().
+        self.module.step()
+        norm = self.module.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, bool(self.module.was_step_applied())
+
+    @property
+    def lr(self) -> float:
+        return self.module.get_lr()[0]
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """What this rank holds: module parameters (stage 3: their partitions), gradient partitions,
+        the fp32 master partition and Adam's moments. Read from ZeRO's optimizer; names differ by stage."""
+        opt = self.module.optimizer
+        mods = list(self.module.module.parameters())
+        if self.stage == 3:
+            params = [p.ds_tensor for p in mods] + list(opt.fp16_partitioned_groups_flat)
+            grads = [t.grad for t in opt.fp32_partitioned_groups_flat if t.grad is not None]
+            grads += [g for g in getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
+                                         {}).values()]
+            master = list(opt.fp32_partitioned_groups_flat)
+        else:
+            params = mods + list(opt.bit16_groups_flat)
+            grads = [p.grad for p in mods if p.grad is not None]
+            grads += [g for group in opt.averaged_gradients.values() for g in (group or [])]
+            grads += [t.grad for t in opt.single_partition_of_fp32_groups if t.grad is not None]
+            master = list(opt.single_partition_of_fp32_groups)
+        state = [t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
+        return {"params": params, "grads": grads, "optimizer": master + state}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        params = list(self.raw.parameters()) if self.stage == 3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):   # all-gather (stage 3)
+            return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
+
+    def save(self, path: Path) -> None:
+        self.module.save_checkpoint(str(path), tag="ds")    # every rank writes its partitions
+
+    def load(self, path: Path) -> None:
+        self.module.load_checkpoint(str(path), tag="ds")
+
+
+def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> DeepSpeedEngine:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+    import deepspeed
+
+    if cfg.zero.config_file:
+        config = json.loads(Path(cfg.zero.config_file).read_text())
+    else:
+        config = ds_config(cfg, ctx.world_size)
+    model.to(ctx.device)
+    optimizer = None if "optimizer" in config else make_optimizer(model, cfg)
+    scheduler = None if "scheduler" in config else (
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                      model_parameters=None if optimizer else model.parameters())
+    return DeepSpeedEngine(engine, model, cfg, ctx)

@@ -1,0 +1,58 @@
+"""Run directory writers: config.json, metrics.jsonl (one object per optimizer step), summary.json.
+
+Only rank 0 writes. Writes of JSON files are atomic (tmp file, then rename) so a reader never sees
+half a file; metrics.jsonl is appended line by line and, on resume, cut back to the resumed step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunDir:
+    def __init__(self, path: Path, active: bool):
+        self.path, self.active = Path(path), active
+        if active:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        if self.active:
+            write_json(self.path / "config.json", config)
+
+    def start_metrics(self, resume_step: int) -> list[dict]:
+        """Keep the records of steps before `resume_step` (a resumed run rewrites the rest)."""
+        kept = [m for m in read_metrics(self.path) if m["step"] < resume_step]
+        if self.active:
+            tmp = self.path / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            tmp.replace(self.path / "metrics.jsonl")
+        return kept
+
+    def log(self, record: dict) -> None:
+        if self.active:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        if self.active:
+            write_json(self.path / "summary.json", summary)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

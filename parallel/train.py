@@ -1,0 +1,206 @@
+"""One training loop for every recipe.
+
+    train(cfg) inside whatever process group the launcher set up (torchrun's env), or alone.
+
+Order of setup, the same for every recipe:
+  1. process group (gloo on CPU, nccl on GPU) and device      4. data
+  2. validate cfg against the world size                       5. resume from the newest checkpoint
+  3. model (same seed on every rank), then the recipe wraps it  6. loop: micro-batches -> step -> log
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallel import checkpoint, memory
+from parallel.config import RunConfig
+from parallel.data import Dataset, micro_batches
+from parallel.model import GPT, count_params
+from parallel.recipes import RECIPES
+from parallel.recipes.base import Context
+from parallel.rundir import RunDir, median
+
+
+def init_distributed(cfg: RunConfig) -> Context:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but no CUDA device is visible")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if cfg.recipe != "single" and not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        else:   # a one-process group, so DDP / DeepSpeed / FSDP also run alone
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return Context(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resolve_run_dir(cfg: RunConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    name = cfg.name or f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(_broadcast(str(Path("runs") / name)))   # rank 0's clock names it for everyone
+
+
+def _mean_over_ranks(x: torch.Tensor) -> float:
+    x = x.detach().double().cpu()
+    if dist.is_initialized():
+        x = x.to(torch.float64)
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+def _gather(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+class _Progress:
+    """A rich progress bar on rank 0 (none elsewhere, or with progress = false)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, label: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), transient=False)
+            self.task = self.bar.add_task(label, total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, info: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def train(cfg: RunConfig) -> dict:
+    ctx = init_distributed(cfg)
+    cfg.validate(world_size=ctx.world_size)
+    dp = RECIPES[cfg.recipe].dp_degree(cfg, ctx.world_size)
+    accum = cfg.accum_steps(dp)
+    run_dir = resolve_run_dir(cfg)
+    out = RunDir(run_dir, active=ctx.is_main)
+    out.write_config(cfg.to_dict())
+
+    torch.manual_seed(cfg.seed)               # identical initial weights on every rank
+    model = GPT(cfg.model)
+    n_params = count_params(model)
+    engine = RECIPES[cfg.recipe].setup(model, cfg, ctx)
+    dataset = Dataset(cfg)
+
+    start = checkpoint.resume(engine, run_dir) if cfg.checkpoint.resume else 0
+    history = out.start_metrics(start)
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    tokens_per_step = cfg.global_batch * cfg.model.seq_len
+    skipped, held = 0, None
+    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
+    time_to_target = next((m["elapsed_s"] for m in history if cfg.target_loss and m["loss"] <= cfg.target_loss),
+                          None)
+    memory.reset_peak(ctx.device)
+    progress = _Progress(cfg.progress and ctx.is_main, cfg.steps, start, cfg.recipe)
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            if cfg.fault.kill_rank == ctx.rank and cfg.fault.at_step == step:
+                os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            mbs = micro_batches(cfg.global_batch, cfg.micro_batch, ctx.rank % dp, dp)
+            for j, indices in enumerate(mbs):
+                x, y = (t.to(ctx.device) for t in dataset.batch(step, indices))
+                with autocast:
+                    loss = engine.forward(x, y)
+                engine.backward(loss, accum, last=j == len(mbs) - 1)
+                loss_sum += loss.detach().double().cpu()
+            if held is None and (step > start or cfg.steps - start == 1):
+                held = memory.held_bytes(engine.held_tensors())   # after one step: Adam state exists
+            grad_norm, applied = engine.step()
+            loss_value = _mean_over_ranks(loss_sum / accum)
+            if not applied:
+                skipped += 1
+                if cfg.nan_policy == "stop":
+                    raise FloatingPointError(f"step {step}: non-finite loss/gradient (loss={loss_value}, "
+                                             f"grad_norm={grad_norm}); nan_policy = 'stop'")
+            dt = time.perf_counter() - t0
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            record = {"step": step, "loss": loss_value, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                      "lr": engine.lr, "grad_norm": grad_norm, "applied": applied, "elapsed_s": elapsed}
+            history.append(record)
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                out.log(record)
+            if time_to_target is None and cfg.target_loss and loss_value <= cfg.target_loss:
+                time_to_target = elapsed
+            progress.update(f"loss {loss_value:.4f}")
+            done = step + 1
+            if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
+                checkpoint.save(engine, run_dir, done, cfg.checkpoint.keep, ctx.rank)
+    finally:
+        progress.close()
+
+    if cfg.checkpoint.save_final:
+        state = engine.full_state_dict()   # collective
+        if ctx.is_main:
+            torch.save(state, run_dir / "final_model.pt")
+    held = held or memory.held_bytes(engine.held_tensors())
+    peaks = _gather(memory.peak_memory_bytes(ctx.device))
+    held_all = _gather(held)
+    measured = [h["total"] for h in held_all]
+    summary = {
+        "recipe": cfg.recipe,
+        "world_size": ctx.world_size,
+        "dp": dp,
+        "steps": cfg.steps,
+        "final_loss": history[-1]["loss"] if history else None,
+        "tokens_per_s": median([m["tokens_per_s"] for m in history]),
+        "peak_memory_bytes_per_rank": max(peaks),
+        "peak_memory_bytes_by_rank": peaks,
+        "model_state_bytes_per_rank": max(measured),
+        "model_state_bytes_by_rank": held_all,
+        "predicted_model_state_bytes_per_rank": memory.predicted_model_state_bytes(
+            n_params, cfg.recipe, dp, cfg.precision, cfg.zero_stage if cfg.recipe.startswith("zero") else None),
+        "predicted_formula": memory.formula_text(cfg.recipe, cfg.precision,
+                                                 cfg.zero_stage if cfg.recipe.startswith("zero") else None),
+        "n_params": n_params,
+        "target_loss": cfg.target_loss or None,
+        "time_to_target_s": time_to_target,
+        "elapsed_s": history[-1]["elapsed_s"] if history else 0.0,
+        "micro_batch": cfg.micro_batch,
+        "accum_steps": accum,
+        "global_batch": cfg.global_batch,
+        "tokens_per_step": tokens_per_step,
+        "skipped_steps": skipped,
+        "resumed_from_step": start,
+        "device": str(ctx.device),
+        "precision": cfg.precision,
+        "run_dir": str(run_dir),
+    }
+    out.write_summary(summary)
+    return summary

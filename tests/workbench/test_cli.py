@@ -1,0 +1,79 @@
+"""`wb` from a user's shell: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from workbench.cli import main
+
+
+def wb(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_the_command_groups():
+    out = wb("--help")
+    assert out.returncode == 0
+    for word in ("kernels", "demo"):
+        assert word in out.stdout
+
+
+def test_kernels_check_softmax_passes_and_writes_json(tmp_path):
+    out = wb("kernels", "check", "softmax", "--backend", "interpret", "--json", str(tmp_path / "rows.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 failed" in out.stdout
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert len(rows) >= 18 and {r["backend"] for r in rows} == {"interpret"}
+    assert all(max(r["errors"].values()) <= r["tolerance"] for r in rows)
+
+
+def test_kernels_check_exits_1_when_a_row_fails(monkeypatch, capsys):
+    from kernels.suite import common
+
+    monkeypatch.setattr(common, "TOLERANCE", {k: 0.0 for k in common.TOLERANCE})
+    # the suite module imported TOLERANCE by name: patch it there too
+    import kernels.suite.softmax as sm
+
+    monkeypatch.setattr(sm, "TOLERANCE", common.TOLERANCE)
+    with pytest.raises(SystemExit) as done:
+        main(["kernels", "check", "softmax", "--backend", "torch"])
+    assert done.value.code == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["kernels", "check", "softmax", "--backend", "cuda"], "backend='cuda' is not a kernel backend"),
+    (["kernels", "check", "flash"], "unknown kernel 'flash'"),
+    (["kernels", "compile", "softmax", "--arch", "75"], "--arch 75 is not supported"),
+    (["kernels", "compile", "softmax", "--arch", "sm90"], "--arch='sm90' must be comma-separated integers"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, message):
+    out = wb(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_option_is_a_usage_error():
+    out = wb("kernels", "check", "--no-such-flag")
+    assert out.returncode == 2 and "No such option" in out.stderr
+
+
+def test_compile_table_for_softmax_on_one_arch():
+    out = wb("kernels", "compile", "softmax", "--arch", "90", "--jobs", "2")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+    assert "softmax fwd block fp16" in out.stdout and " 0 failed" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU table; GPU figures come from scripts/gpu_check.sh")
+def test_bench_prints_cpu_table(tmp_path):
+    out = wb("kernels", "bench", "softmax", "--quick", "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert rows and all(r["ms"] > 0 and r["metrics"]["vs torch"] > 0 for r in rows)
