@@ -41,12 +41,19 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("WB_AUTOTUNE_CACHE", Path.home() / ".cache" / "gpu-workbench" / "autotune"))
 
 
+def _do_bench_ms(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20)
+
+
 class Autotuner:
-    def __init__(self, name: str, configs: list[Config]):
+    def __init__(self, name: str, configs: list[Config], timer: Callable[[Callable], float] = _do_bench_ms):
         if not configs:
             raise ValueError(f"autotuner {name!r} needs at least one config")
         self.name = name
         self.configs = list(configs)
+        self.timer = timer  # milliseconds of one call of a launch closure
         self._best: dict[Hashable, Config] = {}
         self._lock = threading.Lock()
 
@@ -74,12 +81,10 @@ class Autotuner:
             return best
 
     def _time(self, candidates: list[Config], run: Callable[[Config], object]) -> Config:
-        from triton.testing import do_bench
-
         timings = {}
         for config in candidates:
             try:
-                timings[config] = do_bench(lambda c=config: run(c), warmup=5, rep=20)
+                timings[config] = self.timer(lambda c=config: run(c))
             except Exception as err:  # a config that does not fit this GPU (shared memory, registers)
                 if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err):
                     raise
@@ -92,8 +97,9 @@ class Autotuner:
         import torch
         import triton
 
-        gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-        return _cache_dir() / f"{gpu}-triton{triton.__version__}.json"
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        device = device.replace(" ", "_").replace("/", "_")
+        return _cache_dir() / f"{device}-triton{triton.__version__}.json"
 
     def _disk_key(self, key: Hashable) -> str:
         return f"{self.name}:{key!r}"
