@@ -1,1 +1,11 @@
-"""profiling."""
+"""Profiling ranges for Nsight (NVTX), a host timeline (Chrome/Perfetto trace) and torch.profiler.
+
+    from profiling import range as prange, mark
+    with prange("fwd", mb=3, stage=1):
+        ...
+"""
+
+from profiling import timeline
+from profiling.ranges import mark, range, refresh_listeners
+
+__all__ = ["mark", "range", "refresh_listeners", "timeline"]
