@@ -1,0 +1,119 @@
+"""What the training loop calls once per step so that every profiler sees the same steps.
+
+`ProfileSession.from_env(run_dir, rank, timeline=...)` reads what the `wb profile` commands set:
+  WB_PROFILE_STEPS=A:B    cudaProfilerStart before step A, cudaProfilerStop after step B
+                          (nsys -c cudaProfilerApi captures just those steps);
+  WB_TORCH_PROFILE=W,U,A  torch.profiler with schedule(wait=W, warmup=U, active=A), per-rank traces
+                          (with distributedInfo, as Holistic Trace Analysis reads) under
+                          <run_dir>/torch_profile/, a key_averages table, and on CUDA a memory snapshot.
+With none of these and no timeline, every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from profiling import timeline
+
+
+def parse_steps(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--steps={text!r} must be FIRST:LAST, e.g. 3:5") from None
+    if first < 0 or last < first:
+        raise ValueError(f"--steps={text!r} must satisfy 0 <= FIRST <= LAST")
+    return first, last
+
+
+def parse_schedule(text: str) -> tuple[int, int, int]:
+    try:
+        wait, warmup, active = (int(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"WB_TORCH_PROFILE={text!r} must be WAIT,WARMUP,ACTIVE") from None
+    if min(wait, warmup) < 0 or active < 1:
+        raise ValueError(f"WB_TORCH_PROFILE={text!r}: wait and warmup >= 0, active >= 1")
+    return wait, warmup, active
+
+
+class ProfileSession:
+    def __init__(self, run_dir: str | Path, rank: int = 0, *, use_timeline: bool = False,
+                 steps: tuple[int, int] | None = None, torch_schedule: tuple[int, int, int] | None = None):
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.steps = steps
+        self._capturing = False
+        self._torch = None
+        if use_timeline:
+            timeline.start(self.run_dir / "timeline", rank)
+            timeline.align_clocks()
+        if torch_schedule:
+            self._torch = self._start_torch_profiler(*torch_schedule)
+
+    @classmethod
+    def from_env(cls, run_dir, rank: int = 0, use_timeline: bool = False) -> ProfileSession:
+        steps = os.environ.get("WB_PROFILE_STEPS")
+        schedule = os.environ.get("WB_TORCH_PROFILE")
+        return cls(run_dir, rank, use_timeline=use_timeline, steps=parse_steps(steps) if steps else None,
+                   torch_schedule=parse_schedule(schedule) if schedule else None)
+
+    def _start_torch_profiler(self, wait: int, warmup: int, active: int):
+        import torch
+
+        out = self.run_dir / "torch_profile"
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        prof = torch.profiler.profile(
+            activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out), worker_name=f"rank{self.rank}"),
+            record_shapes=True, profile_memory=True)
+        prof.start()
+        return prof
+
+    def begin_step(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and not self._capturing:
+            self._capturing = _cuda_profiler("start")
+
+    def end_step(self, step: int) -> None:
+        if self._torch is not None:
+            self._torch.step()
+        if self._capturing and step >= self.steps[1]:
+            _cuda_profiler("stop")
+            self._capturing = False
+
+    def close(self) -> None:
+        if self._capturing:
+            _cuda_profiler("stop")
+            self._capturing = False
+        if self._torch is not None:
+            self._finish_torch_profiler()
+        if timeline.enabled():
+            timeline.write()
+
+    def _finish_torch_profiler(self) -> None:
+        import torch
+
+        prof, self._torch = self._torch, None
+        prof.stop()
+        out = self.run_dir / "torch_profile"
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        except (AssertionError, RuntimeError):  # no active step was recorded (run shorter than the schedule)
+            table = "no profiled steps: the run ended before the schedule's active steps"
+        (out / f"key_averages-rank{self.rank}.txt").write_text(table)
+        if torch.cuda.is_available():
+            torch.cuda.memory._dump_snapshot(str(out / f"memory_snapshot-rank{self.rank}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _cuda_profiler(action: str) -> bool:
+    """cudaProfilerStart/Stop where CUDA exists (what `nsys -c cudaProfilerApi` waits for)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    (torch.cuda.profiler.start if action == "start" else torch.cuda.profiler.stop)()
+    return True
