@@ -28,6 +28,7 @@ from kernels.validate import require_tensor
 # not a power of two is padded to the next one inside the kernel, with masked loads).
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # (batch x heads) is the grid's second axis: consecutive programs share K/V in L2
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 # Tests set this to fill fresh outputs with NaN, so a row a kernel forgets to write cannot pass.
@@ -49,15 +50,30 @@ FWD_TUNER = Autotuner("attention_fwd", [
 ])
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (the Triton tutorial's 32 x 128 shape).
 DKDV_TUNER = Autotuner("attention_bwd_dkdv", [
-    _cfg(32, 64, 4, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(16, 64, 4, 2),
+    _cfg(32, 64, 4, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 8, 2),
 ])
 # dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
 DQ_TUNER = Autotuner("attention_bwd_dq", [
     _cfg(64, 32, 4, 2), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 16, 4, 2),
 ])
-# fp32 runs the dots in IEEE fp32 on CUDA cores (exact, not tf32): small tiles only.
-FP32_MAX_TILE = 64 * 32
+# fp32 on a GPU runs its dots in IEEE fp32 on CUDA cores (exact, not tf32): one small tile each,
+# within shared memory up to D = 256. (The interpreter runs the 16-bit lists' first config for every
+# dtype: it has no shared memory to overflow.)
+FP32_TUNERS = {
+    "fwd": Autotuner("attention_fwd_fp32", [_cfg(32, 32, 4, 1)]),
+    "dkdv": Autotuner("attention_bwd_dkdv_fp32", [_cfg(16, 32, 4, 1)]),
+    "dq": Autotuner("attention_bwd_dq_fp32", [_cfg(32, 16, 4, 1)]),
+}
+TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER}
 PREPROCESS_BLOCK_M = 64
+
+
+def _pick(kind: str, key, run, backend: str, head_dim: int, dtype: torch.dtype, rows: int) -> Config:
+    """The config for this problem: the first one under the interpreter, the fastest fitting one on a GPU."""
+    if backend != "triton":
+        return TUNERS[kind].configs[0]
+    tuner = FP32_TUNERS[kind] if dtype == torch.float32 else TUNERS[kind]
+    return tuner.pick(key, run, timed=True, fits=_fits(kind, head_dim, dtype, rows))
 
 
 def _block_d(head_dim: int) -> int:
@@ -76,7 +92,7 @@ def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
 
 def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = None):
     """Configs that can run: within the shared memory of an A100 (the smaller of sm_80/sm_90), an fp32
-    accumulator of at most 128 registers per thread, small tiles for fp32, no tile far above N."""
+    accumulator of at most 128 registers per thread, no tile far above N."""
     elem = torch.empty((), dtype=dtype).element_size()
     limit = min(SHARED_MEMORY_LIMIT.values())
 
@@ -84,8 +100,6 @@ def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = Non
         bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
         acc_rows = bm if kind != "dkdv" else 2 * bn  # dkdv keeps dk and dv
         if acc_rows * d > 128 * 32 * c.num_warps or _smem_bytes(kind, c, head_dim, elem) > limit:
-            return False
-        if dtype == torch.float32 and bm * bn > FP32_MAX_TILE:
             return False
         program_rows = bn if kind == "dkdv" else bm
         return n_rows is None or program_rows <= max(64, triton.next_power_of_2(n_rows))
@@ -127,7 +141,7 @@ def forward(q, k, v, causal: bool, scale: float, backend: str, config: Config | 
                            CAUSAL=causal, PAD_D=0 if D == block_d else D, BLOCK_D=block_d, **c.launch_options())
 
     key = ("fwd", _bucket(N), _bucket(M), D, causal, q.dtype)
-    config = config or FWD_TUNER.pick(key, run, timed=backend == "triton", fits=_fits("fwd", D, q.dtype, N))
+    config = config or _pick("fwd", key, run, backend, D, q.dtype, N)
     run(config)
     return out, lse
 
@@ -166,10 +180,9 @@ def backward(do, q, k, v, out, lse, causal: bool, scale: float, backend: str,
                               qk_scale, scale,
                               CAUSAL=causal, PAD_D=pad_d, BLOCK_D=block_d, **c.launch_options())
 
-    timed = backend == "triton"
     key = ("bwd", _bucket(N), _bucket(M), D, causal, q.dtype)
-    dkdv_config = dkdv_config or DKDV_TUNER.pick(key, run_dkdv, timed=timed, fits=_fits("dkdv", D, q.dtype, M))
-    dq_config = dq_config or DQ_TUNER.pick(key, run_dq, timed=timed, fits=_fits("dq", D, q.dtype, N))
+    dkdv_config = dkdv_config or _pick("dkdv", key, run_dkdv, backend, D, q.dtype, M)
+    dq_config = dq_config or _pick("dq", key, run_dq, backend, D, q.dtype, N)
     run_dkdv(dkdv_config)
     run_dq(dq_config)
     return dq, dk, dv
@@ -323,7 +336,7 @@ def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
     if chosen == "interpret" and q.dtype == torch.bfloat16:
         raise TypeError("q is bfloat16, which the Triton interpreter computes wrongly; use float16/float32 "
                         "or backend='torch'")
-    (B, Hq, N, D), (Bk, Hkv, M, Dk) = q.shape, k.shape
+    (B, Hq, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
     if Bk != B or v.shape[0] != B:
         name = "k" if Bk != B else "v"
         raise ValueError(f"{name} has batch size {(k if name == 'k' else v).shape[0]} but q has {B}")
@@ -337,6 +350,9 @@ def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); attention needs at least one row")
     if Hq % Hkv:
         raise ValueError(f"k has {Hkv} heads, which does not divide the {Hq} heads of q (GQA needs Hq % Hkv == 0)")
+    if chosen != "torch" and B * Hq > MAX_GRID_Y:
+        raise ValueError(f"q has batch x heads = {B * Hq}, over the {MAX_GRID_Y} programs a CUDA grid allows "
+                         "on its second axis; split the batch")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {D}; head dims up to {MAX_HEAD_DIM} are supported")
     if scale is None:
@@ -392,31 +408,35 @@ def _unit_strides(sig: dict) -> dict:
     return {n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}
 
 
-def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> list[CompileSpec]:
+def _spec(fn: str, kind: str, dtype: torch.dtype, c: Config, head_dim: int, causal: bool) -> CompileSpec:
+    sig = _kernel_signature(fn, dtype)
+    consts = {"CAUSAL": causal, "PAD_D": 0 if head_dim == _block_d(head_dim) else head_dim,
+              "BLOCK_D": _block_d(head_dim), **c.meta, **_unit_strides(sig)}
+    label = f"attention {kind} {triton_type(dtype)[1:]} D={head_dim} causal={causal} {c.label()}"
+    # Hopper tensor cores: the forward's two dots must become wgmma (16-bit inputs; fp32 is IEEE FMA).
+    expect = {90: ("wgmma",)} if fn == "attn_fwd" and dtype != torch.float32 else {}
+    return CompileSpec("attention", fn, sig, consts, c.num_warps, c.num_stages, label, expect_ptx=expect)
+
+
+def compile_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> list[CompileSpec]:
+    """Each config of each kernel, causal (a superset of the non-causal code: both loop kinds), at the
+    largest head dim it is admitted for (the most registers and shared memory); plus, per 16-bit
+    dtype, the first config of each kernel non-causal at D = 96 (the padded head-dim path) and the
+    delta preprocess kernel."""
     specs = []
+    kernels_by_kind = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}
     for dtype in dtypes:
-        short = triton_type(dtype)[1:]
-        for fn, tuner, kind in (("attn_fwd", FWD_TUNER, "fwd"), ("attn_bwd_dkdv", DKDV_TUNER, "dkdv"),
-                                ("attn_bwd_dq", DQ_TUNER, "dq")):
-            sig = _kernel_signature(fn, dtype)
-            expect = {90: ("wgmma",)} if fn == "attn_fwd" else {}
-            for i, c in enumerate(tuner.configs):
+        tuners = FP32_TUNERS if dtype == torch.float32 else TUNERS
+        for kind, fn in kernels_by_kind.items():
+            for c in tuners[kind].configs:
                 dims = [d for d in HEAD_DIMS if _fits(kind, d, dtype)(c)]
-                if not dims:
-                    continue
-                # The largest admitted D, and D = 96 (the padded path) for the first config.
-                chosen = {max(dims)} | ({96} if i == 0 and 96 in dims else set())
-                for causal in (False, True):
-                    for d in sorted(chosen):
-                        consts = {"CAUSAL": causal, "PAD_D": 0 if d == _block_d(d) else d,
-                                  "BLOCK_D": _block_d(d), **c.meta, **_unit_strides(sig)}
-                        specs.append(CompileSpec("attention", fn, sig, consts, c.num_warps, c.num_stages,
-                                                 f"attention {kind} {short} D={d} causal={causal} {c.label()}",
-                                                 expect_ptx=expect))
-        sig = _kernel_signature("attn_bwd_preprocess", dtype)
-        for d in (64, 96):
-            consts = {"PAD_D": 0 if d == _block_d(d) else d, "BLOCK_D": _block_d(d),
-                      "BLOCK_M": PREPROCESS_BLOCK_M, **_unit_strides(sig)}
+                if dims:
+                    specs.append(_spec(fn, kind, dtype, c, max(dims), causal=True))
+            if dtype != torch.float32:
+                specs.append(_spec(fn, kind, dtype, tuners[kind].configs[0], 96, causal=False))
+        if dtype != torch.float32:
+            sig = _kernel_signature("attn_bwd_preprocess", dtype)
+            consts = {"PAD_D": 96, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M, **_unit_strides(sig)}
             specs.append(CompileSpec("attention", "attn_bwd_preprocess", sig, consts, 4, 2,
-                                     f"attention bwd preprocess {short} D={d}"))
+                                     f"attention bwd preprocess {triton_type(dtype)[1:]} D=96"))
     return specs

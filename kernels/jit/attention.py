@@ -87,19 +87,21 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         col_ok = cols < M
         k_t = _load_2d(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, d_ok, col_ok,
                        PAD_D != 0, MASK)
-        qk = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+        qk = tl.dot(q, k_t, input_precision="ieee")
         if MASK:
             visible = col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
             qk = tl.where(visible, qk, -float("inf"))
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX))
+        # The row max is taken on raw scores and scaled after (qk_scale > 0), so that the exponent
+        # below is one fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * qk_scale)
+        if MASK:
             # A row that has seen no key yet keeps m = -inf: subtract 0 instead, so no -inf - -inf = NaN.
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX))
             m_safe = m_new
-        p = tl.exp2(qk - m_safe[:, None])
+        p = tl.exp2(qk * qk_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         v = _load_2d(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,

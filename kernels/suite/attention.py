@@ -107,11 +107,35 @@ def _fwd_bwd(attn, q, k, v, do):
     attn(q, k, v).backward(do)
 
 
-def bench(device: str, quick: bool = False) -> list[BenchRow]:
-    """TFLOP/s of forward and forward+backward beside scaled_dot_product_attention on the same inputs,
-    with the peak extra memory of forward+backward (constant at fixed B*N tokens = linear in N)."""
+def _bench_case(b, hq, hkv, n, d, causal, dtype, device, backend) -> list[BenchRow]:
     import torch.nn.functional as F
 
+    q, k, v, do = make_inputs(b, hq, hkv, n, n, d, dtype, device)
+    ours = lambda q, k, v: kernels.attention(q, k, v, causal=causal, backend=backend)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hq != hkv)
+    flops = _flops(b, hq, n, n, d, causal)
+    case = f"B{b} H{hq}/{hkv} N{n} D{d}{' causal' if causal else ''}"
+    with torch.no_grad():
+        fwd = time_ms(lambda: ours(q, k, v), device)
+        ref_fwd = time_ms(lambda: sdpa(q, k, v), device)
+    both = time_ms(lambda: _fwd_bwd(ours, q, k, v, do), device)
+    ref_both = time_ms(lambda: _fwd_bwd(sdpa, q, k, v, do), device)
+    mem = _peak_extra_mb(lambda: _fwd_bwd(ours, q, k, v, do), device)
+    ref_mem = _peak_extra_mb(lambda: _fwd_bwd(sdpa, q, k, v, do), device)
+    return [
+        BenchRow("attention fwd", case, dtype_name(dtype), fwd, {
+            "TFLOP/s": flops / fwd / 1e9, "sdpa TFLOP/s": flops / ref_fwd / 1e9, "vs sdpa": ref_fwd / fwd}),
+        # forward + backward = 3.5x the forward's FLOPs (backward 2.5x)
+        BenchRow("attention fwd+bwd", case, dtype_name(dtype), both, {
+            "TFLOP/s": 3.5 * flops / both / 1e9, "sdpa TFLOP/s": 3.5 * flops / ref_both / 1e9,
+            "vs sdpa": ref_both / both, "peak extra MB": mem, "sdpa peak MB": ref_mem}),
+    ]
+
+
+def bench(device: str, quick: bool = False) -> list[BenchRow]:
+    """TFLOP/s of forward and forward+backward beside scaled_dot_product_attention on the same inputs,
+    with the peak extra memory of forward+backward: at fixed B*N tokens it stays flat as N grows when
+    memory is linear in N (it would grow with N if the N x N scores were materialised)."""
     if device == "cuda":
         tokens, backend = 16384, "triton"
         dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16]
@@ -120,31 +144,5 @@ def bench(device: str, quick: bool = False) -> list[BenchRow]:
         heads = [(16, 16), (16, 2)]
     else:
         tokens, backend, dtypes, dims, lengths, heads = 512, "torch", [torch.float32], [64], [256, 512], [(4, 4)]
-    rows = []
-    for dtype in dtypes:
-        for d in dims:
-            for hq, hkv in heads:
-                for causal in (False, True):
-                    for n in lengths:
-                        b = max(1, tokens // n)
-                        q, k, v, do = make_inputs(b, hq, hkv, n, n, d, dtype, device)
-                        ours = lambda q, k, v, c=causal: kernels.attention(q, k, v, causal=c, backend=backend)
-                        sdpa = lambda q, k, v, c=causal, g=hq != hkv: F.scaled_dot_product_attention(
-                            q, k, v, is_causal=c, enable_gqa=g)
-                        flops = _flops(b, hq, n, n, d, causal)
-                        case = f"B{b} H{hq}/{hkv} N{n} D{d}{' causal' if causal else ''}"
-                        with torch.no_grad():
-                            fwd = time_ms(lambda: ours(q, k, v), device)
-                            ref_fwd = time_ms(lambda: sdpa(q, k, v), device)
-                        both = time_ms(lambda: _fwd_bwd(ours, q, k, v, do), device)
-                        ref_both = time_ms(lambda: _fwd_bwd(sdpa, q, k, v, do), device)
-                        mem = _peak_extra_mb(lambda: _fwd_bwd(ours, q, k, v, do), device)
-                        ref_mem = _peak_extra_mb(lambda: _fwd_bwd(sdpa, q, k, v, do), device)
-                        rows.append(BenchRow("attention fwd", case, dtype_name(dtype), fwd, {
-                            "TFLOP/s": flops / fwd / 1e9, "sdpa TFLOP/s": flops / ref_fwd / 1e9,
-                            "vs sdpa": ref_fwd / fwd}))
-                        rows.append(BenchRow("attention fwd+bwd", case, dtype_name(dtype), both, {
-                            "TFLOP/s": 3.5 * flops / both / 1e9, "sdpa TFLOP/s": 3.5 * flops / ref_both / 1e9,
-                            "vs sdpa": ref_both / both, "peak extra MB": mem, "sdpa peak MB": ref_mem}))
-                        del q, k, v, do
-    return rows
+    return [row for dtype in dtypes for d in dims for hq, hkv in heads for causal in (False, True)
+            for n in lengths for row in _bench_case(max(1, tokens // n), hq, hkv, n, d, causal, dtype, device, backend)]
