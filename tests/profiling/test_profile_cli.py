@@ -1,0 +1,117 @@
+"""`wb profile`: the commands users expect, per-rank wrapping for real, the nsys sqlite summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from profiling import nsight, rank_wrap
+
+
+def wb(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def _wrap_spec(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("command:"))
+    return json.loads(line.split("WB_RANK_WRAP='", 1)[1].split("'", 1)[0])
+
+
+def test_nsys_dry_run_has_the_expected_flags():
+    out = wb("profile", "nsys", "--steps", "3:5", "--ranks", "0,2", "--dry-run", "--",
+             "wb", "train", "--recipe", "ddp", "--nproc", "4", "--run-dir", "runs/p")
+    assert out.returncode == 0, out.stderr
+    spec = _wrap_spec(out.stdout)
+    prefix = spec["prefix"]
+    assert prefix[:2] == ["nsys", "profile"]
+    for flag in (["-t", "cuda,nvtx,osrt,cudnn,cublas"], ["-s", "none"], ["-c", "cudaProfilerApi"],
+                 ["-o", "runs/p/nsys/rank{rank}"]):
+        i = prefix.index(flag[0])
+        assert prefix[i:i + 2] == flag
+    assert "--cpuctxsw=none" in prefix and "--capture-range-end=stop" in prefix
+    assert spec["ranks"] == [0, 2] and spec["multi_process"] is True
+    assert "WB_PROFILE_STEPS=3:5" in out.stdout
+
+
+def test_ncu_dry_run_filters_on_the_wb_range():
+    out = wb("profile", "ncu", "--range", "softmax", "--kernel", "softmax_fwd.*", "--dry-run", "--",
+             "wb", "kernels", "bench", "softmax")
+    assert out.returncode == 0, out.stderr
+    prefix = _wrap_spec(out.stdout)["prefix"]
+    assert prefix[0] == "ncu" and "--nvtx" in prefix
+    assert prefix[prefix.index("--nvtx-include") + 1] == "wb@softmax/"
+    assert prefix[prefix.index("--target-processes") + 1] == "all"
+    assert prefix[prefix.index("--set") + 1] == "full"
+    assert prefix[prefix.index("-k") + 1] == "regex:softmax_fwd.*"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["profile", "nsys", "--", "wb", "kernels", "bench"], "nsys is not installed"),
+    (["profile", "ncu", "--range", "fwd", "--", "wb", "kernels", "bench"], "ncu is not installed"),
+    (["profile", "nsys", "--steps", "5:3", "--dry-run", "--", "wb", "train"], "--steps='5:3'"),
+    (["profile", "nsys", "--ranks", "a", "--dry-run", "--", "wb", "train"], "--ranks='a'"),
+    (["profile", "nsys", "--dry-run"], "give the command to profile after --"),
+    (["profile", "summarize", "missing.sqlite"], "does not exist"),
+])
+def test_mistakes_are_one_line(args, message):
+    out = wb(*args, env={"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_only_selected_ranks_run_under_the_tool(tmp_path):
+    """A real 2-process torchrun job; `env VAR=...` stands in for nsys as the wrapping tool."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from profiling.rank_wrap import exec_under_tool_if_asked
+        exec_under_tool_if_asked([sys.executable, {str(script)!r}])
+        with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"]), "w") as f:
+            f.write(os.environ.get("WRAPPED_AS", "plain"))
+    """))
+    env = {**os.environ, **rank_wrap.wrap_env(["env", "WRAPPED_AS=tool-rank{rank}"], [1], multi_process=True)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "rank0").read_text() == "plain"
+    assert (tmp_path / "rank1").read_text() == "tool-rank1"
+
+
+def _fake_nsys_export(path):
+    """The four tables of an `nsys export --type sqlite` file that the summary reads, with known times."""
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE StringIds (id INTEGER PRIMARY KEY, value TEXT);
+        CREATE TABLE NVTX_EVENTS (start INT, end INT, eventType INT, text TEXT, textId INT, globalTid INT);
+        CREATE TABLE CUPTI_ACTIVITY_KIND_RUNTIME (start INT, end INT, globalTid INT, correlationId INT);
+        CREATE TABLE CUPTI_ACTIVITY_KIND_KERNEL (start INT, end INT, correlationId INT);
+        INSERT INTO StringIds VALUES (1, 'fwd');
+        -- thread 7: step [0, 100] > fwd [10, 40] (registered string) and bwd [50, 90]; a mark (type 34)
+        INSERT INTO NVTX_EVENTS VALUES (0, 100, 59, 'step', NULL, 7), (10, 40, 59, NULL, 1, 7),
+                                       (50, 90, 59, 'bwd', NULL, 7), (60, NULL, 34, 'mark', NULL, 7);
+        -- launches: two in fwd, one in bwd, one on another thread inside the same time window
+        INSERT INTO CUPTI_ACTIVITY_KIND_RUNTIME VALUES (12, 14, 7, 1), (20, 22, 7, 2), (55, 57, 7, 3), (15, 16, 8, 4);
+        INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL VALUES (30, 35, 1), (40, 48, 2), (60, 80, 3), (15, 115, 4);
+    """)
+    db.commit()
+    db.close()
+
+
+def test_summary_projects_kernel_time_onto_ranges(tmp_path):
+    report = tmp_path / "rank0.sqlite"
+    _fake_nsys_export(report)
+    rows = {r["range"]: r for r in nsight.summarize(report)}
+    assert set(rows) == {"step", "fwd", "bwd"}
+    assert rows["fwd"]["gpu_kernel_ms"] == pytest.approx(13e-6) and rows["fwd"]["kernels"] == 2
+    assert rows["bwd"]["gpu_kernel_ms"] == pytest.approx(20e-6)
+    assert rows["step"]["gpu_kernel_ms"] == pytest.approx(33e-6)  # thread 8's kernel is not this range's
+    assert rows["step"]["cpu_ms"] == pytest.approx(100e-6)
+    out = wb("profile", "summarize", str(report))
+    assert out.returncode == 0 and "fwd" in out.stdout
