@@ -68,7 +68,10 @@ def bench(kernel: str = typer.Argument("all", help="softmax | all"),
     import torch
 
     from kernels import suite
+    from kernels.suite.common import set_range_factory
+    from profiling import range as prange
 
+    set_range_factory(prange)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [row for name in suite.names(kernel) for row in suite.suite(name).bench(device, quick)]
     title = torch.cuda.get_device_name() if device == "cuda" else "CPU (torch backend)"

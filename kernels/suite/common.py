@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -55,8 +56,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def time_ms(fn: Callable[[], object], device: str) -> float:
-    """Median milliseconds per call: triton.testing.do_bench on CUDA, a wall-clock median on CPU."""
+# Wraps each timed call of a kernel under test, so that `wb profile ncu --range softmax -- wb kernels
+# bench softmax` sees exactly the benchmarked launches. kernels/ imports nothing of the project, so
+# the CLI installs profiling.range here (set_range_factory); by default it is a no-op.
+_range_factory: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
+
+
+def set_range_factory(factory: Callable[[str], contextlib.AbstractContextManager]) -> None:
+    global _range_factory
+    _range_factory = factory
+
+
+def time_ms(fn: Callable[[], object], device: str, range_name: str | None = None) -> float:
+    """Median milliseconds per call: triton.testing.do_bench on CUDA, a wall-clock median on CPU.
+
+    With `range_name`, every call runs inside that profiling range (see set_range_factory).
+    """
+    if range_name is not None:
+        inner = fn
+
+        def fn():
+            with _range_factory(range_name):
+                return inner()
+
     if device == "cuda":
         from triton.testing import do_bench
 

@@ -79,14 +79,14 @@ def bench(device: str, quick: bool = False) -> list[BenchRow]:
             x = torch.randn(n_rows, n, device=device, dtype=dtype)
             dy = torch.randn_like(x)
             nbytes = x.numel() * x.element_size()
-            fwd_ms = time_ms(lambda x=x: kernels.softmax(x, backend=backend), device)
+            fwd_ms = time_ms(lambda x=x: kernels.softmax(x, backend=backend), device, "softmax")
             ref_ms = time_ms(lambda x=x: torch.softmax(x, -1), device)
             gbs = 2 * nbytes / fwd_ms / 1e6
             rows.append(BenchRow("softmax fwd", f"{n_rows}x{n}", dtype_name(dtype), fwd_ms,
                                  _metrics(gbs, ref_ms / fwd_ms, copy_gbs)))
             xg = x.clone().requires_grad_()
             ours = partial(kernels.softmax, backend=backend)
-            both_ms = time_ms(lambda xg=xg, dy=dy, f=ours: _fwd_bwd(f, xg, dy), device)
+            both_ms = time_ms(lambda xg=xg, dy=dy, f=ours: _fwd_bwd(f, xg, dy), device, "softmax")
             ref_both = time_ms(lambda xg=xg, dy=dy: _fwd_bwd(lambda t: torch.softmax(t, -1), xg, dy), device)
             # forward reads x, writes y; backward reads y and dy, writes dx
             gbs_both = 5 * nbytes / both_ms / 1e6

@@ -97,3 +97,15 @@ def test_torch_profiler_sees_the_ranges():
         with prange("fwd", mb=4):
             torch.ones(8).sum()
     assert any(evt.key == "fwd mb=4" for evt in prof.key_averages())
+
+
+def test_kernel_benchmark_launches_sit_in_their_range(nvtx_recorder, tmp_path):
+    """What `wb profile ncu --range softmax -- wb kernels bench softmax` relies on."""
+    log = tmp_path / "bench"
+    env = {**os.environ, "NVTX_INJECTION64_PATH": str(nvtx_recorder), "WB_NVTX_LOG": str(log)}
+    done = subprocess.run([sys.executable, "-m", "workbench", "kernels", "bench", "softmax", "--quick"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (events,) = read_nvtx_logs(log).values()
+    ranges = nesting(events)
+    assert len(ranges) > 10 and {name for _, name, _ in ranges} == {"softmax"}
