@@ -64,7 +64,7 @@ def test_matches_float64(backend, n, m, mode, group, k):
 def test_fp16_and_leading_dims(backend, mode, group, k):
     gen = _gen()
     qw = quant.quantize(_weight(40, k, gen), mode, group)
-    x = torch.randn(2, 9, k, generator=gen).half()
+    x = torch.randn(2, 9, k + 8, generator=gen).half()[..., :k]  # rows strided by k + 8
     y = kernels.quant_matmul(x, qw, backend=backend)
     assert y.shape == (2, 9, 40) and y.dtype == torch.float16
     assert rel_err(y, _reference(x.reshape(-1, k), qw).reshape(2, 9, 40)) < TOLERANCE[torch.float16]
@@ -188,6 +188,9 @@ def test_custom_op_opcheck():
     x = torch.randn(5, 64)
     torch.library.opcheck(_quant_matmul_op, (x, qw.qweight, qw.scales, qw.zeros, "w4a16", 24, 64, 32, "interpret"),
                           test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda t: kernels.quant_matmul(t, qw, backend="interpret"), fullgraph=True,
+                             backend="eager")
+    assert rel_err(compiled(x), _reference(x, qw)) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
