@@ -10,7 +10,7 @@ from parallel.config import RunConfig
 
 def train(cfg: RunConfig) -> dict:
     """Run `cfg` in the current process group (see parallel/train.py)."""
-    from parallel.train import train as _train   # imported on use: keeps `import parallel` light
+    from parallel.train import train as _train  # imported on use: keeps `import parallel` light
 
     return _train(cfg)
 

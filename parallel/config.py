@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10
+    import tomli as tomllib
 
 
 @dataclass
@@ -210,7 +214,8 @@ class RunConfig:
         if self.zero.config_file and not Path(self.zero.config_file).is_file():
             raise ValueError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
         if self.zero.config_file and not self.recipe.startswith("zero"):
-            raise ValueError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, got recipe={self.recipe}")
+            raise ValueError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, "
+                             f"got recipe={self.recipe}")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
                              f"every={self.checkpoint.every} keep={self.checkpoint.keep}")

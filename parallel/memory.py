@@ -77,6 +77,15 @@ def held_bytes(held: dict[str, list[torch.Tensor]]) -> dict[str, int]:
     return out
 
 
+def max_bytes(a: dict[str, int] | None, b: dict[str, int]) -> dict[str, int]:
+    """Per-category maximum of two held_bytes() readings taken at different moments of a step."""
+    if a is None:
+        return b
+    out = {k: max(a.get(k, 0), b[k]) for k in b if k != "total"}
+    out["total"] = sum(out.values())
+    return out
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

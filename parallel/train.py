@@ -125,6 +125,7 @@ def train(cfg: RunConfig) -> dict:
     time_to_target = next((m["elapsed_s"] for m in history if cfg.target_loss and m["loss"] <= cfg.target_loss),
                           None)
     memory.reset_peak(ctx.device)
+    measure_step = start + 1 if cfg.steps - start > 1 else start   # after one step Adam's state exists
     progress = _Progress(cfg.progress and ctx.is_main, cfg.steps, start, cfg.recipe)
     t_start = time.perf_counter()
     try:
@@ -140,8 +141,10 @@ def train(cfg: RunConfig) -> dict:
                     loss = engine.forward(x, y)
                 engine.backward(loss, accum, last=j == len(mbs) - 1)
                 loss_sum += loss.detach().double().cpu()
-            if held is None and (step > start or cfg.steps - start == 1):
-                held = memory.held_bytes(engine.held_tensors())   # after one step: Adam state exists
+                if step == measure_step and j in (0, len(mbs) - 1):
+                    # after the first backward (ZeRO-1 still holds unreduced full grads) and the last
+                    held = memory.max_bytes(held, memory.held_bytes(engine.held_tensors()))
+            lr = engine.lr   # the rate this step uses; step() moves the schedule on
             grad_norm, applied = engine.step()
             loss_value = _mean_over_ranks(loss_sum / accum)
             if not applied:
@@ -152,7 +155,7 @@ def train(cfg: RunConfig) -> dict:
             dt = time.perf_counter() - t0
             elapsed = elapsed_before + time.perf_counter() - t_start
             record = {"step": step, "loss": loss_value, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                      "lr": engine.lr, "grad_norm": grad_norm, "applied": applied, "elapsed_s": elapsed}
+                      "lr": lr, "grad_norm": grad_norm, "applied": applied, "elapsed_s": elapsed}
             history.append(record)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 out.log(record)

@@ -7,16 +7,21 @@ import sys
 
 import typer
 
-from workbench import demo, kernels_cli
+from profiling.rank_wrap import exec_under_tool_if_asked
+from workbench import demo, kernels_cli, profile_cli, train_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="gpu-workbench: Triton kernels, parallelism recipes, profiling harnesses.")
 app.add_typer(kernels_cli.app, name="kernels")
+app.add_typer(profile_cli.app, name="profile")
 app.command("demo", help=demo.__doc__)(demo.run)
+app.command("train")(train_cli.train)
+app.add_typer(train_cli.data_app, name="data")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a user mistake is one line on stderr and exit code 2, never a traceback."""
+    exec_under_tool_if_asked()  # a rank that `wb profile nsys|ncu` selected re-runs itself under the tool
     try:
         # standalone: usage errors print themselves and exit 2; typer.Exit(n) exits with n.
         app(args=argv, prog_name="wb")

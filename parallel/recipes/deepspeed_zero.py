@@ -51,12 +51,16 @@ class DeepSpeedEngine:
         return self.module(x, y)
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        # DeepSpeed divides by its gradient_accumulation_steps itself and reduces at the boundary.
+        # DeepSpeed divides by its gradient_accumulation_steps itself and reduces at the boundary;
+        # it counts micro-batches in engine.step(), which only updates on the last one.
         assert accum == self.module.gradient_accumulation_steps()
         self.module.backward(loss)
+        if not last:
+            self.module.step()
 
     def step(self) -> tuple[float, bool]:
         # Clipping, the NaN/Inf check (skip on overflow) and the LR schedule are inside engine.step().
+        assert self.module.is_gradient_accumulation_boundary()
         self.module.step()
         norm = self.module.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)

@@ -1,0 +1,88 @@
+"""`wb train` and `wb data prepare`.
+
+`wb train --recipe R --nproc N` validates the config here, then, for N > 1, re-runs itself under
+`torchrun --standalone` (a free port, gloo on CPU / nccl on GPU); inside torchrun (or for N = 1) it
+calls `parallel.train` in this process. `torchrun ... -m workbench train ...` takes the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
+
+
+def _inside_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def train(
+    overrides: list[str] = typer.Argument(None, help="config overrides: key=value or section.key=value"),
+    recipe: str = typer.Option(None, "--recipe", help="single, ddp, zero1, zero2, zero3, fsdp"),
+    nproc: int = typer.Option(1, "--nproc", help="processes (data-parallel ranks) on this node"),
+    config: Path = typer.Option(None, "--config", help="TOML config (e.g. configs/tiny.toml)"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe>-<time>)"),
+    deepspeed: Path = typer.Option(None, "--deepspeed", help="a DeepSpeed JSON config, used as-is (zero recipes)"),
+) -> None:
+    """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
+    from parallel import RunConfig
+
+    items = list(overrides or [])
+    if recipe is not None:
+        items.append(f"recipe={recipe}")
+    if deepspeed is not None:
+        items.append(f"zero.config_file={deepspeed}")
+    if run_dir is not None:
+        items.append(f"run_dir={run_dir}")
+    cfg = RunConfig.from_toml(config, items)
+
+    if _inside_torchrun():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if nproc not in (1, world):
+            raise ValueError(f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE {world}")
+        _run(cfg)
+        return
+    cfg.validate(world_size=nproc)            # config mistakes stop here, before any process starts
+    if nproc == 1:
+        _run(cfg)
+        return
+    if not cfg.run_dir:   # one name for all ranks, chosen before they start
+        items.append(f"run_dir=runs/{cfg.name or cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "workbench", "train"]   # no --nproc here: torchrun's parser would take it as its own
+    if config is not None:
+        cmd.append(f"--config={config}")
+    cmd += items
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    code = subprocess.call(cmd, env=env)
+    if code:
+        raise typer.Exit(code)
+
+
+def _run(cfg) -> None:
+    from parallel import train as run_train
+
+    summary = run_train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['recipe']} x{summary['world_size']}: {summary['steps']} steps, final loss "
+              f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
+              f"model state {summary['model_state_bytes_per_rank'] / 2**20:.2f} MiB/rank -> {summary['run_dir']}")
+
+
+@data_app.command("prepare")
+def prepare(
+    text_file: Path = typer.Argument(..., help="any file; its bytes become tokens (vocab 256)"),
+    out: Path = typer.Option(..., "--out", help="output token file, e.g. data.bin"),
+) -> None:
+    """Write a byte-level token file for data.kind = "bytes" (read back with numpy.memmap)."""
+    from parallel.data import prepare_bytes
+
+    n = prepare_bytes(text_file, out)
+    print(f"wrote {n} tokens to {out}")
