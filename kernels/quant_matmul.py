@@ -33,19 +33,41 @@ def _cfg(m, n, k, warps, stages, split=1):
 
 
 # SPLIT_K is a launch-time choice (grid axis 1), not a kernel constant: only whether partial sums are
-# added atomically is compiled in. BLOCK_K <= 32 keeps a config for group_size 32.
+# added atomically is compiled in, so split variants of one tile cost no extra compile. More splits put
+# more programs in flight at M = 1 (the GPU has 100+ SMs; N / BLOCK_N alone is a few hundred programs).
+# BLOCK_K = 32 keeps configs for group_size 32.
 SMALL_M_TUNER = Autotuner("quant_matmul_small_m", [
     _cfg(16, 64, 128, 4, 3, split=4),
+    _cfg(16, 64, 128, 4, 3, split=8),
+    _cfg(16, 64, 128, 4, 3, split=16),
     _cfg(16, 32, 128, 4, 4, split=1),
     _cfg(16, 128, 64, 4, 3, split=8),
     _cfg(16, 64, 32, 4, 4, split=8),
+    _cfg(16, 64, 32, 4, 4, split=16),
 ])
-GEMM_TUNER = Autotuner("quant_matmul_gemm", [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(128, 128, 128, 8, 3),
-    _cfg(64, 128, 32, 4, 4),
-])
+# The tensor-core GEMM: a16 modes dequantise a tile into fp16/bf16; w8a8 multiplies int8 tiles, which
+# are half the bytes, so it takes deeper K blocks (int8 wgmma has K = 32 per instruction).
+GEMM_TUNERS = {
+    "a16": Autotuner("quant_matmul_gemm_a16", [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(128, 128, 128, 8, 3),
+        _cfg(64, 128, 32, 4, 4),
+    ]),
+    "w8a8": Autotuner("quant_matmul_gemm_w8a8", [
+        _cfg(128, 256, 128, 8, 3),
+        _cfg(256, 128, 128, 8, 3),
+        _cfg(128, 128, 128, 8, 4),
+        _cfg(64, 128, 128, 4, 4),
+    ]),
+}
+
+
+def tuner_for(mode: str, m: int) -> Autotuner:
+    """The config family a launch of `mode` with M rows draws from."""
+    if m <= SMALL_M_MAX:
+        return SMALL_M_TUNER
+    return GEMM_TUNERS["w8a8" if mode == "w8a8" else "a16"]
 
 
 def _fits(config: Config, qw: QuantizedWeight) -> bool:
@@ -88,7 +110,7 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
         a, sx = x, qw.scales  # sx unused outside w8a8
     zeros = qw.zeros if qw.zeros is not None else qw.scales  # unused outside w4a16
     small = m <= SMALL_M_MAX
-    tuner = SMALL_M_TUNER if small else GEMM_TUNER
+    tuner = tuner_for(qw.mode, m)
 
     def run(c: Config) -> torch.Tensor:
         block_k = c.meta["BLOCK_K"]
@@ -96,7 +118,9 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
         split = min(c.meta["SPLIT_K"], k_blocks)
         k_per_split = triton.cdiv(k_blocks, split) * block_k
         split = triton.cdiv(k, k_per_split)
-        atomic = split > 1
+        # A split-K config stays atomic even where K is too short to split, so that only the kernels
+        # that compile_specs() lists are ever compiled.
+        atomic = c.meta["SPLIT_K"] > 1
         if atomic:  # partial sums are added into a zeroed fp32 workspace
             y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
         elif backend == "interpret":  # poison (cheap at interpreter sizes): a skipped element shows as NaN
@@ -175,8 +199,11 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, backend: str | None = Non
     else:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y = _quant_matmul_op(x2, qw.qweight, qw.scales, qw.zeros, qw.mode, qw.out_features, qw.in_features,
-                             qw.group_size, chosen)
+        if torch.compiler.is_compiling():
+            y = _quant_matmul_op(x2, qw.qweight, qw.scales, qw.zeros, qw.mode, qw.out_features, qw.in_features,
+                                 qw.group_size, chosen)
+        else:  # eager: skip the custom-op dispatch, microseconds that matter at M = 1
+            y = launch(x2, qw, chosen)
     return y.reshape(*lead, qw.out_features)
 
 
@@ -198,24 +225,30 @@ def _matmul_signature(mode: str, act_ptr: str, y_ptr: str) -> dict:
 
 
 def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> list[CompileSpec]:
-    specs = []
+    specs, seen = [], set()
     for dtype in dtypes:
         ptr = triton_type(dtype)
         short = ptr[1:]
         for mode, grouped in VARIANTS:
             kind = f"{mode}{' grouped' if grouped else ''}"
-            for path, tuner in (("small-M", SMALL_M_TUNER), ("gemm", GEMM_TUNER)):
-                for c in tuner.configs:
+            for path, m in (("small-M", 1), ("gemm", SMALL_M_MAX + 1)):
+                for c in tuner_for(mode, m).configs:
                     atomic = c.meta["SPLIT_K"] > 1
                     meta = _kernel_meta(c)
                     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
                     consts = {"MODE": MODE_IDS[mode], "GROUPED": grouped, "IEEE": dtype == torch.float32,
                               "ATOMIC": atomic, **meta}
+                    key = (dtype, tuple(consts.items()), warps, stages)
+                    if key in seen:  # split-K variants of one tile share a kernel
+                        continue
+                    seen.add(key)
                     sig = _matmul_signature(mode, ptr, "*fp32" if atomic else ptr)
                     # Hopper's tensor-core GEMM must be wgmma (the small-M tiles are too short for it).
                     expect = {90: ("wgmma",)} if path == "gemm" else {}
+                    label = (f"quant_matmul {kind} {path} {short} BLOCK_M={meta['BLOCK_M']} BLOCK_N={meta['BLOCK_N']} "
+                             f"BLOCK_K={meta['BLOCK_K']}{' split-K' if atomic else ''} w{warps} s{stages}")
                     specs.append(CompileSpec("quant_matmul", "quant_matmul_kernel", sig, consts, warps, stages,
-                                             f"quant_matmul {kind} {path} {short} {c.label()}", expect))
+                                             label, expect))
         sig = {"x_ptr": ptr, "xq_ptr": "*i8", "sx_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
                "stride_qm": "i32", "BLOCK_K": "constexpr"}
         specs.append(CompileSpec("quant_matmul", "act_quant_kernel", sig, dict(ACT_QUANT_CONFIG.meta),

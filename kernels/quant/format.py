@@ -104,10 +104,9 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of pack_int4: int32 (ceil(K/8), N) -> uint8 (N, K)."""
     rows, n = packed.shape
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
-    return q.reshape(rows * 8, n)[:k].T.to(torch.uint8).contiguous()
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    q = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # arithmetic shift; & 0xF drops the sign
+    return q.to(torch.uint8).view(rows * 8, n)[:k].T.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,8 +139,12 @@ def _quantize_w4(w32: torch.Tensor, group: int) -> QuantizedWeight:
     groups = w32.view(n, k // group, group)
     wmin, wmax = groups.amin(-1), groups.amax(-1)
     # Scales are stored in fp16 (bandwidth); quantise with the rounded scale so dequantize is exact.
+    # Round the scale up, never down, so that 15 steps still span the group: then every weight is within
+    # half a step of its dequantised value (a scale rounded down can push the maximum one step out).
     scale = ((wmax - wmin) / 15).clamp(min=2.0**-24)
     scales = scale.to(torch.float16)
+    scales = torch.where(scales.float() < scale, torch.nextafter(scales, torch.full_like(scales, float("inf"))),
+                         scales)
     if not torch.isfinite(scales).all():
         raise ValueError("w has a group whose range exceeds what fp16 scales can hold (|w| > ~1e6)")
     s = scales.float()
@@ -156,17 +159,17 @@ def int_weight(qw: QuantizedWeight) -> torch.Tensor:
     if qw.mode != "w4a16":
         return qw.qweight.to(torch.int32)
     n, k = qw.shape
-    q = unpack_int4(qw.qweight, k).to(torch.int32)
-    zeros = qw.zeros.T.to(torch.int32).repeat_interleave(qw.group_size, dim=1)
-    return q - zeros
+    q = unpack_int4(qw.qweight, k).to(torch.int32).view(n, k // qw.group_size, qw.group_size)
+    return (q - qw.zeros.T.to(torch.int32)[..., None]).view(n, k)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The fp32 weight (N, K) the kernels multiply by, exactly."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a QuantizedWeight (from kernels.quant.quantize), got {type(qw).__name__}")
-    scales = qw.scales.float().T.repeat_interleave(qw.group_size, dim=1)  # (N, K)
-    return int_weight(qw).float() * scales
+    n, k = qw.shape
+    w = int_weight(qw).float().view(n, k // qw.group_size, qw.group_size)
+    return (w * qw.scales.float().T[..., None]).view(n, k)
 
 
 # ----------------------------------------------------------------------------------------------

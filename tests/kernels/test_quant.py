@@ -17,7 +17,7 @@ from torch import nn
 import kernels
 from kernels import jit_loader, quant
 from kernels.quant.format import int_weight
-from kernels.quant_matmul import GEMM_TUNER, SMALL_M_TUNER, act_quant, compile_specs, launch
+from kernels.quant_matmul import SMALL_M_TUNER, act_quant, compile_specs, launch, tuner_for
 from kernels.suite.common import TOLERANCE, rel_err
 
 # (mode, group_size, K): per-group w4a16 at every supported group, per channel with K not a multiple of 8.
@@ -76,10 +76,10 @@ def test_every_config_interpreted(mode, group):
     gen = _gen()
     k = 256
     qw = quant.quantize(_weight(72, k, gen), mode, group)
-    for m, tuner in ((3, SMALL_M_TUNER), (20, GEMM_TUNER)):
+    for m in (3, 20):
         x = torch.randn(m, k, generator=gen)
         ref = _reference(x, qw)
-        for config in tuner.candidates(lambda c: qw.per_channel or qw.group_size % c.meta["BLOCK_K"] == 0):
+        for config in tuner_for(mode, m).candidates(lambda c: qw.per_channel or qw.group_size % c.meta["BLOCK_K"] == 0):
             assert rel_err(launch(x, qw, "interpret", config), ref) < 1e-5, config.label()
 
 
@@ -95,7 +95,7 @@ def test_skipped_output_cannot_pass(monkeypatch):
 
     fake = types.SimpleNamespace(quant_matmul_kernel=NoOpKernel())
     monkeypatch.setattr(jit_loader, "kernels_for", lambda name, backend: fake)
-    for config in (GEMM_TUNER.configs[0], SMALL_M_TUNER.configs[0]):  # plain store, split-K atomic
+    for config in (tuner_for("w8a16", 20).configs[0], SMALL_M_TUNER.configs[0]):  # plain store, split-K atomic
         assert rel_err(launch(x, qw, "interpret", config), _reference(x, qw)) >= 1
 
 
@@ -274,21 +274,32 @@ def test_compile_specs_cover_every_config():
     specs = compile_specs()
     labels = [s.label for s in specs]
     assert len(labels) == len(set(labels))
-    per_dtype = 4 * (len(SMALL_M_TUNER.configs) + len(GEMM_TUNER.configs)) + 1
-    assert len(specs) == 2 * per_dtype
+    compiled = {(s.signature["y_ptr"], s.constexprs["MODE"], s.constexprs["GROUPED"], s.num_warps, s.num_stages,
+                 s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.constexprs["ATOMIC"])
+                for s in specs if s.fn == "quant_matmul_kernel"}
+    for dtype in ("*fp16", "*bf16"):
+        for mode, mode_id, grouped in (("w8a16", 0, False), ("w4a16", 1, True), ("w4a16", 1, False),
+                                       ("w8a8", 2, False)):
+            for m in (1, 20):
+                for c in tuner_for(mode, m).configs:
+                    atomic = c.meta["SPLIT_K"] > 1
+                    assert ("*fp32" if atomic else dtype, mode_id, grouped, c.num_warps, c.num_stages,
+                            c.meta["BLOCK_M"], c.meta["BLOCK_N"], c.meta["BLOCK_K"], atomic) in compiled
     assert all(s.expect_ptx == {90: ("wgmma",)} for s in specs if " gemm " in s.label)
+    assert sum(s.fn == "act_quant_kernel" for s in specs) == 2
 
 
 def test_aot_compile_sm80_sm90():
     from kernels.aot import compile_all
 
     specs = compile_specs()
-    gemm = [s for s in specs if " gemm " in s.label and s.constexprs["BLOCK_K"] == 64 and "bf16" in s.label
-            and s.constexprs["BLOCK_N"] == 128]
+    # The first (default) GEMM config of each mode variant, bf16, on Hopper.
+    gemm = list({(s.constexprs["MODE"], s.constexprs["GROUPED"]): s for s in reversed(specs)
+                 if " gemm " in s.label and "bf16" in s.label}.values())
     small = [s for s in specs if "small-M" in s.label and s.constexprs["ATOMIC"] and "fp16" in s.label
              and s.constexprs["BLOCK_K"] == 128]
     act = [s for s in specs if "act_quant" in s.label][:1]
-    assert len(gemm) == 4 and len(small) == 4
+    assert len(gemm) == 4 and len(small) == 4, [s.label for s in gemm + small]
     results = compile_all(gemm, archs=(90,)) + compile_all(small + act, archs=(80,))
     failed = [(r.spec.label, r.arch, r.error, r.missing_ptx, r.shared_bytes) for r in results if not r.passed]
     assert not failed
