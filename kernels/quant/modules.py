@@ -56,6 +56,15 @@ class QuantLinear(nn.Module):
             module.bias.data.copy_(linear.bias.detach())
         return module
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(torch.bfloat16) convert every float buffer; the scales must keep their dtype (the
+        # kernels and dequantize read them as stored) and their exact values, so only their device moves.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     @property
     def bits(self) -> int:
         return BITS[self.mode]

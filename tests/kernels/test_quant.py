@@ -239,6 +239,11 @@ def test_quant_linear_state_dict_roundtrip_and_repr():
     x = torch.randn(3, 96, generator=gen)
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
+    for module, scale_dtype in ((q, torch.float16), (quant.QuantLinear.from_linear(lin, "w8a16"), torch.float32)):
+        scales = module.scales.clone()
+        module.to(torch.bfloat16)  # converts the bias; the scales keep their dtype and exact values
+        assert module.scales.dtype == scale_dtype and torch.equal(module.scales, scales)
+        assert module.bias.dtype == torch.bfloat16
     no_bias = quant.QuantLinear.from_linear(nn.Linear(96, 8, bias=False), "w8a16")
     assert set(no_bias.state_dict()) == {"qweight", "scales"}
     with pytest.raises(RuntimeError):  # a different mode's buffers do not load silently
