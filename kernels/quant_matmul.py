@@ -184,8 +184,20 @@ def _validate(x, qw) -> None:
     if x.shape[-1] != qw.in_features:
         raise ValueError(f"x has K={x.shape[-1]} in its last dimension but qw was quantised from a weight with "
                          f"K={qw.in_features} (shape {tuple(qw.shape)})")
-    if qw.in_features % qw.group_size:
-        raise ValueError(f"qw.group_size={qw.group_size} does not divide K={qw.in_features}")
+    n, k = qw.shape
+    if qw.group_size <= 0 or k % qw.group_size:
+        raise ValueError(f"qw.group_size={qw.group_size} does not divide K={k}")
+    groups = k // qw.group_size
+    w4 = qw.mode == "w4a16"
+    expected = {"qw.qweight": (qw.qweight, torch.int32 if w4 else torch.int8, (-(-k // 8), n) if w4 else (n, k)),
+                "qw.scales": (qw.scales, torch.float16 if w4 else torch.float32, (groups, n))}
+    if w4:
+        expected["qw.zeros"] = (qw.zeros, torch.uint8, (groups, n))
+    for name, (t, dtype, shape) in expected.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} should be a contiguous {dtype} tensor of shape {shape} for {qw.mode} "
+                             f"(N={n}, K={k}, group_size={qw.group_size}); got {got}")
     if x.numel() >= 2**31 or qw.out_features * qw.in_features >= 2**31:
         raise ValueError("x and the weight must each have fewer than 2**31 elements (32-bit kernel offsets)")
 
@@ -193,7 +205,10 @@ def _validate(x, qw) -> None:
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, backend: str | None = None) -> torch.Tensor:
     """x (..., K) @ dequantize(qw).T -> (..., N) in x's dtype (w8a8: x is first quantised per token)."""
     _validate(x, qw)
-    chosen = resolve_backend(backend, x=x, qw=qw.qweight)
+    weights = {"qw.qweight": qw.qweight, "qw.scales": qw.scales}
+    if qw.zeros is not None:
+        weights["qw.zeros"] = qw.zeros
+    chosen = resolve_backend(backend, x=x, **weights)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if chosen == "torch":

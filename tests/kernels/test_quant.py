@@ -172,8 +172,14 @@ def test_quant_matmul_bad_inputs():
         kernels.quant_matmul(torch.randn(2, 64), torch.randn(8, 64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         kernels.quant_matmul([1.0] * 64, qw)
-    with pytest.raises(ValueError, match="x on cpu, qw on meta"):
+    with pytest.raises(ValueError, match="x on cpu, qw.qweight on meta"):
         kernels.quant_matmul(torch.randn(2, 64), qw.to("meta"), backend="torch")
+    mixed = quant.QuantizedWeight(qw.mode, qw.shape, qw.group_size, qw.qweight, qw.scales.to("meta"), qw.zeros)
+    with pytest.raises(ValueError, match="qw.scales on meta"):
+        kernels.quant_matmul(torch.randn(2, 64), mixed)
+    bad = quant.QuantizedWeight(qw.mode, qw.shape, qw.group_size, qw.qweight, qw.scales.float(), qw.zeros)
+    with pytest.raises(ValueError, match="qw.scales should be"):
+        kernels.quant_matmul(torch.randn(2, 64), bad)
     with pytest.raises(ValueError, match="backend"):
         kernels.quant_matmul(torch.randn(2, 64), qw, backend="cuda")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
