@@ -316,6 +316,34 @@ def test_aot_compile_sm80_sm90():
     assert not failed
 
 
+def test_gemm_pipelines_when_aligned():
+    """With the 16-divisibility the JIT specialises on (aligned pointers, K, N, strides), the GEMM loads
+    become multi-stage async copies feeding wgmma, and still fit Hopper's shared memory. (kernels.aot
+    compiles without these hints, so its shared-memory figures are the unpipelined ones.)"""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.aot import SHARED_MEMORY_LIMIT
+
+    specs = [s for s in compile_specs() if " gemm " in s.label and "bf16" in s.label and s.num_stages == 3
+             and s.constexprs["BLOCK_N"] == 256 and s.constexprs["MODE"] in (1, 2) and s.constexprs["GROUPED"]
+             == (s.constexprs["MODE"] == 1)]
+    assert len(specs) == 2
+    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "sx_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym",
+               "k_per_split", "group_size")
+    for spec in specs:
+        names = list(spec.signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        fn = getattr(jit_loader.load("quant_matmul", interpret=False), spec.fn)
+        compiled = triton.compile(ASTSource(fn, spec.signature, constexprs=spec.constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        assert "async_copy_global_to_local" in compiled.asm["ttgir"], spec.label
+        assert "wgmma" in compiled.asm["ptx"], spec.label
+        assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[90], (spec.label, compiled.metadata.shared)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compiled path on a GPU: fp16 / bf16 activations
 # ----------------------------------------------------------------------------------------------
