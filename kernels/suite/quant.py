@@ -22,7 +22,7 @@ VARIANTS = [("w8a16", None), ("w4a16", 32), ("w4a16", 128), ("w4a16", None), ("w
 CPU_SHAPES = [(1, 17, 256), (5, 96, 384), (33, 40, 128)]
 GPU_SHAPES = [(1, 1000, 4096), (16, 4096, 1024), (17, 333, 2048), (300, 1000, 1024), (512, 2048, 2048)]
 # Quantisation error one expects on Gaussian weights (relative Frobenius): step / sqrt(12) of the range.
-QUANT_ERROR_BOUND = {8: 0.02, 4: 0.15}
+QUANT_ERROR_BOUND = {8: 0.02, 4: 0.2}
 
 
 def _label(mode, group) -> str:
@@ -58,7 +58,7 @@ def check(backend: str, seed: int = 0) -> list[CheckRow]:
         w = torch.randn(n, k, generator=gen, dtype=torch.float64).float()
         x = torch.randn(64, k, generator=gen, dtype=torch.float64).float()
         qw = quant.quantize(w, mode, group)
-        rows.append(CheckRow("quant error vs float weight", f"{_label(mode, group)} N={n} K={k}", backend, "fp32",
+        rows.append(CheckRow("quant error vs float weight", f"{_label(mode, group)} N={n} K={k}", backend, "float32",
                              {"weight": rel_err(quant.dequantize(qw), w),
                               "output": rel_err(quant_matmul(x, qw, backend="torch"), x.double() @ w.double().T)},
                              QUANT_ERROR_BOUND[qw.bits]))
