@@ -103,6 +103,8 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
     kernels = jit_loader.kernels_for("quant_matmul", backend)
     m, k = x.shape
     n = qw.out_features
+    if m == 0:  # nothing to launch (and nothing to autotune on)
+        return torch.empty(0, n, device=x.device, dtype=x.dtype)
     if m * x.stride(0) >= 2**31:  # rows strided so far apart that 32-bit offsets would overflow
         x = x.contiguous()
     mode_id = MODE_IDS[qw.mode]

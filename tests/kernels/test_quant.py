@@ -68,6 +68,7 @@ def test_fp16_and_leading_dims(backend, mode, group, k):
     y = kernels.quant_matmul(x, qw, backend=backend)
     assert y.shape == (2, 9, 40) and y.dtype == torch.float16
     assert rel_err(y, _reference(x.reshape(-1, k), qw).reshape(2, 9, 40)) < TOLERANCE[torch.float16]
+    assert kernels.quant_matmul(x[:, :0], qw, backend=backend).shape == (2, 0, 40)  # no rows
 
 
 @pytest.mark.parametrize("mode,group", [("w8a16", None), ("w4a16", 32), ("w4a16", None), ("w8a8", None)])
