@@ -2,17 +2,12 @@
 
     from parallel import RunConfig, train
     cfg = RunConfig.from_toml("configs/tiny.toml", overrides=["recipe=zero2", "steps=20"])
-    result = train(cfg)
+    result = train(cfg)     # the summary dict, also written to <run_dir>/summary.json
+
+DeepSpeed is imported only by the zero recipes, when they run.
 """
 
 from parallel.config import RunConfig
-
-
-def train(cfg: RunConfig) -> dict:
-    """Run `cfg` in the current process group (see parallel/train.py)."""
-    from parallel.train import train as _train  # imported on use: keeps `import parallel` light
-
-    return _train(cfg)
-
+from parallel.train import train  # binds the function over the submodule of the same name
 
 __all__ = ["RunConfig", "train"]

@@ -9,9 +9,10 @@ K for optimizer state):
     zero3 / fsdp           (p + g + K)/N
 
 fp32 Adam: p = g = 4, K = 8 (two moments). Mixed precision: p = g = 2, K = 12 (fp32 master copy +
-two moments). DeepSpeed's stage 1 and 2 always keep an fp32 master partition, even when the model
-itself is fp32, so for them K = 12 in fp32 too (4 + 4 + 12/N for zero1); stage 3 in fp32 updates
-the parameter partition in place (K = 8).
+two moments). DeepSpeed keeps a separate fp32 master partition even when the model itself is fp32
+(seen in 0.19: stage 1/2 always clone it; stage 3 means to reuse the fp32 partition but compares a
+torch.device with a device-name string, which is never equal), so for the zero recipes K = 12 in fp32
+too: zero3 holds (4+4+12)Ψ/N in fp32, and the paper's 16Ψ/N only in mixed precision.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def bytes_per_param(recipe: str, precision: str, zero_stage: int = 0) -> tuple[i
         return 2, 2, 12          # DeepSpeed bf16: 16-bit params and grads, fp32 master + moments
     if precision == "bf16":
         return 4, 4, 8           # torch autocast: fp32 params, grads and Adam; bf16 only in compute
-    if deepspeed and zero_stage in (1, 2):
+    if deepspeed and zero_stage > 0:
         return 4, 4, 12          # fp32 master partition kept although the params are fp32
     return 4, 4, 8
 

@@ -101,6 +101,27 @@ class _Progress:
             self.bar.stop()
 
 
+def train_step(engine, dataset: Dataset, cfg: RunConfig, step: int, dp_rank: int, dp: int, device: torch.device,
+               on_backward=None) -> tuple[torch.Tensor, float, float, bool]:
+    """One optimizer step: this rank's micro-batches of global batch `step`, forward and backward
+    each (loss / accum), then clip + update. Returns (sum of micro-batch losses, lr used, grad norm,
+    applied)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    mbs = micro_batches(cfg.global_batch, cfg.micro_batch, dp_rank, dp)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for j, indices in enumerate(mbs):
+        x, y = (t.to(device) for t in dataset.batch(step, indices))
+        with autocast:
+            loss = engine.forward(x, y)
+        engine.backward(loss, len(mbs), last=j == len(mbs) - 1)
+        loss_sum += loss.detach().double().cpu()
+        if on_backward is not None:
+            on_backward(j, len(mbs))
+    lr = engine.lr   # the rate this step uses; step() moves the schedule on
+    grad_norm, applied = engine.step()
+    return loss_sum, lr, grad_norm, applied
+
+
 def train(cfg: RunConfig) -> dict:
     ctx = init_distributed(cfg)
     cfg.validate(world_size=ctx.world_size)
@@ -118,13 +139,18 @@ def train(cfg: RunConfig) -> dict:
 
     start = checkpoint.resume(engine, run_dir) if cfg.checkpoint.resume else 0
     history = out.start_metrics(start)
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tokens_per_step = cfg.global_batch * cfg.model.seq_len
     skipped, held = 0, None
     elapsed_before = history[-1]["elapsed_s"] if history else 0.0
     time_to_target = next((m["elapsed_s"] for m in history if cfg.target_loss and m["loss"] <= cfg.target_loss),
                           None)
     memory.reset_peak(ctx.device)
+
+    def on_backward(j: int, n: int) -> None:
+        nonlocal held
+        if j in (0, n - 1):   # after the first backward (ZeRO-1 still holds unreduced full grads) and the last
+            held = memory.max_bytes(held, memory.held_bytes(engine.held_tensors()))
+
     measure_step = start + 1 if cfg.steps - start > 1 else start   # after one step Adam's state exists
     progress = _Progress(cfg.progress and ctx.is_main, cfg.steps, start, cfg.recipe)
     t_start = time.perf_counter()
@@ -133,19 +159,9 @@ def train(cfg: RunConfig) -> dict:
             if cfg.fault.kill_rank == ctx.rank and cfg.fault.at_step == step:
                 os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            mbs = micro_batches(cfg.global_batch, cfg.micro_batch, ctx.rank % dp, dp)
-            for j, indices in enumerate(mbs):
-                x, y = (t.to(ctx.device) for t in dataset.batch(step, indices))
-                with autocast:
-                    loss = engine.forward(x, y)
-                engine.backward(loss, accum, last=j == len(mbs) - 1)
-                loss_sum += loss.detach().double().cpu()
-                if step == measure_step and j in (0, len(mbs) - 1):
-                    # after the first backward (ZeRO-1 still holds unreduced full grads) and the last
-                    held = memory.max_bytes(held, memory.held_bytes(engine.held_tensors()))
-            lr = engine.lr   # the rate this step uses; step() moves the schedule on
-            grad_norm, applied = engine.step()
+            measure = step == measure_step
+            loss_sum, lr, grad_norm, applied = train_step(engine, dataset, cfg, step, ctx.rank % dp, dp, ctx.device,
+                                                          on_backward=on_backward if measure else None)
             loss_value = _mean_over_ranks(loss_sum / accum)
             if not applied:
                 skipped += 1

@@ -1,0 +1,73 @@
+"""Helpers for the parallel tests: run configs in-process or under a real torchrun, read results.
+
+Run as a script under torchrun, it trains each (config, overrides) of its JSON argument in turn
+inside the same process group, so one launch (one interpreter start, one DeepSpeed import per rank)
+serves several recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.toml")
+# A tiny model of >= 1M parameters (the memory targets ask for it), 10 steps, no progress bar.
+BASE = ["steps=10", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "model.d_model=128",
+        "model.n_layers=5", "global_batch=16", "micro_batch=4", "optim.warmup_steps=3"]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600) -> None:
+    """Train each (config path, overrides) in order under one `torchrun --standalone` of nproc ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           __file__, json.dumps(runs)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def wb(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess: `python -m workbench ...`."""
+    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[float]:
+    from parallel.rundir import read_metrics
+
+    return [m["loss"] for m in read_metrics(run_dir)]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "final_model.pt", weights_only=True)
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest ||a - b|| / ||b|| over the tensors of two state dicts (same keys)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-30)) for k in a)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+if __name__ == "__main__":
+    from parallel import RunConfig, train
+
+    for config, overrides in json.loads(sys.argv[1]):
+        train(RunConfig.from_toml(config, overrides))

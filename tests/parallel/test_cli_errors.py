@@ -1,0 +1,63 @@
+"""`wb train` config mistakes: one line on stderr naming the field, exit code 2, before any process
+starts. Through the CLI's entry point in-process (fast), and two through a real subprocess."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel.runs import TINY, wb
+from workbench.cli import main
+
+BAD = [
+    (["optim.lrr=1e-3"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    (["stepz=3"], "unknown config key 'stepz' (did you mean 'steps'?)"),
+    (["steps=ten"], "steps must be int"),
+    (["progress=maybe"], "progress must be a bool"),
+    (["--nproc", "2", "--recipe", "ddp", "global_batch=12", "micro_batch=4"],
+     "global_batch (12) must be divisible by micro_batch (4) x data-parallel degree (2)"),
+    (["--recipe", "zero2", "zero.stage=5"], "zero.stage must be 0, 1, 2 or 3"),
+    (["--recipe", "zero3", "zero.stage=2"], "zero.stage=2 contradicts recipe=zero3"),
+    (["--recipe", "single", "--nproc", "2"], "recipe 'single' runs on exactly 1 process(es), got world size"),
+    (["--recipe", "zero4"], "recipe: unknown recipe 'zero4' (did you mean"),
+    (["--nproc", "0", "--recipe", "ddp"], "world size (--nproc) must be >= 1"),
+    (["model.n_heads=5"], "model.d_model (64) must be divisible by model.n_heads (5)"),
+    (["precision=fp8"], "precision must be one of 'fp32' | 'bf16', got 'fp8'"),
+    (["steps"], "override 'steps' must look like key=value"),
+    (["optim=3"], "config key 'optim' is a section"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["data.kind=bytes"], "data.path is required when data.kind = 'bytes'"),
+    (["--recipe", "ddp", "--deepspeed", TINY], "zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe"),
+    (["micro_batch=0"], "micro_batch must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_config_one_line_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", TINY, *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wb: error: "), err
+    assert message in err, err
+
+
+def test_missing_and_malformed_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = = 3\n")
+    for path, message in [(tmp_path / "nope.toml", "config file not found"), (bad, "is not valid TOML")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--config", str(path)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_real_cli_process():
+    """The installed entry point, for real: the same one line and exit 2, no traceback."""
+    done = wb("train", "--config", TINY, "--recipe", "ddp", "--nproc", "2", "global_batch=10")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "wb: error: global_batch (10) must be divisible by micro_batch (4) x data-parallel degree (2)"]
+    done = wb("train", "--config", TINY, "model.vocab=3")
+    assert done.returncode == 2 and "did you mean 'model.vocab_size'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,51 @@
+"""Kill and resume: a run whose rank dies abruptly after a checkpoint resumes from the newest complete
+checkpoint and ends with the same parameters (and per-step losses) as an uninterrupted run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, torchrun, wb
+
+pytestmark = pytest.mark.slow
+
+RESUME = [*BASE, "steps=8", "checkpoint.every=3", "checkpoint.keep=1"]
+
+
+@pytest.mark.parametrize("recipe", ["zero2", "fsdp"])
+def test_kill_and_resume_equals_uninterrupted(recipe, tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    # rank 1 dies at step 5: the checkpoint after 3 steps is complete, the one after 6 never starts
+    first = wb("train", "--recipe", recipe, "--nproc", "2", "--config", TINY, "--run-dir", str(killed), *RESUME,
+               "fault.kill_rank=1", "fault.at_step=5")
+    assert first.returncode != 0
+    assert (killed / "checkpoints" / "step_000003").is_dir()
+    assert not (killed / "final_model.pt").exists()
+    # the same command again (fault off) resumes; the clean run goes alongside in the same launch
+    torchrun(2, [(TINY, [*RESUME, f"recipe={recipe}", f"run_dir={killed}"]),
+                 (TINY, [*RESUME, f"recipe={recipe}", f"run_dir={clean}"])])
+    assert max_rel_diff(final_params(killed), final_params(clean)) < 1e-6
+    assert losses(killed) == pytest.approx(losses(clean), rel=1e-6)
+    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_000008"]   # keep=1
+
+
+def test_resume_single_in_process(tmp_path):
+    """`single`: run 8 steps, drop every checkpoint after step 4 (as if the process had died at step
+    5), run again: it resumes at 4 and ends bit-identical to the first, uninterrupted run."""
+    from parallel import RunConfig, train
+
+    run_dir = tmp_path / "run"
+    cfg = RunConfig.from_toml(TINY, [*BASE, "recipe=single", "steps=8", "checkpoint.every=2", "checkpoint.keep=4",
+                                     f"run_dir={run_dir}"])
+    train(cfg)
+    clean_params, clean_losses = final_params(run_dir), losses(run_dir)
+    for later in ("step_000006", "step_000008"):
+        shutil.rmtree(run_dir / "checkpoints" / later)
+    (run_dir / "final_model.pt").unlink()
+    (run_dir / "checkpoints" / "step_000006.tmp").mkdir()   # a half-written checkpoint is ignored
+    summary = train(cfg)
+    assert summary["resumed_from_step"] == 4
+    assert max_rel_diff(final_params(run_dir), clean_params) == 0.0
+    assert losses(run_dir) == clean_losses
