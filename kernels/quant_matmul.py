@@ -13,7 +13,6 @@ dequantised weight, or an exact integer product (in float64) for w8a8.
 from __future__ import annotations
 
 import torch
-import triton
 
 from kernels import jit_loader
 from kernels.aot import CompileSpec, triton_type
@@ -75,8 +74,12 @@ def _fits(config: Config, qw: QuantizedWeight) -> bool:
     return qw.per_channel or qw.group_size % config.meta["BLOCK_K"] == 0
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a @jit function: microseconds per call from Python
+
+
 def _bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 8192)
+    return min(1 << (max(m, 1) - 1).bit_length(), 8192)  # next power of two
 
 
 def _kernel_meta(config: Config) -> dict:
@@ -118,10 +121,10 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
 
     def run(c: Config) -> torch.Tensor:
         block_k = c.meta["BLOCK_K"]
-        k_blocks = triton.cdiv(k, block_k)
+        k_blocks = _cdiv(k, block_k)
         split = min(c.meta["SPLIT_K"], k_blocks)
-        k_per_split = triton.cdiv(k_blocks, split) * block_k
-        split = triton.cdiv(k, k_per_split)
+        k_per_split = _cdiv(k_blocks, split) * block_k
+        split = _cdiv(k, k_per_split)
         # A split-K config stays atomic even where K is too short to split, so that only the kernels
         # that compile_specs() lists are ever compiled.
         atomic = c.meta["SPLIT_K"] > 1
@@ -131,7 +134,7 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
             y = torch.full((m, n), float("nan"), device=x.device, dtype=x.dtype)
         else:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(m, c.meta["BLOCK_M"]) * triton.cdiv(n, c.meta["BLOCK_N"]), split)
+        grid = (_cdiv(m, c.meta["BLOCK_M"]) * _cdiv(n, c.meta["BLOCK_N"]), split)
         kernels.quant_matmul_kernel[grid](
             a, qw.qweight, qw.scales, zeros, sx, y, m, n, k, qw.group_size, k_per_split, a.stride(0), y.stride(0),
             MODE=mode_id, GROUPED=not qw.per_channel, IEEE=x.dtype == torch.float32, ATOMIC=atomic,
