@@ -46,24 +46,20 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> Config:
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per step.
 FWD_TUNER = Autotuner("attention_fwd", [
     _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3),
-    _cfg(128, 128, 8, 3), _cfg(128, 32, 8, 2),
+    _cfg(128, 128, 8, 3), _cfg(64, 32, 8, 2),
 ])
-# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (the Triton tutorial's 32 x 128 shape).
+# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step.
 DKDV_TUNER = Autotuner("attention_bwd_dkdv", [
-    _cfg(32, 64, 4, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 8, 2),
+    _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 3), _cfg(16, 32, 8, 2),
 ])
 # dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
 DQ_TUNER = Autotuner("attention_bwd_dq", [
-    _cfg(64, 32, 4, 2), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 16, 4, 2),
+    _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 16, 8, 2),
 ])
-# fp32 on a GPU runs its dots in IEEE fp32 on CUDA cores (exact, not tf32): one small tile each,
-# within shared memory up to D = 256. (The interpreter runs the 16-bit lists' first config for every
-# dtype: it has no shared memory to overflow.)
-FP32_TUNERS = {
-    "fwd": Autotuner("attention_fwd_fp32", [_cfg(32, 32, 4, 1)]),
-    "dkdv": Autotuner("attention_bwd_dkdv_fp32", [_cfg(16, 32, 4, 1)]),
-    "dq": Autotuner("attention_bwd_dq_fp32", [_cfg(32, 16, 4, 1)]),
-}
+# fp32 on a GPU runs its dots in IEEE fp32 on CUDA cores (exact, not tf32), operands in registers:
+# one small tile, which compiles without spilling up to D = 256. (The interpreter runs the 16-bit
+# lists' first config for every dtype: it has no registers or shared memory to overflow.)
+FP32_TUNERS = {kind: Autotuner(f"attention_{kind}_fp32", [_cfg(16, 16, 4, 1)]) for kind in ("fwd", "dkdv", "dq")}
 TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER}
 PREPROCESS_BLOCK_M = 64
 
@@ -91,15 +87,18 @@ def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
 
 
 def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = None):
-    """Configs that can run: within the shared memory of an A100 (the smaller of sm_80/sm_90), an fp32
-    accumulator of at most 128 registers per thread, no tile far above N."""
+    """Configs that can run well: within the shared memory of an A100 (the smaller of sm_80/sm_90);
+    fp32 accumulators of at most 64 registers per thread (above that, the AOT compile shows register
+    spills); no program tile far above the sequence length."""
     elem = torch.empty((), dtype=dtype).element_size()
     limit = min(SHARED_MEMORY_LIMIT.values())
 
     def fits(c: Config) -> bool:
         bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
-        acc_rows = bm if kind != "dkdv" else 2 * bn  # dkdv keeps dk and dv
-        if acc_rows * d > 128 * 32 * c.num_warps or _smem_bytes(kind, c, head_dim, elem) > limit:
+        acc = 2 * bn * d if kind == "dkdv" else bm * d  # dK and dV, or O / dQ
+        if dtype != torch.float32 and acc > 64 * 32 * c.num_warps:
+            return False
+        if _smem_bytes(kind, c, head_dim, elem) > limit:
             return False
         program_rows = bn if kind == "dkdv" else bm
         return n_rows is None or program_rows <= max(64, triton.next_power_of_2(n_rows))
@@ -421,8 +420,8 @@ def _spec(fn: str, kind: str, dtype: torch.dtype, c: Config, head_dim: int, caus
 def compile_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> list[CompileSpec]:
     """Each config of each kernel, causal (a superset of the non-causal code: both loop kinds), at the
     largest head dim it is admitted for (the most registers and shared memory); plus, per 16-bit
-    dtype, the first config of each kernel non-causal at D = 96 (the padded head-dim path) and the
-    delta preprocess kernel."""
+    dtype, the first config of each kernel that fits D = 96 non-causal (the padded head-dim path) and
+    the delta preprocess kernel."""
     specs = []
     kernels_by_kind = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}
     for dtype in dtypes:
@@ -433,7 +432,8 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> list
                 if dims:
                     specs.append(_spec(fn, kind, dtype, c, max(dims), causal=True))
             if dtype != torch.float32:
-                specs.append(_spec(fn, kind, dtype, tuners[kind].configs[0], 96, causal=False))
+                padded = next(c for c in tuners[kind].configs if _fits(kind, 96, dtype)(c))
+                specs.append(_spec(fn, kind, dtype, padded, 96, causal=False))
         if dtype != torch.float32:
             sig = _kernel_signature("attn_bwd_preprocess", dtype)
             consts = {"PAD_D": 96, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M, **_unit_strides(sig)}

@@ -90,10 +90,8 @@ def _flops(b, hq, n, m, d, causal) -> float:
     return 4 * b * hq * n * m * d * (0.5 if causal else 1.0)
 
 
-def _peak_extra_mb(fn, device) -> float:
-    """Peak memory allocated while `fn` runs, above what was allocated before, in MB."""
-    if device != "cuda":
-        return float("nan")
+def _peak_extra_mb(fn) -> float:
+    """Peak CUDA memory allocated while `fn` runs, above what was allocated before, in MB."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -120,16 +118,17 @@ def _bench_case(b, hq, hkv, n, d, causal, dtype, device, backend) -> list[BenchR
         ref_fwd = time_ms(lambda: sdpa(q, k, v), device)
     both = time_ms(lambda: _fwd_bwd(ours, q, k, v, do), device)
     ref_both = time_ms(lambda: _fwd_bwd(sdpa, q, k, v, do), device)
-    mem = _peak_extra_mb(lambda: _fwd_bwd(ours, q, k, v, do), device)
-    ref_mem = _peak_extra_mb(lambda: _fwd_bwd(sdpa, q, k, v, do), device)
-    return [
-        BenchRow("attention fwd", case, dtype_name(dtype), fwd, {
-            "TFLOP/s": flops / fwd / 1e9, "sdpa TFLOP/s": flops / ref_fwd / 1e9, "vs sdpa": ref_fwd / fwd}),
-        # forward + backward = 3.5x the forward's FLOPs (backward 2.5x)
-        BenchRow("attention fwd+bwd", case, dtype_name(dtype), both, {
-            "TFLOP/s": 3.5 * flops / both / 1e9, "sdpa TFLOP/s": 3.5 * flops / ref_both / 1e9,
-            "vs sdpa": ref_both / both, "peak extra MB": mem, "sdpa peak MB": ref_mem}),
-    ]
+    # TFLOP/s on a GPU; GFLOP/s on a CPU, where TFLOP/s would print as 0.00.
+    unit, div = ("TFLOP/s", 1e9) if device == "cuda" else ("GFLOP/s", 1e6)
+    fwd_metrics = {unit: flops / fwd / div, f"sdpa {unit}": flops / ref_fwd / div, "vs sdpa": ref_fwd / fwd}
+    # forward + backward = 3.5x the forward's FLOPs (the backward is 2.5x)
+    both_metrics = {unit: 3.5 * flops / both / div, f"sdpa {unit}": 3.5 * flops / ref_both / div,
+                    "vs sdpa": ref_both / both}
+    if device == "cuda":
+        both_metrics["peak extra MB"] = _peak_extra_mb(lambda: _fwd_bwd(ours, q, k, v, do))
+        both_metrics["sdpa peak MB"] = _peak_extra_mb(lambda: _fwd_bwd(sdpa, q, k, v, do))
+    return [BenchRow("attention fwd", case, dtype_name(dtype), fwd, fwd_metrics),
+            BenchRow("attention fwd+bwd", case, dtype_name(dtype), both, both_metrics)]
 
 
 def bench(device: str, quick: bool = False) -> list[BenchRow]:
