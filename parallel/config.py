@@ -240,6 +240,10 @@ class RunConfig:
         if self.global_batch % (self.micro_batch * dp):
             raise ValueError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
                              f"({self.micro_batch}) x data-parallel degree ({dp})")
+        if self.zero.config_file:   # the user's DeepSpeed JSON must agree with this config's batch sizes
+            from parallel.recipes.deepspeed_zero import user_config
+
+            user_config(self, dp)
         if self.fault.kill_rank >= world_size:
             raise ValueError(f"fault.kill_rank ({self.fault.kill_rank}) must be < world size ({world_size})")
 

@@ -69,7 +69,11 @@ def train(
 def _run(cfg) -> None:
     from parallel import train as run_train
 
-    summary = run_train(cfg)
+    try:
+        summary = run_train(cfg)
+    except FloatingPointError as stop:   # nan_policy = "stop": one line, not a traceback
+        print(f"wb: error: {stop}", file=sys.stderr)
+        raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['recipe']} x{summary['world_size']}: {summary['steps']} steps, final loss "
               f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "

@@ -23,9 +23,13 @@ from parallel.recipes.base import Context, lr_lambda, make_optimizer
 def ds_config(cfg: RunConfig, dp: int) -> dict:
     """The DeepSpeed config equivalent to this RunConfig."""
     zero: dict = {"stage": cfg.zero_stage}
+    config: dict = {}
     if cfg.zero.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {
+        # Torch AdamW on the CPU partitions: the same arithmetic as every other recipe, and no
+        # compiled DeepSpeedCPUAdam (a ds.json with an "optimizer" block gets DeepSpeed's instead).
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config | {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.accum_steps(dp),
@@ -36,6 +40,28 @@ def ds_config(cfg: RunConfig, dp: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def user_config(cfg: RunConfig, dp: int) -> dict:
+    """A user's DeepSpeed JSON, as-is, checked against the RunConfig: the loop feeds micro-batches by
+    the RunConfig, so DeepSpeed's batch arithmetic must agree with it."""
+    path = cfg.zero.config_file
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed {path}: not valid JSON: {e}") from None
+    ours = ds_config(cfg, dp)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in config and config[key] not in (ours[key], "auto"):
+            raise ValueError(f"--deepspeed {path}: {key}={config[key]} disagrees with the run config (global_batch="
+                             f"{cfg.global_batch}, micro_batch={cfg.micro_batch}, dp={dp} -> {ours[key]})")
+        config[key] = ours[key]
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != cfg.zero_stage:
+        raise ValueError(f"--deepspeed {path}: zero_optimization.stage={stage} disagrees with recipe={cfg.recipe}")
+    if "optimizer" not in config:   # ours (torch AdamW) goes in as a client optimizer
+        config.setdefault("zero_allow_untested_optimizer", True)
+    return config
 
 
 class DeepSpeedEngine:
@@ -109,7 +135,7 @@ def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> DeepSpeedEngine:
     import deepspeed
 
     if cfg.zero.config_file:
-        config = json.loads(Path(cfg.zero.config_file).read_text())
+        config = user_config(cfg, ctx.world_size)
     else:
         config = ds_config(cfg, ctx.world_size)
     model.to(ctx.device)

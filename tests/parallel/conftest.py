@@ -3,12 +3,24 @@ equivalence, bf16 for the mixed-precision memory table); the single-process refe
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from tests.parallel.runs import BASE, TINY, torchrun
 
 DP_RECIPES = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
 MEMORY_RECIPES = ["ddp", "zero1", "zero2", "zero3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for in-process runs: tiny ops on a shared 2-core box run faster so."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -33,5 +45,13 @@ def dp_runs(tmp_path_factory):
         dirs[recipe, "bf16"] = root / f"{recipe}-bf16"
         runs.append((TINY, [*BASE, f"recipe={recipe}", "precision=bf16", "steps=2", "checkpoint.save_final=false",
                             f"run_dir={dirs[recipe, 'bf16']}"]))
+    # ZeRO-2 with the optimizer offloaded to CPU, and ZeRO-3 from a user's DeepSpeed JSON (--deepspeed)
+    offload, from_json = root / "zero2-offload", root / "zero3-dsjson"
+    dirs["zero2-offload", "fp32"], dirs["zero3-dsjson", "fp32"] = offload, from_json
+    runs.append((TINY, [*BASE, "recipe=zero2", "zero.offload_optimizer=cpu", f"run_dir={offload}"]))
+    ds_json = root / "ds.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
+                                   "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}))
+    runs.append((TINY, [*BASE, "recipe=zero3", f"zero.config_file={ds_json}", f"run_dir={from_json}"]))
     torchrun(2, runs)
     return dirs

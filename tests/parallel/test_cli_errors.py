@@ -52,6 +52,16 @@ def test_missing_and_malformed_config_file(tmp_path, capsys):
         assert err.count("\n") == 1 and message in err, err
 
 
+def test_deepspeed_json_checked_against_config(tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", TINY, "--recipe", "zero2", "--nproc", "2", "--deepspeed", str(ds)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_micro_batch_size_per_gpu=8 disagrees with the run config" in err, err
+
+
 def test_real_cli_process():
     """The installed entry point, for real: the same one line and exit 2, no traceback."""
     done = wb("train", "--config", TINY, "--recipe", "ddp", "--nproc", "2", "global_batch=10")

@@ -45,6 +45,6 @@ def test_data_prepare_and_train_on_bytes(tmp_path):
     done = wb("data", "prepare", str(text), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.memmap(out, dtype=np.uint8, mode="r"), np.frombuffer(text.read_bytes(), np.uint8))
-    s = train(RunConfig.from_toml(TINY, ["data.kind=bytes", f"data.path={out}", "model.vocab_size=256", "steps=30",
+    s = train(RunConfig.from_toml(TINY, ["data.kind=bytes", f"data.path={out}", "model.vocab_size=256", "steps=15",
                                          "progress=false", "checkpoint.every=0", f"run_dir={tmp_path / 'run'}"]))
     assert s["final_loss"] < 0.6 * np.log(256)

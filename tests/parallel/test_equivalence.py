@@ -11,7 +11,7 @@ from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("recipe", DP_RECIPES)
+@pytest.mark.parametrize("recipe", [*DP_RECIPES, "zero2-offload", "zero3-dsjson"])
 def test_recipe_matches_single(recipe, reference, dp_runs):
     ref, got = losses(reference), losses(dp_runs[recipe, "fp32"])
     assert len(ref) == len(got) == 10

@@ -7,28 +7,32 @@ import shutil
 
 import pytest
 
-from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, torchrun, wb
+from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, summary, torchrun, wb
 
 pytestmark = pytest.mark.slow
 
-RESUME = [*BASE, "steps=8", "checkpoint.every=3", "checkpoint.keep=1"]
+RESUMED = ["zero2", "fsdp"]   # DeepSpeed's own checkpoints, and torch.distributed.checkpoint shards
 
 
-@pytest.mark.parametrize("recipe", ["zero2", "fsdp"])
-def test_kill_and_resume_equals_uninterrupted(recipe, tmp_path):
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    # rank 1 dies at step 5: the checkpoint after 3 steps is complete, the one after 6 never starts
-    first = wb("train", "--recipe", recipe, "--nproc", "2", "--config", TINY, "--run-dir", str(killed), *RESUME,
-               "fault.kill_rank=1", "fault.at_step=5")
-    assert first.returncode != 0
-    assert (killed / "checkpoints" / "step_000003").is_dir()
-    assert not (killed / "final_model.pt").exists()
-    # the same command again (fault off) resumes; the clean run goes alongside in the same launch
-    torchrun(2, [(TINY, [*RESUME, f"recipe={recipe}", f"run_dir={killed}"]),
-                 (TINY, [*RESUME, f"recipe={recipe}", f"run_dir={clean}"])])
-    assert max_rel_diff(final_params(killed), final_params(clean)) < 1e-6
-    assert losses(killed) == pytest.approx(losses(clean), rel=1e-6)
-    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_000008"]   # keep=1
+def test_kill_and_resume_equals_uninterrupted(tmp_path, dp_runs):
+    """The uninterrupted runs are the equivalence tests' (same config, checkpoints do not change the numbers)."""
+    for recipe in RESUMED:
+        # rank 1 dies at step 5: the checkpoint after 3 steps is complete, the one after 6 never starts
+        run_dir = tmp_path / recipe
+        first = wb("train", "--recipe", recipe, "--nproc", "2", "--config", TINY, "--run-dir", str(run_dir), *BASE,
+                   "checkpoint.every=3", "checkpoint.keep=1", "fault.kill_rank=1", "fault.at_step=5")
+        assert first.returncode != 0
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000003"]
+        assert not (run_dir / "final_model.pt").exists()
+    # the same runs again, fault off: they resume from step 3 (both in one launch)
+    torchrun(2, [(TINY, [*BASE, "checkpoint.every=3", "checkpoint.keep=1", f"recipe={recipe}",
+                         f"run_dir={tmp_path / recipe}"]) for recipe in RESUMED])
+    for recipe in RESUMED:
+        run_dir, clean = tmp_path / recipe, dp_runs[recipe, "fp32"]
+        assert summary(run_dir)["resumed_from_step"] == 3
+        assert max_rel_diff(final_params(run_dir), final_params(clean)) < 1e-6, recipe
+        assert losses(run_dir) == pytest.approx(losses(clean), rel=1e-6)
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000010"]   # keep=1
 
 
 def test_resume_single_in_process(tmp_path):
