@@ -316,15 +316,7 @@ class _TorchAttention(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        require_tensor(t, name)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, length, head_dim); got shape "
-                             f"{tuple(t.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    chosen = resolve_backend(backend, q=q, k=k, v=v)
+def _check_tensors(q, k, v, chosen: str) -> None:
     allowed = TORCH_DTYPES if chosen == "torch" else KERNEL_DTYPES
     if q.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
@@ -349,18 +341,46 @@ def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); attention needs at least one row")
     if Hq % Hkv:
         raise ValueError(f"k has {Hkv} heads, which does not divide the {Hq} heads of q (GQA needs Hq % Hkv == 0)")
-    if chosen != "torch" and B * Hq > MAX_GRID_Y:
-        raise ValueError(f"q has batch x heads = {B * Hq}, over the {MAX_GRID_Y} programs a CUDA grid allows "
-                         "on its second axis; split the batch")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {D}; head dims up to {MAX_HEAD_DIM} are supported")
+
+
+def _check_kernel_limits(q, k, v) -> None:
+    """Limits of the Triton kernels' indexing, which the torch path does not have."""
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        raise ValueError(f"q has batch x heads = {q.shape[0] * q.shape[1]}, over the {MAX_GRID_Y} programs a "
+                         "CUDA grid allows on its second axis; split the batch")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # Offsets inside one (batch, head) slice are int32 in the kernels (the batch/head base is int64).
+        if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
+            raise ValueError(f"{name} spans 2**31 elements or more within one (batch, head) slice "
+                             f"(shape {tuple(t.shape)}, strides {t.stride()}); use a contiguous layout")
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
-        return chosen, 1.0 / math.sqrt(D)
+        return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float, got {scale}")
-    return chosen, float(scale)
+    return float(scale)
+
+
+def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
+    """Check every argument (errors name it) and return (concrete backend, scale)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, length, head_dim); got shape "
+                             f"{tuple(t.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    chosen = resolve_backend(backend, q=q, k=k, v=v)
+    _check_tensors(q, k, v, chosen)
+    if chosen != "torch":
+        _check_kernel_limits(q, k, v)
+    return chosen, _resolve_scale(scale, q.shape[3])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
