@@ -36,7 +36,7 @@ POISON_OUTPUTS = os.environ.get("WB_POISON_OUTPUTS") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Autotune configs. The first config that fits is the one the interpreter runs: small blocks, so
+# Autotune configs. The first config of each list is the one the interpreter runs: small blocks, so
 # that test shapes of ~100 rows span several blocks and exercise every masked path.
 # ----------------------------------------------------------------------------------------------
 def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> Config:
@@ -88,8 +88,8 @@ def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
 
 def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = None):
     """Configs that can run well: within the shared memory of an A100 (the smaller of sm_80/sm_90);
-    fp32 accumulators of at most 64 registers per thread (above that, the AOT compile shows register
-    spills); no program tile far above the sequence length."""
+    for 16-bit inputs, fp32 accumulators of at most 64 registers per thread (above that, the AOT
+    compile shows register spills); no program tile far above the sequence length."""
     elem = torch.empty((), dtype=dtype).element_size()
     limit = min(SHARED_MEMORY_LIMIT.values())
 
