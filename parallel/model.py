@@ -120,3 +120,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())   # parameters() yields a tied weight once
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus causal attention's
+    scores and weighted sum, 6 * n_layers * seq_len * d_model (the PaLM appendix count, halved for causal)."""
+    return 6.0 * n_params + 6.0 * cfg.n_layers * cfg.seq_len * cfg.d_model
+
+
+# Dense bf16 tensor-core peak per GPU, for MFU; extend as needed.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                   "L40S": 362e12, "A10": 125e12, "L4": 121e12}

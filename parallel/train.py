@@ -21,10 +21,13 @@ import torch.distributed as dist
 from parallel import checkpoint, memory
 from parallel.config import RunConfig
 from parallel.data import Dataset, micro_batches
-from parallel.model import GPT, count_params
+from parallel.model import GPT, PEAK_BF16_FLOPS, count_params, flops_per_token
 from parallel.recipes import RECIPES
 from parallel.recipes.base import Context
 from parallel.rundir import RunDir, median
+from profiling import range as prange
+from profiling import timeline
+from profiling.session import ProfileSession
 
 
 def init_distributed(cfg: RunConfig) -> Context:
@@ -79,6 +82,15 @@ def _gather(value) -> list:
     return out
 
 
+def _mfu(flops_per_s: float | None, device: torch.device) -> float | None:
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (None on CPU or an unknown GPU)."""
+    if device.type != "cuda" or not flops_per_s:
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    return flops_per_s / peak if peak else None
+
+
 class _Progress:
     """A rich progress bar on rank 0 (none elsewhere, or with progress = false)."""
 
@@ -111,14 +123,16 @@ def train_step(engine, dataset: Dataset, cfg: RunConfig, step: int, dp_rank: int
     loss_sum = torch.zeros((), dtype=torch.float64)
     for j, indices in enumerate(mbs):
         x, y = (t.to(device) for t in dataset.batch(step, indices))
-        with autocast:
+        with prange("fwd", mb=j), autocast:
             loss = engine.forward(x, y)
-        engine.backward(loss, len(mbs), last=j == len(mbs) - 1)
+        with prange("bwd", mb=j):
+            engine.backward(loss, len(mbs), last=j == len(mbs) - 1)
         loss_sum += loss.detach().double().cpu()
         if on_backward is not None:
             on_backward(j, len(mbs))
     lr = engine.lr   # the rate this step uses; step() moves the schedule on
-    grad_norm, applied = engine.step()
+    with prange("optim", step=step):
+        grad_norm, applied = engine.step()
     return loss_sum, lr, grad_norm, applied
 
 
@@ -153,6 +167,8 @@ def train(cfg: RunConfig) -> dict:
 
     measure_step = start + 1 if cfg.steps - start > 1 else start   # after one step Adam's state exists
     progress = _Progress(cfg.progress and ctx.is_main, cfg.steps, start, cfg.recipe)
+    # Nsight capture range / torch.profiler / host timeline, as `wb profile` and --timeline ask
+    session = ProfileSession.from_env(run_dir, ctx.rank, use_timeline=cfg.profiling.timeline)
     t_start = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
@@ -160,8 +176,11 @@ def train(cfg: RunConfig) -> dict:
                 os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
             t0 = time.perf_counter()
             measure = step == measure_step
-            loss_sum, lr, grad_norm, applied = train_step(engine, dataset, cfg, step, ctx.rank % dp, dp, ctx.device,
-                                                          on_backward=on_backward if measure else None)
+            session.begin_step(step)
+            with prange("step", step=step):
+                loss_sum, lr, grad_norm, applied = train_step(engine, dataset, cfg, step, ctx.rank % dp, dp,
+                                                              ctx.device, on_backward=on_backward if measure else None)
+            session.end_step(step)
             loss_value = _mean_over_ranks(loss_sum / accum)
             if not applied:
                 skipped += 1
@@ -183,6 +202,12 @@ def train(cfg: RunConfig) -> dict:
                 checkpoint.save(engine, run_dir, done, cfg.checkpoint.keep, ctx.rank)
     finally:
         progress.close()
+        session.close()
+    if cfg.profiling.timeline:   # every rank has written timeline/timeline-rank<R>.json: merge them
+        if dist.is_initialized():
+            dist.barrier()
+        if ctx.is_main:
+            timeline.merge(run_dir / "timeline", run_dir / "trace.json")
 
     if cfg.checkpoint.save_final:
         state = engine.full_state_dict()   # collective
@@ -192,13 +217,18 @@ def train(cfg: RunConfig) -> dict:
     peaks = _gather(memory.peak_memory_bytes(ctx.device))
     held_all = _gather(held)
     measured = [h["total"] for h in held_all]
+    tokens_per_s = median([m["tokens_per_s"] for m in history])
+    flops = flops_per_token(cfg.model, n_params)
     summary = {
         "recipe": cfg.recipe,
         "world_size": ctx.world_size,
         "dp": dp,
         "steps": cfg.steps,
         "final_loss": history[-1]["loss"] if history else None,
-        "tokens_per_s": median([m["tokens_per_s"] for m in history]),
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops,
+        "achieved_tflops_per_rank": tokens_per_s * flops / ctx.world_size / 1e12 if tokens_per_s else None,
+        "mfu": _mfu(tokens_per_s * flops / ctx.world_size if tokens_per_s else None, ctx.device),
         "peak_memory_bytes_per_rank": max(peaks),
         "peak_memory_bytes_by_rank": peaks,
         "model_state_bytes_per_rank": max(measured),

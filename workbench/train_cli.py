@@ -29,6 +29,7 @@ def train(
     config: Path = typer.Option(None, "--config", help="TOML config (e.g. configs/tiny.toml)"),
     run_dir: Path = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe>-<time>)"),
     deepspeed: Path = typer.Option(None, "--deepspeed", help="a DeepSpeed JSON config, used as-is (zero recipes)"),
+    timeline: bool = typer.Option(False, "--timeline", help="write <run_dir>/trace.json (Perfetto) of every rank"),
 ) -> None:
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
     from parallel import RunConfig
@@ -40,6 +41,8 @@ def train(
         items.append(f"zero.config_file={deepspeed}")
     if run_dir is not None:
         items.append(f"run_dir={run_dir}")
+    if timeline:
+        items.append("profiling.timeline=true")
     cfg = RunConfig.from_toml(config, items)
 
     if _inside_torchrun():

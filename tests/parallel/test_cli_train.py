@@ -20,7 +20,7 @@ METRIC_FIELDS = ["step", "loss", "step_time_s", "tokens_per_s", "lr", "grad_norm
 def test_wb_train_zero2_writes_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     done = wb("train", "--recipe", "zero2", "--nproc", "2", "--config", TINY, "--run-dir", str(run_dir), "steps=20",
-              "progress=false")
+              "progress=false", "--timeline")
     assert done.returncode == 0, done.stderr[-4000:]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["recipe"] == "zero2" and config["steps"] == 20
@@ -34,6 +34,9 @@ def test_wb_train_zero2_writes_run_dir(tmp_path):
     assert summary["final_loss"] < metrics[0]["loss"]
     assert summary["target_loss"] == 1.5   # tiny.toml's; reached within its 150 steps (see test_model_data)
     assert (run_dir / "checkpoints" / "step_000020").is_dir()   # tiny.toml: every 50, and at the end
+    trace = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
+    spans = {(e["pid"], e["name"]) for e in trace if e["ph"] == "X"}
+    assert {(rank, name) for rank in (0, 1) for name in ("step", "fwd", "bwd", "optim")} <= spans
 
 
 def test_data_prepare_and_train_on_bytes(tmp_path):

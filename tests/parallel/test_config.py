@@ -15,6 +15,13 @@ def test_tiny_and_125m_load():
     big = RunConfig.from_toml(ROOT / "configs" / "gpt-125m.toml")
     assert (big.model.d_model, big.model.n_layers, big.model.seq_len) == (768, 12, 1024)
     assert big.precision == "bf16"
+    import torch
+
+    from parallel.model import GPT, count_params
+
+    with torch.device("meta"):   # shapes only, no memory
+        n = count_params(GPT(big.model))
+    assert 123e6 < n < 126e6, n   # GPT-2 small: 124M with tied embeddings
 
 
 def test_overrides_are_typed():
