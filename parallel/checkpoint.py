@@ -38,7 +38,8 @@ def save(engine, run_dir: Path, step: int, keep: int, rank: int) -> Path:
     engine.save(tmp)
     _barrier()
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        meta = {"step": step, "recipe": engine.cfg.recipe, "world_size": engine.ctx.world_size}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)   # the commit point
         for old in complete_checkpoints(run_dir)[:-keep]:
@@ -53,5 +54,13 @@ def resume(engine, run_dir: Path) -> int:
     if not found:
         return 0
     latest = found[-1]
+    meta = json.loads((latest / "meta.json").read_text())
+    # Each recipe lays its state out differently (and shards it by the world size): refuse a mismatch.
+    ours = {"recipe": engine.cfg.recipe, "world_size": engine.ctx.world_size}
+    theirs = {k: meta.get(k, v) for k, v in ours.items()}
+    if theirs != ours:
+        raise ValueError(f"checkpoint {latest} was written by recipe={theirs['recipe']} on {theirs['world_size']} "
+                         f"process(es), this run is recipe={ours['recipe']} on {ours['world_size']}: use another "
+                         f"run_dir, or checkpoint.resume=false to start over")
     engine.load(latest)
-    return int(json.loads((latest / "meta.json").read_text())["step"])
+    return int(meta["step"])

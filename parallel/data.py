@@ -49,22 +49,32 @@ class Dataset:
                 raise ValueError(f"data.path {cfg.data.path} has {len(self.tokens)} tokens, fewer than "
                                  f"model.seq_len + 2 = {self.seq_len + 2}")
 
-    def sample(self, step: int, index: int) -> np.ndarray:
+    def _draws(self, step: int, index: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """A synthetic sample's random draws: first token, which positions are noise, noise tokens."""
         rng = np.random.default_rng([self.seed, step, index])
         n = self.seq_len + 1
+        return int(rng.integers(self.vocab)), rng.random(n) < self.noise, rng.integers(self.vocab, size=n)
+
+    def sample(self, step: int, index: int) -> np.ndarray:
+        return self.samples(step, [index])[0]
+
+    def samples(self, step: int, indices: range | list[int]) -> np.ndarray:
+        """(len(indices), seq_len + 1) int64 tokens."""
+        n = self.seq_len + 1
         if self.kind == "bytes":
-            start = int(rng.integers(0, len(self.tokens) - n + 1))
-            return np.asarray(self.tokens[start:start + n], dtype=np.int64)
-        seq = np.empty(n, dtype=np.int64)
-        seq[0] = rng.integers(self.vocab)
-        noisy = rng.random(n) < self.noise
-        rand = rng.integers(self.vocab, size=n)
-        for t in range(1, n):
-            seq[t] = rand[t] if noisy[t] else self.perm[seq[t - 1]]
+            starts = [int(np.random.default_rng([self.seed, step, i]).integers(0, len(self.tokens) - n + 1))
+                      for i in indices]
+            return np.stack([np.asarray(self.tokens[s:s + n], dtype=np.int64) for s in starts])
+        first, noisy, rand = zip(*(self._draws(step, i) for i in indices), strict=True)
+        noisy, rand = np.stack(noisy), np.stack(rand)
+        seq = np.empty((len(first), n), dtype=np.int64)
+        seq[:, 0] = first
+        for t in range(1, n):   # the chain, vectorised over the samples
+            seq[:, t] = np.where(noisy[:, t], rand[:, t], self.perm[seq[:, t - 1]])
         return seq
 
     def batch(self, step: int, indices: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.from_numpy(np.stack([self.sample(step, i) for i in indices]))
+        data = torch.from_numpy(self.samples(step, indices))
         return data[:, :-1], data[:, 1:]
 
 

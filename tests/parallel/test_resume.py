@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch.distributed as dist
 
 from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, summary, torchrun, wb
 
@@ -53,3 +54,16 @@ def test_resume_single_in_process(tmp_path):
     assert summary["resumed_from_step"] == 4
     assert max_rel_diff(final_params(run_dir), clean_params) == 0.0
     assert losses(run_dir) == clean_losses
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    from parallel import RunConfig, train
+
+    cfg = [*BASE, "steps=2", "checkpoint.every=1", "checkpoint.save_final=false", f"run_dir={tmp_path}"]
+    train(RunConfig.from_toml(TINY, [*cfg, "recipe=single"]))
+    try:
+        with pytest.raises(ValueError, match="written by recipe=single on 1 process"):
+            train(RunConfig.from_toml(TINY, [*cfg, "recipe=ddp"]))
+    finally:
+        if dist.is_initialized():   # the one-rank group ddp made in this process
+            dist.destroy_process_group()
