@@ -5,9 +5,9 @@
 
 The Triton paths ("triton", "interpret") run the kernels of kernels/jit/attention.py through the
 custom ops `wb::attention_fwd` (-> out, lse) and `wb::attention_bwd` (-> dq, dk, dv), so that
-`torch.compile(fullgraph=True)` traces through them. The "torch" path is a chunked re-statement of
-the same algorithm in PyTorch (memory O(chunk x M), never O(N x M) for the whole problem), with the
-same semantics: rows that see no key give 0 and zero gradients.
+`torch.compile(fullgraph=True)` traces through them. The "torch" path calls PyTorch's fused
+scaled_dot_product_attention (O(N) memory), arranged for the same semantics: GQA, bottom-right causal
+masks, and rows that see no key give 0 and zero gradients.
 """
 
 from __future__ import annotations
@@ -241,85 +241,35 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch backend: the same algorithm, chunked over query rows, in fp32 (fp64 for fp64 inputs).
+# The torch backend: scaled_dot_product_attention (a fused, O(N)-memory kernel on CPU and CUDA),
+# arranged to give exactly the kernels' semantics: GQA without repeating K/V, bottom-right causal,
+# zeros for rows that see no key.
 # ----------------------------------------------------------------------------------------------
-TORCH_CHUNK_ELEMENTS = 1 << 22  # scores per chunk (B * Hq * rows * M): bounds the temporaries
+TORCH_MASK_ELEMENTS = 1 << 24  # bottom-right masks (causal, N < M) are built this many at a time
 
 
-def _chunk_rows(q: torch.Tensor, M: int) -> int:
-    B, Hq, N, _ = q.shape
-    return max(1, min(N, TORCH_CHUNK_ELEMENTS // max(1, B * Hq * M)))
+def _torch_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-
-def _chunk_scores(qg, k, start, end, causal, scale):
-    """Scaled scores of query rows [start, end) of every head in each GQA group, (B, Hkv, G*rows, M),
-    with masked entries -inf. qg: (B, Hkv, G, N, D); k: (B, Hkv, M, D). K is never repeated."""
-    B, Hkv, G, N, D = qg.shape
+    B, Hq, N, D = q.shape
     M = k.shape[2]
-    qc = qg[:, :, :, start:end].reshape(B, Hkv, G * (end - start), D)
-    scores = torch.matmul(qc, k.transpose(-1, -2)) * scale
-    if causal:
-        rows = torch.arange(start, end, device=k.device)
-        hidden = torch.arange(M, device=k.device)[None, :] > rows[:, None] + (M - N)
-        scores = scores.masked_fill(hidden.repeat(G, 1), float("-inf"))
-    return qc, scores
-
-
-def _probs(scores, lse):
-    # lse = -inf (no visible key) -> +inf, so that exp(-inf - inf) = 0 rather than NaN.
-    return torch.exp(scores - lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1))
-
-
-class _TorchAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        B, Hq, N, D = q.shape
-        Hkv, M = k.shape[1], k.shape[2]
-        G = Hq // Hkv
-        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qg, kc, vc = q.to(cdt).reshape(B, Hkv, G, N, D), k.to(cdt), v.to(cdt)
-        out = torch.empty(B, Hkv, G, N, D, dtype=cdt, device=q.device)
-        lse = torch.empty(B, Hkv, G, N, dtype=cdt, device=q.device)
-        step = _chunk_rows(q, M)
-        for s in range(0, N, step):
-            e = min(N, s + step)
-            _, scores = _chunk_scores(qg, kc, s, e, causal, scale)
-            lse_c = torch.logsumexp(scores, dim=-1)
-            out[:, :, :, s:e] = torch.matmul(_probs(scores, lse_c), vc).view(B, Hkv, G, e - s, D)
-            lse[:, :, :, s:e] = lse_c.view(B, Hkv, G, e - s)
-        out = out.reshape(B, Hq, N, D).to(q.dtype)
-        lse = lse.reshape(B, Hq, N)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        causal, scale = ctx.causal, ctx.scale
-        B, Hq, N, D = q.shape
-        Hkv, M = k.shape[1], k.shape[2]
-        G = Hq // Hkv
-        cdt = lse.dtype
-        qg, kc, vc = q.to(cdt).reshape(B, Hkv, G, N, D), k.to(cdt), v.to(cdt)
-        dog = do.to(cdt).reshape(B, Hkv, G, N, D)
-        delta = (do.to(cdt) * out.to(cdt)).sum(-1).reshape(B, Hkv, G, N)
-        lse = lse.reshape(B, Hkv, G, N)
-        dq = torch.empty(B, Hkv, G, N, D, dtype=cdt, device=q.device)
-        dk = torch.zeros(B, Hkv, M, D, dtype=cdt, device=q.device)
-        dv = torch.zeros_like(dk)
-        step = _chunk_rows(q, M)
-        for s in range(0, N, step):
-            e = min(N, s + step)
-            qc, scores = _chunk_scores(qg, kc, s, e, causal, scale)
-            p = _probs(scores, lse[:, :, :, s:e].reshape(B, Hkv, -1))
-            doc = dog[:, :, :, s:e].reshape(B, Hkv, G * (e - s), D)
-            dv += torch.matmul(p.transpose(-1, -2), doc)
-            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta[:, :, :, s:e].reshape(B, Hkv, -1, 1))
-            dq[:, :, :, s:e] = (torch.matmul(ds, kc) * scale).view(B, Hkv, G, e - s, D)
-            dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
-        return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+    gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
+    if not causal:
+        return sdpa(q, k, v, scale=scale, **gqa)
+    if N >= M:
+        # Query i sees keys j <= i - (N - M): the first N - M rows see nothing (output 0, no gradient);
+        # the last M rows form a square problem, where bottom-right and top-left causal coincide.
+        tail = sdpa(q[:, :, N - M:], k, v, is_causal=True, scale=scale, **gqa)
+        return tail if N == M else torch.cat([tail.new_zeros(B, Hq, N - M, D), tail], dim=2)
+    # N < M: an explicit bottom-right mask, built for a block of query rows at a time.
+    step = max(1, TORCH_MASK_ELEMENTS // M)
+    keys = torch.arange(M, device=q.device)
+    outs = []
+    for s in range(0, N, step):
+        rows = torch.arange(s, min(N, s + step), device=q.device)
+        visible = keys[None, :] <= rows[:, None] + (M - N)
+        outs.append(sdpa(q[:, :, s:s + len(rows)], k, v, attn_mask=visible, scale=scale, **gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +348,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     aligned bottom-right: query i sees key j iff j <= i + M - N (rows that see nothing give 0)."""
     chosen, scale = _validate(q, k, v, causal, scale, backend)
     if chosen == "torch":
-        return _TorchAttention.apply(q, k, v, causal, scale)
+        return _torch_attention(q, k, v, causal, scale)
     out, _ = _attention_fwd_op(q, k, v, causal, scale, chosen)
     return out
 

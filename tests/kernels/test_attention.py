@@ -93,14 +93,12 @@ def test_every_config_interpreted():
             assert rel_err(g, r) < 1e-5, (name, dkdv[i % len(dkdv)].label(), dq[i % len(dq)].label())
 
 
-def test_torch_backend_in_many_chunks(monkeypatch):
-    """The torch path bounds memory by chunking query rows; chunk edges must not change the result."""
-    monkeypatch.setattr(fa, "TORCH_CHUNK_ELEMENTS", 8 * 50 * 7)  # 7 query rows per chunk
-    q, k, v, do = make_inputs(1, 8, 2, 61, 50, 32, torch.float32, "cpu")
-    assert fa._chunk_rows(q, 50) == 7
-    for causal in (False, True):
-        errs = errors(q, k, v, do, causal, "torch")
-        assert all(e < 1e-5 for e in errs.values()), (causal, errs)
+def test_torch_backend_mask_in_many_blocks(monkeypatch):
+    """The torch path builds the bottom-right mask (causal, N < M) a block of rows at a time."""
+    monkeypatch.setattr(fa, "TORCH_MASK_ELEMENTS", 7 * 50)  # 7 query rows per block
+    q, k, v, do = make_inputs(1, 8, 2, 33, 50, 32, torch.float32, "cpu")
+    errs = errors(q, k, v, do, True, "torch")
+    assert all(e < 1e-5 for e in errs.values()), errs
 
 
 def test_expanded_output_gradient():
