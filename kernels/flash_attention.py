@@ -99,7 +99,7 @@ def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = Non
     """Configs that can run well: within the shared memory of an A100 (the smaller of sm_80/sm_90);
     for 16-bit inputs, fp32 accumulators of at most 64 registers per thread (above that, the AOT
     compile shows register spills); no program tile far above the sequence length."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     limit = min(SHARED_MEMORY_LIMIT.values())
 
     def fits(c: Config) -> bool:
