@@ -169,10 +169,11 @@ def train(cfg: RunConfig) -> dict:
     progress = _Progress(cfg.progress and ctx.is_main, cfg.steps, start, cfg.recipe)
     # Nsight capture range / torch.profiler / host timeline, as `wb profile` and --timeline ask
     session = ProfileSession.from_env(run_dir, ctx.rank, use_timeline=cfg.profiling.timeline)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0   # a fault fires once per job
     t_start = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            if cfg.fault.kill_rank == ctx.rank and cfg.fault.at_step == step:
+            if cfg.fault.kill_rank == ctx.rank and cfg.fault.at_step == step and not restarted:
                 os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
             t0 = time.perf_counter()
             measure = step == measure_step

@@ -98,23 +98,26 @@ class DeepSpeedEngine:
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         """What this rank holds: module parameters (stage 3: their partitions), gradient partitions,
-        the fp32 master partition and Adam's moments. Read from ZeRO's optimizer; names differ by stage."""
+        the fp32 master partition and Adam's moments. Read from ZeRO's optimizer, whose attribute
+        names differ by stage and version: a missing one counts as nothing rather than failing the run."""
         opt = self.module.optimizer
         mods = list(self.module.module.parameters())
+
+        def attr(name: str) -> list:
+            value = getattr(opt, name, None) or []
+            return list(value.values()) if isinstance(value, dict) else list(value)
+
         if self.stage == 3:
-            params = [p.ds_tensor for p in mods] + list(opt.fp16_partitioned_groups_flat)
-            grads = [t.grad for t in opt.fp32_partitioned_groups_flat if t.grad is not None]
-            grads += [g for g in getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
-                                         {}).values()]
-            master = list(opt.fp32_partitioned_groups_flat)
+            params = [p.ds_tensor for p in mods if hasattr(p, "ds_tensor")] + attr("fp16_partitioned_groups_flat")
+            master = attr("fp32_partitioned_groups_flat")
+            grads = [t.grad for t in master] + attr("_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
         else:
-            params = mods + list(opt.bit16_groups_flat)
-            grads = [p.grad for p in mods if p.grad is not None]
-            grads += [g for group in opt.averaged_gradients.values() for g in (group or [])]
-            grads += [t.grad for t in opt.single_partition_of_fp32_groups if t.grad is not None]
-            master = list(opt.single_partition_of_fp32_groups)
+            params = mods + attr("bit16_groups_flat")
+            master = attr("single_partition_of_fp32_groups")
+            grads = [p.grad for p in mods] + [t.grad for t in master]
+            grads += [g for group in attr("averaged_gradients") for g in (group or [])]
         state = [t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
-        return {"params": params, "grads": grads, "optimizer": master + state}
+        return {"params": params, "grads": [g for g in grads if g is not None], "optimizer": master + state}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         import deepspeed
