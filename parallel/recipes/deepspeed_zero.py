@@ -135,6 +135,7 @@ class DeepSpeedEngine:
 
 def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> DeepSpeedEngine:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+    os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))   # DeepSpeed asserts it; absent outside torchrun
     import deepspeed
 
     if cfg.zero.config_file:

@@ -1,6 +1,6 @@
 """Time one optimizer step (4 micro-batches of the tiny GPT, forward + backward + AdamW) per recipe
-on CPU, in this process (a one-rank gloo group for ddp and fsdp: their wrapping and hooks, not the
-network). `make bench` runs it; `make test` runs it once with --benchmark-disable."""
+on CPU, in this process, in a one-rank gloo group: the recipes' wrapping, hooks and sharding
+machinery, not the network. `make bench` runs it; `make test` runs it once with --benchmark-disable."""
 
 from __future__ import annotations
 
@@ -16,17 +16,21 @@ from parallel.train import init_distributed, train_step
 from tests.parallel.runs import TINY
 
 
-@pytest.mark.parametrize("recipe", ["single", "ddp", "fsdp"])
-def test_recipe_step(benchmark, recipe):
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """One group for every recipe here: DeepSpeed caches the group it first sees for the process."""
+    ctx = init_distributed(RunConfig.from_toml(TINY, ["recipe=ddp"]))
+    yield ctx
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("recipe", ["single", "ddp", "zero1", "zero2", "zero3", "fsdp"])
+def test_recipe_step(benchmark, recipe, one_rank_group):
     cfg = RunConfig.from_toml(TINY, [f"recipe={recipe}", "progress=false"])
-    ctx = init_distributed(cfg)
-    try:
-        torch.manual_seed(0)
-        engine = RECIPES[recipe].setup(GPT(cfg.model), cfg, ctx)
-        dataset = Dataset(cfg)
-        step = iter(range(10**6))
-        loss_sum, lr, norm, applied = benchmark(lambda: train_step(engine, dataset, cfg, next(step), 0, 1, ctx.device))
-        assert applied and torch.isfinite(loss_sum)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.manual_seed(0)
+    engine = RECIPES[recipe].setup(GPT(cfg.model), cfg, one_rank_group)
+    dataset = Dataset(cfg)
+    step, cpu = iter(range(10**6)), torch.device("cpu")
+    loss_sum, lr, norm, applied = benchmark(lambda: train_step(engine, dataset, cfg, next(step), 0, 1, cpu))
+    assert applied and torch.isfinite(loss_sum)
