@@ -37,7 +37,10 @@ def _input(shape, dtype, view=None, scale=3.0):
     return x.to(dtype)
 
 
-def _check(fn, ref_fn, x, dim, backend, tol):
+def _check(fn, ref_fn, x, dim, backend, tol, grad_tol_vs_dy=None):
+    """Forward and backward relative errors vs float64. With `grad_tol_vs_dy`, the backward error is
+    measured against ||dy|| instead: for near one-hot rows (|x| ~ 1e4) the true gradient is ~0, and
+    fp32's cancellation in dy - sum(dy * p) (torch's own fp32 softmax has it too) dwarfs it."""
     x = x.detach().clone().requires_grad_()
     grad = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
     y = fn(x, dim=dim, backend=backend)
@@ -47,7 +50,13 @@ def _check(fn, ref_fn, x, dim, backend, tol):
     y64 = ref_fn(x64, dim)
     (dx64,) = torch.autograd.grad(y64, x64, grad.double())
     assert rel_err(y, y64) < tol, f"forward error {rel_err(y, y64):.2e}"
-    assert rel_err(dx, dx64) < tol, f"backward error {rel_err(dx, dx64):.2e}"
+    if grad_tol_vs_dy is None:
+        assert rel_err(dx, dx64) < tol, f"backward error {rel_err(dx, dx64):.2e}"
+    else:
+        finite = torch.isfinite(dx64)
+        assert torch.equal(torch.isnan(dx), torch.isnan(dx64))
+        err = (dx.double()[finite] - dx64[finite]).norm() / grad.double().norm()
+        assert err < grad_tol_vs_dy, f"backward error {err:.2e} of ||dy||"
 
 
 @pytest.mark.parametrize("backend", ["interpret", "torch"])
@@ -69,7 +78,7 @@ def test_minus_inf_rows_and_large_magnitudes(op, looped, monkeypatch):
     x[1, :40] = float("-inf")  # -inf spanning whole chunks before the first finite entry
     x[2, 7] = float("-inf")
     x[3, 20:] = float("-inf")
-    _check(*op, x.float(), -1, "interpret", 1e-5)
+    _check(*op, x.float(), -1, "interpret", 1e-5, grad_tol_vs_dy=1e-6)
     y = op[0](x.float(), backend="interpret")
     assert torch.isnan(y[0]).all() and torch.isfinite(y[4:]).all()
 
