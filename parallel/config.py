@@ -86,6 +86,15 @@ class ProfilingConfig:
 
 
 @dataclass
+class PipelineConfig:            # recipe `pipeline`
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"] = "1f1b"
+    microbatches: int = 0        # per step and replica; 0 = global_batch / (micro_batch x dp), else it sets micro_batch
+    degree: int = 0              # stages over ranks (pp); 0 = every process (dp = 1); dp = world size / pp
+    virtual_stages: int = 1      # stages per rank: 1 for gpipe/1f1b, >= 2 for interleaved-1f1b
+    layers_per_stage: list[int] = field(default_factory=list)   # blocks per stage; [] = balanced by parameters
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     recipe: str = "single"
@@ -108,6 +117,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    pp: PipelineConfig = field(default_factory=PipelineConfig)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -221,6 +231,7 @@ class RunConfig:
                              f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
         if self.target_loss < 0:
             raise ValueError(f"target_loss must be >= 0, got {self.target_loss}")
+        self._check_pp()
         if world_size is not None:
             self._check_world(world_size)
         return self
@@ -236,6 +247,8 @@ class RunConfig:
                        else f"at least {spec.min_world}")
             raise ValueError(f"recipe '{self.recipe}' runs on {allowed} process(es), got world size (--nproc) "
                              f"{world_size}")
+        if self.recipe == "pipeline":
+            self._check_pp_world(world_size)
         dp = spec.dp_degree(self, world_size)
         if self.global_batch % (self.micro_batch * dp):
             raise ValueError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
@@ -246,6 +259,50 @@ class RunConfig:
             user_config(self, dp)
         if self.fault.kill_rank >= world_size:
             raise ValueError(f"fault.kill_rank ({self.fault.kill_rank}) must be < world size ({world_size})")
+
+    def _check_pp(self) -> None:
+        pp, v = self.pp, self.pp.virtual_stages
+        if pp.microbatches < 0 or pp.degree < 0 or v < 1:
+            raise ValueError(f"pp.microbatches and pp.degree must be >= 0 and pp.virtual_stages >= 1, got "
+                             f"{pp.microbatches}, {pp.degree} and {v}")
+        if pp.schedule in ("gpipe", "1f1b") and v != 1:
+            raise ValueError(f"pp.virtual_stages must be 1 for pp.schedule={pp.schedule} (interleaved-1f1b or "
+                             f"zero-bubble run several stages per rank), got {v}")
+        if pp.schedule == "interleaved-1f1b" and v < 2:
+            raise ValueError(f"pp.virtual_stages must be >= 2 for pp.schedule=interleaved-1f1b, got {v}")
+        if any(n < 1 for n in pp.layers_per_stage) or (pp.layers_per_stage and sum(pp.layers_per_stage)
+                                                        != self.model.n_layers):
+            raise ValueError(f"pp.layers_per_stage {pp.layers_per_stage} must be >= 1 each and sum to model.n_layers "
+                             f"({self.model.n_layers})")
+
+    def _check_pp_world(self, world_size: int) -> None:
+        """world = pp x dp; stages (pp x v) <= layers; microbatches >= pp. Fixes micro_batch from pp.microbatches."""
+        pp = self.pp.degree or world_size
+        v, m = self.pp.virtual_stages, self.pp.microbatches
+        if world_size % pp:
+            raise ValueError(f"world size (--nproc) {world_size} must equal pp.degree ({pp}) x data-parallel "
+                             f"degree: {world_size} is not divisible by {pp}")
+        dp = world_size // pp
+        if self.pp.layers_per_stage and len(self.pp.layers_per_stage) != pp * v:
+            raise ValueError(f"pp.layers_per_stage has {len(self.pp.layers_per_stage)} entries, need pp.degree x "
+                             f"pp.virtual_stages = {pp * v}")
+        if self.model.n_layers < pp * v:
+            raise ValueError(f"model.n_layers ({self.model.n_layers}) must be >= pp.degree x pp.virtual_stages "
+                             f"({pp * v}): every stage needs a block")
+        if m == 0:   # the train loop's micro-batching: one pipeline micro-batch per accumulation step
+            if self.global_batch % (self.micro_batch * dp):
+                return   # _check_world names the problem
+            m = self.pp.microbatches = self.global_batch // (self.micro_batch * dp)
+        elif self.global_batch % (m * dp):
+            raise ValueError(f"global_batch ({self.global_batch}) must be divisible by pp.microbatches ({m}) x "
+                             f"data-parallel degree ({dp})")
+        else:
+            self.micro_batch = self.global_batch // (m * dp)
+        if m < pp:
+            raise ValueError(f"pp.microbatches ({m}) must be >= pp.degree ({pp}), or the pipeline never fills")
+        if self.pp.schedule in ("interleaved-1f1b", "zero-bubble") and m % pp:
+            raise ValueError(f"pp.microbatches ({m}) must be a multiple of pp.degree ({pp}) for "
+                             f"pp.schedule={self.pp.schedule}")
 
 
 # ---- helpers -------------------------------------------------------------------------------

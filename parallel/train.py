@@ -118,6 +118,8 @@ def train_step(engine, dataset: Dataset, cfg: RunConfig, step: int, dp_rank: int
     """One optimizer step: this rank's micro-batches of global batch `step`, forward and backward
     each (loss / accum), then clip + update. Returns (sum of micro-batch losses, lr used, grad norm,
     applied)."""
+    if hasattr(engine, "train_step"):   # pipeline: the schedule runs the replica's micro-batches itself
+        return engine.train_step(dataset, step, dp_rank, dp, on_backward)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     mbs = micro_batches(cfg.global_batch, cfg.micro_batch, dp_rank, dp)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -252,5 +254,7 @@ def train(cfg: RunConfig) -> dict:
         "precision": cfg.precision,
         "run_dir": str(run_dir),
     }
+    if hasattr(engine, "summary_fields"):   # pipeline: bubble measured / predicted, pipeline.json (collective)
+        summary.update(engine.summary_fields(run_dir))
     out.write_summary(summary)
     return summary

@@ -30,4 +30,6 @@ RECIPES: dict[str, RecipeSpec] = {
     "zero2": RecipeSpec("parallel.recipes.deepspeed_zero"),
     "zero3": RecipeSpec("parallel.recipes.deepspeed_zero"),
     "fsdp": RecipeSpec("parallel.recipes.fsdp"),
+    "pipeline": RecipeSpec("parallel.recipes.pipeline",
+                           dp_degree=lambda cfg, world_size: world_size // (cfg.pp.degree or world_size)),
 }

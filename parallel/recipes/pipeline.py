@@ -1,0 +1,256 @@
+"""`pipeline`: pipeline parallelism on torch.distributed.pipelining, optionally x data parallelism.
+
+Ranks form a (pp, dp) mesh: rank r is stage-rank r // dp of data-parallel replica r % dp. The GPT's
+blocks are cut into pp x v contiguous virtual stages (balanced by parameter count, the embedding
+counted on the first stage and norm + head on the last, or `pp.layers_per_stage`); stage s lives on
+stage-rank s % pp. Schedules: gpipe, 1f1b (one stage per rank), interleaved-1f1b and zero-bubble
+(v = pp.virtual_stages stages per rank; zero-bubble splits each backward into input and weight parts).
+
+One optimizer step:
+  1. the replica's global_batch / dp samples go through the schedule in m = pp.microbatches micro-batches
+     (mean loss per micro-batch; the schedule divides the gradients by m: the train loop's accumulation)
+  2. gradients all-reduced (averaged) across the dp replicas, once, in one flat buffer
+  3. a tied embedding lives on the first and the last stage: their two gradients are summed
+  4. global-norm clipping: squares summed over the stages (the tied copy counted once), then AdamW
+Loss: the last stage's, broadcast to its replica's stages, so the loop's mean over ranks is right.
+Checkpoints: one file per stage-rank (written by replica 0). Bubble: see summary_fields().
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+
+from parallel import memory
+from parallel.config import RunConfig
+from parallel.data import rank_slice
+from parallel.model import GPT, cross_entropy
+from parallel.pipeline_stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
+from parallel.recipes.base import Context, Engine
+from parallel.schedule import Op, closed_form_bubble, peak_inflight, simulate
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+             "zero-bubble": ScheduleInterleavedZeroBubble}
+KEEP_STEPS = 20   # the last steps whose spans are kept for the bubble measurement
+
+
+def _clock_offset(rounds: int = 5) -> int:
+    """ns to add to this rank's perf_counter to read rank 0's (barrier-released readings, median)."""
+    offsets = []
+    for _ in range(rounds):
+        dist.barrier()
+        now = torch.tensor([time.perf_counter_ns()], dtype=torch.int64)
+        ref = now.clone()
+        dist.broadcast(ref, src=0)
+        offsets.append(int(ref - now))
+    return int(statistics.median(offsets))
+
+
+class PipelineEngine(Engine):
+    def __init__(self, stages: list[StageModule], cfg: RunConfig, ctx: Context, pp: int, dp: int):
+        module = nn.ModuleList(stages)
+        super().__init__(module, module, cfg, ctx)
+        self.pp, self.dp, self.v = pp, dp, cfg.pp.virtual_stages
+        self.pp_rank, self.dp_rank = ctx.rank // dp, ctx.rank % dp
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(ctx.device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
+        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        # A tied embedding: first stage (stage-rank 0) and head (stage-rank pp-1) hold a copy each.
+        self.tied = cfg.model.tie_embeddings and pp > 1
+        self.tie_group = None
+        for d in range(dp):   # every rank takes part in creating every group
+            group = dist.new_group([d, (pp - 1) * dp + d]) if self.tied else None
+            if d == self.dp_rank and self.pp_rank in (0, pp - 1):
+                self.tie_group = group
+        self.stages = stages
+        self.recorder = SpanRecorder(_clock_offset())
+        self.history: list[list[tuple]] = []
+        instrument_p2p()
+        n_stages = pp * self.v
+        pipe = [TimedStage(mod, self.pp_rank + k * pp, n_stages, ctx.device, group=self.pp_group,
+                           recorder=self.recorder) for k, mod in enumerate(stages)]
+        cls = SCHEDULES[cfg.pp.schedule]
+        loss_fn = cross_entropy
+        self.schedule = (cls(pipe[0], cfg.pp.microbatches, loss_fn=loss_fn) if cfg.pp.schedule in ("gpipe", "1f1b")
+                         else cls(pipe, cfg.pp.microbatches, loss_fn=loss_fn))
+        self.has_first = any(s.is_first for s in stages)
+        self.has_last = any(s.is_last for s in stages)
+        self.last_rank = dist.get_global_rank(self.pp_group, pp - 1)
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
+        cfg = self.cfg
+        x, y = (t.to(self.ctx.device) for t in dataset.batch(step, rank_slice(cfg.global_batch, dp_rank, dp)))
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.has_first else ()
+        kwargs = {"target": y, "losses": losses} if self.has_last else {}
+        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        _active.append(self.recorder)
+        try:
+            with autocast:
+                self.schedule.step(*args, return_outputs=False, **kwargs)
+        finally:
+            _active.pop()
+        self.history = [*self.history[-(KEEP_STEPS - 1):], self.recorder.take()]
+        loss_sum = (torch.stack([loss.detach().double().cpu() for loss in losses]).sum() if losses
+                    else torch.zeros((), dtype=torch.float64))
+        dist.broadcast(loss_sum, src=self.last_rank, group=self.pp_group)   # the last stage's loss, to all
+        if on_backward is not None:
+            on_backward(0, 1)
+        lr = self.lr
+        grad_norm, applied = self.step()
+        return loss_sum, lr, grad_norm, applied
+
+    def _own_params(self) -> list[nn.Parameter]:
+        """This rank's parameters, a tied head copy left out (its first-stage twin is counted)."""
+        skip = {id(s.head.weight) for s in self.stages if s.is_last and self.tied}
+        return [p for p in self.module.parameters() if id(p) not in skip]
+
+    def step(self) -> tuple[float, bool]:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.dp > 1:   # average over replicas, once per step, one flat buffer
+            grads = [p.grad for p in params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= self.dp
+            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(reduced)
+        if self.tie_group is not None:
+            stage = self.stages[0] if self.pp_rank == 0 else self.stages[-1]
+            weight = stage.tok_emb.weight if self.pp_rank == 0 else stage.head.weight
+            dist.all_reduce(weight.grad, group=self.tie_group)
+        own = [p.grad for p in self._own_params() if p.grad is not None]
+        sq = torch.stack([g.detach().double().pow(2).sum() for g in own]).sum() if own else torch.zeros(
+            (), dtype=torch.float64)
+        dist.all_reduce(sq, group=self.pp_group)
+        norm = sq.sqrt()
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            max_norm = self.cfg.optim.grad_clip
+            if max_norm > 0:
+                coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+                for p in params:
+                    p.grad.mul_(coef.to(p.grad.dtype))
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        return float(norm), applied
+
+    # ---- state -------------------------------------------------------------------------------
+    def _layout(self) -> list[list[str]]:
+        return [sorted(s.blocks.keys(), key=int) for s in self.stages]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        mine = {k: v.detach().cpu().clone() for s in self.stages for k, v in s.state_dict().items()}
+        everyone = [None] * self.ctx.world_size
+        dist.all_gather_object(everyone, mine if self.dp_rank == 0 else {})
+        return {k: v for part in everyone for k, v in part.items()}
+
+    def save(self, path: Path) -> None:
+        if self.dp_rank == 0:
+            torch.save({"layout": self._layout(), "model": self.module.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       path / f"stage_rank{self.pp_rank}.pt")
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / f"stage_rank{self.pp_rank}.pt", map_location=self.ctx.device, weights_only=True)
+        if state["layout"] != self._layout():
+            raise ValueError(f"checkpoint {path} holds blocks {state['layout']} on stage-rank {self.pp_rank}, this "
+                             f"run has {self._layout()}: use the same pp settings, or checkpoint.resume=false")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    # ---- the bubble --------------------------------------------------------------------------
+    def summary_fields(self, run_dir: Path) -> dict:
+        """Measured vs predicted bubble; writes <run_dir>/pipeline.json (one step's spans, for the Gantt chart).
+
+        A step's window is the first compute span's start to the last one's end over the replica's
+        stage-ranks; each rank's bubble is the part of the window it spent not computing (waiting on
+        sends/receives included). Measured = median over the kept steps (the first step, which infers
+        shapes, left out) and replicas. Predicted = the simulator fed the median measured forward and
+        backward time of each stage, so unequal stages count but communication does not."""
+        gathered = [None] * self.ctx.world_size
+        n_params = sum(p.numel() for p in self.module.parameters())
+        dist.all_gather_object(gathered, (self.pp_rank, self.dp_rank, self.history, n_params))
+        if not self.ctx.is_main:
+            return {}
+        params_per_rank = max(g[3] for g in gathered)
+        gathered = [g[:3] for g in gathered]
+        cfg, pp, m, v = self.cfg, self.pp, self.cfg.pp.microbatches, self.v
+        steps = len(self.history)
+        first = 1 if steps > 1 else 0
+        per_step = []   # (bubble, replica, step index)
+        for d in range(self.dp):
+            ranks = {r: h for r, dd, h in gathered if dd == d}
+            for k in range(first, steps):
+                compute = {r: [s for s in ranks[r][k] if s[0] in "FBW"] for r in ranks}
+                t0 = min(s[3] for spans in compute.values() for s in spans)
+                t1 = max(s[4] for spans in compute.values() for s in spans)
+                busy = statistics.mean(sum(s[4] - s[3] for s in spans) for spans in compute.values())
+                per_step.append((1 - busy / (t1 - t0), d, k))
+        measured = statistics.median(b for b, _, _ in per_step)
+        _, d_rep, k_rep = min(per_step, key=lambda t: abs(t[0] - measured))   # the step closest to the median
+        costs = {kind: [statistics.median([s[4] - s[3] for _, _, h in gathered for step in h[first:] for s in step
+                                           if s[0] == kind and s[2] == st] or [0]) / 1e6 for st in range(pp * v)]
+                 for kind in "FBW"}
+        bwd = [b + w for b, w in zip(costs["B"], costs["W"], strict=True)]
+        share = statistics.mean(w / t if t else 0.5 for w, t in zip(costs["W"], bwd, strict=True))
+        sim = simulate(cfg.pp.schedule, pp, m, v, fwd=costs["F"], bwd=bwd, weight_share=share or 0.5)
+        rep = {r: h[k_rep] for r, dd, h in gathered if dd == d_rep}
+        origin = min(s[3] for spans in rep.values() for s in spans)
+        inflight = {r: peak_inflight([Op(s[0], s[1], s[2], s[3], s[4]) for s in h[k]])
+                    for r, dd, h in gathered if dd == d_rep for k in range(steps)}
+        p_b, g_b, k_b = memory.bytes_per_param("pipeline", cfg.precision)
+        timeline = {
+            "schedule": cfg.pp.schedule, "pp": pp, "dp": self.dp, "microbatches": m, "virtual_stages": v,
+            "measured": {r: [[s[0], s[1], s[2], (s[3] - origin) / 1e6, (s[4] - origin) / 1e6] for s in spans]
+                         for r, spans in sorted(rep.items())},
+            "predicted": {r: [[o.kind, o.mb, o.stage, o.start, o.end] for o in ops] for r, ops in sim.ops.items()},
+            "bubble_fraction_measured": measured, "bubble_fraction_predicted": sim.bubble_fraction,
+        }
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "pipeline.json").write_text(json.dumps(timeline))
+        return {
+            "pp": pp, "pp_schedule": cfg.pp.schedule, "pp_microbatches": m, "pp_virtual_stages": v,
+            "pp_layers_per_stage": self.sizes,
+            "bubble_fraction_measured": measured,
+            "bubble_fraction_measured_by_step": [round(b, 4) for b, _, _ in per_step],
+            "bubble_fraction_predicted": sim.bubble_fraction,
+            "bubble_fraction_closed_form": closed_form_bubble(cfg.pp.schedule, pp, m, v),
+            "stage_fwd_ms": costs["F"], "stage_bwd_ms": bwd,
+            "peak_inflight_microbatches_measured": max(inflight.values()),
+            "peak_inflight_microbatches_by_rank": [inflight[r] for r in sorted(inflight)],
+            "peak_inflight_microbatches_predicted": max(sim.peak_inflight),
+            # a stage-rank holds only its stages' parameters (plus the tied head copy)
+            "predicted_model_state_bytes_per_rank": int(params_per_rank * (p_b + g_b + k_b)),
+            "predicted_formula": f"({p_b}+{g_b}+{k_b})Ψ_stage",
+        }
+
+
+def setup(model: GPT, cfg: RunConfig, ctx: Context) -> Engine:
+    model.to(ctx.device)
+    pp = cfg.pp.degree or ctx.world_size
+    dp, v = ctx.world_size // pp, cfg.pp.virtual_stages
+    pp_rank = ctx.rank // dp
+    sizes = stage_sizes(model, pp * v, cfg.pp.layers_per_stage)
+    starts = [sum(sizes[:s]) for s in range(pp * v)]
+    n_stages = pp * v
+    stages = [StageModule(model, starts[s], sizes[s], s == 0, s == n_stages - 1, untie=pp > 1)
+              for s in range(pp_rank, n_stages, pp)]
+    engine = PipelineEngine(stages, cfg, ctx, pp, dp)
+    engine.sizes = sizes
+    return engine
