@@ -65,10 +65,17 @@ class ProfileSession:
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.memory._record_memory_history(max_entries=100_000)
+        write_trace = torch.profiler.tensorboard_trace_handler(str(out), worker_name=f"rank{self.rank}")
+
+        def on_trace_ready(prof) -> None:
+            # With a schedule, results exist only here, once the active steps are done.
+            write_trace(prof)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+            (out / f"key_averages-rank{self.rank}.txt").write_text(table)
+
         prof = torch.profiler.profile(
             activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out), worker_name=f"rank{self.rank}"),
-            record_shapes=True, profile_memory=True)
+            on_trace_ready=on_trace_ready, record_shapes=True, profile_memory=True)
         prof.start()
         return prof
 
@@ -98,12 +105,10 @@ class ProfileSession:
         prof, self._torch = self._torch, None
         prof.stop()
         out = self.run_dir / "torch_profile"
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        except (AssertionError, RuntimeError):  # no active step was recorded (run shorter than the schedule)
-            table = "no profiled steps: the run ended before the schedule's active steps"
-        (out / f"key_averages-rank{self.rank}.txt").write_text(table)
+        table = out / f"key_averages-rank{self.rank}.txt"
+        if not table.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            table.write_text("no profiled steps: the run ended before the schedule's active steps\n")
         if torch.cuda.is_available():
             torch.cuda.memory._dump_snapshot(str(out / f"memory_snapshot-rank{self.rank}.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)

@@ -115,3 +115,24 @@ def test_summary_projects_kernel_time_onto_ranges(tmp_path):
     assert rows["step"]["cpu_ms"] == pytest.approx(100e-6)
     out = wb("profile", "summarize", str(report))
     assert out.returncode == 0 and "fwd" in out.stdout
+
+
+def test_torch_profiler_writes_a_trace_per_rank(tmp_path):
+    """`wb profile torch` around a real 2-process ddp run: one trace per rank, with the distributed
+    metadata Holistic Trace Analysis reads, the wb ranges inside, and a key_averages table."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    run_dir = tmp_path / "run"
+    out = wb("profile", "torch", "--wait", "1", "--warmup", "1", "--active", "1", "--", "wb", "train", "--recipe",
+             "ddp", "--nproc", "2", "--config", str(root / "configs" / "tiny.toml"), "--run-dir", str(run_dir),
+             "steps=4", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=0",
+             env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        (trace_file,) = (run_dir / "torch_profile").glob(f"rank{rank}.*.pt.trace.json")
+        trace = json.loads(trace_file.read_text())
+        assert trace["distributedInfo"]["rank"] == rank and trace["distributedInfo"]["world_size"] == 2
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"fwd mb=0", "bwd mb=1"} <= names
+        assert "fwd" in (run_dir / "torch_profile" / f"key_averages-rank{rank}.txt").read_text()
