@@ -92,7 +92,8 @@ def rank_order(schedule: str, pp: int, m: int, v: int, rank: int) -> list[tuple[
 
         fwd = [("F", *unit(k, False)) for k in range(m * v)]
         bwd = [("B", *unit(k, True)) for k in range(m * v)]
-        warm = min(m * v, (v - 1) * pp + 2 * (pp - 1 - rank) + 1)
+        hops = 2 * (pp - 1 - rank) if schedule == "interleaved-1f1b" else pp - 1 - rank   # torch's zero-bubble: 1
+        warm = min(m * v, (v - 1) * pp + hops + 1)
     order = fwd[:warm]
     for i in range(len(bwd)):
         order.append(bwd[i])
@@ -102,9 +103,12 @@ def rank_order(schedule: str, pp: int, m: int, v: int, rank: int) -> list[tuple[
 
 
 def simulate(schedule: str, pp: int, m: int, v: int = 1, fwd: float | list[float] = 1.0,
-             bwd: float | list[float] = 2.0, weight_share: float = 0.5) -> Simulation:
+             bwd: float | list[float] = 2.0, weight_share: float = 0.5,
+             orders: dict[int, list[tuple[str, int, int]]] | None = None) -> Simulation:
     """Simulate one step. `fwd` / `bwd`: per-micro-batch cost of each virtual stage (one number for all).
-    zero-bubble splits a backward into B = (1 - weight_share) * bwd and W = weight_share * bwd."""
+    zero-bubble splits a backward into B = (1 - weight_share) * bwd and W = weight_share * bwd.
+    `orders`: each rank's (kind, mb, stage) list to follow instead of rank_order() (e.g. the one torch
+    runs); W's listed there are run where listed, else zero-bubble places them greedily."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if schedule in ("gpipe", "1f1b") and v != 1:
@@ -114,8 +118,10 @@ def simulate(schedule: str, pp: int, m: int, v: int = 1, fwd: float | list[float
     n_stages = pp * v
     f = fwd if isinstance(fwd, list) else [float(fwd)] * n_stages
     b = bwd if isinstance(bwd, list) else [float(bwd)] * n_stages
-    split = schedule == "zero-bubble"
-    orders = {r: rank_order(schedule, pp, m, v, r) for r in range(pp)}
+    given = orders is not None
+    orders = orders if given else {r: rank_order(schedule, pp, m, v, r) for r in range(pp)}
+    split = schedule == "zero-bubble" or any(k == "W" for order in orders.values() for k, _, _ in order)
+    greedy = split and not any(k == "W" for order in orders.values() for k, _, _ in order)
     done: dict[tuple[str, int, int], float] = {}
     free, ptr = [0.0] * pp, [0] * pp
     deferred: dict[int, list[tuple[int, int]]] = {r: [] for r in range(pp)}
@@ -125,12 +131,14 @@ def simulate(schedule: str, pp: int, m: int, v: int = 1, fwd: float | list[float
         cost = f[s] if kind == "F" else b[s] * (weight_share if kind == "W" else (1 - weight_share) if split else 1)
         ops[r].append(Op(kind, mb, s, at, at + cost))
         done[kind, mb, s] = free[r] = at + cost
-        if kind == "B" and split:
+        if kind == "B" and greedy:
             deferred[r].append((mb, s))
 
     def dependency(kind: str, mb: int, s: int) -> tuple[str, int, int] | None:
         if kind == "F":
             return ("F", mb, s - 1) if s > 0 else None
+        if kind == "W":
+            return ("B", mb, s)
         return ("B", mb, s + 1) if s < n_stages - 1 else ("F", mb, s)
 
     while any(ptr[r] < len(orders[r]) for r in range(pp)):

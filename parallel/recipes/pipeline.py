@@ -18,6 +18,7 @@ Checkpoints: one file per stage-rank (written by replica 0). Bubble: see summary
 
 from __future__ import annotations
 
+import atexit
 import json
 import statistics
 import time
@@ -36,6 +37,7 @@ from torch.distributed.pipelining import (
 from parallel import memory
 from parallel.config import RunConfig
 from parallel.data import rank_slice
+from parallel.gantt import draw_gantt
 from parallel.model import GPT, cross_entropy
 from parallel.pipeline_stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
 from parallel.recipes.base import Context, Engine
@@ -174,9 +176,18 @@ class PipelineEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def _torch_orders(self) -> dict[int, list[tuple[str, int, int]]] | None:
+        """The (kind, mb, stage) order per rank of torch's multi-stage schedules (None for gpipe / 1f1b)."""
+        order = getattr(self.schedule, "pipeline_order", None)
+        if self.cfg.pp.schedule in ("gpipe", "1f1b") or not order:
+            return None
+        kinds = {"F": "F", "B": "B", "I": "B", "W": "W"}
+        return {r: [(kinds[str(a.computation_type.value)], a.microbatch_index, a.stage_index) for a in actions
+                     if a is not None and str(a.computation_type.value) in kinds] for r, actions in order.items()}
+
     # ---- the bubble --------------------------------------------------------------------------
     def summary_fields(self, run_dir: Path) -> dict:
-        """Measured vs predicted bubble; writes <run_dir>/pipeline.json (one step's spans, for the Gantt chart).
+        """Measured vs predicted bubble; writes <run_dir>/pipeline.json (one step's spans) and gantt.png.
 
         A step's window is the first compute span's start to the last one's end over the replica's
         stage-ranks; each rank's bubble is the part of the window it spent not computing (waiting on
@@ -209,7 +220,8 @@ class PipelineEngine(Engine):
                  for kind in "FBW"}
         bwd = [b + w for b, w in zip(costs["B"], costs["W"], strict=True)]
         share = statistics.mean(w / t if t else 0.5 for w, t in zip(costs["W"], bwd, strict=True))
-        sim = simulate(cfg.pp.schedule, pp, m, v, fwd=costs["F"], bwd=bwd, weight_share=share or 0.5)
+        sim = simulate(cfg.pp.schedule, pp, m, v, fwd=costs["F"], bwd=bwd, weight_share=share or 0.5,
+                       orders=self._torch_orders())
         rep = {r: h[k_rep] for r, dd, h in gathered if dd == d_rep}
         origin = min(s[3] for spans in rep.values() for s in spans)
         inflight = {r: peak_inflight([Op(s[0], s[1], s[2], s[3], s[4]) for s in h[k]])
@@ -224,6 +236,7 @@ class PipelineEngine(Engine):
         }
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "pipeline.json").write_text(json.dumps(timeline))
+        draw_gantt(timeline, Path(run_dir) / "gantt.png")
         return {
             "pp": pp, "pp_schedule": cfg.pp.schedule, "pp_microbatches": m, "pp_virtual_stages": v,
             "pp_layers_per_stage": self.sizes,
@@ -241,6 +254,11 @@ class PipelineEngine(Engine):
         }
 
 
+def _destroy_groups() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup(model: GPT, cfg: RunConfig, ctx: Context) -> Engine:
     model.to(ctx.device)
     pp = cfg.pp.degree or ctx.world_size
@@ -252,5 +270,9 @@ def setup(model: GPT, cfg: RunConfig, ctx: Context) -> Engine:
     stages = [StageModule(model, starts[s], sizes[s], s == 0, s == n_stages - 1, untie=pp > 1)
               for s in range(pp_rank, n_stages, pp)]
     engine = PipelineEngine(stages, cfg, ctx, pp, dp)
+    # gloo's p2p threads abort the process ("terminate called without an active exception") when the
+    # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
+    atexit.unregister(_destroy_groups)
+    atexit.register(_destroy_groups)
     engine.sizes = sizes
     return engine
