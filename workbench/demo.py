@@ -1,21 +1,54 @@
-"""Run the kernel correctness sweep on this machine's kernel paths and print a one-line summary."""
+"""The whole workbench on this machine: kernel checks, every recipe side by side, the report.
+
+On a CPU the kernels run through Triton's interpreter and the recipes over gloo; on a GPU node the
+same command uses the compiled kernels, the GPUs and nccl.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
 
+import typer
+
+from workbench import compare as comparison
 from workbench.kernels_cli import check_table, default_backends, run_checks
-from workbench.kernels_cli import console as kernels_cli_console
+from workbench.report import build_report
+from workbench.report_cli import console, print_runs_table
+
+# Long enough for the tiny model to pass tiny.toml's target loss, short enough for 6 minutes on 2 cores.
+DEMO_OVERRIDES = ["steps=80", "checkpoint.every=0"]
 
 
-def run() -> None:
-    console = kernels_cli_console
+def run(nproc: int = typer.Option(2, "--nproc", help="processes per recipe"),
+        out: Path = typer.Option(None, "--out", help="default runs/demo-<time>"),
+        kernels_only: bool = typer.Option(False, "--kernels-only", help="only the kernel checks")) -> None:
+    """Kernel checks, then every recipe on configs/tiny.toml side by side, then the report."""
     start = time.perf_counter()
-    backends = default_backends()
+    out = out or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    backends = default_backends()[:1]   # the real kernel code: compiled on a GPU, interpreted on a CPU
+    console.rule("kernels")
     rows = run_checks("all", backends)
     console.print(check_table(rows))
-    failed = sum(not r.passed for r in rows)
-    console.print(f"demo: {len(rows) - failed}/{len(rows)} kernel checks passed on backends "
-                  f"{', '.join(backends)} in {time.perf_counter() - start:.1f}s")
-    if failed:
-        raise SystemExit(1)
+    (out / "kernels.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    kernel_failures = sum(not r.passed for r in rows)
+    console.print(f"{len(rows) - kernel_failures}/{len(rows)} kernel checks passed ({backends[0]})")
+    failed = {}
+    if not kernels_only:
+        console.rule("recipes")
+        recipes = [r for r in comparison.DEMO_RECIPES if r in comparison.available_recipes()]
+        config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+        done, failed = comparison.run_recipes(recipes, nproc, config, DEMO_OVERRIDES, out, console)
+        if done:
+            print_runs_table(done)
+        report = build_report(done, out, failed) if done else None
+    console.print(f"demo finished in {time.perf_counter() - start:.0f}s: {len(rows) - kernel_failures}/{len(rows)} "
+                  f"kernel checks passed" + ("" if kernels_only else f", {len(failed)} recipe(s) failed"))
+    if not kernels_only and report:
+        console.print(f"report: {report}")
+    if kernel_failures or failed:
+        raise typer.Exit(1)

@@ -1,0 +1,78 @@
+"""`wb compare`: run several recipes on the same config, seed, data and global batch, then report.
+
+Each recipe runs as its own `wb train` process (torchrun for several ranks), so a recipe that crashes
+cannot take the others down; its error is listed in the report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+# The order runs and plots appear in; recipes not (yet) in the registry are left out.
+PREFERRED_ORDER = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd",
+                   "diloco", "hogwild"]
+DEMO_RECIPES = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd"]
+
+
+def available_recipes(wanted: list[str] | None = None) -> list[str]:
+    from parallel.recipes import RECIPES
+
+    if wanted is None:
+        return [r for r in PREFERRED_ORDER if r in RECIPES]
+    unknown = [r for r in wanted if r not in RECIPES]
+    if unknown:
+        raise ValueError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(RECIPES)}")
+    return wanted
+
+
+def nproc_for(recipe: str, nproc: int) -> int:
+    """`single` is one process whatever the others use."""
+    return 1 if recipe == "single" else nproc
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    """The most telling line of a failed run: its last error message, else its last words."""
+    lines = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if any(c.isalnum() for c in ln)]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln]
+    return (errors or lines or [f"exit code {result.returncode}"])[-1][:300]
+
+
+def run_recipes(recipes: list[str], nproc: int, config: Path, overrides: list[str], out: Path,
+                console: Console, timeline: bool = True, timeout_s: int = 900) -> tuple[list[Path], dict[str, str]]:
+    """Train each recipe into out/<recipe>; returns (finished run dirs, {recipe: error} of failures)."""
+    if not config.is_file():
+        raise ValueError(f"--config {config} does not exist")
+    taken = [r for r in recipes if (out / r / "summary.json").exists()]
+    if taken:   # a run directory resumes from its checkpoints: a comparison wants fresh runs
+        raise ValueError(f"--out {out} already holds runs of {', '.join(taken)}; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    done, failed = [], {}
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("recipes", total=len(recipes))
+        for recipe in recipes:
+            progress.update(task, description=f"training [bold]{recipe}[/] ({nproc_for(recipe, nproc)} proc)")
+            run_dir = out / recipe
+            cmd = [sys.executable, "-m", "workbench", "train", "--recipe", recipe, "--nproc",
+                   str(nproc_for(recipe, nproc)), "--config", str(config), "--run-dir", str(run_dir),
+                   *(["--timeline"] if timeline else []), *overrides, "progress=false"]
+            start = time.perf_counter()
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            seconds = time.perf_counter() - start
+            if result.returncode == 0 and (run_dir / "summary.json").is_file():
+                done.append(run_dir)
+                console.print(f"  {recipe}: done in {seconds:.1f}s")
+            else:
+                failed[recipe] = _error_line(result)
+                console.print(f"  [red]{recipe}: failed[/] ({failed[recipe]})")
+            progress.advance(task)
+    return done, failed

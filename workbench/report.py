@@ -1,0 +1,217 @@
+"""`wb report`: rebuild the comparison report from run directories alone (nothing is re-run).
+
+Reads each run's config.json, metrics.jsonl and summary.json (DESIGN.md's run-directory format)
+and writes `report.md` plus PNG figures: loss against step and against wall time, throughput,
+model-state bytes per rank beside the ZeRO formula, peak memory per rank, the pipeline Gantt chart,
+the async staleness histogram, and the kernel table when a `kernels.json` sits in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI or a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+
+MB = 1 << 20
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    config: dict
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.summary.get("recipe", self.path.name)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "summary.json").is_file():
+        raise ValueError(f"{path} is not a finished run directory (no summary.json)")
+    summary = json.loads((path / "summary.json").read_text())
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    metrics_file = path / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
+        if metrics_file.is_file() else []
+    return Run(path, summary, config, metrics)
+
+
+def machine_label() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
+    import os
+
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------------------------------ figures
+def _figure(title: str, xlabel: str, ylabel: str, machine: str):
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    ax.set_title(f"{title}\n{machine}", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
+
+
+def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
+    names = []
+    for x_key, xlabel, file in (("step", "optimizer step", "loss_vs_step.png"),
+                                ("elapsed_s", "wall time (s)", "loss_vs_time.png")):
+        fig, ax = _figure(f"training loss against {xlabel}", xlabel, "loss (nats/token)", machine)
+        for run in runs:
+            points = [(m[x_key], m["loss"]) for m in run.metrics if x_key in m]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.4)
+        targets = {r.summary.get("target_loss") for r in runs if r.summary.get("target_loss")}
+        for t in targets:
+            ax.axhline(t, color="grey", linestyle=":", linewidth=1)
+        ax.legend(fontsize=8)
+        names.append(_save(fig, out, file))
+    return names
+
+
+def _bar_figure(runs: list[Run], out: Path, machine: str, file: str, title: str, ylabel: str,
+                series: dict[str, list[float | None]]) -> str:
+    fig, ax = _figure(title, "recipe", ylabel, machine)
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(runs))]
+        ax.bar(xs, [v or 0 for v in values], width=width, label=label)
+    ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=30, ha="right")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, out, file)
+
+
+def _staleness_figure(runs: list[Run], out: Path, machine: str) -> str | None:
+    with_hist = [r for r in runs if isinstance(r.summary.get("staleness_histogram"), dict)]
+    if not with_hist:
+        return None
+    fig, ax = _figure("staleness of applied gradients (versions behind the server)", "staleness",
+                      "gradients applied", machine)
+    for run in with_hist:
+        hist = {int(k): v for k, v in run.summary["staleness_histogram"].items()}
+        ax.bar(list(hist), list(hist.values()), alpha=0.6, label=run.label)
+    ax.legend(fontsize=8)
+    return _save(fig, out, "staleness.png")
+
+
+def _gantt_figures(runs: list[Run], out: Path) -> list[str]:
+    """A pipeline run draws its own Gantt chart (gantt.png in its run dir); the report carries a copy."""
+    names = []
+    for run in runs:
+        src = run.path / "gantt.png"
+        if src.is_file():
+            name = f"gantt_{run.path.name}.png"
+            if src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+            names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------------------------------- tables
+COLUMNS = [  # (header, summary key, format)
+    ("recipe", "recipe", "{}"), ("ranks", "world_size", "{}"), ("steps", "steps", "{}"),
+    ("final loss", "final_loss", "{:.6g}"), ("tokens/s", "tokens_per_s", "{:.6g}"),
+    ("time to target (s)", "time_to_target_s", "{:.4g}"),
+    ("model state MB/rank", "model_state_bytes_per_rank", "mb"),
+    ("ZeRO formula MB/rank", "predicted_model_state_bytes_per_rank", "mb"),
+    ("peak memory MB/rank", "peak_memory_bytes_per_rank", "mb"),
+    ("bubble measured", "bubble_fraction_measured", "{:.3f}"),
+    ("bubble predicted", "bubble_fraction_predicted", "{:.3f}"),
+]
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if fmt == "mb":
+        return f"{value / MB:.4f}"
+    return fmt.format(value)
+
+
+def runs_table(runs: list[Run]) -> list[list[str]]:
+    columns = [c for c in COLUMNS if any(c[1] in r.summary for r in runs)]
+    rows = [[h for h, _, _ in columns]]
+    for run in runs:
+        rows.append([_cell(run.summary.get(key), fmt) for _, key, fmt in columns])
+    return rows
+
+
+def _markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def _kernel_section(out: Path) -> str:
+    path = out / "kernels.json"
+    if not path.is_file():
+        return ""
+    rows = json.loads(path.read_text())
+    table = [["kernel", "case", "backend", "dtype", "max rel. error", "tolerance", "result"]]
+    for r in rows:
+        worst = max(r["errors"].values())
+        table.append([r["kernel"], r["case"], r["backend"], r["dtype"], f"{worst:.1e}", f"{r['tolerance']:.0e}",
+                      "pass" if worst <= r["tolerance"] else "FAIL"])
+    passed = sum(row[-1] == "pass" for row in table[1:])
+    return (f"\n## Kernels\n\n{passed}/{len(rows)} checks against a float64 reference passed.\n\n"
+            + _markdown_table(table) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ report
+def build_report(run_dirs: list[str | Path], out: str | Path, failures: dict[str, str] | None = None) -> Path:
+    """Write `out/report.md` and its figures from finished run directories. Returns report.md's path."""
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_label()
+    figures = _loss_figures(runs, out, machine)
+    figures.append(_bar_figure(runs, out, machine, "throughput.png", "throughput (median over steps)",
+                               "tokens/s", {"tokens/s": [r.summary.get("tokens_per_s") for r in runs]}))
+    figures.append(_bar_figure(
+        runs, out, machine, "model_state_memory.png", "model-state bytes per rank: measured vs ZeRO formula", "MB",
+        {"measured": [_mb(r.summary.get("model_state_bytes_per_rank")) for r in runs],
+         "formula": [_mb(r.summary.get("predicted_model_state_bytes_per_rank")) for r in runs]}))
+    figures.append(_bar_figure(runs, out, machine, "peak_memory.png", "peak memory per rank", "MB",
+                               {"peak": [_mb(r.summary.get("peak_memory_bytes_per_rank")) for r in runs]}))
+    staleness = _staleness_figure(runs, out, machine)
+    figures += [staleness] if staleness else []
+    figures += _gantt_figures(runs, out)
+
+    text = [f"# Recipe comparison\n\nMachine: {machine}. Runs: "
+            + ", ".join(f"`{r.path}`" for r in runs) + ".\n", "## Runs\n", _markdown_table(runs_table(runs)) + "\n"]
+    if failures:
+        text.append("## Failed runs\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in failures.items()) + "\n")
+    text.append("## Figures\n")
+    text += [f"![{name}]({name})\n" for name in figures]
+    text.append(_kernel_section(out))
+    report = out / "report.md"
+    report.write_text("\n".join(text))
+    return report
+
+
+def _mb(value):
+    return None if value is None else value / MB
