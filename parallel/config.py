@@ -86,6 +86,27 @@ class ProfilingConfig:
 
 
 @dataclass
+class PsConfig:                  # async-ps: parameter server on Ray actors
+    shards: int = 1              # server actors, each owning a slice of the parameters and their optimizer
+    staleness: int = 0           # SSP bound: a worker runs at most this many clocks ahead of the slowest; 0 = sync
+    ray_address: str = ""        # "" = an embedded local Ray; else an existing cluster ("auto", "ray://host:10001")
+    on_worker_death: Literal["replace", "drop"] = "replace"
+
+
+@dataclass
+class LocalSgdConfig:            # local-sgd / diloco
+    sync_every: int = 8          # H: local steps between parameter averages
+    outer_lr: float = 0.7        # diloco: outer Nesterov SGD on the averaged pseudo-gradient
+    outer_momentum: float = 0.9
+
+
+@dataclass
+class StragglerConfig:           # worker `rank` sleeps (factor - 1) x its own compute time each step
+    rank: int = -1               # -1 = no straggler
+    factor: float = 1.0
+
+
+@dataclass
 class PipelineConfig:            # recipe `pipeline`
     schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"] = "1f1b"
     microbatches: int = 0        # per step and replica; 0 = global_batch / (micro_batch x dp), else it sets micro_batch
@@ -117,6 +138,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    ps: PsConfig = field(default_factory=PsConfig)
+    local_sgd: LocalSgdConfig = field(default_factory=LocalSgdConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
     pp: PipelineConfig = field(default_factory=PipelineConfig)
 
     # ---- construction ----------------------------------------------------------------------
@@ -231,6 +255,7 @@ class RunConfig:
                              f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
         if self.target_loss < 0:
             raise ValueError(f"target_loss must be >= 0, got {self.target_loss}")
+        self._check_async()
         self._check_pp()
         if world_size is not None:
             self._check_world(world_size)
@@ -259,6 +284,25 @@ class RunConfig:
             user_config(self, dp)
         if self.fault.kill_rank >= world_size:
             raise ValueError(f"fault.kill_rank ({self.fault.kill_rank}) must be < world size ({world_size})")
+        if self.straggler.rank >= world_size:
+            raise ValueError(f"straggler.rank ({self.straggler.rank}) must be < world size ({world_size})")
+
+    def _check_async(self) -> None:
+        """ps, local_sgd and straggler sections (async vs sync SGD)."""
+        if self.ps.shards < 1:
+            raise ValueError(f"ps.shards must be >= 1, got {self.ps.shards}")
+        if self.ps.staleness < 0:
+            raise ValueError(f"ps.staleness must be >= 0 (0 = synchronous), got {self.ps.staleness}")
+        ls = self.local_sgd
+        if ls.sync_every < 1:
+            raise ValueError(f"local_sgd.sync_every must be >= 1, got {ls.sync_every}")
+        if ls.outer_lr <= 0 or not 0.0 <= ls.outer_momentum < 1.0:
+            raise ValueError(f"local_sgd.outer_lr must be > 0 and local_sgd.outer_momentum in [0, 1), got "
+                             f"{ls.outer_lr} and {ls.outer_momentum}")
+        if self.straggler.rank < -1:
+            raise ValueError(f"straggler.rank must be >= 0 (or -1 for none), got {self.straggler.rank}")
+        if self.straggler.factor < 1.0:
+            raise ValueError(f"straggler.factor must be >= 1 (1 = no slowdown), got {self.straggler.factor}")
 
     def _check_pp(self) -> None:
         pp, v = self.pp, self.pp.virtual_stages

@@ -138,7 +138,10 @@ def train_step(engine, dataset: Dataset, cfg: RunConfig, step: int, dp_rank: int
     return loss_sum, lr, grad_norm, applied
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, nproc: int | None = None) -> dict:
+    if RECIPES[cfg.recipe].launcher != "torchrun":   # async-ps (Ray actors), hogwild (processes): own workers
+        cfg.validate(world_size=nproc or 1)
+        return RECIPES[cfg.recipe].run(cfg, nproc or 1)
     ctx = init_distributed(cfg)
     cfg.validate(world_size=ctx.world_size)
     dp = RECIPES[cfg.recipe].dp_degree(cfg, ctx.world_size)
@@ -184,6 +187,8 @@ def train(cfg: RunConfig) -> dict:
                 loss_sum, lr, grad_norm, applied = train_step(engine, dataset, cfg, step, ctx.rank % dp, dp,
                                                               ctx.device, on_backward=on_backward if measure else None)
             session.end_step(step)
+            if cfg.straggler.rank == ctx.rank and cfg.straggler.factor > 1:   # a slow worker, F x its compute
+                time.sleep((cfg.straggler.factor - 1) * (time.perf_counter() - t0))
             loss_value = _mean_over_ranks(loss_sum / accum)
             if not applied:
                 skipped += 1
@@ -256,5 +261,7 @@ def train(cfg: RunConfig) -> dict:
     }
     if hasattr(engine, "summary_fields"):   # pipeline: bubble measured / predicted, pipeline.json (collective)
         summary.update(engine.summary_fields(run_dir))
+    if hasattr(engine, "comm_summary"):   # bytes communicated per update / per sample (ddp, local-sgd)
+        summary.update(engine.comm_summary(cfg.steps - start, summary["elapsed_s"]))
     out.write_summary(summary)
     return summary

@@ -24,12 +24,14 @@ def _inside_torchrun() -> bool:
 
 def train(
     overrides: list[str] = typer.Argument(None, help="config overrides: key=value or section.key=value"),
-    recipe: str = typer.Option(None, "--recipe", help="single, ddp, zero1, zero2, zero3, fsdp"),
+    recipe: str = typer.Option(None, "--recipe", help="single, ddp, zero1-3, fsdp, async-ps, hogwild, local-sgd, ..."),
     nproc: int = typer.Option(1, "--nproc", help="processes (data-parallel ranks) on this node"),
     config: Path = typer.Option(None, "--config", help="TOML config (e.g. configs/tiny.toml)"),
     run_dir: Path = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe>-<time>)"),
     deepspeed: Path = typer.Option(None, "--deepspeed", help="a DeepSpeed JSON config, used as-is (zero recipes)"),
     timeline: bool = typer.Option(False, "--timeline", help="write <run_dir>/trace.json (Perfetto) of every rank"),
+    ray_address: str = typer.Option(None, "--ray-address", help="async-ps: an existing Ray cluster (default: a local "
+                                    "Ray)"),
 ) -> None:
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
     from parallel import RunConfig
@@ -44,6 +46,14 @@ def train(
     if timeline:
         items.append("profiling.timeline=true")
     cfg = RunConfig.from_toml(config, items)
+    from parallel.recipes import RECIPES
+
+    if RECIPES[cfg.recipe].launcher != "torchrun":   # async-ps (Ray actors), hogwild: own workers, from here
+        if ray_address:
+            cfg.set("ps.ray_address", ray_address)
+        cfg.validate(world_size=nproc)
+        _run(cfg, nproc)
+        return
 
     if _inside_torchrun():
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,11 +79,11 @@ def train(
         raise typer.Exit(code)
 
 
-def _run(cfg) -> None:
+def _run(cfg, nproc: int | None = None) -> None:
     from parallel import train as run_train
 
     try:
-        summary = run_train(cfg)
+        summary = run_train(cfg, nproc)
     except FloatingPointError as stop:   # nan_policy = "stop": one line, not a traceback
         print(f"wb: error: {stop}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -1,6 +1,7 @@
 """`ddp`: replicate the model, all-reduce (average) gradients in backward. gloo on CPU, nccl on GPU.
 
-Micro-batching: `no_sync` on all micro-batches but the last, so gradients are reduced once per step.
+Micro-batching: `no_sync` on all micro-batches but the last (forward and backward), so gradients are
+reduced once per step. A comm hook counts the bytes handed to all-reduce (summary.json).
 """
 
 from __future__ import annotations
@@ -9,13 +10,35 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from parallel.comm import CommCounter, comm_summary
 from parallel.config import RunConfig
 from parallel.recipes.base import Context, Engine
 
 
+def _counting_allreduce(counter: CommCounter, bucket):
+    """DDP's own all-reduce (average), after counting the bucket's bytes."""
+    counter.add(bucket.buffer())
+    return default_hooks.allreduce_hook(None, bucket)
+
+
 class DDPEngine(Engine):
+    def comm_summary(self, steps: int, elapsed_s: float) -> dict:
+        """Gradient bytes this rank handed to all-reduce (counted by the comm hook), per step and per sample."""
+        c = self.comm
+        return comm_summary(c.bytes, steps, steps * self.cfg.global_batch, elapsed_s, c.ops)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # DDP decides in forward whether the coming backward all-reduces, so no_sync must cover the
+        # forward too (around the backward alone it is ignored and every micro-batch is reduced).
+        accum = self.cfg.accum_steps(self.ctx.world_size)
+        last = self.micro_batches_seen % accum == accum - 1
+        self.micro_batches_seen += 1
+        with contextlib.nullcontext() if last else self.module.no_sync():
+            return self.module(x, y)
+
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         sync = contextlib.nullcontext() if last else self.module.no_sync()
         with sync:
@@ -28,4 +51,7 @@ def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
     # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
     ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
               gradient_as_bucket_view=True)
-    return DDPEngine(ddp, model, cfg, ctx)
+    engine = DDPEngine(ddp, model, cfg, ctx)
+    engine.comm, engine.micro_batches_seen = CommCounter(), 0
+    ddp.register_comm_hook(engine.comm, _counting_allreduce)
+    return engine
