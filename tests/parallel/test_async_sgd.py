@@ -1,0 +1,189 @@
+"""Async vs sync SGD on real processes: the Ray parameter server (`async-ps`), `hogwild`, `local-sgd` /
+`diloco`, stragglers and a killed worker.
+
+One local Ray for the module (started here unless the session already has one), one torchrun launch
+for every torchrun run, a tiny model and few steps: several checks read each run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+
+from parallel import RunConfig, train
+from parallel.rundir import read_metrics
+from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
+
+pytestmark = pytest.mark.slow
+
+BASE = ["progress=false", "checkpoint.every=0", "global_batch=16", "micro_batch=4", "optim.warmup_steps=3"]
+CONVERGED = 0.5 * math.log(64)   # "well below ln(vocab)": half of it (the task's floor is about 0.75)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """ddp (10 steps, the sync reference) and local-sgd / diloco (H = 8, to convergence) on 2 ranks,
+    one torchrun launch."""
+    root = tmp_path_factory.mktemp("sync")
+    dirs = {"ddp": root / "ddp", "local-sgd": root / "local-sgd", "diloco": root / "diloco"}
+    torchrun(2, [
+        (TINY, [*BASE, "recipe=ddp", "steps=10", "checkpoint.save_final=true", f"run_dir={dirs['ddp']}"]),
+        (TINY, [*BASE, "recipe=local-sgd", "steps=48", "local_sgd.sync_every=8", f"run_dir={dirs['local-sgd']}"]),
+        (TINY, [*BASE, "recipe=diloco", "steps=48", "local_sgd.sync_every=8", f"run_dir={dirs['diloco']}"]),
+    ])
+    return dirs
+
+
+def _ps(run_dir, nproc: int, *overrides: str) -> dict:
+    return train(RunConfig.from_toml(TINY, [*BASE, "recipe=async-ps", f"run_dir={run_dir}", *overrides]), nproc)
+
+
+# ---- staleness 0 is synchronous SGD ---------------------------------------------------------------
+def test_staleness_zero_equals_ddp(ray_local, torchrun_runs, tmp_path):
+    """2 workers, 2 server shards, ps.staleness=0: ddp's loss curve on 2 ranks, same batch and seed."""
+    s = _ps(tmp_path, 2, "steps=10", "ps.staleness=0", "ps.shards=2", "checkpoint.save_final=true")
+    ref, got = losses(torchrun_runs["ddp"]), losses(tmp_path)
+    assert len(ref) == len(got) == 10
+    worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+    assert worst < 1e-4, f"async-ps staleness 0 {got} vs ddp {ref} (worst rel {worst:.2e})"
+    assert ref[-1] < ref[0] - 0.5   # it trains
+    assert max_rel_diff(final_params(tmp_path), final_params(torchrun_runs["ddp"])) < 1e-4
+    assert s["staleness_histogram"] == {"0": 10} and s["updates"] == 10
+    # every clock: each worker pulls the full model and pushes its full gradient (4 bytes x params, fp32)
+    assert s["bytes_per_update"] == 2 * 2 * 4 * s["n_params"]
+
+
+# ---- bounded staleness and a killed worker ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def ps_fault_run(ray_local, tmp_path_factory):
+    """4 workers, staleness bound 2, 2 shards; worker 3 is 3x slower; worker 1 dies at its clock 6."""
+    run_dir = tmp_path_factory.mktemp("ps-fault")
+    s = _ps(run_dir, 4, "steps=30", "ps.staleness=2", "ps.shards=2", "straggler.rank=3", "straggler.factor=3",
+            "fault.kill_rank=1", "fault.at_step=6")
+    return run_dir, s
+
+
+def test_staleness_bound_never_exceeded(ps_fault_run):
+    run_dir, s = ps_fault_run
+    hist = {int(k): v for k, v in s["staleness_histogram"].items()}
+    assert sum(hist.values()) == s["updates"] == 4 * 30
+    assert max(hist) <= 2, f"staleness histogram {hist} exceeds the bound 2"
+    # the straggler makes the bound bind: fast workers wait at a lead of exactly 2 (without the gate they
+    # would run ~20 clocks ahead of it)
+    assert hist.get(2, 0) > 0, hist
+    per_update = [m["staleness"] for m in read_metrics(run_dir)]
+    assert len(per_update) == 120 and max(per_update) <= 2
+    assert s["staleness_bound"] == 2
+    print(f"\nasync-ps (4 workers, bound 2, one 3x straggler): staleness {s['staleness_histogram']}, "
+          f"version lag {s['version_lag_histogram']}, {s['updates_per_s']:.1f} updates/s")
+
+
+def test_killed_worker_is_replaced_and_no_update_is_lost(ps_fault_run):
+    run_dir, s = ps_fault_run
+    assert s["workers_replaced"] == 1 and s["workers_dropped"] == 0
+    assert [d["worker"] for d in s["worker_deaths"]] == [1]
+    assert s["worker_deaths"][0]["acked_clock"] == 6     # it died before pulling clock 6
+    # every (worker, clock) gradient applied exactly once: the replacement resumed at the acknowledged clock
+    pairs = [(m["worker"], m["clock"]) for m in read_metrics(run_dir)]
+    assert sorted(pairs) == [(w, c) for w in range(4) for c in range(30)]
+    assert s["acked_clocks"] == {str(w): 30 for w in range(4)}
+    assert s["final_loss"] < 2.5   # and it went on training
+
+
+def _shard(staleness: int, workers: int = 2):
+    from parallel.ps.server import ParamShard
+
+    cfg = RunConfig.from_toml(TINY, [f"ps.staleness={staleness}"])
+    return ParamShard(cfg.to_dict(), 0, 1, workers)
+
+
+def test_server_keeps_acknowledged_updates_and_drops_dead_workers():
+    """The shard's own protocol, in-process: a repeated push of an acknowledged clock (a worker that died
+    half-way through pushing to the shards) is not applied twice; dropping a dead worker releases a
+    sync round that waits for it and the SSP gate that counts it."""
+    async def scenario():
+        shard = _shard(staleness=1)
+        version, lead, params = await shard.pull(0, 0)
+        grads = {n: torch.full_like(p, 0.01) for n, p in params.items()}
+        assert await shard.push(0, 0, version, lead, grads, 4.0, 1.0) == 1
+        assert await shard.push(0, 0, version, lead, grads, 4.0, 1.0) == 1   # a retry: ignored
+        assert shard.version == 1 and len(shard.records) == 1
+        await shard.push(0, 1, 1, 1, grads, 4.0, 1.0)
+        gated = asyncio.ensure_future(shard.pull(0, 2))   # 2 clocks ahead of worker 1 (at 0): waits
+        await asyncio.sleep(0.05)
+        assert not gated.done()
+        await shard.drop(1)
+        assert (await asyncio.wait_for(gated, 1.0))[0] == 2
+
+        sync = _shard(staleness=0)
+        v, lead, params = await sync.pull(0, 0)
+        await sync.push(0, 0, v, lead, grads, 4.0, 0.0)
+        round_sq = asyncio.ensure_future(sync.round_sq(0))
+        await asyncio.sleep(0.05)
+        assert not round_sq.done()   # waits for worker 1's gradient
+        await sync.drop(1)
+        sq = await asyncio.wait_for(round_sq, 1.0)
+        assert sq == pytest.approx(sum(g.double().pow(2).sum().item() for g in grads.values()), rel=1e-6)
+        assert await sync.apply(0, sq) == 1 and await sync.apply(0, sq) == 1   # applied once
+
+    asyncio.run(scenario())
+
+
+# ---- hogwild, local SGD, DiLoCo -----------------------------------------------------------------------
+def test_hogwild_converges(tmp_path):
+    s = train(RunConfig.from_toml(TINY, [*BASE, "recipe=hogwild", "steps=60", f"run_dir={tmp_path}"]), 2)
+    assert s["updates"] == 120 and s["bytes_communicated"] == 0
+    assert s["final_loss"] < CONVERGED, s["final_loss"]
+    assert {m["worker"] for m in read_metrics(tmp_path)} == {0, 1}
+
+
+@pytest.mark.parametrize("recipe", ["local-sgd", "diloco"])
+def test_local_sgd_converges(torchrun_runs, recipe):
+    s = summary(torchrun_runs[recipe])
+    assert s["final_loss"] < CONVERGED, s["final_loss"]
+    assert s["outer_syncs"] == 48 // 8
+    assert s["target_loss"] and s["time_to_target_s"] is not None   # reaches tiny.toml's target (1.5)
+
+
+def test_local_sgd_communicates_8x_fewer_bytes_than_ddp(torchrun_runs):
+    ddp, lsgd = summary(torchrun_runs["ddp"]), summary(torchrun_runs["local-sgd"])
+    ratio = ddp["bytes_per_sample"] / lsgd["bytes_per_sample"]
+    print(f"\nbytes per sample: ddp {ddp['bytes_per_sample']:.0f}, local-sgd H=8 {lsgd['bytes_per_sample']:.0f} "
+          f"({ratio:.2f}x fewer)")
+    assert ratio == pytest.approx(8.0, rel=0.01)
+    assert ddp["comm_ops"] == 10   # one gradient all-reduce per step (micro-batches under no_sync)
+
+
+# ---- the straggler comparison ---------------------------------------------------------------------------
+def test_straggler_async_vs_sync_time_to_target(ray_local, tmp_path):
+    """4 workers, worker 3 slowed 3x: wall seconds to tiny.toml's target loss, ddp vs async-ps (staleness 4).
+    The issue's target is async <= 0.67x ddp; this prints the measured ratio (2 shared cores run the 4
+    workers here, so the figure is the box's, not the algorithm's alone)."""
+    common = [*BASE, "steps=60", "straggler.rank=3", "straggler.factor=3", "log_every=1"]
+    ddp_dir, ps_dir = tmp_path / "ddp", tmp_path / "ps"
+    torchrun(4, [(TINY, [*common, "recipe=ddp", f"run_dir={ddp_dir}"])])
+    ps = _ps(ps_dir, 4, *common, "ps.staleness=4")
+    ddp = summary(ddp_dir)
+    assert ddp["time_to_target_s"] is not None and ps["time_to_target_s"] is not None, (ddp, ps)
+    ratio = ps["time_to_target_s"] / ddp["time_to_target_s"]
+    result = {"ddp_time_to_target_s": ddp["time_to_target_s"], "async_time_to_target_s": ps["time_to_target_s"],
+              "ratio": ratio, "target_loss": ps["target_loss"], "async_staleness": ps["staleness_histogram"],
+              "ddp_final_loss": ddp["final_loss"], "async_final_loss": ps["final_loss"]}
+    print("\nstraggler comparison (worker 3 of 4 slowed 3x): " + json.dumps(result))
+    assert max(int(k) for k in ps["staleness_histogram"]) <= 4
