@@ -113,6 +113,7 @@ class PipelineConfig:            # recipe `pipeline`
     degree: int = 0              # stages over ranks (pp); 0 = every process (dp = 1); dp = world size / pp
     virtual_stages: int = 1      # stages per rank: 1 for gpipe/1f1b, >= 2 for interleaved-1f1b
     layers_per_stage: list[int] = field(default_factory=list)   # blocks per stage; [] = balanced by parameters
+    gantt: bool = True           # draw <run_dir>/gantt.png (measured beside predicted schedule) at the end
 
 
 @dataclass
@@ -314,6 +315,9 @@ class RunConfig:
                              f"zero-bubble run several stages per rank), got {v}")
         if pp.schedule == "interleaved-1f1b" and v < 2:
             raise ValueError(f"pp.virtual_stages must be >= 2 for pp.schedule=interleaved-1f1b, got {v}")
+        if not isinstance(pp.layers_per_stage, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) for n in pp.layers_per_stage):
+            raise TypeError(f"pp.layers_per_stage must be a list of ints (e.g. [2, 3]), got {pp.layers_per_stage!r}")
         if any(n < 1 for n in pp.layers_per_stage) or (pp.layers_per_stage and sum(pp.layers_per_stage)
                                                         != self.model.n_layers):
             raise ValueError(f"pp.layers_per_stage {pp.layers_per_stage} must be >= 1 each and sum to model.n_layers "

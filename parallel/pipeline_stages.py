@@ -87,22 +87,25 @@ class StageModule(nn.Module):
 
 
 class SpanRecorder:
-    """Spans (kind, micro-batch, stage, start_ns, end_ns) of the current step, on a clock shared by ranks."""
+    """Spans (kind, micro-batch, stage, start_ns, end_ns, cpu_ns) of the current step; start and end on a
+    clock shared by the ranks, cpu_ns the thread's CPU time inside the span (on a CPU device, where the
+    compute runs in this thread: wall minus CPU time is time the OS gave to other processes).
+    `sync`: a CUDA device is synchronised before a compute span ends, so the span covers its kernels."""
 
-    def __init__(self, offset_ns: int = 0):
-        self.offset_ns = offset_ns
-        self.spans: list[tuple[str, int, int, int, int]] = []
+    def __init__(self, offset_ns: int = 0, sync=None):
+        self.offset_ns, self.sync = offset_ns, sync
+        self.spans: list[tuple[str, int, int, int, int, int]] = []
 
     def span(self, kind: str, mb: int, stage: int):
         return _Span(self, kind, mb, stage)
 
-    def take(self) -> list[tuple[str, int, int, int, int]]:
+    def take(self) -> list[tuple[str, int, int, int, int, int]]:
         spans, self.spans = self.spans, []
         return spans
 
 
 class _Span:
-    __slots__ = ("rec", "kind", "mb", "stage", "t0", "rng")
+    __slots__ = ("rec", "kind", "mb", "stage", "t0", "c0", "rng")
     NAMES = {"F": "fwd", "B": "bwd", "W": "bwd_weight", "S": "send", "R": "recv"}
 
     def __init__(self, rec: SpanRecorder, kind: str, mb: int, stage: int):
@@ -111,13 +114,15 @@ class _Span:
     def __enter__(self):
         self.rng = prange(self.NAMES[self.kind], mb=self.mb, stage=self.stage)
         self.rng.__enter__()
-        self.t0 = time.perf_counter_ns()
+        self.t0, self.c0 = time.perf_counter_ns(), time.thread_time_ns()
 
     def __exit__(self, *exc):
-        t1 = time.perf_counter_ns()
+        if self.rec.sync is not None and self.kind in "FBW":
+            self.rec.sync()
+        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
         self.rng.__exit__(*exc)
         off = self.rec.offset_ns
-        self.rec.spans.append((self.kind, self.mb, self.stage, self.t0 + off, t1 + off))
+        self.rec.spans.append((self.kind, self.mb, self.stage, self.t0 + off, t1 + off, c1 - self.c0))
         return False
 
 

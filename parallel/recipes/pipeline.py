@@ -35,6 +35,7 @@ from torch.distributed.pipelining import (
 )
 
 from parallel import memory
+from parallel.bubble import measure
 from parallel.config import RunConfig
 from parallel.data import rank_slice
 from parallel.gantt import draw_gantt
@@ -78,7 +79,8 @@ class PipelineEngine(Engine):
             if d == self.dp_rank and self.pp_rank in (0, pp - 1):
                 self.tie_group = group
         self.stages = stages
-        self.recorder = SpanRecorder(_clock_offset())
+        sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
+        self.recorder = SpanRecorder(_clock_offset(), sync=sync)
         self.history: list[list[tuple]] = []
         instrument_p2p()
         n_stages = pp * self.v
@@ -187,69 +189,52 @@ class PipelineEngine(Engine):
 
     # ---- the bubble --------------------------------------------------------------------------
     def summary_fields(self, run_dir: Path) -> dict:
-        """Measured vs predicted bubble; writes <run_dir>/pipeline.json (one step's spans) and gantt.png.
-
-        A step's window is the first compute span's start to the last one's end over the replica's
-        stage-ranks; each rank's bubble is the part of the window it spent not computing (waiting on
-        sends/receives included). Measured = median over the kept steps (the first step, which infers
-        shapes, left out) and replicas. Predicted = the simulator fed the median measured forward and
-        backward time of each stage, so unequal stages count but communication does not."""
+        """Measured vs predicted bubble (parallel.bubble); writes <run_dir>/pipeline.json (the reported
+        step's spans and the simulated ones) and gantt.png (pp.gantt). Predicted = the simulator run on
+        torch's own action order with each stage's median measured forward / backward cost: unequal
+        stages count, communication does not."""
         gathered = [None] * self.ctx.world_size
         n_params = sum(p.numel() for p in self.module.parameters())
         dist.all_gather_object(gathered, (self.pp_rank, self.dp_rank, self.history, n_params))
         if not self.ctx.is_main:
             return {}
-        params_per_rank = max(g[3] for g in gathered)
-        gathered = [g[:3] for g in gathered]
         cfg, pp, m, v = self.cfg, self.pp, self.cfg.pp.microbatches, self.v
-        steps = len(self.history)
-        first = 1 if steps > 1 else 0
-        per_step = []   # (bubble, replica, step index)
-        for d in range(self.dp):
-            ranks = {r: h for r, dd, h in gathered if dd == d}
-            for k in range(first, steps):
-                compute = {r: [s for s in ranks[r][k] if s[0] in "FBW"] for r in ranks}
-                t0 = min(s[3] for spans in compute.values() for s in spans)
-                t1 = max(s[4] for spans in compute.values() for s in spans)
-                busy = statistics.mean(sum(s[4] - s[3] for s in spans) for spans in compute.values())
-                per_step.append((1 - busy / (t1 - t0), d, k))
-        measured = statistics.median(b for b, _, _ in per_step)
-        _, d_rep, k_rep = min(per_step, key=lambda t: abs(t[0] - measured))   # the step closest to the median
-        costs = {kind: [statistics.median([s[4] - s[3] for _, _, h in gathered for step in h[first:] for s in step
-                                           if s[0] == kind and s[2] == st] or [0]) / 1e6 for st in range(pp * v)]
-                 for kind in "FBW"}
+        history = {(r, d): h for r, d, h, _ in gathered}
+        got = measure(history, cpu_costs=self.ctx.device.type == "cpu", n_stages=pp * v)
+        costs = got["costs"]
         bwd = [b + w for b, w in zip(costs["B"], costs["W"], strict=True)]
         share = statistics.mean(w / t if t else 0.5 for w, t in zip(costs["W"], bwd, strict=True))
         sim = simulate(cfg.pp.schedule, pp, m, v, fwd=costs["F"], bwd=bwd, weight_share=share or 0.5,
                        orders=self._torch_orders())
-        rep = {r: h[k_rep] for r, dd, h in gathered if dd == d_rep}
-        origin = min(s[3] for spans in rep.values() for s in spans)
-        inflight = {r: peak_inflight([Op(s[0], s[1], s[2], s[3], s[4]) for s in h[k]])
-                    for r, dd, h in gathered if dd == d_rep for k in range(steps)}
-        p_b, g_b, k_b = memory.bytes_per_param("pipeline", cfg.precision)
+        inflight = [max(peak_inflight([Op(*s[:5]) for s in step]) for step in history[r, 0]) for r in range(pp)]
+        origin = min(s[3] for spans in got["spans"].values() for s in spans)
         timeline = {
             "schedule": cfg.pp.schedule, "pp": pp, "dp": self.dp, "microbatches": m, "virtual_stages": v,
-            "measured": {r: [[s[0], s[1], s[2], (s[3] - origin) / 1e6, (s[4] - origin) / 1e6] for s in spans]
-                         for r, spans in sorted(rep.items())},
+            "measured": {r: [[*s[:3], (s[3] - origin) / 1e6, (s[4] - origin) / 1e6] for s in spans]
+                         for r, spans in sorted(got["spans"].items())},
             "predicted": {r: [[o.kind, o.mb, o.stage, o.start, o.end] for o in ops] for r, ops in sim.ops.items()},
-            "bubble_fraction_measured": measured, "bubble_fraction_predicted": sim.bubble_fraction,
+            "bubble_fraction_measured": got["bubble"], "bubble_fraction_predicted": sim.bubble_fraction,
         }
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "pipeline.json").write_text(json.dumps(timeline))
-        draw_gantt(timeline, Path(run_dir) / "gantt.png")
+        if cfg.pp.gantt:
+            draw_gantt(timeline, Path(run_dir) / "gantt.png")
+        p_b, g_b, k_b = memory.bytes_per_param("pipeline", cfg.precision)
         return {
             "pp": pp, "pp_schedule": cfg.pp.schedule, "pp_microbatches": m, "pp_virtual_stages": v,
             "pp_layers_per_stage": self.sizes,
-            "bubble_fraction_measured": measured,
-            "bubble_fraction_measured_by_step": [round(b, 4) for b, _, _ in per_step],
+            "bubble_fraction_measured": got["bubble"],
+            "bubble_fraction_measured_median": got["median"],
+            "bubble_fraction_measured_by_step": got["by_step"],
+            "cpu_stolen_fraction_by_step": got["stolen_by_step"],
             "bubble_fraction_predicted": sim.bubble_fraction,
             "bubble_fraction_closed_form": closed_form_bubble(cfg.pp.schedule, pp, m, v),
             "stage_fwd_ms": costs["F"], "stage_bwd_ms": bwd,
-            "peak_inflight_microbatches_measured": max(inflight.values()),
-            "peak_inflight_microbatches_by_rank": [inflight[r] for r in sorted(inflight)],
+            "peak_inflight_microbatches_measured": max(inflight),
+            "peak_inflight_microbatches_by_rank": inflight,
             "peak_inflight_microbatches_predicted": max(sim.peak_inflight),
             # a stage-rank holds only its stages' parameters (plus the tied head copy)
-            "predicted_model_state_bytes_per_rank": int(params_per_rank * (p_b + g_b + k_b)),
+            "predicted_model_state_bytes_per_rank": int(max(g[3] for g in gathered) * (p_b + g_b + k_b)),
             "predicted_formula": f"({p_b}+{g_b}+{k_b})Ψ_stage",
         }
 
