@@ -47,6 +47,15 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def flat_views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped like `params`, in order (a shard's tensors travel as one flat tensor)."""
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
+
+
 class ParamShard:
     def __init__(self, cfg_dict: dict, shard: int, shards: int, n_workers: int):
         torch.set_num_threads(1)
@@ -55,14 +64,18 @@ class ParamShard:
         model = GPT(cfg.model)
         named = dict(model.named_parameters())
         self.names = shard_names(model, shards)[shard]
-        self.params = {n: named[n] for n in self.names}
+        # the shard's parameters are views of one flat tensor: a pull sends it whole, a push one flat gradient
+        self.flat = torch.cat([named[n].detach().reshape(-1) for n in self.names])
+        self.params = {n: torch.nn.Parameter(v) for n, v in zip(self.names, flat_views(
+            self.flat, [named[n] for n in self.names]), strict=True)}
         o = cfg.optim
         decay = [p for p in self.params.values() if p.ndim >= 2]
         no_decay = [p for p in self.params.values() if p.ndim < 2]
+        self.sync = cfg.ps.staleness == 0
+        # sync: ddp's per-tensor arithmetic exactly (foreach=False); async: the faster multi-tensor kernels
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
-        self.sync = cfg.ps.staleness == 0
+                                     lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=not self.sync)
         self.n_workers = n_workers
         # The schedule runs over samples: an async update carries 1/N of a global batch.
         per_update = 1.0 if self.sync else 1.0 / n_workers
@@ -94,24 +107,24 @@ class ParamShard:
             return self.version >= clock
         return clock - self._min_clock() <= self.cfg.ps.staleness
 
-    async def pull(self, w: int, clock: int) -> tuple[int, int, dict[str, torch.Tensor]]:
-        """Parameters for worker w's clock `clock`, once the staleness bound allows it: (version, lead, params)."""
+    async def pull(self, w: int, clock: int) -> tuple[int, int, torch.Tensor]:
+        """Parameters for worker w's clock `clock`, once the staleness bound allows it: (version, lead, flat)."""
         async with self.cond():
             await self.cond().wait_for(lambda: self._may_read(clock))
             if self.t_first_pull is None:
                 self.t_first_pull = time.time()
             lead = clock - self._min_clock() if not self.sync else 0
-            out = {n: p.detach().clone() for n, p in self.params.items()}
-            self.bytes_out += nbytes(out.values())
+            out = self.flat.clone()
+            self.bytes_out += nbytes([out])
             return self.version, lead, out
 
-    async def push(self, w: int, clock: int, read_version: int, lead: int, grads: dict[str, torch.Tensor],
+    async def push(self, w: int, clock: int, read_version: int, lead: int, grads: torch.Tensor,
                    loss: float, grad_norm: float) -> int:
-        """Accept worker w's gradient for `clock`; returns the acknowledged clock count of w."""
+        """Accept worker w's (flat) gradient for `clock`; returns the acknowledged clock count of w."""
         async with self.cond():
             if clock < self.acked[w] or w not in self.live:   # already acknowledged (a retried push)
                 return self.acked[w]
-            self.bytes_in += nbytes(grads.values())
+            self.bytes_in += nbytes([grads])
             if self.sync:
                 self.rounds.setdefault(clock, {})[w] = (grads, loss)
             else:
@@ -135,8 +148,8 @@ class ParamShard:
             if clock not in self.round_mean:
                 got = self.rounds[clock]
                 order = sorted(got)
-                mean = {n: torch.stack([got[w][0][n] for w in order]).sum(0) / len(order) for n in self.names}
-                sq = float(sum(g.double().pow(2).sum() for g in mean.values()))
+                mean = torch.stack([got[w][0] for w in order]).sum(0) / len(order)
+                sq = float(sum(g.double().pow(2).sum() for g in flat_views(mean, list(self.params.values()))))
                 loss = sum(got[w][1] for w in order) / len(order)
                 self.round_mean[clock] = (mean, sq, loss)
             return self.round_mean[clock][1]
@@ -153,7 +166,7 @@ class ParamShard:
                 self.cond().notify_all()
             return self.version
 
-    def _apply(self, grads: dict[str, torch.Tensor], norm: float, clip_sq: float | None) -> bool:
+    def _apply(self, grads: torch.Tensor, norm: float, clip_sq: float | None) -> bool:
         """One AdamW update; in sync mode clip by the global norm first, exactly as the torch recipes do."""
         lr_used = self.opt.param_groups[0]["lr"]
         self._lr = lr_used
@@ -164,10 +177,10 @@ class ParamShard:
         coef = None
         if clip_sq is not None and max_norm > 0:
             coef = (max_norm / (torch.tensor(clip_sq, dtype=torch.float64).sqrt() + 1e-6)).clamp(max=1.0)
-        for n, p in self.params.items():
-            g = grads[n].to(p.dtype).clone()
+        grads = grads.to(self.flat.dtype)
+        for p, g in zip(self.params.values(), flat_views(grads, list(self.params.values())), strict=True):
             if coef is not None:
-                g.mul_(coef.to(g.dtype))
+                g = g * coef.to(g.dtype)
             p.grad = g
         self.opt.step()
         self.sched.step()

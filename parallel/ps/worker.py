@@ -17,7 +17,7 @@ from parallel import memory
 from parallel.config import RunConfig
 from parallel.data import Dataset, micro_batches
 from parallel.model import GPT
-from parallel.ps.server import nbytes, shard_names
+from parallel.ps.server import flat_views, nbytes, shard_names
 from parallel.recipes.base import clip_grad_norm
 from profiling import range as prange
 
@@ -76,10 +76,11 @@ class PSWorker:
             with prange("pull", clock=clock):
                 got = ray.get([s.pull.remote(self.w, clock) for s in self.shards])
             with torch.no_grad():
-                for _, _, params in got:
-                    for name, t in params.items():
-                        self.named[name].copy_(t)
-                    st["bytes_pulled"] += nbytes(params.values())
+                for k, (_, _, flat) in enumerate(got):
+                    mine = [self.named[n] for n in self.layout[k]]
+                    for p, t in zip(mine, flat_views(flat, mine), strict=True):
+                        p.copy_(t)
+                    st["bytes_pulled"] += nbytes([flat])
             t1 = time.perf_counter()
             loss = self._compute(clock)
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -93,8 +94,8 @@ class PSWorker:
                 refs = []
                 for k, s in enumerate(self.shards):
                     version, lead, _ = got[k]
-                    grads = {n: self.named[n].grad for n in self.layout[k]}
-                    st["bytes_pushed"] += nbytes(grads.values())
+                    grads = torch.cat([self.named[n].grad.reshape(-1) for n in self.layout[k]])
+                    st["bytes_pushed"] += nbytes([grads])
                     refs.append(s.push.remote(self.w, clock, version, lead, grads, loss, norm))
                 ray.get(refs)
                 if self.sync:

@@ -120,7 +120,7 @@ def test_server_keeps_acknowledged_updates_and_drops_dead_workers():
     async def scenario():
         shard = _shard(staleness=1)
         version, lead, params = await shard.pull(0, 0)
-        grads = {n: torch.full_like(p, 0.01) for n, p in params.items()}
+        grads = torch.full_like(params, 0.01)   # a shard's gradient travels as one flat tensor
         assert await shard.push(0, 0, version, lead, grads, 4.0, 1.0) == 1
         assert await shard.push(0, 0, version, lead, grads, 4.0, 1.0) == 1   # a retry: ignored
         assert shard.version == 1 and len(shard.records) == 1
@@ -139,8 +139,9 @@ def test_server_keeps_acknowledged_updates_and_drops_dead_workers():
         assert not round_sq.done()   # waits for worker 1's gradient
         await sync.drop(1)
         sq = await asyncio.wait_for(round_sq, 1.0)
-        assert sq == pytest.approx(sum(g.double().pow(2).sum().item() for g in grads.values()), rel=1e-6)
+        assert sq == pytest.approx(grads.double().pow(2).sum().item(), rel=1e-6)
         assert await sync.apply(0, sq) == 1 and await sync.apply(0, sq) == 1   # applied once
+        assert not torch.equal(sync.flat, params)   # the update reached the flat tensor pulls send
 
     asyncio.run(scenario())
 
