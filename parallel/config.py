@@ -71,6 +71,7 @@ class CheckpointConfig:
     every: int = 0               # save every N optimizer steps; 0 = never
     resume: bool = True          # resume from the newest complete checkpoint in <run_dir>/checkpoints
     keep: int = 2                # complete checkpoints kept (older ones deleted after a newer one lands)
+    keep_every: int = 0          # also keep every checkpoint whose step is a multiple of this; 0 = off
     save_final: bool = False     # write <run_dir>/final_model.pt (full, unsharded state dict)
 
 
@@ -78,6 +79,8 @@ class CheckpointConfig:
 class FaultConfig:
     kill_rank: int = -1          # this rank exits abruptly (os._exit) at step `at_step`; -1 = never
     at_step: int = 0
+    hang_rank: int = -1          # this rank sleeps forever at step `at_step` (a stuck worker); -1 = never
+    collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long
 
 
 @dataclass
@@ -254,6 +257,10 @@ class RunConfig:
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
                              f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
+        if self.checkpoint.keep_every < 0:
+            raise ValueError(f"checkpoint.keep_every must be >= 0, got {self.checkpoint.keep_every}")
+        if self.fault.collective_timeout_s <= 0:
+            raise ValueError(f"fault.collective_timeout_s must be > 0, got {self.fault.collective_timeout_s}")
         if self.target_loss < 0:
             raise ValueError(f"target_loss must be >= 0, got {self.target_loss}")
         self._check_async()
@@ -285,6 +292,8 @@ class RunConfig:
             user_config(self, dp)
         if self.fault.kill_rank >= world_size:
             raise ValueError(f"fault.kill_rank ({self.fault.kill_rank}) must be < world size ({world_size})")
+        if self.fault.hang_rank >= world_size:
+            raise ValueError(f"fault.hang_rank ({self.fault.hang_rank}) must be < world size ({world_size})")
         if self.straggler.rank >= world_size:
             raise ValueError(f"straggler.rank ({self.straggler.rank}) must be < world size ({world_size})")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallel import checkpoint, memory
+from parallel import checkpoint, fault, hooks, memory
 from parallel.config import RunConfig
 from parallel.data import Dataset, micro_batches
 from parallel.model import GPT, PEAK_BF16_FLOPS, count_params, flops_per_token
@@ -42,7 +42,7 @@ def init_distributed(cfg: RunConfig) -> Context:
         torch.cuda.set_device(device)
     if cfg.recipe != "single" and not dist.is_initialized():
         if world > 1:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            dist.init_process_group("nccl" if use_cuda else "gloo", **fault.restart_safe_store())
         else:   # a one-process group, so DDP / DeepSpeed / FSDP also run alone
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if dist.is_initialized():
@@ -174,12 +174,11 @@ def train(cfg: RunConfig, nproc: int | None = None) -> dict:
     progress = _Progress(cfg.progress and ctx.is_main, cfg.steps, start, cfg.recipe)
     # Nsight capture range / torch.profiler / host timeline, as `wb profile` and --timeline ask
     session = ProfileSession.from_env(run_dir, ctx.rank, use_timeline=cfg.profiling.timeline)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0   # a fault fires once per job
+    fault.arm(cfg)   # fault.collective_timeout_s for the loop's collectives (after a possibly slow setup)
     t_start = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            if cfg.fault.kill_rank == ctx.rank and cfg.fault.at_step == step and not restarted:
-                os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
+            fault.before_step(cfg, ctx.rank, step, run_dir)   # injected kill/hang (once per run); heartbeat
             t0 = time.perf_counter()
             measure = step == measure_step
             session.begin_step(step)
@@ -207,7 +206,12 @@ def train(cfg: RunConfig, nproc: int | None = None) -> dict:
             progress.update(f"loss {loss_value:.4f}")
             done = step + 1
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
-                checkpoint.save(engine, run_dir, done, cfg.checkpoint.keep, ctx.rank)
+                checkpoint.save(engine, run_dir, done, cfg.checkpoint.keep, ctx.rank, cfg.checkpoint.keep_every)
+            hooks.after_step(record, run_dir)   # e.g. ray.train.report, with the checkpoint just saved
+    except Exception as error:   # a collective that timed out: name the ranks that never arrived
+        if fault.is_timeout(error):
+            raise fault.explain_timeout(error, cfg, ctx.rank, step) from error
+        raise
     finally:
         progress.close()
         session.close()

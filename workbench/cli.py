@@ -8,7 +8,7 @@ import sys
 import typer
 
 from profiling.rank_wrap import exec_under_tool_if_asked
-from workbench import demo, kernels_cli, profile_cli, report_cli, train_cli
+from workbench import cluster_cli, demo, kernels_cli, profile_cli, report_cli, train_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="gpu-workbench: Triton kernels, parallelism recipes, profiling harnesses.")
@@ -17,6 +17,9 @@ app.add_typer(profile_cli.app, name="profile")
 app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
 app.add_typer(train_cli.data_app, name="data")
+app.add_typer(cluster_cli.launch_app, name="launch")
+app.add_typer(cluster_cli.ray_app, name="ray")
+app.add_typer(cluster_cli.slurm_app, name="slurm")
 app.command("compare")(report_cli.compare)
 app.command("report")(report_cli.report)
 

@@ -1,14 +1,15 @@
 """`wb train` and `wb data prepare`.
 
-`wb train --recipe R --nproc N` validates the config here, then, for N > 1, re-runs itself under
-`torchrun --standalone` (a free port, gloo on CPU / nccl on GPU); inside torchrun (or for N = 1) it
-calls `parallel.train` in this process. `torchrun ... -m workbench train ...` takes the same path.
+`wb train --recipe R --nproc N` validates the config here, then, for N > 1 (or --max-restarts K,
+--log-dir D), re-runs itself under torchrun as `cluster.torchrun` builds it (c10d on localhost:0, gloo
+on CPU / nccl on GPU); inside torchrun (or for N = 1) it calls `parallel.train` in this process.
+`torchrun ... -m workbench train ...` takes the same path. `--launcher ray` runs the same train(cfg)
+in N Ray Train workers instead (`cluster.ray_train`).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -30,8 +31,13 @@ def train(
     run_dir: Path = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe>-<time>)"),
     deepspeed: Path = typer.Option(None, "--deepspeed", help="a DeepSpeed JSON config, used as-is (zero recipes)"),
     timeline: bool = typer.Option(False, "--timeline", help="write <run_dir>/trace.json (Perfetto) of every rank"),
-    ray_address: str = typer.Option(None, "--ray-address", help="async-ps: an existing Ray cluster (default: a local "
-                                    "Ray)"),
+    launcher: str = typer.Option("local", "--launcher", help="local (torchrun on this node) or ray (Ray Train)"),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="local: torchrun restarts the group K times"),
+    log_dir: Path = typer.Option(None, "--log-dir", help="local: one stdout/stderr log file per rank under here"),
+    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", help="ray: GPUs per Ray Train worker"),
+    ray_address: str = typer.Option(None, "--ray-address", help="ray, async-ps: an existing Ray cluster (default: "
+                                    "a local Ray)"),
+    max_failures: int = typer.Option(0, "--max-failures", help="ray: restarts of the worker group after a failure"),
 ) -> None:
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
     from parallel import RunConfig
@@ -55,6 +61,16 @@ def train(
         _run(cfg, nproc)
         return
 
+    if launcher not in ("local", "ray"):
+        raise ValueError(f"--launcher must be 'local' or 'ray', got '{launcher}'")
+    if launcher == "ray":
+        from cluster.ray_train import train_on_ray
+
+        cfg.validate(world_size=nproc)
+        summary = train_on_ray(cfg, nproc, gpus_per_worker=gpus_per_worker, address=ray_address,
+                               max_failures=max_failures)
+        _print_summary(summary)
+        return
     if _inside_torchrun():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if nproc not in (1, world):
@@ -62,19 +78,17 @@ def train(
         _run(cfg)
         return
     cfg.validate(world_size=nproc)            # config mistakes stop here, before any process starts
-    if nproc == 1:
+    if nproc == 1 and max_restarts == 0 and log_dir is None:
         _run(cfg)
         return
     if not cfg.run_dir:   # one name for all ranks, chosen before they start
         items.append(f"run_dir=runs/{cfg.name or cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "workbench", "train"]   # no --nproc here: torchrun's parser would take it as its own
-    if config is not None:
-        cmd.append(f"--config={config}")
-    cmd += items
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    code = subprocess.call(cmd, env=env)
+    from cluster import torchrun
+
+    # no --nproc in the workers' command: torchrun's parser would take it as its own
+    worker = ["wb", "train", *([f"--config={config}"] if config is not None else []), *items]
+    code = torchrun.run(torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
+                                                  log_dir=str(log_dir or "")))
     if code:
         raise typer.Exit(code)
 
@@ -84,13 +98,17 @@ def _run(cfg, nproc: int | None = None) -> None:
 
     try:
         summary = run_train(cfg, nproc)
-    except FloatingPointError as stop:   # nan_policy = "stop": one line, not a traceback
+    except (FloatingPointError, TimeoutError) as stop:   # nan_policy = "stop", a collective timeout: one line
         print(f"wb: error: {stop}", file=sys.stderr)
         raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['recipe']} x{summary['world_size']}: {summary['steps']} steps, final loss "
-              f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
-              f"model state {summary['model_state_bytes_per_rank'] / 2**20:.2f} MiB/rank -> {summary['run_dir']}")
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"{summary['recipe']} x{summary['world_size']}: {summary['steps']} steps, final loss "
+          f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"model state {summary['model_state_bytes_per_rank'] / 2**20:.2f} MiB/rank -> {summary['run_dir']}")
 
 
 @data_app.command("prepare")

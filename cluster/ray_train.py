@@ -1,0 +1,146 @@
+"""`wb train --launcher ray`: the same `parallel.train(cfg)` in N Ray Train workers (TorchTrainer).
+
+    summary = train_on_ray(cfg, nproc=2)                                  # an embedded local Ray
+    summary = train_on_ray(cfg, nproc=16, gpus_per_worker=1, address="auto", max_failures=3)
+
+Ray Train sets up the process group (gloo on CPU, nccl with GPUs) and the RANK/LOCAL_RANK/WORLD_SIZE
+environment before `train(cfg)` runs, so the train loop is the torchrun one, unchanged.
+
+Checkpoints. The run directory's own checkpoints (`<run_dir>/checkpoints/step_N`, written by every
+rank, checked against their manifest on resume) are the source of truth, exactly as under torchrun:
+sharded recipes write one part per rank into the same directory, so a multi-node run needs the run
+directory on shared storage either way. Each time one lands, rank 0 also hands it to
+`ray.train.report(metrics, checkpoint=...)`, so Ray Train keeps a persisted copy under
+`<run_dir>/ray/` (or the storage path given) and knows the latest. After a lost worker,
+`FailureConfig(max_failures)` restarts the whole group; each worker then asks
+`ray.train.get_checkpoint()` and, if the run directory lacks that checkpoint (a node that did not
+see it), restores Ray's copy into it; `train(cfg)` resumes from the newest good checkpoint. Every
+worker calls `ray.train.report` once per optimizer step (only rank 0 attaches a checkpoint), which
+is what Ray Train requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+
+class RayJobFailed(RuntimeError):
+    """The Ray Train run failed (after its allowed restarts)."""
+
+
+def _absolute_paths(cfg) -> None:
+    """Workers may start in another directory: every path in the config becomes absolute."""
+    if not cfg.run_dir:
+        cfg.run_dir = f"runs/{cfg.name or cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    if cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.zero.config_file:
+        cfg.zero.config_file = str(Path(cfg.zero.config_file).resolve())
+
+
+def _restore_from_ray(run_dir: Path, rank: int) -> None:
+    """Copy Ray's latest reported checkpoint into the run directory if that step is not there."""
+    import ray.train
+
+    from parallel import checkpoint
+
+    reported = ray.train.get_checkpoint()
+    if reported is None:
+        return
+    with reported.as_directory() as src:
+        step = json.loads((Path(src) / "meta.json").read_text())["step"]
+        final = run_dir / "checkpoints" / f"step_{step:06d}"
+        if final.is_dir() and checkpoint.verify(final) is None:
+            return   # shared storage: already here
+        tmp = final.with_name(f"{final.name}.restore-{rank}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        try:
+            tmp.rename(final)
+        except OSError:   # another worker on this storage restored it first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _worker(config: dict) -> None:
+    """The Ray Train loop function: runs on every worker."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from parallel import RunConfig, hooks, train
+
+    cfg = RunConfig.from_dict(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    run_dir = Path(cfg.run_dir)
+    _restore_from_ray(run_dir, rank)
+
+    def report(record: dict, run_dir: Path) -> None:
+        done = record["step"] + 1
+        ckpt_dir = run_dir / "checkpoints" / f"step_{done:06d}"
+        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if rank == 0 and ckpt_dir.is_dir() else None
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, bool))}
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    with hooks.on_step(report):
+        train(cfg)
+
+
+def _init_ray(address: str | None, nproc: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")   # set inside a `ray job submit` job
+    root = str(Path(__file__).resolve().parents[1])      # workers import the project from here
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:   # embedded local Ray: loopback only, no dashboard
+        ray.init(num_cpus=max(nproc, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
+
+
+def train_on_ray(cfg, nproc: int, gpus_per_worker: float = 0, address: str | None = None, max_failures: int = 0,
+                 storage_path: str | None = None) -> dict:
+    """Run `train(cfg)` on `nproc` Ray Train workers; returns the summary (summary.json of the run)."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if gpus_per_worker < 0 or max_failures < 0:
+        raise ValueError(f"--gpus-per-worker and --max-failures must be >= 0, got {gpus_per_worker} and "
+                         f"{max_failures}")
+    cfg.validate(world_size=nproc)
+    _absolute_paths(cfg)
+    _init_ray(address, nproc)
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = Path(cfg.run_dir)
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name, storage_path=str(Path(storage_path or run_dir / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:   # noqa: BLE001 - Ray wraps the workers' errors; one line for the user
+        raise RayJobFailed(f"Ray Train run failed (max_failures={max_failures}): "
+                           f"{str(error).strip().splitlines()[-1] if str(error).strip() else error!r}") from error
+    if getattr(result, "error", None):
+        raise RayJobFailed(f"Ray Train run failed (max_failures={max_failures}): {result.error}")
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    return dict(result.metrics or {}, run_dir=str(run_dir))   # the run dir is on another node

@@ -1,0 +1,104 @@
+"""Injected faults (for the fault-tolerance tests) and collective-timeout diagnosis.
+
+- `fault.kill_rank=R fault.at_step=S`: rank R exits abruptly (os._exit(17), no cleanup) when it starts
+  step S, once per run: not after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) nor after any
+  relaunch that finds `<run_dir>/.fault_fired` (Ray Train restarts its workers with no restart count).
+- `fault.hang_rank=R fault.at_step=S`: rank R sleeps forever at step S, as a stuck worker would.
+- `fault.collective_timeout_s`: the process group's timeout inside the training loop (set after setup,
+  so a slow start-up does not trip it). A collective that times out raises `CollectiveTimeout` naming
+  the ranks that never reached this step, read from per-rank heartbeats in the c10d store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+MARKER = ".fault_fired"
+_KEY = "wb/heartbeat/{}"
+
+
+class CollectiveTimeout(TimeoutError):
+    """A collective did not complete within fault.collective_timeout_s (a hung or lost rank)."""
+
+
+def _store():
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:   # noqa: BLE001 - diagnosis is best effort
+        return None
+
+
+def restart_safe_store() -> dict:
+    """`init_process_group` arguments for a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0).
+
+    Seen with torch 2.13: after `--max-restarts` restarts the group, the agent's TCPStore still holds
+    the previous attempt's gloo addresses under the same keys, and the new ranks connect to the dead
+    ones ("Gloo connectFullMesh failed ... Connection refused"). A key prefix per attempt fixes it."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        return {}
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(minutes=10))
+    return {"store": dist.PrefixStore(f"wb/attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
+def arm(cfg) -> None:
+    """Apply the loop's collective timeout to the default process group."""
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=cfg.fault.collective_timeout_s))
+
+
+def before_step(cfg, rank: int, step: int, run_dir: Path) -> None:
+    """Fire an injected fault if this rank and step ask for it; then record this rank's heartbeat."""
+    f = cfg.fault
+    if f.kill_rank == rank and f.at_step == step and not _fired(run_dir):
+        marker = Path(run_dir) / MARKER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"rank {rank} killed at step {step}\n")
+        os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
+    if f.hang_rank == rank and f.at_step == step:
+        while True:    # a stuck worker: alive, never reaching the next collective
+            time.sleep(3600)
+    store = _store()
+    if store is not None:
+        try:
+            store.set(_KEY.format(rank), str(step))
+        except Exception:   # noqa: BLE001
+            pass
+
+
+def _fired(run_dir: Path) -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or (Path(run_dir) / MARKER).exists()
+
+
+def is_timeout(error: BaseException) -> bool:
+    return bool(re.search(r"timed out|timeout", str(error), re.IGNORECASE))
+
+
+def explain_timeout(error: BaseException, cfg, rank: int, step: int) -> CollectiveTimeout:
+    """The error to raise for a timed-out collective: which ranks never reached `step`."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    store, behind = _store(), []
+    if store is not None:
+        for r in range(world):
+            key = _KEY.format(r)
+            try:
+                seen = int(store.get(key)) if store.check([key]) else -1
+            except Exception:   # noqa: BLE001
+                continue
+            if seen < step:
+                behind.append(f"rank {r} (last at step {seen})" if seen >= 0 else f"rank {r} (never started a step)")
+    who = ", ".join(behind) if behind else "an unknown rank"
+    return CollectiveTimeout(f"collective timed out after {cfg.fault.collective_timeout_s:g}s in step {step} on rank "
+                             f"{rank}: {who} did not reach step {step} (hung or lost). First error: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")

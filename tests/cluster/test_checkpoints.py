@@ -1,0 +1,54 @@
+"""Checkpoint integrity and retention: manifest with sizes and sha256, fallback past a truncated or
+corrupted newest checkpoint, keep-last-K-plus-every-M, weights_only loading."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.cluster.common import TINY, final_params, max_rel_diff
+
+
+def _train(run_dir, *extra):
+    from parallel import RunConfig, train
+
+    return train(RunConfig.from_toml(TINY, ["recipe=single", "steps=6", "progress=false", "checkpoint.every=2",
+                                            "checkpoint.keep=3", "checkpoint.save_final=true",
+                                            f"run_dir={run_dir}", *extra]))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    _train(run_dir)
+    clean = final_params(run_dir)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004", "step_000006"]
+    meta = json.loads((ckpts / "step_000006" / "meta.json").read_text())
+    state = ckpts / "step_000006" / "state.pt"
+    assert meta["files"]["state.pt"]["size"] == state.stat().st_size and len(meta["files"]["state.pt"]["sha256"]) == 64
+    good = state.read_bytes()
+
+    for damage, why in ((good[: len(good) // 2], "bytes, the manifest says"),           # truncated
+                        (good[:100] + bytes([good[100] ^ 0xFF]) + good[101:], "sha256")):  # one bit flipped, same size
+        state.write_bytes(damage)
+        (run_dir / "final_model.pt").unlink()
+        s = _train(run_dir, "steps=6")
+        assert s["resumed_from_step"] == 4, why
+        assert why in capfd.readouterr().err
+        assert max_rel_diff(final_params(run_dir), clean) == 0.0   # step 4 + 2 steps == the uninterrupted run
+        assert state.read_bytes() != damage   # the re-run wrote step 6 again
+
+
+def test_retention_keeps_last_k_plus_every_mth(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "steps=9", "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.keep_every=4")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_000004", "step_000008", "step_000009"]
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "steps=2")
+    state = torch.load(run_dir / "checkpoints" / "step_000002" / "state.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler"} <= state.keys()
