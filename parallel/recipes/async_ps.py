@@ -33,7 +33,10 @@ from parallel.rundir import RunDir
 
 def _ray_session(cfg: RunConfig) -> bool:
     """Connect to (or start) Ray; True when this call started it and must shut it down."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("recipe async-ps needs Ray: pip install 'ray[default]'") from None
 
     if ray.is_initialized():
         return False

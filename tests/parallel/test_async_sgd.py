@@ -176,7 +176,7 @@ def test_straggler_async_vs_sync_time_to_target(ray_local, tmp_path):
     """4 workers, worker 3 slowed 3x: wall seconds to tiny.toml's target loss, ddp vs async-ps (staleness 4).
     The issue's target is async <= 0.67x ddp; this prints the measured ratio (2 shared cores run the 4
     workers here, so the figure is the box's, not the algorithm's alone)."""
-    common = [*BASE, "steps=60", "straggler.rank=3", "straggler.factor=3", "log_every=1"]
+    common = [*BASE, "steps=36", "straggler.rank=3", "straggler.factor=3", "log_every=1"]
     ddp_dir, ps_dir = tmp_path / "ddp", tmp_path / "ps"
     torchrun(4, [(TINY, [*common, "recipe=ddp", f"run_dir={ddp_dir}"])])
     ps = _ps(ps_dir, 4, *common, "ps.staleness=4")
@@ -188,3 +188,5 @@ def test_straggler_async_vs_sync_time_to_target(ray_local, tmp_path):
               "ddp_final_loss": ddp["final_loss"], "async_final_loss": ps["final_loss"]}
     print("\nstraggler comparison (worker 3 of 4 slowed 3x): " + json.dumps(result))
     assert max(int(k) for k in ps["staleness_histogram"]) <= 4
+    # the same samples (36 global batches) end within 10% of ddp's loss
+    assert ps["final_loss"] <= 1.1 * ddp["final_loss"], (ps["final_loss"], ddp["final_loss"])
