@@ -151,8 +151,10 @@ _kinds: dict[int, str] = {}        # id(work) -> "S" / "R"
 
 
 def instrument_p2p() -> None:
-    """Record the schedules' waits on sends and receives as "send" / "recv" spans (once per process)."""
-    if getattr(_schedules, "_wb_instrumented", False):
+    """Record the schedules' waits on sends and receives as "send" / "recv" spans (once per process).
+    These are torch-private helpers: where a torch version lacks them, the waits just go unrecorded."""
+    if getattr(_schedules, "_wb_instrumented", False) or not all(
+            hasattr(_schedules, name) for name in ("_batch_p2p", "_wait_batch_p2p")):
         return
     post, wait = _schedules._batch_p2p, _schedules._wait_batch_p2p
 

@@ -43,6 +43,7 @@ from parallel.model import GPT, cross_entropy
 from parallel.pipeline_stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
 from parallel.recipes.base import Context, Engine
 from parallel.schedule import Op, closed_form_bubble, peak_inflight, simulate
+from profiling import range as prange
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
              "zero-bubble": ScheduleInterleavedZeroBubble}
@@ -115,7 +116,8 @@ class PipelineEngine(Engine):
         if on_backward is not None:
             on_backward(0, 1)
         lr = self.lr
-        grad_norm, applied = self.step()
+        with prange("optimizer", step=step):
+            grad_norm, applied = self.step()
         return loss_sum, lr, grad_norm, applied
 
     def _own_params(self) -> list[nn.Parameter]:
@@ -128,7 +130,8 @@ class PipelineEngine(Engine):
         if self.dp > 1:   # average over replicas, once per step, one flat buffer
             grads = [p.grad for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.dp_group)
+            with prange("allreduce", stage=self.pp_rank):
+                dist.all_reduce(flat, group=self.dp_group)
             flat /= self.dp
             for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
                 g.copy_(reduced)

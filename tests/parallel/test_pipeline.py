@@ -148,4 +148,5 @@ def test_wb_train_pipeline_writes_bubble_and_gantt(tmp_path):
     assert sorted(timeline["measured"]) == ["0", "1"] and len(timeline["predicted"]["0"]) == 16   # 8 F + 8 B
     trace = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
     spans = {(e["pid"], e["name"], e["args"].get("stage")) for e in trace if e["ph"] == "X"}
-    assert {(0, "fwd", 0), (0, "bwd", 0), (1, "fwd", 1), (1, "bwd", 1), (0, "recv", -1)} <= spans, sorted(spans)
+    assert {(0, "fwd", 0), (0, "bwd", 0), (1, "fwd", 1), (1, "bwd", 1), (0, "recv", -1), (1, "optimizer", None)} \
+        <= spans, sorted(spans)
