@@ -19,7 +19,9 @@ outnumber the cores. Workers are spread over the cluster's nodes where there are
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,10 +42,13 @@ def _ray_session(cfg: RunConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    root = str(Path(__file__).resolve().parents[2])   # actors import the project from here
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
     if cfg.ps.ray_address:
-        ray.init(address=cfg.ps.ray_address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address=cfg.ps.ray_address, runtime_env=env, log_to_driver=False)
+    else:   # embedded: loopback only, no dashboard
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
     return True
 
 
