@@ -18,7 +18,7 @@ from tests.parallel.runs import BASE, ROOT, TINY, env
 PIPE = [*BASE, "recipe=pipeline", "pp.gantt=false"]   # the Gantt PNG costs ~1 s of matplotlib; the CLI test draws one
 # Compute-dominated micro-batches for the bubble: ~10 ms forward per stage and micro-batch on one CPU
 # core, so that p2p latency and Python overhead (~0.1-1 ms per op over gloo) stay small beside it.
-HEAVY = ["steps=6", "progress=false", "checkpoint.every=0", "recipe=pipeline", "pp.gantt=false", "model.d_model=256",
+HEAVY = ["steps=8", "progress=false", "checkpoint.every=0", "recipe=pipeline", "pp.gantt=false", "model.d_model=256",
          "model.seq_len=64", "model.n_layers=4", "micro_batch=4", "optim.warmup_steps=2"]
 
 
