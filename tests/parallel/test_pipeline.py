@@ -13,8 +13,6 @@ from tests.parallel.pipeline_runs import PIPE, heavy, torchrun
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
 from workbench.cli import main
 
-pytestmark = pytest.mark.slow
-
 PP2 = {   # name -> overrides of the 2-process runs (each 10 fp32 steps of the equivalence config)
     "gpipe": ["pp.schedule=gpipe", "pp.layers_per_stage=[1, 4]"],   # an explicit split
     "1f1b": ["pp.schedule=1f1b", "checkpoint.every=5", "checkpoint.keep=2"],
@@ -43,6 +41,7 @@ def pp_runs(tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*PP2, "pp2xdp2"])
 def test_pipeline_matches_single(name, pp_runs, reference):
     ref, got = losses(reference), losses(pp_runs[name])
@@ -63,6 +62,7 @@ def test_pipeline_matches_single(name, pp_runs, reference):
     assert s["pp_microbatches"] == s["accum_steps"] == m
 
 
+@pytest.mark.slow
 def test_split_and_stage_memory(pp_runs):
     assert summary(pp_runs["1f1b"])["pp_layers_per_stage"] == [2, 3]     # balanced by parameters (5 blocks)
     assert summary(pp_runs["gpipe"])["pp_layers_per_stage"] == [1, 4]
@@ -72,6 +72,7 @@ def test_split_and_stage_memory(pp_runs):
     assert s["model_state_bytes_per_rank"] < 0.75 * 16 * s["n_params"]
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint(pp_runs):
     """Resumed after 5 steps from the per-stage checkpoint files: the same steps 5..9 and end state."""
     clean, resumed = pp_runs["1f1b"], pp_runs["resumed"]
@@ -82,6 +83,7 @@ def test_resume_from_checkpoint(pp_runs):
     assert max_rel_diff(final_params(resumed), final_params(clean)) < 1e-6
 
 
+@pytest.mark.slow
 def test_bubble_measured_against_predicted(pp_runs):
     """Measured on compute-dominated micro-batches (~10 ms forward per stage); the reported step is the one
     with the smallest bubble out of 7 (parallel.bubble: on a shared CPU, noise only ever adds idle time)."""
@@ -97,6 +99,7 @@ def test_bubble_measured_against_predicted(pp_runs):
     assert 0.0 < measured[2] < measured[0]
 
 
+@pytest.mark.slow
 def test_microbatches_in_flight(pp_runs):
     one_f_one_b, gpipe = summary(pp_runs["m8"]), summary(pp_runs["gpipe-m8"])
     assert one_f_one_b["peak_inflight_microbatches_by_rank"] == [2, 1]   # pp - rank <= pp
@@ -133,6 +136,7 @@ def test_pp_config_errors(args, message, capsys):
     assert err.count("\n") == 1 and err.startswith("wb: error: ") and message in err, err
 
 
+@pytest.mark.slow
 def test_wb_train_pipeline_writes_bubble_and_gantt(tmp_path):
     run_dir = tmp_path / "run"
     done = wb("train", "--recipe", "pipeline", "--nproc", "2", "pp.schedule=1f1b", "pp.microbatches=8", "--config",
