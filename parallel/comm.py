@@ -1,8 +1,11 @@
 """Bytes communicated, counted where the tensors are handed to the network, for summary.json.
 
-The count is the payload each worker sends per collective or per push/pull (a tensor's bytes), not
-the wire traffic of a particular algorithm (a ring all-reduce sends 2(N-1)/N of it): the same ruler for
-ddp's gradient all-reduce, local SGD's parameter average and a parameter server's push + pull.
+One ruler for every recipe: the bytes all workers together hand to the network plus the bytes they
+get back, counted as tensor payload. An all-reduce of M bytes on N ranks counts 2 x M x N (each rank
+sends its M and receives the reduced M); a parameter-server update counts the worker's push (its
+gradient) plus its pull (the parameters). It is not the wire traffic of one algorithm (a ring
+all-reduce moves 2(N-1)/N x M each way per rank), but it ranks ddp, local SGD, DiLoCo and the
+parameter server on the same scale: synchronous async-ps (staleness 0) counts exactly ddp's bytes.
 """
 
 from __future__ import annotations

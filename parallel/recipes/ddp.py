@@ -26,9 +26,11 @@ def _counting_allreduce(counter: CommCounter, bucket):
 
 class DDPEngine(Engine):
     def comm_summary(self, steps: int, elapsed_s: float) -> dict:
-        """Gradient bytes this rank handed to all-reduce (counted by the comm hook), per step and per sample."""
+        """Gradient bytes all ranks moved through all-reduce (the comm hook counts this rank's buckets; each
+        rank sends its bucket and receives the reduced one: 2 x payload x world size), per step and sample."""
         c = self.comm
-        return comm_summary(c.bytes, steps, steps * self.cfg.global_batch, elapsed_s, c.ops)
+        total = 2 * c.bytes * self.ctx.world_size
+        return comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, c.ops)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # DDP decides in forward whether the coming backward all-reduces, so no_sync must cover the

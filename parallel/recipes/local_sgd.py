@@ -70,7 +70,9 @@ class LocalSGDEngine(Engine):
             p.copy_(g)
 
     def comm_summary(self, steps: int, elapsed_s: float) -> dict:
-        out = comm_summary(self.comm.bytes, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops)
+        # every rank sends its parameters (or pseudo-gradients) and receives the average: 2 x payload x ranks
+        total = 2 * self.comm.bytes * self.ctx.world_size
+        out = comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops)
         out.update(sync_every=self.cfg.local_sgd.sync_every, outer_syncs=self.syncs)
         return out
 

@@ -66,8 +66,9 @@ def test_staleness_zero_equals_ddp(ray_local, torchrun_runs, tmp_path):
     assert ref[-1] < ref[0] - 0.5   # it trains
     assert max_rel_diff(final_params(tmp_path), final_params(torchrun_runs["ddp"])) < 1e-4
     assert s["staleness_histogram"] == {"0": 10} and s["updates"] == 10
-    # every clock: each worker pulls the full model and pushes its full gradient (4 bytes x params, fp32)
-    assert s["bytes_per_update"] == 2 * 2 * 4 * s["n_params"]
+    # every clock: each worker pulls the full model and pushes its full gradient (4 bytes x params, fp32),
+    # the same bytes as ddp's all-reduce of the gradients (each rank sends its own and gets the average)
+    assert s["bytes_per_update"] == 2 * 2 * 4 * s["n_params"] == summary(torchrun_runs["ddp"])["bytes_per_update"]
 
 
 # ---- bounded staleness and a killed worker ---------------------------------------------------------
