@@ -1,0 +1,94 @@
+"""`wb slurm render`: the sbatch script parses (bash -n, shellcheck when installed), and run under
+stand-in srun/scontrol/python it starts torchrun with the head node as c10d endpoint, per-rank logs,
+the user's arguments literal (no shell injection), and requeues itself on USR1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cluster.slurm import render_sbatch, submit
+from tests.cluster.common import wb
+
+PAYLOAD = ["name=$(touch PWNED)", "run_dir=`touch PWNED2`", "tag=it's \"quoted\" ; rm -rf /", "x=a b"]
+
+STUBS = r"""
+scontrol() { if [ "$1" = show ]; then printf 'node7\nnode8\n'; else echo "$*" >> "$CALLS"; fi; }
+srun() { echo "srun $*" >> "$CALLS"; while [[ "$1" == --* ]]; do shift; done; "$@"; }
+python() { printf '%s\0' "$@" > "$ARGS_OUT"; sleep "${STUB_SLEEP:-0}"; }
+export -f scontrol srun python
+"""
+
+
+def _render(tmp_path, *extra, **env):
+    script = tmp_path / "job.sbatch"
+    done = wb("slurm", "render", "--nodes", "2", "--gpus-per-node", "4", "--time", "02:00:00", "--partition", "gpu",
+              "--max-restarts", "2", "--log-dir", str(tmp_path / "logs"), "--out", str(script), *extra,
+              "--", "wb", "train", "--recipe", "ddp", *PAYLOAD, timeout=120, **env)
+    return script, done
+
+
+def test_render_parses_and_runs_torchrun_literally(tmp_path):
+    script, done = _render(tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    for directive in ("--nodes=2", "--gpus-per-node=4", "--time=02:00:00", "--partition=gpu", "--requeue",
+                      "--signal=B:USR1@"):
+        assert f"#SBATCH {directive}" in text
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+
+    env = dict(os.environ, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[7-8]", SLURM_JOB_NUM_NODES="2",
+               CALLS=str(tmp_path / "calls"), ARGS_OUT=str(tmp_path / "args"))
+    run = subprocess.run(["bash", "-c", STUBS + f'bash "{script}"'], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    args = (tmp_path / "args").read_text().split("\0")[:-1]
+    logs = tmp_path / "logs" / "4242"
+    assert args == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=node7:29500", "--rdzv-id=4242", "--max-restarts=2", f"--log-dir={logs}",
+                    "--redirects=3", "--tee=3", "-m", "workbench", "train", "--recipe", "ddp", *PAYLOAD]
+    assert not list(tmp_path.glob("PWNED*")), "a config value was executed by the shell"
+    assert logs.is_dir()
+    assert "--ntasks-per-node=1" in (tmp_path / "calls").read_text()
+
+
+def test_usr1_requeues_the_job(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(["wb", "train"], nodes=1, gpus_per_node=1, time="10", partition="p",
+                                    log_dir=str(tmp_path / "logs")))
+    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node7", SLURM_JOB_NUM_NODES="1",
+               CALLS=str(tmp_path / "calls"), ARGS_OUT=str(tmp_path / "args"), STUB_SLEEP="3")
+    (tmp_path / "stubs.sh").write_text(STUBS)
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=dict(env, BASH_ENV=str(tmp_path / "stubs.sh")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "args").exists():   # torchrun (the stand-in) is running
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)   # what Slurm sends ahead of the time limit (--signal=B:USR1@...)
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == 0, err
+    assert "requeue 77" in (tmp_path / "calls").read_text()
+    assert "requeueing job 77" in out
+
+
+def test_submit(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))   # no sbatch here
+    with pytest.raises(ValueError, match="sbatch not found on PATH"):
+        submit(tmp_path / "job.sbatch")
+    monkeypatch.undo()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/submitted\necho "Submitted batch job 1"\n')
+    (fake / "sbatch").chmod(0o755)
+    _, done = _render(tmp_path, "--submit", PATH=f"{fake}:{os.environ['PATH']}")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "submitted").read_text().strip() == str(tmp_path / "job.sbatch")
