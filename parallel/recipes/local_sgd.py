@@ -69,6 +69,27 @@ class LocalSGDEngine(Engine):
         for p, g in zip(self.params, self.global_params, strict=True):
             p.copy_(g)
 
+    def save(self, path) -> None:
+        """Rank 0's replica (replicas are equal right after a sync; elsewhere a resume restarts every rank from
+        rank 0's), plus the sync phase and, for diloco, the global copy and the outer momentum."""
+        super().save(path)
+        if self.ctx.is_main:
+            extra = {"local_steps": self.local_steps, "syncs": self.syncs}
+            if self.diloco:
+                extra.update(global_params=[g.detach().cpu() for g in self.global_params],
+                             outer=self.outer.state_dict())
+            torch.save(extra, path / "local_sgd.pt")
+
+    @torch.no_grad()
+    def load(self, path) -> None:
+        super().load(path)
+        extra = torch.load(path / "local_sgd.pt", map_location=self.ctx.device, weights_only=True)
+        self.local_steps, self.syncs = extra["local_steps"], extra["syncs"]
+        if self.diloco:
+            for g, saved in zip(self.global_params, extra["global_params"], strict=True):
+                g.copy_(saved)
+            self.outer.load_state_dict(extra["outer"])
+
     def comm_summary(self, steps: int, elapsed_s: float) -> dict:
         # every rank sends its parameters (or pseudo-gradients) and receives the average: 2 x payload x ranks
         total = 2 * self.comm.bytes * self.ctx.world_size

@@ -192,3 +192,26 @@ def test_straggler_async_vs_sync_time_to_target(ray_local, tmp_path):
     assert max(int(k) for k in ps["staleness_histogram"]) <= 4
     # the same samples (36 global batches) end within 10% of ddp's loss
     assert ps["final_loss"] <= 1.1 * ddp["final_loss"], (ps["final_loss"], ddp["final_loss"])
+
+
+@pytest.mark.parametrize("recipe", ["diloco", "local-sgd"])
+def test_local_sgd_resumes_mid_period(recipe, tmp_path):
+    """Resuming from a checkpoint between syncs (step 4 of H = 8) ends where the uninterrupted run ends:
+    the sync phase, DiLoCo's global copy and its outer momentum come back with the checkpoint."""
+    import shutil
+
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    ov = [*BASE, f"recipe={recipe}", "steps=12", "micro_batch=8", "checkpoint.every=4", "checkpoint.keep=5",
+          "local_sgd.sync_every=8", f"run_dir={tmp_path}"]
+    try:
+        whole = train(RunConfig.from_toml(TINY, ov))
+        for step in (8, 12):
+            shutil.rmtree(tmp_path / "checkpoints" / f"step_{step:06d}")
+        resumed = train(RunConfig.from_toml(TINY, ov))
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
