@@ -41,11 +41,11 @@ def record(name: str, start_ns: int, end_ns: int, args: dict | None = None) -> N
         _spans.append((name, start_ns, end_ns, threading.get_ident(), args))
 
 
-def align_clocks(rounds: int = 5) -> int:
-    """Measure this rank's clock offset to rank 0 (ns) with barrier-released timestamps.
+def clock_offset_ns(rounds: int = 5) -> int:
+    """ns to add to this rank's perf_counter_ns to read rank 0's (0 outside a process group).
 
     After a barrier every rank reads its clock at (nearly) the same instant; rank 0's reading minus
-    ours is the offset. The median of a few rounds discards a slow wake-up.
+    ours is the offset. The median of a few rounds discards a slow wake-up. Collective.
     """
     import torch
     import torch.distributed as dist
@@ -59,7 +59,12 @@ def align_clocks(rounds: int = 5) -> int:
         ref = now.clone()
         dist.broadcast(ref, src=0)
         offsets.append(int(ref.item() - now.item()))
-    _state["offset_ns"] = int(statistics.median(offsets))
+    return int(statistics.median(offsets))
+
+
+def align_clocks(rounds: int = 5) -> int:
+    """Measure and keep this rank's offset to rank 0, applied when the timelines are merged."""
+    _state["offset_ns"] = clock_offset_ns(rounds)
     return _state["offset_ns"]
 
 

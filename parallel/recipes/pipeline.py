@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -44,22 +43,11 @@ from parallel.pipeline_stages import SpanRecorder, StageModule, TimedStage, _act
 from parallel.recipes.base import Context, Engine
 from parallel.schedule import Op, closed_form_bubble, peak_inflight, simulate
 from profiling import range as prange
+from profiling.timeline import clock_offset_ns
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
              "zero-bubble": ScheduleInterleavedZeroBubble}
 KEEP_STEPS = 20   # the last steps whose spans are kept for the bubble measurement
-
-
-def _clock_offset(rounds: int = 5) -> int:
-    """ns to add to this rank's perf_counter to read rank 0's (barrier-released readings, median)."""
-    offsets = []
-    for _ in range(rounds):
-        dist.barrier()
-        now = torch.tensor([time.perf_counter_ns()], dtype=torch.int64)
-        ref = now.clone()
-        dist.broadcast(ref, src=0)
-        offsets.append(int(ref - now))
-    return int(statistics.median(offsets))
 
 
 class PipelineEngine(Engine):
@@ -81,7 +69,7 @@ class PipelineEngine(Engine):
                 self.tie_group = group
         self.stages = stages
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
-        self.recorder = SpanRecorder(_clock_offset(), sync=sync)
+        self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
         instrument_p2p()
         n_stages = pp * self.v
