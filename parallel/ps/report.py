@@ -70,8 +70,10 @@ def write_run(cfg: RunConfig, out: RunDir, n_workers: int, records: list[dict], 
         "tokens_per_step": cfg.global_batch * cfg.model.seq_len,
         "skipped_steps": sum(not r["applied"] for r in records),
         "staleness_bound": cfg.ps.staleness if cfg.recipe == "async-ps" else None,
-        "staleness_histogram": histogram(r["staleness"] for r in records if "staleness" in r),
-        "version_lag_histogram": histogram(r["version_lag"] for r in records if "version_lag" in r),
+        # SSP staleness: clocks ahead of the slowest worker when the gradient's parameters were read
+        "staleness_histogram": histogram(r["staleness"] for r in records if "staleness" in r) or None,
+        # server updates applied between that read and this gradient's apply
+        "version_lag_histogram": histogram(r["version_lag"] for r in records if "version_lag" in r) or None,
         "device": "cpu",
         "precision": cfg.precision,
         "run_dir": str(out.path),
