@@ -11,6 +11,9 @@ by a new actor that resumes at its last acknowledged clock (`ps.on_worker_death 
 dropped from the staleness bound and the sync rounds ("drop"). Updates already acknowledged live on the
 server, which never died, so none is lost.
 
+The server shards are not replicated: a shard that dies ends the run with an error (no server
+checkpoints yet).
+
 Ray: an embedded local instance by default (started here, shut down at the end), an existing cluster
 with `ps.ray_address` (`--ray-address`), or whatever `ray.init()` the caller already made (tests).
 Actors ask for no CPUs (num_cpus=0): the tiny model needs none reserved, and N workers + shards may
@@ -88,6 +91,8 @@ def _train(cfg: RunConfig, n: int) -> dict:
         except RayActorError as died:
             acked = min(ray.get([s.acked_clock.remote(w) for s in shards]))
             deaths.append({"worker": w, "acked_clock": acked, "error": type(died).__name__})
+            if cfg.ps.on_worker_death == "replace" and replaced >= 3 * n:   # a crash that repeats is a bug
+                raise RuntimeError(f"async-ps: {len(deaths)} worker deaths, the last: {deaths[-3:]}") from died
             if cfg.ps.on_worker_death == "replace":
                 workers[w] = Worker.remote(cfg_dict, w, n, shards, True)
                 running[workers[w].run.remote(acked, cfg.steps)] = w
