@@ -46,7 +46,16 @@ def submit_job(command: list[str], address: str | None = None, working_dir: str 
     client = JobSubmissionClient(address)
     runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": EXCLUDES,
                    "env_vars": {"OMP_NUM_THREADS": "1", **(env_vars or {})}}
-    job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env, submission_id=submission_id)
+    deadline = time.monotonic() + 90
+    while True:   # a head that just started answers "No available agent to submit job" until its agent is up
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
+                                       submission_id=submission_id)
+            break
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"wb: submitted Ray job {job_id} to {address}: {shlex.join(command)}", file=out, flush=True)
     if not wait:
         return 0

@@ -52,3 +52,33 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     _train(run_dir, "steps=2")
     state = torch.load(run_dir / "checkpoints" / "step_000002" / "state.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler"} <= state.keys()
+
+
+class _Payload:
+    """Unpickling this opens (creates) a file: what an arbitrary pickle in a checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path, capfd):
+    """A newest checkpoint whose state.pt holds a non-tensor pickle (manifest updated to match, so only
+    the weights_only check can catch it) is skipped for the previous one, and its payload never runs."""
+    from parallel import checkpoint
+
+    run_dir = tmp_path / "run"
+    _train(run_dir)
+    newest = run_dir / "checkpoints" / "step_000006"
+    marker = tmp_path / "PWNED"
+    state = torch.load(newest / "state.pt", weights_only=True)
+    state["extra"] = _Payload(marker)
+    torch.save(state, newest / "state.pt")
+    meta = json.loads((newest / "meta.json").read_text())
+    meta["files"] = checkpoint.file_manifest(newest)
+    (newest / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint.newest_good(run_dir) == run_dir / "checkpoints" / "step_000004"
+    assert "does not load with weights_only=True" in capfd.readouterr().err
+    assert not marker.exists()
