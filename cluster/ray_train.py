@@ -143,4 +143,6 @@ def train_on_ray(cfg, nproc: int, gpus_per_worker: float = 0, address: str | Non
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
-    return dict(result.metrics or {}, run_dir=str(run_dir))   # the run dir is on another node
+    m = result.metrics or {}   # the run dir is on another node: the last step's report
+    return {"recipe": cfg.recipe, "world_size": nproc, "steps": cfg.steps, "final_loss": m.get("loss", float("nan")),
+            "tokens_per_s": m.get("tokens_per_s", 0.0), "model_state_bytes_per_rank": 0, "run_dir": str(run_dir)}

@@ -64,11 +64,15 @@ def train(
     if launcher not in ("local", "ray"):
         raise ValueError(f"--launcher must be 'local' or 'ray', got '{launcher}'")
     if launcher == "ray":
-        from cluster.ray_train import train_on_ray
+        from cluster.ray_train import RayJobFailed, train_on_ray
 
         cfg.validate(world_size=nproc)
-        summary = train_on_ray(cfg, nproc, gpus_per_worker=gpus_per_worker, address=ray_address,
-                               max_failures=max_failures)
+        try:
+            summary = train_on_ray(cfg, nproc, gpus_per_worker=gpus_per_worker, address=ray_address,
+                                   max_failures=max_failures)
+        except RayJobFailed as failed:   # one line, as for every other job failure
+            print(f"wb: error: {failed}", file=sys.stderr)
+            raise typer.Exit(1) from None
         _print_summary(summary)
         return
     if _inside_torchrun():

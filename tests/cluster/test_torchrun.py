@@ -77,3 +77,9 @@ def test_launch_command_multinode():
         torchrun_command(["wb", "train"], nproc_per_node=8, nnodes="2")
     assert torchrun_command(["python", "x.py"], 1)[-1:] == ["x.py"]
     assert torchrun_command(["./run.sh", "a"], 1)[-3:] == ["--no-python", "./run.sh", "a"]
+
+
+def test_launcher_mistakes_are_one_line():
+    done = wb("train", "--recipe", "ddp", "--config", TINY, "--launcher", "slurm", timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["wb: error: --launcher must be 'local' or 'ray', got 'slurm'"]
