@@ -104,15 +104,23 @@ def _bar_figure(runs: list[Run], out: Path, machine: str, file: str, title: str,
 
 
 def _staleness_figure(runs: list[Run], out: Path, machine: str) -> str | None:
+    """async-ps: how far ahead of the slowest worker (SSP clocks) each applied gradient was, and how
+    many server updates landed between its parameter read and its apply."""
+    panels = [("staleness_histogram", "SSP clocks ahead of the slowest worker"),
+              ("version_lag_histogram", "server updates between read and apply")]
     with_hist = [r for r in runs if isinstance(r.summary.get("staleness_histogram"), dict)]
     if not with_hist:
         return None
-    fig, ax = _figure("staleness of applied gradients (versions behind the server)", "staleness",
-                      "gradients applied", machine)
-    for run in with_hist:
-        hist = {int(k): v for k, v in run.summary["staleness_histogram"].items()}
-        ax.bar(list(hist), list(hist.values()), alpha=0.6, label=run.label)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    fig.suptitle(f"staleness of applied gradients\n{machine}", fontsize=10)
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
+        for run in with_hist:
+            hist = {int(k): v for k, v in (run.summary.get(key) or {}).items()}
+            ax.bar(list(hist), list(hist.values()), alpha=0.6, label=run.label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("gradients applied")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, out, "staleness.png")
 
 
