@@ -20,7 +20,8 @@ from workbench.report import build_report
 from workbench.report_cli import console, print_runs_table
 
 # Long enough for the tiny model to pass tiny.toml's target loss, short enough for 6 minutes on 2 cores.
-DEMO_OVERRIDES = ["steps=80", "checkpoint.every=0"]
+# ps.staleness only concerns async-ps (bounded-staleness async; 0 would make it synchronous).
+DEMO_OVERRIDES = ["steps=80", "checkpoint.every=0", "ps.staleness=2"]
 
 
 def run(nproc: int = typer.Option(2, "--nproc", help="processes per recipe"),
