@@ -124,7 +124,8 @@ def train_step(engine, dataset: Dataset, cfg: RunConfig, step: int, dp_rank: int
     mbs = micro_batches(cfg.global_batch, cfg.micro_batch, dp_rank, dp)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for j, indices in enumerate(mbs):
-        x, y = (t.to(device) for t in dataset.batch(step, indices))
+        with prange("data", mb=j):
+            x, y = (t.to(device) for t in dataset.batch(step, indices))
         with prange("fwd", mb=j), autocast:
             loss = engine.forward(x, y)
         with prange("bwd", mb=j):
@@ -133,7 +134,7 @@ def train_step(engine, dataset: Dataset, cfg: RunConfig, step: int, dp_rank: int
         if on_backward is not None:
             on_backward(j, len(mbs))
     lr = engine.lr   # the rate this step uses; step() moves the schedule on
-    with prange("optim", step=step):
+    with prange("optimizer", step=step):
         grad_norm, applied = engine.step()
     return loss_sum, lr, grad_norm, applied
 
@@ -206,7 +207,8 @@ def train(cfg: RunConfig, nproc: int | None = None) -> dict:
             progress.update(f"loss {loss_value:.4f}")
             done = step + 1
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
-                checkpoint.save(engine, run_dir, done, cfg.checkpoint.keep, ctx.rank, cfg.checkpoint.keep_every)
+                with prange("checkpoint", step=done):
+                    checkpoint.save(engine, run_dir, done, cfg.checkpoint.keep, ctx.rank, cfg.checkpoint.keep_every)
             hooks.after_step(record, run_dir)   # e.g. ray.train.report, with the checkpoint just saved
     except Exception as error:   # a collective that timed out: name the ranks that never arrived
         if fault.is_timeout(error):

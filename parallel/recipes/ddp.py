@@ -16,12 +16,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from parallel.comm import CommCounter, comm_summary
 from parallel.config import RunConfig
 from parallel.recipes.base import Context, Engine
+from profiling import range as prange
 
 
 def _counting_allreduce(counter: CommCounter, bucket):
     """DDP's own all-reduce (average), after counting the bucket's bytes."""
     counter.add(bucket.buffer())
-    return default_hooks.allreduce_hook(None, bucket)
+    with prange("allreduce", bucket=bucket.index()):   # the launch; the wait happens inside backward
+        return default_hooks.allreduce_hook(None, bucket)
 
 
 class DDPEngine(Engine):

@@ -36,7 +36,7 @@ def test_wb_train_zero2_writes_run_dir(tmp_path):
     assert (run_dir / "checkpoints" / "step_000020").is_dir()   # tiny.toml: every 50, and at the end
     trace = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
     spans = {(e["pid"], e["name"]) for e in trace if e["ph"] == "X"}
-    assert {(rank, name) for rank in (0, 1) for name in ("step", "fwd", "bwd", "optim")} <= spans
+    assert {(rank, name) for rank in (0, 1) for name in ("step", "data", "fwd", "bwd", "optimizer")} <= spans
 
 
 def test_data_prepare_and_train_on_bytes(tmp_path):
