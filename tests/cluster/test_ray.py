@@ -52,7 +52,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         yield url, auth
     finally:   # only the processes this fixture started: its own session (process group)
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
