@@ -46,7 +46,7 @@ def _write_json(path: Path | None, rows) -> None:
 
 
 @app.command()
-def check(kernel: str = typer.Argument("all", help="softmax | all"),
+def check(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
           backend: list[str] = typer.Option(None, "--backend", "-b", help="triton | interpret | torch (repeatable)"),
           seed: int = typer.Option(0, help="random seed of the inputs"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
@@ -61,7 +61,7 @@ def check(kernel: str = typer.Argument("all", help="softmax | all"),
 
 
 @app.command()
-def bench(kernel: str = typer.Argument("all", help="softmax | all"),
+def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
           quick: bool = typer.Option(False, help="fewer shapes"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Time the kernels on this machine's device beside the torch equivalent, in one run."""
@@ -87,7 +87,7 @@ def bench(kernel: str = typer.Argument("all", help="softmax | all"),
 
 
 @app.command("compile")
-def compile_(kernel: str = typer.Argument("all", help="softmax | all"),
+def compile_(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
              arch: str = typer.Option("80,90", help="comma-separated compute capabilities"),
              jobs: int = typer.Option(0, help="worker processes (0: one per CPU)"),
              json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
