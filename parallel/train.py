@@ -10,7 +10,6 @@ Order of setup, the same for every recipe:
 
 from __future__ import annotations
 
-import atexit
 import os
 import time
 from datetime import datetime
@@ -31,14 +30,6 @@ from profiling import timeline
 from profiling.session import ProfileSession
 
 
-def _destroy_process_groups() -> None:
-    """gloo's threads abort the process ("terminate called without an active exception", exit -6)
-    when the interpreter tears process groups down in no particular order at exit (seen in ddp and
-    pipeline runs): destroy them first."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def init_distributed(cfg: RunConfig) -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -54,8 +45,6 @@ def init_distributed(cfg: RunConfig) -> Context:
             dist.init_process_group("nccl" if use_cuda else "gloo", **fault.restart_safe_store())
         else:   # a one-process group, so DDP / DeepSpeed / FSDP also run alone
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        atexit.unregister(_destroy_process_groups)
-        atexit.register(_destroy_process_groups)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return Context(rank=rank, world_size=world, local_rank=local_rank, device=device)

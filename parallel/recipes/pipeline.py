@@ -18,6 +18,7 @@ Checkpoints: one file per stage-rank (written by replica 0). Bubble: see summary
 
 from __future__ import annotations
 
+import atexit
 import json
 import statistics
 from pathlib import Path
@@ -229,6 +230,11 @@ class PipelineEngine(Engine):
         }
 
 
+def _destroy_groups() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup(model: GPT, cfg: RunConfig, ctx: Context) -> Engine:
     model.to(ctx.device)
     pp = cfg.pp.degree or ctx.world_size
@@ -240,5 +246,9 @@ def setup(model: GPT, cfg: RunConfig, ctx: Context) -> Engine:
     stages = [StageModule(model, starts[s], sizes[s], s == 0, s == n_stages - 1, untie=pp > 1)
               for s in range(pp_rank, n_stages, pp)]
     engine = PipelineEngine(stages, cfg, ctx, pp, dp)
+    # gloo's p2p threads abort the process ("terminate called without an active exception") when the
+    # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
+    atexit.unregister(_destroy_groups)
+    atexit.register(_destroy_groups)
     engine.sizes = sizes
     return engine
