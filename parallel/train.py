@@ -11,6 +11,7 @@ Order of setup, the same for every recipe:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,20 @@ from parallel.rundir import RunDir, median
 from profiling import range as prange
 from profiling import timeline
 from profiling.session import ProfileSession
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a torchrun worker process once its work is done, skipping interpreter teardown.
+
+    At interpreter exit gloo's threads are torn down in no particular order and abort the process
+    now and then ("terminate called without an active exception", exit -6), failing a finished job.
+    After a barrier (no rank leaves while another still talks to it) the process ends at once.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_distributed(cfg: RunConfig) -> Context:

@@ -80,7 +80,9 @@ def train(
         if nproc not in (1, world):
             raise ValueError(f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE {world}")
         _run(cfg)
-        return
+        from parallel.train import exit_worker
+
+        exit_worker(0)
     cfg.validate(world_size=nproc)            # config mistakes stop here, before any process starts
     if nproc == 1 and max_restarts == 0 and log_dir is None:
         _run(cfg)

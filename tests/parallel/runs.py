@@ -74,6 +74,8 @@ def rel(a: float, b: float) -> float:
 
 if __name__ == "__main__":
     from parallel import RunConfig, train
+    from parallel.train import exit_worker
 
     for config, overrides in json.loads(sys.argv[1]):
         train(RunConfig.from_toml(config, overrides))
+    exit_worker(0)
