@@ -35,12 +35,17 @@ def test_every_config_compiles(kernel, arch):
         assert r.registers is not None and r.registers <= 255
 
 
+def _fp32_block_spec(block_n: int, num_warps: int, label: str) -> CompileSpec:
+    """The fp32 single-block softmax forward, one row per program, at a chosen width."""
+    signature = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "x_row_stride": "i32",
+                 "y_row_stride": "i32", "LOG": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    return CompileSpec("softmax", "softmax_fwd_block", signature, {"LOG": False, "BLOCK_M": 1, "BLOCK_N": block_n},
+                       num_warps, 1, label)
+
+
 def test_a_broken_kernel_is_reported_not_raised():
     """The helper turns a compiler error into a failed row (so `wb kernels compile` can print it)."""
-    spec = CompileSpec("softmax", "softmax_fwd_block", {"x_ptr": "*fp32", "y_ptr": "*fp32", "n_rows": "i32",
-                       "n_cols": "i32", "x_row_stride": "i32", "y_row_stride": "i32", "LOG": "constexpr",
-                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                       {"LOG": False, "BLOCK_M": 1, "BLOCK_N": 1000}, 4, 1, "non-power-of-two block")
+    spec = _fp32_block_spec(block_n=1000, num_warps=4, label="non-power-of-two block")
     result = compile_spec(spec, 90)
     assert not result.ok and not result.passed and result.error
 
@@ -56,9 +61,6 @@ def test_missing_ptx_instruction_fails_the_row():
 
 def test_register_spills_are_reported():
     """A row held whole in registers by too few threads spills; the report must show it."""
-    spec = CompileSpec("softmax", "softmax_fwd_block", {"x_ptr": "*fp32", "y_ptr": "*fp32", "n_rows": "i32",
-                       "n_cols": "i32", "x_row_stride": "i32", "y_row_stride": "i32", "LOG": "constexpr",
-                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                       {"LOG": False, "BLOCK_M": 1, "BLOCK_N": 8192}, 1, 1, "8k columns in one warp")
+    spec = _fp32_block_spec(block_n=8192, num_warps=1, label="8k columns in one warp")
     result = compile_spec(spec, 90)
     assert result.ok and result.spill_bytes > 0
