@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from parallel.errors import UserError
+
 EXCLUDES = [".git", ".venv", "venv", "runs", "results", ".pytest_cache", ".ruff_cache", ".benchmarks",
             "**/__pycache__", "*.pt", "*.nsys-rep", "*.ncu-rep", "*.egg-info"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -37,9 +39,9 @@ def submit_job(command: list[str], address: str | None = None, working_dir: str 
                submission_id: str | None = None, out=sys.stdout) -> int:
     """Submit `command` as the job's entrypoint; with `wait`, stream its logs and return 0 iff it succeeded."""
     if not command:
-        raise ValueError("no command to submit: put it after `--`, e.g. wb ray submit -- wb train --launcher ray")
+        raise UserError("no command to submit: put it after `--`, e.g. wb ray submit -- wb train --launcher ray")
     if not Path(working_dir).is_dir():
-        raise ValueError(f"--working-dir: not a directory: {working_dir}")
+        raise UserError(f"--working-dir: not a directory: {working_dir}")
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)

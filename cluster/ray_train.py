@@ -24,8 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime
 from pathlib import Path
+
+from parallel.errors import UserError
+from parallel.loop.rundir import resolve_run_dir
+from parallel.loop.summary import RunSummary
 
 
 class RayJobFailed(RuntimeError):
@@ -34,9 +37,7 @@ class RayJobFailed(RuntimeError):
 
 def _absolute_paths(cfg) -> None:
     """Workers may start in another directory: every path in the config becomes absolute."""
-    if not cfg.run_dir:
-        cfg.run_dir = f"runs/{cfg.name or cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
-    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    cfg.run_dir = str(resolve_run_dir(cfg).resolve())
     if cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     if cfg.zero.config_file:
@@ -72,7 +73,8 @@ def _worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from parallel import RunConfig, hooks, train
+    from parallel import RunConfig, train
+    from parallel.loop import hooks
 
     cfg = RunConfig.from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
@@ -106,14 +108,16 @@ def _init_ray(address: str | None, nproc: int) -> None:
 
 
 def train_on_ray(cfg, nproc: int, gpus_per_worker: float = 0, address: str | None = None, max_failures: int = 0,
-                 storage_path: str | None = None) -> dict:
+                 storage_path: str | None = None) -> RunSummary:
     """Run `train(cfg)` on `nproc` Ray Train workers; returns the summary (summary.json of the run)."""
     if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
     if gpus_per_worker < 0 or max_failures < 0:
-        raise ValueError(f"--gpus-per-worker and --max-failures must be >= 0, got {gpus_per_worker} and "
+        raise UserError(f"--gpus-per-worker and --max-failures must be >= 0, got {gpus_per_worker} and "
                          f"{max_failures}")
-    cfg.validate(world_size=nproc)
+    from parallel import recipes
+
+    recipes.resolve(cfg, nproc)
     _absolute_paths(cfg)
     _init_ray(address, nproc)
 
@@ -142,7 +146,17 @@ def train_on_ray(cfg, nproc: int, gpus_per_worker: float = 0, address: str | Non
         raise RayJobFailed(f"Ray Train run failed (max_failures={max_failures}): {result.error}")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
-    m = result.metrics or {}   # the run dir is on another node: the last step's report
-    return {"recipe": cfg.recipe, "world_size": nproc, "steps": cfg.steps, "final_loss": m.get("loss", float("nan")),
-            "tokens_per_s": m.get("tokens_per_s", 0.0), "model_state_bytes_per_rank": 0, "run_dir": str(run_dir)}
+        return RunSummary.load(summary_path)
+    return _summary_from_report(cfg, nproc, result.metrics or {})
+
+
+def _summary_from_report(cfg, nproc: int, m: dict) -> RunSummary:
+    """The run dir is on another node: what the last step's report carries; the rest was not measured here."""
+    from parallel.model import GPT, count_params
+
+    return RunSummary(
+        recipe=cfg.recipe, world_size=nproc, dp=nproc, steps=cfg.steps, final_loss=m.get("loss"),
+        tokens_per_s=m.get("tokens_per_s"), n_params=count_params(GPT(cfg.model)), elapsed_s=m.get("elapsed_s", 0.0),
+        micro_batch=cfg.micro_batch, global_batch=cfg.global_batch,
+        tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=None, device="unknown",
+        precision=cfg.precision, run_dir=cfg.run_dir)

@@ -25,13 +25,14 @@ import subprocess
 from pathlib import Path
 
 from cluster.torchrun import entry_args, torchrun_command
+from parallel.errors import UserError
 
 _HEAD, _JOB, _LOGS = "WBHEADNODE", "WBJOBID", "WBLOGDIR"   # placeholders, replaced by shell variables
 
 
 def _check(name: str, value: str, pattern: str, example: str) -> str:
     if not re.fullmatch(pattern, str(value)):
-        raise ValueError(f"{name}: '{value}' is not valid (e.g. {example})")
+        raise UserError(f"{name}: '{value}' is not valid (e.g. {example})")
     return str(value)
 
 
@@ -39,14 +40,14 @@ def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str,
                   job_name: str = "wb-train", log_dir: str = "runs/slurm", max_restarts: int = 0, port: int = 29500,
                   cpus_per_task: int = 0, account: str = "", signal_lead_s: int = 120) -> str:
     if nodes < 1 or gpus_per_node < 0:
-        raise ValueError(f"--nodes must be >= 1 and --gpus-per-node >= 0, got {nodes} and {gpus_per_node}")
+        raise UserError(f"--nodes must be >= 1 and --gpus-per-node >= 0, got {nodes} and {gpus_per_node}")
     _check("--time", time, r"(\d+-)?\d{1,2}(:\d{2}){0,2}", "04:00:00 or 1-00:00:00")
     _check("--partition", partition, r"[\w.,-]+", "gpu")
     _check("--job-name", job_name, r"[\w.-]+", "wb-train")
     if account:
         _check("--account", account, r"[\w.-]+", "myproject")
     if not 1 <= port <= 65535:
-        raise ValueError(f"--port must be in 1..65535, got {port}")
+        raise UserError(f"--port must be in 1..65535, got {port}")
     per_node = max(gpus_per_node, 1)
     launch = torchrun_command(command, nproc_per_node=per_node, nnodes=str(nodes), rdzv_endpoint=f"{_HEAD}:{port}",
                               rdzv_id=_JOB, max_restarts=max_restarts, log_dir=f"{_LOGS}/{_JOB}", python="python")
@@ -112,6 +113,6 @@ def submit(script: Path) -> int:
     """`sbatch SCRIPT` when sbatch is installed; otherwise a ValueError saying how to submit by hand."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise ValueError(f"sbatch not found on PATH: the script is at {script}; submit it with "
+        raise UserError(f"sbatch not found on PATH: the script is at {script}; submit it with "
                          f"`sbatch {shlex.quote(str(script))}` on a Slurm login node")
     return subprocess.call([sbatch, str(script)])

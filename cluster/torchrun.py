@@ -22,13 +22,15 @@ import subprocess
 import sys
 import uuid
 
+from parallel.errors import UserError
+
 
 def entry_args(command: list[str]) -> list[str]:
     """torchrun's trailing arguments for a user command: `wb ...` becomes `-m workbench ...` (the
     workers run the project's CLI in torchrun's interpreter), `python X ...` becomes `X ...`, anything
     else runs as a program (`--no-python`)."""
     if not command:
-        raise ValueError("no command to launch: put it after `--`, e.g. -- wb train --recipe ddp")
+        raise UserError("no command to launch: put it after `--`, e.g. -- wb train --recipe ddp")
     head = os.path.basename(command[0])
     if head == "wb":
         return ["-m", "workbench", *command[1:]]
@@ -42,14 +44,14 @@ def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1",
                      node_rank: int | None = None, python: str = sys.executable) -> list[str]:
     """The exact torchrun command line (as `python -m torch.distributed.run`, so the venv's torch runs)."""
     if nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+        raise UserError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
     if max_restarts < 0:
-        raise ValueError(f"--max-restarts must be >= 0, got {max_restarts}")
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     multi = str(nnodes) not in ("1", "1:1")
     if multi and not rdzv_endpoint:
-        raise ValueError(f"--rdzv-endpoint HOST:PORT is required with --nnodes {nnodes} (the head node's address)")
+        raise UserError(f"--rdzv-endpoint HOST:PORT is required with --nnodes {nnodes} (the head node's address)")
     if rdzv_endpoint and ":" not in rdzv_endpoint:
-        raise ValueError(f"--rdzv-endpoint must be HOST:PORT, got '{rdzv_endpoint}'")
+        raise UserError(f"--rdzv-endpoint must be HOST:PORT, got '{rdzv_endpoint}'")
     cmd = [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or 'localhost:0'}",
            f"--rdzv-id={rdzv_id or ('wb-job' if multi else uuid.uuid4().hex[:12])}",

@@ -1,13 +1,17 @@
-"""parallel: model, data, RunConfig, the train loop, recipes and the memory model.
+"""parallel: model, data, RunConfig, parallel dimensions, the train loop, recipes and the memory model.
 
     from parallel import RunConfig, train
     cfg = RunConfig.from_toml("configs/tiny.toml", overrides=["recipe=zero2", "steps=20"])
-    result = train(cfg)     # the summary dict, also written to <run_dir>/summary.json
+    summary = train(cfg)    # a RunSummary, also written to <run_dir>/summary.json
 
-DeepSpeed is imported only by the zero recipes, when they run.
+Rooms: loop/ (trainer, run directory, summary, faults), recipes/ (one file per parallelism),
+pipeline/ (stages, schedule simulator, bubble, Gantt), checkpoint/, ps/ (parameter server).
+DeepSpeed and Ray are imported only by the recipes that use them, when they run.
 """
 
 from parallel.config import RunConfig
-from parallel.train import train  # binds the function over the submodule of the same name
+from parallel.errors import UserError
+from parallel.loop.summary import RunSummary
+from parallel.loop.trainer import train
 
-__all__ = ["RunConfig", "train"]
+__all__ = ["RunConfig", "RunSummary", "UserError", "train"]

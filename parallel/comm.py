@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from parallel.loop.summary import CommStats
+
 
 class CommCounter:
     def __init__(self) -> None:
@@ -23,14 +25,10 @@ class CommCounter:
         self.ops += 1
 
 
-def comm_summary(bytes_total: int, updates: int, samples: int, elapsed_s: float, ops: int | None = None) -> dict:
-    """The fields every recipe of the async-vs-sync comparison adds to summary.json."""
-    return {
-        "updates": updates,
-        "updates_per_s": updates / elapsed_s if elapsed_s > 0 else None,
-        "samples": samples,
-        "bytes_communicated": bytes_total,
-        "bytes_per_update": bytes_total / updates if updates else None,
-        "bytes_per_sample": bytes_total / samples if samples else None,
-        "comm_ops": ops,
-    }
+def comm_summary(bytes_total: int, updates: int, samples: int, elapsed_s: float, ops: int | None = None,
+                 **extra) -> CommStats:
+    """The summary part every recipe of the async-vs-sync comparison fills (`RunSummary.comm`)."""
+    return CommStats(updates=updates, updates_per_s=updates / elapsed_s if elapsed_s > 0 else None,
+                     samples=samples, bytes_communicated=bytes_total,
+                     bytes_per_update=bytes_total / updates if updates else None,
+                     bytes_per_sample=bytes_total / samples if samples else None, comm_ops=ops, **extra)

@@ -1,9 +1,10 @@
 """RunConfig: typed dataclasses, read from TOML plus `key=value` overrides, validated up front.
 
     cfg = RunConfig.from_toml("configs/tiny.toml", overrides=["recipe=zero2", "optim.lr=3e-4"])
-    cfg.validate(world_size=2)        # the checks that need the process count
+    dims = parallel.recipes.resolve(cfg, world_size=2)   # + the recipe's checks and the parallel dims
 
-Every mistake is one `ValueError` (or `TypeError` for a wrong type) that names the field.
+Every mistake is one `UserError` (a ValueError; `UserTypeError` for a wrong type) that names the field.
+The config checks only its own fields; what depends on the recipe is the recipe's (parallel/recipes/).
 To add a section (e.g. `pp` for the pipeline recipe): write a dataclass with defaults, add it as a
 field of RunConfig with `field(default_factory=...)`, and put its checks in `_check_<section>`.
 """
@@ -16,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from parallel.errors import UserError, UserTypeError
 
 try:
     import tomllib
@@ -120,6 +123,18 @@ class PipelineConfig:            # recipe `pipeline`
 
 
 @dataclass
+class TensorParallelConfig:      # [tp]: Megatron-style tensor parallelism; degree 1 = off
+    degree: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ContextParallelConfig:     # [cp]: the sequence split over ranks (ring attention); degree 1 = off
+    degree: int = 1
+    load_balance: Literal["headtail", "none"] = "headtail"
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     recipe: str = "single"
@@ -146,6 +161,8 @@ class RunConfig:
     local_sgd: LocalSgdConfig = field(default_factory=LocalSgdConfig)
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
     pp: PipelineConfig = field(default_factory=PipelineConfig)
+    tp: TensorParallelConfig = field(default_factory=TensorParallelConfig)
+    cp: ContextParallelConfig = field(default_factory=ContextParallelConfig)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -154,11 +171,11 @@ class RunConfig:
         if path is not None:
             p = Path(path)
             if not p.is_file():
-                raise ValueError(f"config file not found: {p}")
+                raise UserError(f"config file not found: {p}")
             try:
                 raw = tomllib.loads(p.read_text())
             except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+                raise UserError(f"config file {p} is not valid TOML: {e}") from None
         cfg = cls.from_dict(raw)
         for item in overrides or []:
             cfg.set(*_split_override(item))
@@ -191,175 +208,133 @@ class RunConfig:
             if part not in types_:
                 prefix = ".".join(parts[:i])
                 known = [f"{prefix}.{k}" if prefix else k for k in types_]
-                raise ValueError(f"unknown config key '{key}'{_suggest(key, known + _all_keys())}")
+                raise UserError(f"unknown config key '{key}'{_suggest(key, known + _all_keys())}")
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(getattr(target, part)):
-                    raise ValueError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}."
+                    raise UserError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}."
                                      f"{next(iter(_field_types(type(getattr(target, part)))))}=...'")
                 return target, part
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
-                raise ValueError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
+                raise UserError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
         raise AssertionError("unreachable")
 
-    # ---- validation ------------------------------------------------------------------------
-    @property
-    def zero_stage(self) -> int:
-        if self.zero.stage >= 0:
-            return self.zero.stage
-        return int(self.recipe[-1]) if self.recipe in ("zero1", "zero2", "zero3") else 0
-
+    # ---- validation ----------------------------------------------------------------------
     def accum_steps(self, dp: int) -> int:
         return self.global_batch // (self.micro_batch * dp)
 
-    def validate(self, world_size: int | None = None) -> RunConfig:
-        from parallel.recipes import RECIPES
-
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe: unknown recipe '{self.recipe}'{_suggest(self.recipe, list(RECIPES))}; "
-                             f"choose from {', '.join(RECIPES)}")
+    def validate(self) -> RunConfig:
+        """The checks of this config's own fields; `parallel.recipes.resolve` adds the recipe's and the
+        world size's."""
         _positive(self, "steps", "global_batch", "micro_batch", "log_every")
+        self._check_model()
+        self._check_data()
+        self._check_optim()
+        if not -1 <= self.zero.stage <= 3:
+            raise UserError(f"zero.stage must be 0, 1, 2 or 3 (or -1 to follow the recipe), got {self.zero.stage}")
+        if self.zero.config_file and not Path(self.zero.config_file).is_file():
+            raise UserError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
+        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
+            raise UserError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
+                            f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
+        if self.checkpoint.keep_every < 0:
+            raise UserError(f"checkpoint.keep_every must be >= 0, got {self.checkpoint.keep_every}")
+        if self.fault.collective_timeout_s <= 0:
+            raise UserError(f"fault.collective_timeout_s must be > 0, got {self.fault.collective_timeout_s}")
+        if self.target_loss < 0:
+            raise UserError(f"target_loss must be >= 0, got {self.target_loss}")
+        self._check_async()
+        self._check_pp()
+        self._check_tp_cp()
+        return self
+
+    def check_layout(self, world_size: int, dp: int) -> None:
+        """The checks that need the world size and the data-parallel degree the recipe gives it."""
+        if self.global_batch % (self.micro_batch * dp):
+            raise UserError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
+                            f"({self.micro_batch}) x data-parallel degree ({dp})")
+        for key, rank in (("fault.kill_rank", self.fault.kill_rank), ("fault.hang_rank", self.fault.hang_rank),
+                          ("straggler.rank", self.straggler.rank)):
+            if rank >= world_size:
+                raise UserError(f"{key} ({rank}) must be < world size ({world_size})")
+
+    def _check_model(self) -> None:
         _positive(self.model, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", prefix="model.")
         m = self.model
         if m.d_ff < 0:
-            raise ValueError(f"model.d_ff must be >= 0 (0 means 4 * d_model), got {m.d_ff}")
+            raise UserError(f"model.d_ff must be >= 0 (0 means 4 * d_model), got {m.d_ff}")
         if m.d_model % m.n_heads:
-            raise ValueError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+            raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+
+    def _check_data(self) -> None:
         if self.data.kind == "bytes":
             if not self.data.path:
-                raise ValueError("data.path is required when data.kind = 'bytes' (make one with `wb data prepare`)")
+                raise UserError("data.path is required when data.kind = 'bytes' (make one with `wb data prepare`)")
             if not Path(self.data.path).is_file():
-                raise ValueError(f"data.path: file not found: {self.data.path}")
-            if m.vocab_size < 256:
-                raise ValueError(f"model.vocab_size must be >= 256 for byte-level data, got {m.vocab_size}")
+                raise UserError(f"data.path: file not found: {self.data.path}")
+            if self.model.vocab_size < 256:
+                raise UserError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         if not 0.0 <= self.data.noise < 1.0:
-            raise ValueError(f"data.noise must be in [0, 1), got {self.data.noise}")
+            raise UserError(f"data.noise must be in [0, 1), got {self.data.noise}")
+
+    def _check_optim(self) -> None:
         o = self.optim
         if o.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {o.lr}")
+            raise UserError(f"optim.lr must be > 0, got {o.lr}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(o, name) < 1.0:
-                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio"):
             if getattr(o, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
+                raise UserError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
         if o.min_lr_ratio > 1:
-            raise ValueError(f"optim.min_lr_ratio must be <= 1, got {o.min_lr_ratio}")
-        if not -1 <= self.zero.stage <= 3:
-            raise ValueError(f"zero.stage must be 0, 1, 2 or 3 (or -1 to follow the recipe), got {self.zero.stage}")
-        if self.recipe.startswith("zero") and self.zero.stage >= 0 and self.zero.stage != int(self.recipe[-1]):
-            raise ValueError(f"zero.stage={self.zero.stage} contradicts recipe={self.recipe}")
-        if self.zero.config_file and not Path(self.zero.config_file).is_file():
-            raise ValueError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
-        if self.zero.config_file and not self.recipe.startswith("zero"):
-            raise ValueError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, "
-                             f"got recipe={self.recipe}")
-        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
-            raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
-                             f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
-        if self.checkpoint.keep_every < 0:
-            raise ValueError(f"checkpoint.keep_every must be >= 0, got {self.checkpoint.keep_every}")
-        if self.fault.collective_timeout_s <= 0:
-            raise ValueError(f"fault.collective_timeout_s must be > 0, got {self.fault.collective_timeout_s}")
-        if self.target_loss < 0:
-            raise ValueError(f"target_loss must be >= 0, got {self.target_loss}")
-        self._check_async()
-        self._check_pp()
-        if world_size is not None:
-            self._check_world(world_size)
-        return self
-
-    def _check_world(self, world_size: int) -> None:
-        from parallel.recipes import RECIPES
-
-        if world_size < 1:
-            raise ValueError(f"world size (--nproc) must be >= 1, got {world_size}")
-        spec = RECIPES[self.recipe]
-        if not spec.min_world <= world_size <= (spec.max_world or world_size):
-            allowed = (f"exactly {spec.min_world}" if spec.max_world == spec.min_world
-                       else f"at least {spec.min_world}")
-            raise ValueError(f"recipe '{self.recipe}' runs on {allowed} process(es), got world size (--nproc) "
-                             f"{world_size}")
-        if self.recipe == "pipeline":
-            self._check_pp_world(world_size)
-        dp = spec.dp_degree(self, world_size)
-        if self.global_batch % (self.micro_batch * dp):
-            raise ValueError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
-                             f"({self.micro_batch}) x data-parallel degree ({dp})")
-        if self.zero.config_file:   # the user's DeepSpeed JSON must agree with this config's batch sizes
-            from parallel.recipes.deepspeed_zero import user_config
-
-            user_config(self, dp)
-        if self.fault.kill_rank >= world_size:
-            raise ValueError(f"fault.kill_rank ({self.fault.kill_rank}) must be < world size ({world_size})")
-        if self.fault.hang_rank >= world_size:
-            raise ValueError(f"fault.hang_rank ({self.fault.hang_rank}) must be < world size ({world_size})")
-        if self.straggler.rank >= world_size:
-            raise ValueError(f"straggler.rank ({self.straggler.rank}) must be < world size ({world_size})")
+            raise UserError(f"optim.min_lr_ratio must be <= 1, got {o.min_lr_ratio}")
 
     def _check_async(self) -> None:
         """ps, local_sgd and straggler sections (async vs sync SGD)."""
         if self.ps.shards < 1:
-            raise ValueError(f"ps.shards must be >= 1, got {self.ps.shards}")
+            raise UserError(f"ps.shards must be >= 1, got {self.ps.shards}")
         if self.ps.staleness < 0:
-            raise ValueError(f"ps.staleness must be >= 0 (0 = synchronous), got {self.ps.staleness}")
+            raise UserError(f"ps.staleness must be >= 0 (0 = synchronous), got {self.ps.staleness}")
         ls = self.local_sgd
         if ls.sync_every < 1:
-            raise ValueError(f"local_sgd.sync_every must be >= 1, got {ls.sync_every}")
+            raise UserError(f"local_sgd.sync_every must be >= 1, got {ls.sync_every}")
         if ls.outer_lr <= 0 or not 0.0 <= ls.outer_momentum < 1.0:
-            raise ValueError(f"local_sgd.outer_lr must be > 0 and local_sgd.outer_momentum in [0, 1), got "
-                             f"{ls.outer_lr} and {ls.outer_momentum}")
+            raise UserError(f"local_sgd.outer_lr must be > 0 and local_sgd.outer_momentum in [0, 1), got "
+                            f"{ls.outer_lr} and {ls.outer_momentum}")
         if self.straggler.rank < -1:
-            raise ValueError(f"straggler.rank must be >= 0 (or -1 for none), got {self.straggler.rank}")
+            raise UserError(f"straggler.rank must be >= 0 (or -1 for none), got {self.straggler.rank}")
         if self.straggler.factor < 1.0:
-            raise ValueError(f"straggler.factor must be >= 1 (1 = no slowdown), got {self.straggler.factor}")
+            raise UserError(f"straggler.factor must be >= 1 (1 = no slowdown), got {self.straggler.factor}")
 
     def _check_pp(self) -> None:
         pp, v = self.pp, self.pp.virtual_stages
         if pp.microbatches < 0 or pp.degree < 0 or v < 1:
-            raise ValueError(f"pp.microbatches and pp.degree must be >= 0 and pp.virtual_stages >= 1, got "
-                             f"{pp.microbatches}, {pp.degree} and {v}")
+            raise UserError(f"pp.microbatches and pp.degree must be >= 0 and pp.virtual_stages >= 1, got "
+                            f"{pp.microbatches}, {pp.degree} and {v}")
         if pp.schedule in ("gpipe", "1f1b") and v != 1:
-            raise ValueError(f"pp.virtual_stages must be 1 for pp.schedule={pp.schedule} (interleaved-1f1b or "
-                             f"zero-bubble run several stages per rank), got {v}")
+            raise UserError(f"pp.virtual_stages must be 1 for pp.schedule={pp.schedule} (interleaved-1f1b or "
+                            f"zero-bubble run several stages per rank), got {v}")
         if pp.schedule == "interleaved-1f1b" and v < 2:
-            raise ValueError(f"pp.virtual_stages must be >= 2 for pp.schedule=interleaved-1f1b, got {v}")
+            raise UserError(f"pp.virtual_stages must be >= 2 for pp.schedule=interleaved-1f1b, got {v}")
         if not isinstance(pp.layers_per_stage, list) or not all(
                 isinstance(n, int) and not isinstance(n, bool) for n in pp.layers_per_stage):
-            raise TypeError(f"pp.layers_per_stage must be a list of ints (e.g. [2, 3]), got {pp.layers_per_stage!r}")
+            raise UserTypeError(f"pp.layers_per_stage must be a list of ints (e.g. [2, 3]), got "
+                                f"{pp.layers_per_stage!r}")
         if any(n < 1 for n in pp.layers_per_stage) or (pp.layers_per_stage and sum(pp.layers_per_stage)
                                                         != self.model.n_layers):
-            raise ValueError(f"pp.layers_per_stage {pp.layers_per_stage} must be >= 1 each and sum to model.n_layers "
-                             f"({self.model.n_layers})")
+            raise UserError(f"pp.layers_per_stage {pp.layers_per_stage} must be >= 1 each and sum to "
+                            f"model.n_layers ({self.model.n_layers})")
 
-    def _check_pp_world(self, world_size: int) -> None:
-        """world = pp x dp; stages (pp x v) <= layers; microbatches >= pp. Fixes micro_batch from pp.microbatches."""
-        pp = self.pp.degree or world_size
-        v, m = self.pp.virtual_stages, self.pp.microbatches
-        if world_size % pp:
-            raise ValueError(f"world size (--nproc) {world_size} must equal pp.degree ({pp}) x data-parallel "
-                             f"degree: {world_size} is not divisible by {pp}")
-        dp = world_size // pp
-        if self.pp.layers_per_stage and len(self.pp.layers_per_stage) != pp * v:
-            raise ValueError(f"pp.layers_per_stage has {len(self.pp.layers_per_stage)} entries, need pp.degree x "
-                             f"pp.virtual_stages = {pp * v}")
-        if self.model.n_layers < pp * v:
-            raise ValueError(f"model.n_layers ({self.model.n_layers}) must be >= pp.degree x pp.virtual_stages "
-                             f"({pp * v}): every stage needs a block")
-        if m == 0:   # the train loop's micro-batching: one pipeline micro-batch per accumulation step
-            if self.global_batch % (self.micro_batch * dp):
-                return   # _check_world names the problem
-            m = self.pp.microbatches = self.global_batch // (self.micro_batch * dp)
-        elif self.global_batch % (m * dp):
-            raise ValueError(f"global_batch ({self.global_batch}) must be divisible by pp.microbatches ({m}) x "
-                             f"data-parallel degree ({dp})")
-        else:
-            self.micro_batch = self.global_batch // (m * dp)
-        if m < pp:
-            raise ValueError(f"pp.microbatches ({m}) must be >= pp.degree ({pp}), or the pipeline never fills")
-        if self.pp.schedule in ("interleaved-1f1b", "zero-bubble") and m % pp:
-            raise ValueError(f"pp.microbatches ({m}) must be a multiple of pp.degree ({pp}) for "
-                             f"pp.schedule={self.pp.schedule}")
+    def _check_tp_cp(self) -> None:
+        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree)):
+            if degree < 1:
+                raise UserError(f"{key} must be >= 1 (1 = off), got {degree}")
+            if degree > 1:   # the sections exist so that configs and the mesh carry them; the layers come next
+                raise UserError(f"{key} = {degree}: {'tensor' if key[0] == 't' else 'context'} parallelism is "
+                                f"not implemented yet in this version; use {key}=1")
+        if self.tp.sequence_parallel and self.tp.degree == 1:
+            raise UserError("tp.sequence_parallel = true needs tp.degree > 1")
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -399,7 +374,7 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def _split_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"override '{item}' must look like key=value (e.g. steps=20 or optim.lr=1e-3)")
+        raise UserError(f"override '{item}' must look like key=value (e.g. steps=20 or optim.lr=1e-3)")
     return key.strip(), value.strip()
 
 
@@ -418,17 +393,17 @@ def _parse_text(text: str, hint: Any, key: str) -> Any:
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-        raise TypeError(f"{key} must be a bool (true/false), got '{text}'")
+        raise UserTypeError(f"{key} must be a bool (true/false), got '{text}'")
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        raise TypeError(f"{key} must be {_type_name(hint)}, got '{text}'") from None
+        raise UserTypeError(f"{key} must be {_type_name(hint)}, got '{text}'") from None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     if typing.get_origin(hint) is Literal:
         if value not in typing.get_args(hint):
-            raise ValueError(f"{key} must be one of {_type_name(hint)}, got {value!r}"
+            raise UserError(f"{key} must be one of {_type_name(hint)}, got {value!r}"
                              f"{_suggest(str(value), [str(a) for a in typing.get_args(hint)])}")
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -437,11 +412,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float) and isinstance(value, bool):   # TOML true is not a number
         ok = False
     if not ok:
-        raise TypeError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+        raise UserTypeError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
     return value
 
 
 def _positive(obj: Any, *names: str, prefix: str = "") -> None:
     for name in names:
         if getattr(obj, name) <= 0:
-            raise ValueError(f"{prefix}{name} must be > 0, got {getattr(obj, name)}")
+            raise UserError(f"{prefix}{name} must be > 0, got {getattr(obj, name)}")

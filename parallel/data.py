@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from parallel.config import RunConfig
+from parallel.errors import UserError
 
 _PERM_STREAM = 2**31 - 1   # a seed-sequence entry no step index reaches
 
@@ -46,7 +47,7 @@ class Dataset:
         else:
             self.tokens = np.memmap(cfg.data.path, dtype=np.uint8, mode="r")
             if len(self.tokens) < self.seq_len + 2:
-                raise ValueError(f"data.path {cfg.data.path} has {len(self.tokens)} tokens, fewer than "
+                raise UserError(f"data.path {cfg.data.path} has {len(self.tokens)} tokens, fewer than "
                                  f"model.seq_len + 2 = {self.seq_len + 2}")
 
     def _draws(self, step: int, index: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -82,10 +83,10 @@ def prepare_bytes(text_file: str | Path, out: str | Path) -> int:
     """Write the file's raw bytes as a uint8 token file (vocab 256); return the token count."""
     src = Path(text_file)
     if not src.is_file():
-        raise ValueError(f"TEXT_FILE not found: {src}")
+        raise UserError(f"TEXT_FILE not found: {src}")
     data = np.frombuffer(src.read_bytes(), dtype=np.uint8)
     if data.size < 2:
-        raise ValueError(f"TEXT_FILE {src} has {data.size} bytes; need at least 2")
+        raise UserError(f"TEXT_FILE {src} has {data.size} bytes; need at least 2")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -8,6 +8,9 @@ K for optimizer state):
     zero2                  p + (g + K)/N
     zero3 / fsdp           (p + g + K)/N
 
+Each recipe states its own `MemoryModel` (`Recipe.memory_model`, parallel/recipes/); this module
+holds the arithmetic and the measurement.
+
 fp32 Adam: p = g = 4, K = 8 (two moments). Mixed precision: p = g = 2, K = 12 (fp32 master copy +
 two moments). DeepSpeed keeps a separate fp32 master partition even when the model itself is fp32
 (seen in 0.19: stage 1/2 always clone it; stage 3 means to reuse the fp32 partition but compares a
@@ -19,43 +22,43 @@ from __future__ import annotations
 
 import resource
 import sys
+from dataclasses import dataclass
 
 import torch
 
-_SHARDED = {"single": "none", "ddp": "none", "zero1": "os", "zero2": "os+g", "zero3": "os+g+p", "fsdp": "os+g+p"}
+SHARDINGS = ("none", "os", "os+g", "os+g+p")   # what a data-parallel rank keeps 1/N of
 
 
-def bytes_per_param(recipe: str, precision: str, zero_stage: int = 0) -> tuple[int, int, int]:
-    """(p, g, K) for this recipe and precision."""
-    deepspeed = recipe.startswith("zero")
-    if precision == "bf16" and deepspeed:
-        return 2, 2, 12          # DeepSpeed bf16: 16-bit params and grads, fp32 master + moments
-    if precision == "bf16":
-        return 4, 4, 8           # torch autocast: fp32 params, grads and Adam; bf16 only in compute
-    if deepspeed and zero_stage > 0:
-        return 4, 4, 12          # fp32 master partition kept although the params are fp32
-    return 4, 4, 8
+@dataclass(frozen=True)
+class MemoryModel:
+    """A recipe's model-state memory per rank: bytes per parameter (p, g, K) and what is sharded."""
+
+    params: int                 # p: bytes per parameter held for the parameters themselves
+    grads: int                  # g
+    optimizer: int              # K: optimizer state (and any fp32 master copy)
+    sharded: str = "none"       # one of SHARDINGS
+    psi: str = "Ψ"              # what Ψ counts (the whole model, or one pipeline stage's parameters)
+
+    def __post_init__(self) -> None:
+        if self.sharded not in SHARDINGS:
+            raise ValueError(f"sharded must be one of {SHARDINGS}, got {self.sharded!r}")
+
+    def predicted_bytes(self, n_params: int, dp: int) -> int:
+        p, g, k = self.params, self.grads, self.optimizer
+        per_param = {"none": p + g + k, "os": p + g + k / dp, "os+g": p + (g + k) / dp,
+                     "os+g+p": (p + g + k) / dp}[self.sharded]
+        return int(round(n_params * per_param))
+
+    @property
+    def formula(self) -> str:
+        p, g, k, s = self.params, self.grads, self.optimizer, self.psi
+        return {"none": f"{p}{s} + {g}{s} + {k}{s}", "os": f"{p}{s} + {g}{s} + {k}{s}/N",
+                "os+g": f"{p}{s} + ({g}+{k}){s}/N", "os+g+p": f"({p}+{g}+{k}){s}/N"}[self.sharded]
 
 
-def predicted_model_state_bytes(n_params: int, recipe: str, dp: int, precision: str = "fp32",
-                                zero_stage: int | None = None) -> int:
-    """The ZeRO paper's per-rank model-state bytes for this recipe on `dp` data-parallel ranks."""
-    stage = zero_stage if zero_stage is not None else {"zero1": 1, "zero2": 2, "zero3": 3}.get(recipe, 0)
-    p, g, k = bytes_per_param(recipe, precision, stage)
-    shard = {0: "none", 1: "os", 2: "os+g", 3: "os+g+p"}[stage] if recipe.startswith("zero") else \
-        _SHARDED.get(recipe, "none")
-    per_param = {"none": p + g + k, "os": p + g + k / dp, "os+g": p + (g + k) / dp,
-                 "os+g+p": (p + g + k) / dp}[shard]
-    return int(round(n_params * per_param))
-
-
-def formula_text(recipe: str, precision: str, zero_stage: int | None = None) -> str:
-    stage = zero_stage if zero_stage is not None else {"zero1": 1, "zero2": 2, "zero3": 3}.get(recipe, 0)
-    p, g, k = bytes_per_param(recipe, precision, stage)
-    shard = {0: "none", 1: "os", 2: "os+g", 3: "os+g+p"}[stage] if recipe.startswith("zero") else \
-        _SHARDED.get(recipe, "none")
-    return {"none": f"{p}Ψ + {g}Ψ + {k}Ψ", "os": f"{p}Ψ + {g}Ψ + {k}Ψ/N", "os+g": f"{p}Ψ + ({g}+{k})Ψ/N",
-            "os+g+p": f"({p}+{g}+{k})Ψ/N"}[shard]
+def torch_adamw(sharded: str = "none", psi: str = "Ψ") -> MemoryModel:
+    """torch AdamW: fp32 params, grads and two moments; bf16 autocast changes only the compute."""
+    return MemoryModel(4, 4, 8, sharded, psi)
 
 
 def held_bytes(held: dict[str, list[torch.Tensor]]) -> dict[str, int]:

@@ -12,6 +12,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+from profiling.errors import UsageError
+
 NSYS_TRACE = "cuda,nvtx,osrt,cudnn,cublas"
 NVTX_DOMAIN = "wb"
 
@@ -20,7 +22,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if not path:
         product = "Nsight Systems" if name == "nsys" else "Nsight Compute"
-        raise ValueError(f"{name} is not installed or not on PATH (install {product} or use --dry-run)")
+        raise UsageError(f"{name} is not installed or not on PATH (install {product} or use --dry-run)")
     return path
 
 
@@ -36,7 +38,7 @@ def nsys_prefix(output: str, capture_range: bool = True) -> list[str]:
 def ncu_prefix(output: str, range_name: str, kernel_regex: str | None = None, section_set: str = "full") -> list[str]:
     """`ncu ...` limited to kernels launched inside the NVTX push/pop range `wb@<range_name>/`."""
     if not range_name or "/" in range_name:
-        raise ValueError(f"--range={range_name!r} must be a range name such as 'fwd' or 'softmax'")
+        raise UsageError(f"--range={range_name!r} must be a range name such as 'fwd' or 'softmax'")
     # Push/pop ranges need the trailing slash in ncu's NVTX filter syntax.
     cmd = ["ncu", "--nvtx", "--nvtx-include", f"{NVTX_DOMAIN}@{range_name}/", "--target-processes", "all",
            "--set", section_set, "-f", "-o", output]
@@ -76,7 +78,7 @@ def summarize(report: str | Path) -> list[dict]:
     """
     report = Path(report)
     if not report.exists():
-        raise ValueError(f"report {report} does not exist")
+        raise UsageError(f"report {report} does not exist")
     if report.suffix == ".nsys-rep":
         nsys = require_tool("nsys")
         sqlite_path = report.with_suffix(".sqlite")
@@ -84,13 +86,13 @@ def summarize(report: str | Path) -> list[dict]:
                         str(report)], check=True)
         report = sqlite_path
     elif report.suffix != ".sqlite":
-        raise ValueError(f"report {report} must be a .nsys-rep or an exported .sqlite file")
+        raise UsageError(f"report {report} must be a .nsys-rep or an exported .sqlite file")
     with sqlite3.connect(report) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         needed = {"NVTX_EVENTS", "StringIds", "CUPTI_ACTIVITY_KIND_RUNTIME", "CUPTI_ACTIVITY_KIND_KERNEL"}
         if not needed <= tables:
             missing = sorted(needed - tables)
-            raise ValueError(f"report {report} lacks tables {missing} (was it captured with -t cuda,nvtx?)")
+            raise UsageError(f"report {report} lacks tables {missing} (was it captured with -t cuda,nvtx?)")
         rows = db.execute(_SUMMARY_SQL).fetchall()
     return [{"range": name, "calls": calls, "cpu_ms": cpu / 1e6, "gpu_kernel_ms": gpu / 1e6, "kernels": kernels}
             for name, calls, cpu, gpu, kernels in rows]

@@ -15,15 +15,16 @@ import os
 from pathlib import Path
 
 from profiling import timeline
+from profiling.errors import UsageError
 
 
 def parse_steps(text: str) -> tuple[int, int]:
     try:
         first, last = (int(p) for p in text.split(":"))
     except ValueError:
-        raise ValueError(f"--steps={text!r} must be FIRST:LAST, e.g. 3:5") from None
+        raise UsageError(f"--steps={text!r} must be FIRST:LAST, e.g. 3:5") from None
     if first < 0 or last < first:
-        raise ValueError(f"--steps={text!r} must satisfy 0 <= FIRST <= LAST")
+        raise UsageError(f"--steps={text!r} must satisfy 0 <= FIRST <= LAST")
     return first, last
 
 
@@ -31,9 +32,9 @@ def parse_schedule(text: str) -> tuple[int, int, int]:
     try:
         wait, warmup, active = (int(p) for p in text.split(","))
     except ValueError:
-        raise ValueError(f"WB_TORCH_PROFILE={text!r} must be WAIT,WARMUP,ACTIVE") from None
+        raise UsageError(f"WB_TORCH_PROFILE={text!r} must be WAIT,WARMUP,ACTIVE") from None
     if min(wait, warmup) < 0 or active < 1:
-        raise ValueError(f"WB_TORCH_PROFILE={text!r}: wait and warmup >= 0, active >= 1")
+        raise UsageError(f"WB_TORCH_PROFILE={text!r}: wait and warmup >= 0, active >= 1")
     return wait, warmup, active
 
 

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from profiling.errors import UsageError
+
 _spans: list[tuple] = []
 _lock = threading.Lock()
 _state = {"on": False, "dir": None, "rank": 0, "offset_ns": 0}
@@ -88,7 +90,7 @@ def merge(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Merge every `timeline-rank*.json` under `directory` into a Chrome trace at `out`."""
     files = sorted(Path(directory).glob("timeline-rank*.json"))
     if not files:
-        raise ValueError(f"no timeline-rank*.json files in {directory}")
+        raise UsageError(f"no timeline-rank*.json files in {directory}")
     ranks = [json.loads(f.read_text()) for f in files]
     origin = min((s["start_ns"] + r["offset_ns"] for r in ranks for s in r["spans"]), default=0)
     events = []

@@ -7,6 +7,8 @@ import sys
 
 import typer
 
+from parallel.errors import UserError
+from profiling.errors import UsageError
 from profiling.rank_wrap import exec_under_tool_if_asked
 from workbench import cluster_cli, demo, kernels_cli, profile_cli, report_cli, train_cli
 
@@ -25,12 +27,13 @@ app.command("report")(report_cli.report)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: a user mistake is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: a user mistake (UserError, UsageError) is one line on stderr and exit code 2; any
+    other exception is a bug and keeps its traceback (WB_DEBUG=1 shows one for mistakes too)."""
     exec_under_tool_if_asked()  # a rank that `wb profile nsys|ncu` selected re-runs itself under the tool
     try:
         # standalone: usage errors print themselves and exit 2; typer.Exit(n) exits with n.
         app(args=argv, prog_name="wb")
-    except (ValueError, TypeError) as mistake:
+    except (UserError, UsageError) as mistake:
         if os.environ.get("WB_DEBUG"):
             raise
         print(f"wb: error: {mistake}", file=sys.stderr)

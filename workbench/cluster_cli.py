@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from parallel.errors import UserError
+
 launch_app = typer.Typer(no_args_is_help=True, help="Launch a job under torchrun (single or multi-node).")
 ray_app = typer.Typer(no_args_is_help=True, help="Ray cluster jobs.")
 slurm_app = typer.Typer(no_args_is_help=True, help="Slurm batch scripts.")
@@ -63,7 +65,7 @@ def ray_submit(
     for item in env or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env '{item}' must look like KEY=VALUE")
+            raise UserError(f"--env '{item}' must look like KEY=VALUE")
         env_vars[key] = value
     code = submit_job(list(command or []), address=address, working_dir=working_dir, env_vars=env_vars,
                       wait=not no_wait, timeout_s=timeout)

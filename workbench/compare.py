@@ -15,6 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from parallel.errors import UserError
+
 # The order runs and plots appear in; recipes not (yet) in the registry are left out.
 PREFERRED_ORDER = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd",
                    "diloco", "hogwild"]
@@ -28,13 +30,16 @@ def available_recipes(wanted: list[str] | None = None) -> list[str]:
         return [r for r in PREFERRED_ORDER if r in RECIPES]
     unknown = [r for r in wanted if r not in RECIPES]
     if unknown:
-        raise ValueError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(RECIPES)}")
+        raise UserError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(RECIPES)}")
     return wanted
 
 
 def nproc_for(recipe: str, nproc: int) -> int:
-    """`single` is one process whatever the others use."""
-    return 1 if recipe == "single" else nproc
+    """A recipe that runs on at most k processes (`single`: 1) gets min(k, nproc)."""
+    from parallel.recipes import RECIPES
+
+    most = RECIPES[recipe].max_world
+    return min(most, nproc) if most else nproc
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
@@ -48,10 +53,10 @@ def run_recipes(recipes: list[str], nproc: int, config: Path, overrides: list[st
                 console: Console, timeline: bool = True, timeout_s: int = 900) -> tuple[list[Path], dict[str, str]]:
     """Train each recipe into out/<recipe>; returns (finished run dirs, {recipe: error} of failures)."""
     if not config.is_file():
-        raise ValueError(f"--config {config} does not exist")
+        raise UserError(f"--config {config} does not exist")
     taken = [r for r in recipes if (out / r / "summary.json").exists()]
     if taken:   # a run directory resumes from its checkpoints: a comparison wants fresh runs
-        raise ValueError(f"--out {out} already holds runs of {', '.join(taken)}; choose a new folder")
+        raise UserError(f"--out {out} already holds runs of {', '.join(taken)}; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     done, failed = [], {}
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from parallel.errors import UserError
+
 app = typer.Typer(no_args_is_help=True, help="Check, time and ahead-of-time compile the Triton kernels.")
 # Wide enough for the tables when output is piped (CI logs), as on a terminal.
 console = Console(width=None if Console().is_terminal else 160)
@@ -98,10 +100,10 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
     try:
         archs = tuple(int(a) for a in arch.split(","))
     except ValueError:
-        raise ValueError(f"--arch={arch!r} must be comma-separated integers such as 80,90") from None
+        raise UserError(f"--arch={arch!r} must be comma-separated integers such as 80,90") from None
     for a in archs:
         if a not in SHARED_MEMORY_LIMIT:
-            raise ValueError(f"--arch {a} is not supported; choose from {sorted(SHARED_MEMORY_LIMIT)}")
+            raise UserError(f"--arch {a} is not supported; choose from {sorted(SHARED_MEMORY_LIMIT)}")
     specs = [s for name in suite.names(kernel) for s in suite.suite(name).compile_specs()]
     results = compile_all(specs, archs, jobs or None)
     table = Table(title="ahead-of-time compile (PTX + cubin)")

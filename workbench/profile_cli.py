@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from parallel.errors import UserError
 from profiling import nsight, rank_wrap
 from profiling.session import parse_schedule, parse_steps
 
@@ -29,7 +30,7 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 def _target(ctx: typer.Context) -> list[str]:
     args = list(ctx.args)
     if not args:
-        raise ValueError("give the command to profile after --, e.g. wb profile nsys -- wb train --recipe single")
+        raise UserError("give the command to profile after --, e.g. wb profile nsys -- wb train --recipe single")
     # `wb ...` runs this very installation, under any tool that re-executes it.
     return [sys.executable, "-m", "workbench", *args[1:]] if args[0] == "wb" else args
 
@@ -48,9 +49,9 @@ def _ranks(text: str | None) -> list[int] | None:
     try:
         ranks = sorted({int(r) for r in text.split(",")})
     except ValueError:
-        raise ValueError(f"--ranks={text!r} must be comma-separated integers, e.g. 0,1") from None
+        raise UserError(f"--ranks={text!r} must be comma-separated integers, e.g. 0,1") from None
     if ranks[0] < 0:
-        raise ValueError(f"--ranks={text!r}: ranks are >= 0")
+        raise UserError(f"--ranks={text!r}: ranks are >= 0")
     return ranks
 
 

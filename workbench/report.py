@@ -1,6 +1,7 @@
 """`wb report`: rebuild the comparison report from run directories alone (nothing is re-run).
 
-Reads each run's config.json, metrics.jsonl and summary.json (DESIGN.md's run-directory format)
+Reads each run's config.json, metrics.jsonl and summary.json (the run-directory format of
+docs/ARCHITECTURE.md; summary.json through the typed RunSummary)
 and writes `report.md` plus PNG figures: loss against step and against wall time, throughput,
 model-state bytes per rank beside the ZeRO formula, peak memory per rank, the pipeline Gantt chart,
 the async staleness histogram, and the kernel table when a `kernels.json` sits in the output folder.
@@ -19,13 +20,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on CI or a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
+from parallel.errors import UserError
+from parallel.loop.summary import RunSummary
+
 MB = 1 << 20
 
 
 @dataclass
 class Run:
     path: Path
-    summary: dict
+    summary: dict    # the RunSummary's fields, its optional parts (pipeline, comm, async_sgd) merged in
     config: dict
     metrics: list[dict] = field(default_factory=list)
 
@@ -37,8 +41,8 @@ class Run:
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / "summary.json").is_file():
-        raise ValueError(f"{path} is not a finished run directory (no summary.json)")
-    summary = json.loads((path / "summary.json").read_text())
+        raise UserError(f"{path} is not a finished run directory (no summary.json)")
+    summary = RunSummary.load(path / "summary.json").flat()
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     metrics_file = path / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
@@ -191,7 +195,7 @@ def _kernel_section(out: Path) -> str:
 def build_report(run_dirs: list[str | Path], out: str | Path, failures: dict[str, str] | None = None) -> Path:
     """Write `out/report.md` and its figures from finished run directories. Returns report.md's path."""
     if not run_dirs:
-        raise ValueError("give at least one run directory")
+        raise UserError("give at least one run directory")
     runs = [load_run(p) for p in run_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

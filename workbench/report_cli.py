@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from parallel.errors import UserError
 from workbench import compare as comparison
 from workbench.report import build_report, load_run, runs_table
 
@@ -34,7 +35,7 @@ def compare(overrides: list[str] = typer.Argument(None, help="config overrides f
     """Run recipes on the same config, seed, data and global batch; write the report."""
     chosen = comparison.available_recipes([r for r in recipes.split(",") if r] if recipes else None)
     if nproc < 1:
-        raise ValueError(f"--nproc={nproc} must be >= 1")
+        raise UserError(f"--nproc={nproc} must be >= 1")
     out = out or Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     done, failed = comparison.run_recipes(chosen, nproc, config, overrides or [], out, console, timeline)
     if done:

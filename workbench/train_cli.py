@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import typer
+
+from parallel.errors import UserError
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 
@@ -40,55 +41,80 @@ def train(
     max_failures: int = typer.Option(0, "--max-failures", help="ray: restarts of the worker group after a failure"),
 ) -> None:
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
-    from parallel import RunConfig
+    from parallel import recipes
 
-    items = list(overrides or [])
-    if recipe is not None:
-        items.append(f"recipe={recipe}")
-    if deepspeed is not None:
-        items.append(f"zero.config_file={deepspeed}")
-    if run_dir is not None:
-        items.append(f"run_dir={run_dir}")
-    if timeline:
-        items.append("profiling.timeline=true")
-    cfg = RunConfig.from_toml(config, items)
-    from parallel.recipes import RECIPES
-
-    if RECIPES[cfg.recipe].launcher != "torchrun":   # async-ps (Ray actors), hogwild: own workers, from here
+    items = _overrides(overrides, recipe, deepspeed, run_dir, timeline)
+    cfg = _load(config, items)
+    if recipes.get(cfg.recipe).execution != "spmd":   # async-ps (Ray actors), hogwild: own workers, from here
         if ray_address:
             cfg.set("ps.ray_address", ray_address)
-        cfg.validate(world_size=nproc)
+        recipes.resolve(cfg, nproc)
         _run(cfg, nproc)
         return
-
     if launcher not in ("local", "ray"):
-        raise ValueError(f"--launcher must be 'local' or 'ray', got '{launcher}'")
+        raise UserError(f"--launcher must be 'local' or 'ray', got '{launcher}'")
     if launcher == "ray":
-        from cluster.ray_train import RayJobFailed, train_on_ray
+        _train_on_ray(cfg, nproc, gpus_per_worker, ray_address, max_failures)
+    elif _inside_torchrun():
+        _train_as_rank(cfg, nproc)
+    else:
+        _train_local(cfg, config, items, nproc, max_restarts, log_dir)
 
-        cfg.validate(world_size=nproc)
-        try:
-            summary = train_on_ray(cfg, nproc, gpus_per_worker=gpus_per_worker, address=ray_address,
-                                   max_failures=max_failures)
-        except RayJobFailed as failed:   # one line, as for every other job failure
-            print(f"wb: error: {failed}", file=sys.stderr)
-            raise typer.Exit(1) from None
-        _print_summary(summary)
-        return
-    if _inside_torchrun():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if nproc not in (1, world):
-            raise ValueError(f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE {world}")
-        _run(cfg)
-        from parallel.train import exit_worker
 
-        exit_worker(0)
-    cfg.validate(world_size=nproc)            # config mistakes stop here, before any process starts
+def _overrides(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
+    """The options that are config keys, as key=value overrides (after the user's own)."""
+    items = list(overrides or [])
+    for key, value in (("recipe", recipe), ("zero.config_file", deepspeed), ("run_dir", run_dir)):
+        if value is not None:
+            items.append(f"{key}={value}")
+    if timeline:
+        items.append("profiling.timeline=true")
+    return items
+
+
+def _load(config: Path | None, items: list[str]):
+    from parallel import RunConfig
+
+    return RunConfig.from_toml(config, items)
+
+
+def _train_on_ray(cfg, nproc: int, gpus_per_worker: float, address: str | None, max_failures: int) -> None:
+    from cluster.ray_train import RayJobFailed, train_on_ray
+    from parallel import recipes
+
+    recipes.resolve(cfg, nproc)
+    try:
+        summary = train_on_ray(cfg, nproc, gpus_per_worker=gpus_per_worker, address=address,
+                               max_failures=max_failures)
+    except RayJobFailed as failed:   # one line, as for every other job failure
+        print(f"wb: error: {failed}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    _print_summary(summary)
+
+
+def _train_as_rank(cfg, nproc: int) -> None:
+    """One rank of a torchrun job (ours, or the user's `torchrun ... -m workbench train`)."""
+    from parallel.loop.distributed import exit_worker
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc not in (1, world):
+        raise UserError(f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE {world}")
+    _run(cfg)
+    exit_worker(0)
+
+
+def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_restarts: int,
+                 log_dir: Path | None) -> None:
+    """In this process (one rank), or N ranks under torchrun on this node."""
+    from parallel import recipes
+    from parallel.loop.rundir import resolve_run_dir
+
+    recipes.resolve(cfg, nproc)            # config mistakes stop here, before any process starts
     if nproc == 1 and max_restarts == 0 and log_dir is None:
         _run(cfg)
         return
-    if not cfg.run_dir:   # one name for all ranks, chosen before they start
-        items.append(f"run_dir=runs/{cfg.name or cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    if not cfg.run_dir:   # one directory for all ranks, chosen before they start
+        items = [*items, f"run_dir={resolve_run_dir(cfg)}"]
     from cluster import torchrun
 
     # no --nproc in the workers' command: torchrun's parser would take it as its own
@@ -111,10 +137,14 @@ def _run(cfg, nproc: int | None = None) -> None:
         _print_summary(summary)
 
 
-def _print_summary(summary: dict) -> None:
-    print(f"{summary['recipe']} x{summary['world_size']}: {summary['steps']} steps, final loss "
-          f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
-          f"model state {summary['model_state_bytes_per_rank'] / 2**20:.2f} MiB/rank -> {summary['run_dir']}")
+def _print_summary(summary) -> None:
+    """One line from a RunSummary; a figure that was not measured prints as n/a."""
+    state = summary.model_state_bytes_per_rank
+    state_text = f"{state / 2**20:.2f} MiB/rank" if state is not None else "n/a"
+    tokens = f"{summary.tokens_per_s:.0f}" if summary.tokens_per_s is not None else "n/a"
+    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    print(f"{summary.recipe} x{summary.world_size}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
+          f"model state {state_text} -> {summary.run_dir}")
 
 
 @data_app.command("prepare")

@@ -9,19 +9,12 @@ and `loss_avg` the mean of the last N updates' losses, one global batch of sampl
 from __future__ import annotations
 
 import collections
-from pathlib import Path
+from dataclasses import dataclass
 
 from parallel.comm import comm_summary
 from parallel.config import RunConfig
-from parallel.rundir import RunDir, median
-
-
-def resolve_run_dir(cfg: RunConfig) -> Path:
-    from datetime import datetime
-
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    return Path("runs") / (cfg.name or f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+from parallel.loop.rundir import RunDir, median
+from parallel.loop.summary import AsyncStats, RunSummary
 
 
 def histogram(values) -> dict[str, int]:
@@ -29,56 +22,64 @@ def histogram(values) -> dict[str, int]:
     return {str(k): v for k, v in sorted(collections.Counter(values).items())}
 
 
-def write_run(cfg: RunConfig, out: RunDir, n_workers: int, records: list[dict], t0: float,
-              samples_per_update: float, bytes_total: int, extra: dict) -> dict:
-    tokens_per_update = samples_per_update * cfg.model.seq_len
-    window = max(1, round(cfg.global_batch / samples_per_update))
-    history, recent, prev_t = [], collections.deque(maxlen=window), t0
-    time_to_target = None
-    for i, r in enumerate(records):
+@dataclass
+class WorkerRun:
+    """What an asynchronous recipe measured, for its summary."""
+
+    n_workers: int
+    records: list[dict]          # one per applied update, in order: loss, lr, grad_norm, applied, t, ...
+    t0: float                    # wall clock of the first update's start
+    samples_per_update: float
+    bytes_total: int
+    n_params: int
+    model_state_bytes_per_rank: int | None   # measured; None where nothing measured it
+    predicted_model_state_bytes_per_rank: int
+    predicted_formula: str
+    peak_memory_bytes_per_rank: int | None
+
+
+def _history(cfg: RunConfig, out: RunDir, run: WorkerRun) -> tuple[list[dict], float | None]:
+    """The metrics records (logged every log_every) and the time to target_loss, if reached."""
+    tokens_per_update = run.samples_per_update * cfg.model.seq_len
+    window = max(1, round(cfg.global_batch / run.samples_per_update))
+    history, recent, prev_t, time_to_target = [], collections.deque(maxlen=window), run.t0, None
+    for i, r in enumerate(run.records):
         recent.append(r["loss"])
         dt = max(r["t"] - prev_t, 1e-9)
         prev_t = r["t"]
         m = {"step": i, "loss": r["loss"], "loss_avg": sum(recent) / len(recent), "step_time_s": dt,
              "tokens_per_s": tokens_per_update / dt, "lr": r["lr"], "grad_norm": r["grad_norm"],
-             "applied": r["applied"], "elapsed_s": r["t"] - t0,
+             "applied": r["applied"], "elapsed_s": r["t"] - run.t0,
              **{k: r[k] for k in ("worker", "clock", "staleness", "version_lag") if k in r}}
         history.append(m)
-        if i % cfg.log_every == 0 or i == len(records) - 1:
+        if i % cfg.log_every == 0 or i == len(run.records) - 1:
             out.log(m)
         if time_to_target is None and cfg.target_loss and len(recent) == window and m["loss_avg"] <= cfg.target_loss:
             time_to_target = m["elapsed_s"]
+    return history, time_to_target
+
+
+def write_run(cfg: RunConfig, out: RunDir, run: WorkerRun, stats: AsyncStats) -> RunSummary:
+    history, time_to_target = _history(cfg, out, run)
+    records = run.records
     elapsed = history[-1]["elapsed_s"] if history else 0.0
-    updates = len(records)
-    samples = round(updates * samples_per_update)
-    summary = {
-        "recipe": cfg.recipe,
-        "world_size": n_workers,
-        "dp": n_workers,
-        "steps": cfg.steps,
-        "final_loss": history[-1]["loss_avg"] if history else None,
+    samples = round(len(records) * run.samples_per_update)
+    stats.tokens_per_s_per_update_median = median([m["tokens_per_s"] for m in history])
+    stats.staleness_histogram = histogram(r["staleness"] for r in records if "staleness" in r) or None
+    stats.version_lag_histogram = histogram(r["version_lag"] for r in records if "version_lag" in r) or None
+    summary = RunSummary(
+        recipe=cfg.recipe, world_size=run.n_workers, dp=run.n_workers, steps=cfg.steps,
+        final_loss=history[-1]["loss_avg"] if history else None,
         # all workers' tokens over the wall time (per-update tokens/s would count one worker's share)
-        "tokens_per_s": samples * cfg.model.seq_len / elapsed if elapsed > 0 else None,
-        "tokens_per_s_per_update_median": median([m["tokens_per_s"] for m in history]),
-        "n_params": extra.pop("n_params"),
-        "target_loss": cfg.target_loss or None,
-        "time_to_target_s": time_to_target,
-        "elapsed_s": elapsed,
-        "micro_batch": cfg.micro_batch,
-        "global_batch": cfg.global_batch,
-        "samples_per_update": samples_per_update,
-        "tokens_per_step": cfg.global_batch * cfg.model.seq_len,
-        "skipped_steps": sum(not r["applied"] for r in records),
-        "staleness_bound": cfg.ps.staleness if cfg.recipe == "async-ps" else None,
-        # SSP staleness: clocks ahead of the slowest worker when the gradient's parameters were read
-        "staleness_histogram": histogram(r["staleness"] for r in records if "staleness" in r) or None,
-        # server updates applied between that read and this gradient's apply
-        "version_lag_histogram": histogram(r["version_lag"] for r in records if "version_lag" in r) or None,
-        "device": "cpu",
-        "precision": cfg.precision,
-        "run_dir": str(out.path),
-        **comm_summary(bytes_total, updates, samples, elapsed),
-        **extra,
-    }
+        tokens_per_s=samples * cfg.model.seq_len / elapsed if elapsed > 0 else None,
+        n_params=run.n_params, elapsed_s=elapsed, micro_batch=cfg.micro_batch, global_batch=cfg.global_batch,
+        tokens_per_step=cfg.global_batch * cfg.model.seq_len,
+        skipped_steps=sum(not r["applied"] for r in records), device="cpu", precision=cfg.precision,
+        run_dir=str(out.path), parallel_dims=None, target_loss=cfg.target_loss or None,
+        time_to_target_s=time_to_target, peak_memory_bytes_per_rank=run.peak_memory_bytes_per_rank,
+        model_state_bytes_per_rank=run.model_state_bytes_per_rank,
+        predicted_model_state_bytes_per_rank=run.predicted_model_state_bytes_per_rank,
+        predicted_formula=run.predicted_formula,
+        comm=comm_summary(run.bytes_total, len(records), samples, elapsed), async_sgd=stats)
     out.write_summary(summary)
     return summary

@@ -8,7 +8,6 @@ mode the server clips the round's mean. `ray.remote(PSWorker)` makes it an actor
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from parallel import memory
 from parallel.config import RunConfig
 from parallel.data import Dataset, micro_batches
+from parallel.loop.injector import FaultInjector
 from parallel.model import GPT
 from parallel.ps.server import flat_views, nbytes, shard_names
 from parallel.recipes.base import clip_grad_norm
@@ -33,6 +33,7 @@ class PSWorker:
         self.layout = shard_names(self.model, len(shards))
         self.dataset = Dataset(cfg)
         self.sync = cfg.ps.staleness == 0
+        self.faults = FaultInjector(cfg, w, replacement=restarted)   # a replacement is not killed again
         self.stats = {"worker": w, "compute_s": 0.0, "straggle_s": 0.0, "pull_s": 0.0, "push_s": 0.0,
                       "clocks": 0, "bytes_pulled": 0, "bytes_pushed": 0}
 
@@ -70,8 +71,7 @@ class PSWorker:
         if self.sync and start > 0:   # a replacement: make sure its predecessor's last round gets applied
             self._finish_round(start - 1)
         for clock in range(start, steps):
-            if cfg.fault.kill_rank == self.w and cfg.fault.at_step == clock and not self.restarted:
-                os._exit(17)   # an abrupt death, as a killed worker: the driver sees the actor die
+            self.faults.before_step(clock)   # an injected death: the driver sees the actor die
             t0 = time.perf_counter()
             with prange("pull", clock=clock):
                 got = ray.get([s.pull.remote(self.w, clock) for s in self.shards])
@@ -86,9 +86,7 @@ class PSWorker:
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = float(clip_grad_norm(params, cfg.optim.grad_clip, sharded=False)) if not self.sync else 0.0
             compute = time.perf_counter() - t1
-            if cfg.straggler.rank == self.w and cfg.straggler.factor > 1:   # F x slower than its own compute
-                time.sleep((cfg.straggler.factor - 1) * compute)
-                st["straggle_s"] += (cfg.straggler.factor - 1) * compute
+            st["straggle_s"] += self.faults.straggle(compute)   # F x slower than its own compute
             t2 = time.perf_counter()
             with prange("push", clock=clock):
                 refs = []

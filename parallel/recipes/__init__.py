@@ -1,46 +1,81 @@
-"""Recipe registry: name -> how to set it up and which world sizes it can use.
+"""The recipe registry: name -> Recipe object, and `resolve`, which validates a run before it starts.
 
-A recipe module has `setup(model, cfg, ctx) -> engine` (see recipes/base.py for the engine's
-interface) and is imported only when used, so `import parallel` does not import DeepSpeed.
+    recipe = RECIPES["zero2"]                    # imports parallel/recipes/deepspeed_zero.py on first use
+    dims = resolve(cfg, world_size=2)            # config + recipe + layout checks; the ParallelDims
+
+Recipe modules are imported only when asked for, so `import parallel` imports neither DeepSpeed nor
+Ray. Adding a recipe: a file here with a Recipe subclass, and one line below (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 
+from parallel.config import RunConfig
+from parallel.dims import ParallelDims
+from parallel.errors import UserError
+from parallel.recipes.base import Recipe
 
-@dataclass(frozen=True)
-class RecipeSpec:
-    module: str                  # parallel.recipes.<file>, which defines setup(model, cfg, ctx)
-    min_world: int = 1
-    max_world: int | None = None
-    # data-parallel degree for a world size (pipeline recipes divide by the number of stages)
-    dp_degree: Callable = lambda cfg, world_size: world_size
-    # "torchrun": one process per rank, `setup` wraps the model for the shared loop. Anything else
-    # ("ray", "mp") launches its own workers: `wb train` calls train(cfg, nproc) once, in-process, and
-    # the module's `run(cfg, nproc) -> summary` does the rest.
-    launcher: str = "torchrun"
-
-    def setup(self, model, cfg, ctx):
-        return importlib.import_module(self.module).setup(model, cfg, ctx)
-
-    def run(self, cfg, nproc: int) -> dict:
-        return importlib.import_module(self.module).run(cfg, nproc)
-
-
-RECIPES: dict[str, RecipeSpec] = {
-    "single": RecipeSpec("parallel.recipes.single", min_world=1, max_world=1),
-    "ddp": RecipeSpec("parallel.recipes.ddp"),
-    "zero1": RecipeSpec("parallel.recipes.deepspeed_zero"),
-    "zero2": RecipeSpec("parallel.recipes.deepspeed_zero"),
-    "zero3": RecipeSpec("parallel.recipes.deepspeed_zero"),
-    "fsdp": RecipeSpec("parallel.recipes.fsdp"),
-    "async-ps": RecipeSpec("parallel.recipes.async_ps", launcher="ray"),
-    "hogwild": RecipeSpec("parallel.recipes.hogwild", launcher="mp"),
-    "local-sgd": RecipeSpec("parallel.recipes.local_sgd"),
-    "diloco": RecipeSpec("parallel.recipes.local_sgd"),
-    "pipeline": RecipeSpec("parallel.recipes.pipeline",
-                           dp_degree=lambda cfg, world_size: world_size // (cfg.pp.degree or world_size)),
+# name -> "module:Class" (one module may define several recipes)
+_WHERE = {
+    "single": "single:Single",
+    "ddp": "ddp:DDP",
+    "zero1": "deepspeed_zero:Zero1",
+    "zero2": "deepspeed_zero:Zero2",
+    "zero3": "deepspeed_zero:Zero3",
+    "fsdp": "fsdp:FSDP",
+    "pipeline": "pipeline:Pipeline",
+    "async-ps": "async_ps:AsyncPS",
+    "local-sgd": "local_sgd:LocalSGD",
+    "diloco": "local_sgd:DiLoCo",
+    "hogwild": "hogwild:Hogwild",
 }
+
+
+class _Registry(Mapping):
+    def __init__(self, where: dict[str, str]):
+        self._where, self._loaded = where, {}
+
+    def __getitem__(self, name: str) -> Recipe:
+        if name not in self._where:
+            raise KeyError(name)
+        if name not in self._loaded:
+            module, cls = self._where[name].split(":")
+            recipe = getattr(importlib.import_module(f"parallel.recipes.{module}"), cls)()
+            recipe.name = name
+            self._loaded[name] = recipe
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+RECIPES: Mapping[str, Recipe] = _Registry(_WHERE)
+
+
+def get(name: str) -> Recipe:
+    """The recipe called `name`, or a UserError that suggests the closest name."""
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, list(RECIPES), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"recipe: unknown recipe '{name}'{hint}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
+    """Every check a run needs before any process starts: the config's fields, the recipe's own, and
+    the layout of `world_size` ranks. Returns the parallel dimensions."""
+    if world_size < 1:
+        raise UserError(f"world size (--nproc) must be >= 1, got {world_size}")
+    recipe = get(cfg.recipe)
+    cfg.validate()
+    recipe.validate(cfg)
+    dims = recipe.dims(cfg, world_size)
+    recipe.validate_layout(cfg, dims)   # first: a pipeline's pp.microbatches sets micro_batch
+    cfg.check_layout(world_size, dims.dp)
+    return dims

@@ -29,11 +29,14 @@ from pathlib import Path
 import torch
 
 from parallel.config import RunConfig
+from parallel.errors import UserError
+from parallel.loop.rundir import RunDir, resolve_run_dir
+from parallel.loop.summary import AsyncStats, RunSummary
 from parallel.model import GPT, count_params
-from parallel.ps.report import resolve_run_dir, write_run
+from parallel.ps.report import WorkerRun, write_run
 from parallel.ps.server import ParamShard
 from parallel.ps.worker import PSWorker
-from parallel.rundir import RunDir
+from parallel.recipes.base import Recipe
 
 
 def _ray_session(cfg: RunConfig) -> bool:
@@ -41,7 +44,7 @@ def _ray_session(cfg: RunConfig) -> bool:
     try:
         import ray
     except ImportError:
-        raise ValueError("recipe async-ps needs Ray: pip install 'ray[default]'") from None
+        raise UserError("recipe async-ps needs Ray: pip install 'ray[default]'") from None
 
     if ray.is_initialized():
         return False
@@ -55,20 +58,22 @@ def _ray_session(cfg: RunConfig) -> bool:
     return True
 
 
-def run(cfg: RunConfig, nproc: int) -> dict:
+class AsyncPS(Recipe):
+    execution = "ray-actors"
+
+    def run(self, cfg: RunConfig, nproc: int) -> RunSummary:
+        import ray
+
+        started = _ray_session(cfg)
+        try:
+            return _train(cfg, nproc)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _train(cfg: RunConfig, n: int) -> RunSummary:
     import ray
-
-    started = _ray_session(cfg)
-    try:
-        return _train(cfg, nproc)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _train(cfg: RunConfig, n: int) -> dict:
-    import ray
-    from ray.exceptions import RayActorError
 
     run_dir = resolve_run_dir(cfg)
     out = RunDir(run_dir, active=True)
@@ -80,6 +85,52 @@ def _train(cfg: RunConfig, n: int) -> dict:
     shards = [Shard.remote(cfg_dict, k, cfg.ps.shards, n) for k in range(cfg.ps.shards)]
     workers = {w: Worker.remote(cfg_dict, w, n, shards) for w in range(n)}
     ray.get([a.ready.remote() for a in [*shards, *workers.values()]])   # all started before the clock runs
+
+    stats, deaths, replaced, dropped = _supervise(cfg, n, workers, shards, Worker, cfg_dict)
+    reports = ray.get([s.report.remote() for s in shards])
+    versions = {r["version"] for r in reports}
+    if len(versions) != 1:
+        raise RuntimeError(f"async-ps: server shards disagree on the number of updates applied: {versions}")
+    if cfg.checkpoint.save_final:
+        model = GPT(cfg.model)
+        state = {}
+        for part in ray.get([s.state.remote() for s in shards]):
+            state.update(part)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state[name])
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final_model.pt")
+    for a in [*shards, *workers.values()]:
+        ray.kill(a)
+
+    records = reports[0]["records"]
+    t0 = min(r["t_first_pull"] for r in reports if r["t_first_pull"] is not None) if records else time.time()
+    n_params = count_params(GPT(cfg.model))
+    per_worker = [stats[w] for w in sorted(stats)]
+    async_stats = AsyncStats(
+        workers=n, samples_per_update=0.0, tokens_per_s_per_update_median=None, staleness_bound=cfg.ps.staleness,
+        ps_shards=cfg.ps.shards, workers_replaced=replaced, workers_dropped=dropped, worker_deaths=deaths,
+        acked_clocks={str(w): c for w, c in reports[0]["acked"].items()},
+        bytes_pushed=sum(r["bytes_in"] for r in reports), bytes_pulled=sum(r["bytes_out"] for r in reports),
+        worker_stats=per_worker, server_state_bytes_by_shard=[r["state_bytes"] for r in reports])
+    # sync (staleness 0): each clock's N gradients are one update of a whole global batch
+    async_stats.samples_per_update = cfg.global_batch if cfg.ps.staleness == 0 else cfg.global_batch / n
+    run = WorkerRun(
+        n_workers=n, records=records, t0=t0, samples_per_update=async_stats.samples_per_update,
+        bytes_total=async_stats.bytes_pushed + async_stats.bytes_pulled, n_params=n_params,
+        # server shards: params + AdamW state of their slice; workers: a full replica + its gradients
+        model_state_bytes_per_rank=max([r["state_bytes"] for r in reports] + [s["state_bytes"] for s in per_worker]),
+        predicted_model_state_bytes_per_rank=max(n_params * 12 // cfg.ps.shards, n_params * 8),
+        predicted_formula="server shard (4+8)Ψ/S, worker 4Ψ + 4Ψ",
+        peak_memory_bytes_per_rank=max((s["peak_memory_bytes"] for s in per_worker), default=None))
+    return write_run(cfg, out, run, async_stats)
+
+
+def _supervise(cfg: RunConfig, n: int, workers: dict, shards: list, Worker, cfg_dict: dict):
+    """Wait on every worker's run(); replace (or drop) a worker actor that dies.
+    Returns ({worker: its stats}, deaths, replaced, dropped)."""
+    import ray
+    from ray.exceptions import RayActorError
 
     running = {workers[w].run.remote(0, cfg.steps): w for w in range(n)}
     stats, replaced, dropped, deaths = {}, 0, 0, []
@@ -100,48 +151,4 @@ def _train(cfg: RunConfig, n: int) -> dict:
             else:
                 ray.get([s.drop.remote(w) for s in shards])
                 dropped += 1
-
-    reports = ray.get([s.report.remote() for s in shards])
-    versions = {r["version"] for r in reports}
-    if len(versions) != 1:
-        raise RuntimeError(f"async-ps: server shards disagree on the number of updates applied: {versions}")
-    if cfg.checkpoint.save_final:
-        model = GPT(cfg.model)
-        state = {}
-        for part in ray.get([s.state.remote() for s in shards]):
-            state.update(part)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(state[name])
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final_model.pt")
-    for a in [*shards, *workers.values()]:
-        ray.kill(a)
-
-    records = reports[0]["records"]
-    t0 = min(r["t_first_pull"] for r in reports if r["t_first_pull"] is not None)
-    n_params = count_params(GPT(cfg.model))
-    per_worker = [stats[w] for w in sorted(stats)]
-    extra = {
-        "n_params": n_params,
-        "ps_shards": cfg.ps.shards,
-        "workers": n,
-        "workers_replaced": replaced,
-        "workers_dropped": dropped,
-        "worker_deaths": deaths,
-        "acked_clocks": {str(w): c for w, c in reports[0]["acked"].items()},
-        "bytes_pushed": sum(r["bytes_in"] for r in reports),
-        "bytes_pulled": sum(r["bytes_out"] for r in reports),
-        "worker_stats": per_worker,
-        # server shards: params + AdamW state of their slice; workers: a full replica + its gradients
-        "server_state_bytes_by_shard": [r["state_bytes"] for r in reports],
-        "model_state_bytes_per_rank": max([r["state_bytes"] for r in reports]
-                                          + [s.get("state_bytes", 0) for s in per_worker]),
-        "predicted_model_state_bytes_per_rank": max(n_params * 12 // cfg.ps.shards, n_params * 8),
-        "predicted_formula": "server shard (4+8)Ψ/S, worker 4Ψ + 4Ψ",
-        "peak_memory_bytes_per_rank": max((s.get("peak_memory_bytes", 0) for s in per_worker), default=0),
-    }
-    sync = cfg.ps.staleness == 0
-    samples_per_update = cfg.global_batch if sync else cfg.global_batch / n
-    total_bytes = extra["bytes_pushed"] + extra["bytes_pulled"]
-    t_first = t0 if records else time.time()
-    return write_run(cfg, out, n, records, t_first, samples_per_update, total_bytes, extra)
+    return stats, deaths, replaced, dropped

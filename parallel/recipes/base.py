@@ -1,20 +1,39 @@
-"""What the train loop asks of a recipe: an `Engine` wrapping model + optimizer + schedule.
+"""What a recipe is, and what the train loop asks of the engine a recipe builds.
 
-The loop, for each optimizer step:  forward -> backward (x accum) -> step.  A recipe changes how
-gradients are reduced, where state lives and how it is saved; never the order of the loop.
+A `Recipe` owns everything that differs between parallelisms: the world sizes it runs on, its config
+checks, how it maps onto the parallel dimensions, its memory model, how its workers run (`execution`)
+and `setup()`, which wraps the model into an `Engine`. The loop, for each optimizer step:
+forward -> backward (x accum) -> step. A recipe changes how gradients are reduced, where state lives
+and how it is saved; never the order of the loop. How to add one: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from parallel.config import RunConfig
+from parallel import memory
+from parallel.data import micro_batches
+from parallel.dims import ParallelDims
+from parallel.errors import UserError
+from profiling import range as prange
+
+if TYPE_CHECKING:
+    from parallel.config import RunConfig
+    from parallel.data import Dataset
+    from parallel.loop.summary import RunSummary
+
+# "spmd": one process per rank running the shared loop (under torchrun, or in Ray Train workers).
+# "ray-actors" / "processes": the recipe starts its own workers from one driver process (`run`).
+Execution = Literal["spmd", "ray-actors", "processes"]
 
 
 @dataclass
@@ -23,10 +42,57 @@ class Context:
     world_size: int
     local_rank: int
     device: torch.device
+    dims: ParallelDims | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor   # sum over this rank's micro-batches of their mean loss (float64)
+    lr: float                # the rate this step used
+    grad_norm: float         # before clipping
+    applied: bool            # False when the step was skipped (non-finite gradient)
+
+
+class Recipe:
+    """A parallelism recipe. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    execution: Execution = "spmd"
+    data_parallel: Literal["replicate", "shard"] = "replicate"
+    min_world: int = 1
+    max_world: int | None = None
+    needs_process_group: bool = True   # False: runs without torch.distributed (single)
+
+    def validate(self, cfg: RunConfig) -> None:
+        """Checks of other sections that only this recipe can judge (no world size yet)."""
+        if cfg.zero.config_file:
+            raise UserError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, got recipe={self.name}")
+        if cfg.zero.stage >= 0:
+            raise UserError(f"zero.stage={cfg.zero.stage} only applies to the zero recipes, got recipe={self.name}")
+
+    def dims(self, cfg: RunConfig, world_size: int) -> ParallelDims:
+        """How this recipe lays `world_size` ranks out (data parallelism takes what pp, cp, tp leave)."""
+        if not self.min_world <= world_size <= (self.max_world or world_size):
+            allowed = f"exactly {self.min_world}" if self.max_world == self.min_world else f"at least {self.min_world}"
+            raise UserError(f"recipe '{self.name}' runs on {allowed} process(es), got world size (--nproc) "
+                            f"{world_size}")
+        return ParallelDims.for_world(world_size, self.data_parallel, pp=1, cp=cfg.cp.degree, tp=cfg.tp.degree)
+
+    def validate_layout(self, cfg: RunConfig, dims: ParallelDims) -> None:
+        """Checks that need the layout (batch arithmetic a recipe adds). Default: none."""
+
+    def memory_model(self, cfg: RunConfig) -> memory.MemoryModel:
+        return memory.torch_adamw("none")
+
+    def setup(self, model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
+        raise NotImplementedError(f"recipe {self.name} starts its own workers: call run()")
+
+    def run(self, cfg: RunConfig, nproc: int) -> RunSummary:
+        raise NotImplementedError(f"recipe {self.name} runs in the shared loop: call setup()")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -59,31 +125,104 @@ def make_scheduler(optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.Lambda
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t   # a DTensor's shard on this rank
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t   # this rank's shard
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, sharded: bool) -> torch.Tensor:
-    """Global L2 norm of all gradients; scale them down to max_norm when above it (max_norm > 0).
+def grad_norm(grads: list[torch.Tensor], group=None, summed: bool = False) -> torch.Tensor:
+    """Global L2 norm of `grads` in float64. summed: every rank holds a disjoint part (shards, stages),
+    so the squares are all-reduced over `group` (None: the default group) first."""
+    sq = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(
+        (), dtype=torch.float64)
+    if summed and dist.is_initialized():
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
 
-    Sharded (FSDP): each rank holds a disjoint shard, so the squares are summed across ranks first.
-    Replicated (single, DDP): every rank holds the full reduced gradient, no communication needed.
-    """
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    sq = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((),
-                                                                                                      dtype=torch.float64)
-    if sharded and dist.is_initialized():
-        dist.all_reduce(sq)
-    norm = sq.sqrt()
+
+def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` down so their norm is max_norm, when above it (max_norm > 0 and norm finite)."""
     if max_norm > 0 and torch.isfinite(norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, sharded: bool) -> torch.Tensor:
+    """Norm of all gradients (summed over ranks when sharded, as FSDP's), then clipped to max_norm."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    norm = grad_norm(grads, summed=sharded)
+    clip_(grads, norm, max_norm)
     return norm
 
 
-class Engine:
-    """The torch recipes' engine (single, ddp, fsdp): AdamW + LambdaLR + explicit global-norm clipping."""
+class Engine(ABC):
+    """What the train loop drives. Optional hooks have defaults; no caller probes for attributes."""
+
+    cfg: RunConfig
+    ctx: Context
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None: ...
+
+    @abstractmethod
+    def step(self) -> tuple[float, bool]:
+        """Clip and update. Returns (grad norm before clipping, applied)."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Parameters, gradients and optimizer state this rank holds (its shards only, where sharded)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict, unsharded, on CPU (collective for sharded recipes)."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write this rank's part of a checkpoint into directory `path`."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None: ...
+
+    def train_step(self, dataset: Dataset, step: int, dp_rank: int, dp: int, on_backward=None) -> StepResult:
+        """One optimizer step: this rank's micro-batches of global batch `step`, forward and backward each
+        (loss / accum), then clip + update. A pipeline overrides it (its schedule runs the micro-batches)."""
+        device = self.ctx.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        mbs = micro_batches(self.cfg.global_batch, self.cfg.micro_batch, dp_rank, dp)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for j, indices in enumerate(mbs):
+            with prange("data", mb=j):
+                x, y = (t.to(device) for t in dataset.batch(step, indices))
+            with prange("fwd", mb=j), autocast:
+                loss = self.forward(x, y)
+            with prange("bwd", mb=j):
+                self.backward(loss, len(mbs), last=j == len(mbs) - 1)
+            loss_sum += loss.detach().double().cpu()
+            if on_backward is not None:
+                on_backward(j, len(mbs))
+        lr = self.lr   # the rate this step uses; step() moves the schedule on
+        with prange("optimizer", step=step):
+            norm, applied = self.step()
+        return StepResult(loss_sum, lr, norm, applied)
+
+    def params_on_rank(self, n_params: int) -> int:
+        """Parameters the memory formula counts for this rank: the whole model unless a stage holds a part."""
+        return n_params
+
+    def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict[str, Any]:
+        """Optional parts of the run summary this engine measured ({"comm": CommStats, ...}). Collective."""
+        return {}
+
+
+class TorchEngine(Engine):
+    """The torch recipes' engine (single, ddp, fsdp, ...): AdamW + LambdaLR + explicit global-norm clipping."""
 
     sharded = False
 
@@ -99,9 +238,11 @@ class Engine:
         (loss / accum).backward()
 
     def step(self) -> tuple[float, bool]:
-        """Clip, then step unless the gradient is NaN/Inf. Returns (grad norm before clipping, applied)."""
-        params = list(self.module.parameters())
-        norm = clip_grad_norm(params, self.cfg.optim.grad_clip, self.sharded)
+        """Clip, then step unless the gradient is NaN/Inf."""
+        norm = clip_grad_norm(list(self.module.parameters()), self.cfg.optim.grad_clip, self.sharded)
+        return self._update(norm)
+
+    def _update(self, norm: torch.Tensor) -> tuple[float, bool]:
         applied = bool(torch.isfinite(norm))
         if applied:
             self.optimizer.step()
@@ -114,19 +255,17 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """Parameters, gradients and optimizer state this rank holds (shards only, for sharded recipes)."""
-        params = [_local(p) for p in self.module.parameters()]
-        grads = [_local(p.grad) for p in self.module.parameters() if p.grad is not None]
-        state = [_local(t) for s in self.optimizer.state.values() for t in s.values()
+        params = [local(p) for p in self.module.parameters()]
+        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        state = [local(t) for s in self.optimizer.state.values() for t in s.values()
                  if torch.is_tensor(t) and t.ndim > 0]
         return {"params": params, "grads": grads, "optimizer": state}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's state dict, unsharded, on CPU (collective for sharded recipes)."""
         return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
 
     def save(self, path: Path) -> None:
-        """Write this rank's part of a checkpoint into directory `path` (replicated: rank 0 writes all)."""
+        """Replicated state: rank 0 writes it all."""
         if self.ctx.is_main:
             torch.save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, path / "state.pt")

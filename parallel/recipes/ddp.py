@@ -11,11 +11,10 @@ import contextlib
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel
 
 from parallel.comm import CommCounter, comm_summary
-from parallel.config import RunConfig
-from parallel.recipes.base import Context, Engine
+from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 from profiling import range as prange
 
 
@@ -26,13 +25,13 @@ def _counting_allreduce(counter: CommCounter, bucket):
         return default_hooks.allreduce_hook(None, bucket)
 
 
-class DDPEngine(Engine):
-    def comm_summary(self, steps: int, elapsed_s: float) -> dict:
+class DDPEngine(TorchEngine):
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
         """Gradient bytes all ranks moved through all-reduce (the comm hook counts this rank's buckets; each
         rank sends its bucket and receives the reduced one: 2 x payload x world size), per step and sample."""
         c = self.comm
         total = 2 * c.bytes * self.ctx.world_size
-        return comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, c.ops)
+        return {"comm": comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, c.ops)}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # DDP decides in forward whether the coming backward all-reduces, so no_sync must cover the
@@ -49,13 +48,16 @@ class DDPEngine(Engine):
             (loss / accum).backward()
 
 
-def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
-    model.to(ctx.device)
-    # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy
-    # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
-    ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-              gradient_as_bucket_view=True)
-    engine = DDPEngine(ddp, model, cfg, ctx)
-    engine.comm, engine.micro_batches_seen = CommCounter(), 0
-    ddp.register_comm_hook(engine.comm, _counting_allreduce)
-    return engine
+class DDP(Recipe):
+    data_parallel = "replicate"
+
+    def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
+        model.to(ctx.device)
+        # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy
+        # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
+        ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)
+        engine = DDPEngine(ddp, model, cfg, ctx)
+        engine.comm, engine.micro_batches_seen = CommCounter(), 0
+        ddp.register_comm_hook(engine.comm, _counting_allreduce)
+        return engine

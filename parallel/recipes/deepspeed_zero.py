@@ -12,17 +12,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from parallel.config import RunConfig
-from parallel.recipes.base import Context, lr_lambda, make_optimizer
+if TYPE_CHECKING:
+    from parallel.config import RunConfig
+
+from parallel import memory
+from parallel.errors import UserError
+from parallel.recipes.base import Context, Engine, Recipe, lr_lambda, make_optimizer
 
 
-def ds_config(cfg: RunConfig, dp: int) -> dict:
+def ds_config(cfg: RunConfig, dp: int, stage: int) -> dict:
     """The DeepSpeed config equivalent to this RunConfig."""
-    zero: dict = {"stage": cfg.zero_stage}
+    zero: dict = {"stage": stage}
     config: dict = {}
     if cfg.zero.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -42,29 +47,29 @@ def ds_config(cfg: RunConfig, dp: int) -> dict:
     }
 
 
-def user_config(cfg: RunConfig, dp: int) -> dict:
+def user_config(cfg: RunConfig, dp: int, stage: int) -> dict:
     """A user's DeepSpeed JSON, as-is, checked against the RunConfig: the loop feeds micro-batches by
     the RunConfig, so DeepSpeed's batch arithmetic must agree with it."""
     path = cfg.zero.config_file
     try:
         config = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed {path}: not valid JSON: {e}") from None
-    ours = ds_config(cfg, dp)
+        raise UserError(f"--deepspeed {path}: not valid JSON: {e}") from None
+    ours = ds_config(cfg, dp, stage)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in config and config[key] not in (ours[key], "auto"):
-            raise ValueError(f"--deepspeed {path}: {key}={config[key]} disagrees with the run config (global_batch="
+            raise UserError(f"--deepspeed {path}: {key}={config[key]} disagrees with the run config (global_batch="
                              f"{cfg.global_batch}, micro_batch={cfg.micro_batch}, dp={dp} -> {ours[key]})")
         config[key] = ours[key]
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage != cfg.zero_stage:
-        raise ValueError(f"--deepspeed {path}: zero_optimization.stage={stage} disagrees with recipe={cfg.recipe}")
+    theirs = config.get("zero_optimization", {}).get("stage", 0)
+    if theirs != stage:
+        raise UserError(f"--deepspeed {path}: zero_optimization.stage={theirs} disagrees with recipe={cfg.recipe}")
     if "optimizer" not in config:   # ours (torch AdamW) goes in as a client optimizer
         config.setdefault("zero_allow_untested_optimizer", True)
     return config
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """Adapts a DeepSpeedEngine to the loop's interface (see recipes/base.py)."""
 
     sharded = True
@@ -133,19 +138,49 @@ class DeepSpeedEngine:
         self.module.load_checkpoint(str(path), tag="ds")
 
 
-def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> DeepSpeedEngine:
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
-    os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))   # DeepSpeed asserts it; absent outside torchrun
-    import deepspeed
+class Zero(Recipe):
+    """ZeRO stage `stage` (the subclasses below); `zero.stage` may restate it, never contradict it."""
 
-    if cfg.zero.config_file:
-        config = user_config(cfg, ctx.world_size)
-    else:
-        config = ds_config(cfg, ctx.world_size)
-    model.to(ctx.device)
-    optimizer = None if "optimizer" in config else make_optimizer(model, cfg)
-    scheduler = None if "scheduler" in config else (
-        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                      model_parameters=None if optimizer else model.parameters())
-    return DeepSpeedEngine(engine, model, cfg, ctx)
+    stage = 0
+    data_parallel = "shard"
+
+    def validate(self, cfg: RunConfig) -> None:
+        if cfg.zero.stage >= 0 and cfg.zero.stage != self.stage:
+            raise UserError(f"zero.stage={cfg.zero.stage} contradicts recipe={self.name}")
+
+    def validate_layout(self, cfg: RunConfig, dims) -> None:
+        if cfg.zero.config_file:   # the user's DeepSpeed JSON must agree with this config's batch sizes
+            user_config(cfg, dims.dp, self.stage)
+
+    def memory_model(self, cfg: RunConfig) -> memory.MemoryModel:
+        sharded = {1: "os", 2: "os+g", 3: "os+g+p"}[self.stage]
+        if cfg.precision == "bf16":
+            return memory.MemoryModel(2, 2, 12, sharded)   # 16-bit params and grads, fp32 master + moments
+        return memory.MemoryModel(4, 4, 12, sharded)       # fp32 master partition kept although params are fp32
+
+    def setup(self, model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+        os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))   # DeepSpeed asserts it; absent outside torchrun
+        import deepspeed
+
+        dp = ctx.dims.dp
+        config = user_config(cfg, dp, self.stage) if cfg.zero.config_file else ds_config(cfg, dp, self.stage)
+        model.to(ctx.device)
+        optimizer = None if "optimizer" in config else make_optimizer(model, cfg)
+        scheduler = None if "scheduler" in config else (
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                          model_parameters=None if optimizer else model.parameters())
+        return DeepSpeedEngine(engine, model, cfg, ctx)
+
+
+class Zero1(Zero):
+    stage = 1
+
+
+class Zero2(Zero):
+    stage = 2
+
+
+class Zero3(Zero):
+    stage = 3

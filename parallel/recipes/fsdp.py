@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from parallel.config import RunConfig
-from parallel.recipes.base import Context, Engine
+from parallel import memory
+from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchEngine):
     sharded = True   # the clipping norm sums squares over every rank's shard
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
@@ -28,7 +29,7 @@ class FSDPEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in self.module.state_dict().items():
-            v = v.full_tensor() if hasattr(v, "full_tensor") else v   # all-gather: collective
+            v = v.full_tensor() if isinstance(v, DTensor) else v   # all-gather: collective
             out[k] = v.detach().cpu().clone()
         return out
 
@@ -58,14 +59,19 @@ class FSDPEngine(Engine):
         self.scheduler.load_state_dict(sched["scheduler"])
 
 
-def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+class FSDP(Recipe):
+    data_parallel = "shard"
 
-    model.to(ctx.device)
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    reshard = cfg.fsdp.reshard_after_forward
-    for block in model.blocks:          # one unit per block: gathered one at a time
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)   # embeddings, final norm, head
-    return FSDPEngine(model, model, cfg, ctx)
+    def memory_model(self, cfg) -> memory.MemoryModel:
+        return memory.torch_adamw("os+g+p")
+
+    def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(ctx.device)
+        mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_shard",))
+        reshard = cfg.fsdp.reshard_after_forward
+        for block in model.blocks:          # one unit per block: gathered one at a time
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)   # embeddings, final norm, head
+        return FSDPEngine(model, model, cfg, ctx)

@@ -8,7 +8,9 @@ ddp rank would take) and write their AdamW update straight into the shared tenso
 updates from different workers may interleave element by element. Each worker keeps its own gradient
 buffers and its own AdamW moments (as PyTorch's Hogwild example keeps its own optimizer); the schedule
 runs over samples, so the learning rate at a given sample count matches ddp's. Nothing crosses a
-network: bytes communicated are 0. A worker that dies stops the run with an error.
+network: bytes communicated are 0. A worker that dies (`fault.kill_rank` injects one) stops the run
+with an error. Model state per worker is measured in each worker at the end (the shared parameters,
+its own gradients and AdamW moments).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from parallel import memory
 from parallel.config import RunConfig
 from parallel.data import Dataset, micro_batches
+from parallel.loop.injector import FaultInjector
+from parallel.loop.rundir import RunDir, resolve_run_dir
+from parallel.loop.summary import AsyncStats, RunSummary
 from parallel.model import GPT, count_params
-from parallel.ps.report import resolve_run_dir, write_run
-from parallel.recipes.base import clip_grad_norm, lr_lambda, param_groups
-from parallel.rundir import RunDir
+from parallel.ps.report import WorkerRun, write_run
+from parallel.recipes.base import Recipe, clip_grad_norm, lr_lambda, param_groups
 
 
 def _worker(w: int, n: int, cfg_dict: dict, model: torch.nn.Module, out, start) -> None:
@@ -38,8 +43,10 @@ def _worker(w: int, n: int, cfg_dict: dict, model: torch.nn.Module, out, start) 
     dataset = Dataset(cfg)
     mbs = micro_batches(cfg.global_batch, cfg.micro_batch, w, n)
     params = list(model.parameters())
+    faults = FaultInjector(cfg, w)
     start.wait()
     for step in range(cfg.steps):
+        faults.before_step(step)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -54,13 +61,22 @@ def _worker(w: int, n: int, cfg_dict: dict, model: torch.nn.Module, out, start) 
         if applied:
             opt.step()   # straight into the shared parameters, no lock
         sched.step()
-        if cfg.straggler.rank == w and cfg.straggler.factor > 1:
-            time.sleep((cfg.straggler.factor - 1) * (time.perf_counter() - t0))
+        faults.straggle(time.perf_counter() - t0)
         out.put({"worker": w, "clock": step, "loss": loss_sum / len(mbs), "lr": lr, "grad_norm": norm,
                  "applied": applied, "t": time.time()})
+    held = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
+            "optimizer": [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]}
+    out.put({"worker": w, "final": True, "state_bytes": memory.held_bytes(held)["total"]})
 
 
-def run(cfg: RunConfig, nproc: int) -> dict:
+class Hogwild(Recipe):
+    execution = "processes"
+
+    def run(self, cfg: RunConfig, nproc: int) -> RunSummary:
+        return _run(cfg, nproc)
+
+
+def _run(cfg: RunConfig, nproc: int) -> RunSummary:
     run_dir = resolve_run_dir(cfg)
     out = RunDir(run_dir, active=True)
     out.write_config(cfg.to_dict())
@@ -77,7 +93,7 @@ def run(cfg: RunConfig, nproc: int) -> dict:
         p.start()
     start.wait()
     t0 = time.time()
-    records, expected = [], nproc * cfg.steps
+    records, expected = [], nproc * (cfg.steps + 1)   # each worker: one record per step, then its final one
     try:
         while len(records) < expected:
             try:
@@ -93,13 +109,16 @@ def run(cfg: RunConfig, nproc: int) -> dict:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    records.sort(key=lambda r: r["t"])
+    finals = [r for r in records if r.get("final")]
+    records = sorted((r for r in records if not r.get("final")), key=lambda r: r["t"])
     if cfg.checkpoint.save_final:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final_model.pt")
     n_params = count_params(model)
-    extra = {"n_params": n_params, "workers": nproc, "shared_memory": True,
-             "model_state_bytes_per_rank": n_params * 16,   # shared params counted once; own grads + moments
-             "predicted_model_state_bytes_per_rank": n_params * 16,
-             "predicted_formula": "4Ψ shared + 4Ψ + 8Ψ per worker",
-             "peak_memory_bytes_per_rank": None}
-    return write_run(cfg, out, nproc, records, t0, cfg.global_batch / nproc, 0, extra)
+    run = WorkerRun(
+        n_workers=nproc, records=records, t0=t0, samples_per_update=cfg.global_batch / nproc, bytes_total=0,
+        n_params=n_params, model_state_bytes_per_rank=max(r["state_bytes"] for r in finals),
+        predicted_model_state_bytes_per_rank=n_params * 16, predicted_formula="4Ψ shared + 4Ψ + 8Ψ per worker",
+        peak_memory_bytes_per_rank=None)   # workers share one address space's pages: no per-worker figure
+    stats = AsyncStats(workers=nproc, samples_per_update=run.samples_per_update,
+                       tokens_per_s_per_update_median=None, shared_memory=True)
+    return write_run(cfg, out, run, stats)

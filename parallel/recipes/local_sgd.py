@@ -18,14 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.comm import CommCounter, comm_summary
-from parallel.config import RunConfig
-from parallel.recipes.base import Context, Engine
+from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
-class LocalSGDEngine(Engine):
-    def __init__(self, module: nn.Module, cfg: RunConfig, ctx: Context):
+class LocalSGDEngine(TorchEngine):
+    def __init__(self, module: nn.Module, cfg, ctx: Context, diloco: bool):
         super().__init__(module, module, cfg, ctx)
-        self.diloco = cfg.recipe == "diloco"
+        self.diloco = diloco
         self.comm = CommCounter()
         self.local_steps = 0
         self.syncs = 0
@@ -90,12 +89,11 @@ class LocalSGDEngine(Engine):
                 g.copy_(saved)
             self.outer.load_state_dict(extra["outer"])
 
-    def comm_summary(self, steps: int, elapsed_s: float) -> dict:
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
         # every rank sends its parameters (or pseudo-gradients) and receives the average: 2 x payload x ranks
         total = 2 * self.comm.bytes * self.ctx.world_size
-        out = comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops)
-        out.update(sync_every=self.cfg.local_sgd.sync_every, outer_syncs=self.syncs)
-        return out
+        return {"comm": comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops,
+                                     sync_every=self.cfg.local_sgd.sync_every, outer_syncs=self.syncs)}
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         held = super().held_tensors()
@@ -105,6 +103,14 @@ class LocalSGDEngine(Engine):
         return held
 
 
-def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
-    model.to(ctx.device)
-    return LocalSGDEngine(model, cfg, ctx)
+class LocalSGD(Recipe):
+    data_parallel = "replicate"
+    diloco = False
+
+    def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
+        model.to(ctx.device)
+        return LocalSGDEngine(model, cfg, ctx, diloco=self.diloco)
+
+
+class DiLoCo(LocalSGD):
+    diloco = True

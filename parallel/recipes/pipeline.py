@@ -33,15 +33,17 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from parallel import memory
-from parallel.bubble import measure
-from parallel.config import RunConfig
+from parallel import compat, memory
 from parallel.data import rank_slice
-from parallel.gantt import draw_gantt
+from parallel.dims import ParallelDims
+from parallel.errors import UserError
+from parallel.loop.summary import PipelineStats
 from parallel.model import GPT, cross_entropy
-from parallel.pipeline_stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
-from parallel.recipes.base import Context, Engine
-from parallel.schedule import Op, closed_form_bubble, peak_inflight, simulate
+from parallel.pipeline.bubble import measure
+from parallel.pipeline.gantt import draw_gantt
+from parallel.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
+from parallel.pipeline.stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
+from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngine, clip_, grad_norm
 from profiling import range as prange
 from profiling.timeline import clock_offset_ns
 
@@ -50,16 +52,14 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": S
 KEEP_STEPS = 20   # the last steps whose spans are kept for the bubble measurement
 
 
-class PipelineEngine(Engine):
-    def __init__(self, stages: list[StageModule], cfg: RunConfig, ctx: Context, pp: int, dp: int):
+class PipelineEngine(TorchEngine):
+    def __init__(self, stages: list[StageModule], cfg, ctx: Context, pp: int, dp: int):
         module = nn.ModuleList(stages)
         super().__init__(module, module, cfg, ctx)
         self.pp, self.dp, self.v = pp, dp, cfg.pp.virtual_stages
         self.pp_rank, self.dp_rank = ctx.rank // dp, ctx.rank % dp
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(ctx.device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
-        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        mesh = ctx.dims.build_mesh(ctx.device.type, ("pp", "dp_replicate"))
+        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp_replicate")
         # A tied embedding: first stage (stage-rank 0) and head (stage-rank pp-1) hold a copy each.
         self.tied = cfg.model.tie_embeddings and pp > 1
         self.tie_group = None
@@ -105,8 +105,8 @@ class PipelineEngine(Engine):
             on_backward(0, 1)
         lr = self.lr
         with prange("optimizer", step=step):
-            grad_norm, applied = self.step()
-        return loss_sum, lr, grad_norm, applied
+            norm, applied = self.step()
+        return StepResult(loss_sum, lr, norm, applied)
 
     def _own_params(self) -> list[nn.Parameter]:
         """This rank's parameters, a tied head copy left out (its first-stage twin is counted)."""
@@ -117,32 +117,20 @@ class PipelineEngine(Engine):
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.dp > 1:   # average over replicas, once per step, one flat buffer
             grads = [p.grad for p in params]
-            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = compat.flatten(grads)
             with prange("allreduce", stage=self.pp_rank):
                 dist.all_reduce(flat, group=self.dp_group)
             flat /= self.dp
-            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            for g, reduced in zip(grads, compat.unflatten(flat, grads), strict=True):
                 g.copy_(reduced)
         if self.tie_group is not None:
             stage = self.stages[0] if self.pp_rank == 0 else self.stages[-1]
             weight = stage.tok_emb.weight if self.pp_rank == 0 else stage.head.weight
             dist.all_reduce(weight.grad, group=self.tie_group)
-        own = [p.grad for p in self._own_params() if p.grad is not None]
-        sq = torch.stack([g.detach().double().pow(2).sum() for g in own]).sum() if own else torch.zeros(
-            (), dtype=torch.float64)
-        dist.all_reduce(sq, group=self.pp_group)
-        norm = sq.sqrt()
-        applied = bool(torch.isfinite(norm))
-        if applied:
-            max_norm = self.cfg.optim.grad_clip
-            if max_norm > 0:
-                coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-                for p in params:
-                    p.grad.mul_(coef.to(p.grad.dtype))
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        return float(norm), applied
+        # the stages hold disjoint parameters: squares summed over the pp group (the tied copy once)
+        norm = grad_norm([p.grad for p in self._own_params() if p.grad is not None], self.pp_group, summed=True)
+        clip_([p.grad for p in params], norm, self.cfg.optim.grad_clip)
+        return self._update(norm)
 
     # ---- state -------------------------------------------------------------------------------
     def _layout(self) -> list[list[str]]:
@@ -163,7 +151,7 @@ class PipelineEngine(Engine):
     def load(self, path: Path) -> None:
         state = torch.load(path / f"stage_rank{self.pp_rank}.pt", map_location=self.ctx.device, weights_only=True)
         if state["layout"] != self._layout():
-            raise ValueError(f"checkpoint {path} holds blocks {state['layout']} on stage-rank {self.pp_rank}, this "
+            raise UserError(f"checkpoint {path} holds blocks {state['layout']} on stage-rank {self.pp_rank}, this "
                              f"run has {self._layout()}: use the same pp settings, or checkpoint.resume=false")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -179,18 +167,21 @@ class PipelineEngine(Engine):
                      if a is not None and str(a.computation_type.value) in kinds] for r, actions in order.items()}
 
     # ---- the bubble --------------------------------------------------------------------------
-    def summary_fields(self, run_dir: Path) -> dict:
-        """Measured vs predicted bubble (parallel.bubble); writes <run_dir>/pipeline.json (the reported
-        step's spans and the simulated ones) and gantt.png (pp.gantt). Predicted = the simulator run on
-        torch's own action order with each stage's median measured forward / backward cost: unequal
-        stages count, communication does not."""
+    def params_on_rank(self, n_params: int) -> int:
+        """A stage-rank holds only its stages' parameters (plus the tied head copy)."""
+        return sum(p.numel() for p in self.module.parameters())
+
+    def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict:
+        """Measured vs predicted bubble (parallel.pipeline.bubble); writes <run_dir>/pipeline.json (the
+        reported step's spans and the simulated ones) and gantt.png (pp.gantt). Predicted = the simulator
+        run on torch's own action order with each stage's median measured forward / backward cost:
+        unequal stages count, communication does not. Collective."""
         gathered = [None] * self.ctx.world_size
-        n_params = sum(p.numel() for p in self.module.parameters())
-        dist.all_gather_object(gathered, (self.pp_rank, self.dp_rank, self.history, n_params))
+        dist.all_gather_object(gathered, (self.pp_rank, self.dp_rank, self.history))
         if not self.ctx.is_main:
             return {}
         cfg, pp, m, v = self.cfg, self.pp, self.cfg.pp.microbatches, self.v
-        history = {(r, d): h for r, d, h, _ in gathered}
+        history = {(r, d): h for r, d, h in gathered}
         got = measure(history, cpu_costs=self.ctx.device.type == "cpu", n_stages=pp * v)
         costs = got["costs"]
         bwd = [b + w for b, w in zip(costs["B"], costs["W"], strict=True)]
@@ -198,36 +189,34 @@ class PipelineEngine(Engine):
         sim = simulate(cfg.pp.schedule, pp, m, v, fwd=costs["F"], bwd=bwd, weight_share=share or 0.5,
                        orders=self._torch_orders())
         inflight = [max(peak_inflight([Op(*s[:5]) for s in step]) for step in history[r, 0]) for r in range(pp)]
+        self._write_timeline(Path(run_dir), got, sim)
+        return {"pipeline": PipelineStats(
+            pp=pp, pp_schedule=cfg.pp.schedule, pp_microbatches=m, pp_virtual_stages=v,
+            pp_layers_per_stage=self.sizes,
+            bubble_fraction_measured=got["bubble"], bubble_fraction_measured_median=got["median"],
+            bubble_fraction_measured_by_step=got["by_step"], cpu_stolen_fraction_by_step=got["stolen_by_step"],
+            bubble_fraction_predicted=sim.bubble_fraction,
+            bubble_fraction_closed_form=closed_form_bubble(cfg.pp.schedule, pp, m, v),
+            stage_fwd_ms=costs["F"], stage_bwd_ms=bwd,
+            peak_inflight_microbatches_measured=max(inflight), peak_inflight_microbatches_by_rank=inflight,
+            peak_inflight_microbatches_predicted=max(sim.peak_inflight))}
+
+    def _write_timeline(self, run_dir: Path, got: dict, sim) -> None:
+        """pipeline.json: the reported step's measured spans beside the simulated ones; gantt.png."""
+        cfg = self.cfg
         origin = min(s[3] for spans in got["spans"].values() for s in spans)
         timeline = {
-            "schedule": cfg.pp.schedule, "pp": pp, "dp": self.dp, "microbatches": m, "virtual_stages": v,
+            "schedule": cfg.pp.schedule, "pp": self.pp, "dp": self.dp, "microbatches": cfg.pp.microbatches,
+            "virtual_stages": self.v,
             "measured": {r: [[*s[:3], (s[3] - origin) / 1e6, (s[4] - origin) / 1e6] for s in spans]
                          for r, spans in sorted(got["spans"].items())},
             "predicted": {r: [[o.kind, o.mb, o.stage, o.start, o.end] for o in ops] for r, ops in sim.ops.items()},
             "bubble_fraction_measured": got["bubble"], "bubble_fraction_predicted": sim.bubble_fraction,
         }
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "pipeline.json").write_text(json.dumps(timeline))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "pipeline.json").write_text(json.dumps(timeline))
         if cfg.pp.gantt:
-            draw_gantt(timeline, Path(run_dir) / "gantt.png")
-        p_b, g_b, k_b = memory.bytes_per_param("pipeline", cfg.precision)
-        return {
-            "pp": pp, "pp_schedule": cfg.pp.schedule, "pp_microbatches": m, "pp_virtual_stages": v,
-            "pp_layers_per_stage": self.sizes,
-            "bubble_fraction_measured": got["bubble"],
-            "bubble_fraction_measured_median": got["median"],
-            "bubble_fraction_measured_by_step": got["by_step"],
-            "cpu_stolen_fraction_by_step": got["stolen_by_step"],
-            "bubble_fraction_predicted": sim.bubble_fraction,
-            "bubble_fraction_closed_form": closed_form_bubble(cfg.pp.schedule, pp, m, v),
-            "stage_fwd_ms": costs["F"], "stage_bwd_ms": bwd,
-            "peak_inflight_microbatches_measured": max(inflight),
-            "peak_inflight_microbatches_by_rank": inflight,
-            "peak_inflight_microbatches_predicted": max(sim.peak_inflight),
-            # a stage-rank holds only its stages' parameters (plus the tied head copy)
-            "predicted_model_state_bytes_per_rank": int(max(g[3] for g in gathered) * (p_b + g_b + k_b)),
-            "predicted_formula": f"({p_b}+{g_b}+{k_b})Ψ_stage",
-        }
+            draw_gantt(timeline, run_dir / "gantt.png")
 
 
 def _destroy_groups() -> None:
@@ -235,20 +224,60 @@ def _destroy_groups() -> None:
         dist.destroy_process_group()
 
 
-def setup(model: GPT, cfg: RunConfig, ctx: Context) -> Engine:
-    model.to(ctx.device)
-    pp = cfg.pp.degree or ctx.world_size
-    dp, v = ctx.world_size // pp, cfg.pp.virtual_stages
-    pp_rank = ctx.rank // dp
-    sizes = stage_sizes(model, pp * v, cfg.pp.layers_per_stage)
-    starts = [sum(sizes[:s]) for s in range(pp * v)]
-    n_stages = pp * v
-    stages = [StageModule(model, starts[s], sizes[s], s == 0, s == n_stages - 1, untie=pp > 1)
-              for s in range(pp_rank, n_stages, pp)]
-    engine = PipelineEngine(stages, cfg, ctx, pp, dp)
-    # gloo's p2p threads abort the process ("terminate called without an active exception") when the
-    # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
-    atexit.unregister(_destroy_groups)
-    atexit.register(_destroy_groups)
-    engine.sizes = sizes
-    return engine
+class Pipeline(Recipe):
+    """pp stage-ranks x dp replicas: `pp.degree` (0 = every process a stage)."""
+
+    data_parallel = "replicate"
+
+    def dims(self, cfg, world_size: int):
+        super().dims(cfg, world_size)   # the world-size bounds
+        return ParallelDims.for_world(world_size, "replicate", pp=cfg.pp.degree or world_size,
+                                      cp=cfg.cp.degree, tp=cfg.tp.degree)
+
+    def memory_model(self, cfg) -> memory.MemoryModel:
+        return memory.torch_adamw("none", psi="Ψ_stage")
+
+    def validate_layout(self, cfg, dims) -> None:
+        check_pp_layout(cfg, dims.pp, dims.dp)
+
+    def setup(self, model: GPT, cfg, ctx: Context) -> Engine:
+        model.to(ctx.device)
+        pp, dp, v = ctx.dims.pp, ctx.dims.dp, cfg.pp.virtual_stages
+        pp_rank = ctx.dims.coords(ctx.rank)["pp"]
+        n_stages = pp * v
+        sizes = stage_sizes(model, n_stages, cfg.pp.layers_per_stage)
+        starts = [sum(sizes[:s]) for s in range(n_stages)]
+        stages = [StageModule(model, starts[s], sizes[s], s == 0, s == n_stages - 1, untie=pp > 1)
+                  for s in range(pp_rank, n_stages, pp)]
+        engine = PipelineEngine(stages, cfg, ctx, pp, dp)
+        # gloo's p2p threads abort the process ("terminate called without an active exception") when the
+        # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
+        atexit.unregister(_destroy_groups)
+        atexit.register(_destroy_groups)
+        engine.sizes = sizes
+        return engine
+
+
+def check_pp_layout(cfg, pp: int, dp: int) -> None:
+    """stages (pp x v) <= layers; microbatches >= pp. Fixes micro_batch from pp.microbatches (or the reverse)."""
+    v, m = cfg.pp.virtual_stages, cfg.pp.microbatches
+    if cfg.pp.layers_per_stage and len(cfg.pp.layers_per_stage) != pp * v:
+        raise UserError(f"pp.layers_per_stage has {len(cfg.pp.layers_per_stage)} entries, need pp.degree x "
+                        f"pp.virtual_stages = {pp * v}")
+    if cfg.model.n_layers < pp * v:
+        raise UserError(f"model.n_layers ({cfg.model.n_layers}) must be >= pp.degree x pp.virtual_stages "
+                        f"({pp * v}): every stage needs a block")
+    if m == 0:   # the train loop's micro-batching: one pipeline micro-batch per accumulation step
+        if cfg.global_batch % (cfg.micro_batch * dp):
+            return   # RunConfig.check_layout names the problem
+        m = cfg.pp.microbatches = cfg.global_batch // (cfg.micro_batch * dp)
+    elif cfg.global_batch % (m * dp):
+        raise UserError(f"global_batch ({cfg.global_batch}) must be divisible by pp.microbatches ({m}) x "
+                        f"data-parallel degree ({dp})")
+    else:
+        cfg.micro_batch = cfg.global_batch // (m * dp)
+    if m < pp:
+        raise UserError(f"pp.microbatches ({m}) must be >= pp.degree ({pp}), or the pipeline never fills")
+    if cfg.pp.schedule in ("interleaved-1f1b", "zero-bubble") and m % pp:
+        raise UserError(f"pp.microbatches ({m}) must be a multiple of pp.degree ({pp}) for "
+                        f"pp.schedule={cfg.pp.schedule}")

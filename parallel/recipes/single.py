@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from parallel.config import RunConfig
-from parallel.recipes.base import Context, Engine
+from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
-def setup(model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
-    model.to(ctx.device)
-    return Engine(model, model, cfg, ctx)
+class Single(Recipe):
+    min_world = max_world = 1
+    needs_process_group = False
+
+    def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
+        model.to(ctx.device)
+        return TorchEngine(model, model, cfg, ctx)

@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 from parallel import RunConfig
 from parallel.data import Dataset
+from parallel.loop.distributed import init_distributed
 from parallel.model import GPT
-from parallel.recipes import RECIPES
-from parallel.train import init_distributed, train_step
+from parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import TINY
 
 
@@ -29,8 +29,9 @@ def one_rank_group():
 def test_recipe_step(benchmark, recipe, one_rank_group):
     cfg = RunConfig.from_toml(TINY, [f"recipe={recipe}", "progress=false"])
     torch.manual_seed(0)
+    one_rank_group.dims = resolve(cfg, world_size=1)
     engine = RECIPES[recipe].setup(GPT(cfg.model), cfg, one_rank_group)
     dataset = Dataset(cfg)
-    step, cpu = iter(range(10**6)), torch.device("cpu")
-    loss_sum, lr, norm, applied = benchmark(lambda: train_step(engine, dataset, cfg, next(step), 0, 1, cpu))
-    assert applied and torch.isfinite(loss_sum)
+    step = iter(range(10**6))
+    result = benchmark(lambda: engine.train_step(dataset, next(step), 0, 1))
+    assert result.applied and torch.isfinite(result.loss_sum)

@@ -34,7 +34,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capfd):
         state.write_bytes(damage)
         (run_dir / "final_model.pt").unlink()
         s = _train(run_dir, "steps=6")
-        assert s["resumed_from_step"] == 4, why
+        assert s.resumed_from_step == 4, why
         assert why in capfd.readouterr().err
         assert max_rel_diff(final_params(run_dir), clean) == 0.0   # step 4 + 2 steps == the uninterrupted run
         assert state.read_bytes() != damage   # the re-run wrote step 6 again

@@ -43,13 +43,16 @@ def wb(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def losses(run_dir: Path) -> list[float]:
-    from parallel.rundir import read_metrics
+    from parallel.loop.rundir import read_metrics
 
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
 def summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    """summary.json through the typed loader (schema checked), every field in one dict."""
+    from parallel.loop.summary import RunSummary
+
+    return RunSummary.load(Path(run_dir) / "summary.json").flat()
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +77,7 @@ def rel(a: float, b: float) -> float:
 
 if __name__ == "__main__":
     from parallel import RunConfig, train
-    from parallel.train import exit_worker
+    from parallel.loop.distributed import exit_worker
 
     for config, overrides in json.loads(sys.argv[1]):
         train(RunConfig.from_toml(config, overrides))

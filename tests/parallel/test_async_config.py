@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from parallel import RunConfig
-from parallel.recipes import RECIPES
+from parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import TINY, wb
 
 
@@ -26,9 +26,9 @@ def test_bad_values_name_the_field(overrides, field):
 
 def test_straggler_rank_must_exist():
     cfg = RunConfig.from_toml(TINY, ["recipe=ddp", "straggler.rank=2", "straggler.factor=3"])
-    cfg.validate(world_size=4)
+    resolve(cfg, 4)
     with pytest.raises(ValueError, match=r"straggler\.rank \(2\) must be < world size \(2\)"):
-        cfg.validate(world_size=2)
+        resolve(cfg, 2)
 
 
 def test_sections_parse_and_recipes_are_registered():
@@ -37,8 +37,8 @@ def test_sections_parse_and_recipes_are_registered():
     assert (cfg.ps.staleness, cfg.ps.shards, cfg.ps.ray_address, cfg.ps.on_worker_death) == (4, 2, "auto", "drop")
     assert cfg.local_sgd.sync_every == 16 and cfg.straggler.factor == 2.5
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
-    assert RECIPES["async-ps"].launcher == "ray" and RECIPES["hogwild"].launcher == "mp"
-    assert RECIPES["local-sgd"].launcher == RECIPES["diloco"].launcher == "torchrun"
+    assert RECIPES["async-ps"].execution == "ray-actors" and RECIPES["hogwild"].execution == "processes"
+    assert RECIPES["local-sgd"].execution == RECIPES["diloco"].execution == "spmd"
 
 
 def test_wb_train_rejects_a_bad_worker_count_before_starting_anything():

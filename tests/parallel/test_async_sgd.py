@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from parallel import RunConfig, train
-from parallel.rundir import read_metrics
+from parallel.loop.rundir import read_metrics
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_server_keeps_acknowledged_updates_and_drops_dead_workers():
 
 # ---- hogwild, local SGD, DiLoCo -----------------------------------------------------------------------
 def test_hogwild_converges(tmp_path):
-    s = train(RunConfig.from_toml(TINY, [*BASE, "recipe=hogwild", "steps=60", f"run_dir={tmp_path}"]), 2)
+    s = train(RunConfig.from_toml(TINY, [*BASE, "recipe=hogwild", "steps=60", f"run_dir={tmp_path}"]), 2).flat()
     assert s["updates"] == 120 and s["bytes_communicated"] == 0
     assert s["final_loss"] < CONVERGED, s["final_loss"]
     assert {m["worker"] for m in read_metrics(tmp_path)} == {0, 1}
@@ -213,5 +213,5 @@ def test_local_sgd_resumes_mid_period(recipe, tmp_path):
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
-    assert resumed["resumed_from_step"] == 4
-    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
+    assert resumed.resumed_from_step == 4
+    assert resumed.final_loss == pytest.approx(whole.final_loss, rel=1e-6)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from parallel.loop.summary import RunSummary
 from tests.parallel.runs import TINY, wb
 
 SUMMARY_FIELDS = ["recipe", "world_size", "steps", "final_loss", "tokens_per_s", "peak_memory_bytes_per_rank",
@@ -27,7 +28,7 @@ def test_wb_train_zero2_writes_run_dir(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(20))
     assert all(set(METRIC_FIELDS) <= m.keys() for m in metrics)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunSummary.load(run_dir / "summary.json").flat()
     missing = [f for f in SUMMARY_FIELDS if f not in summary]
     assert not missing, missing
     assert summary["recipe"] == "zero2" and summary["world_size"] == 2 and summary["steps"] == 20
@@ -50,4 +51,4 @@ def test_data_prepare_and_train_on_bytes(tmp_path):
     assert np.array_equal(np.memmap(out, dtype=np.uint8, mode="r"), np.frombuffer(text.read_bytes(), np.uint8))
     s = train(RunConfig.from_toml(TINY, ["data.kind=bytes", f"data.path={out}", "model.vocab_size=256", "steps=15",
                                          "progress=false", "checkpoint.every=0", f"run_dir={tmp_path / 'run'}"]))
-    assert s["final_loss"] < 0.6 * np.log(256)
+    assert s.final_loss < 0.6 * np.log(256)

@@ -6,6 +6,7 @@ import pytest
 
 from parallel import RunConfig
 from parallel.config import ModelConfig
+from parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import ROOT, TINY
 
 
@@ -28,7 +29,7 @@ def test_overrides_are_typed():
     cfg = RunConfig.from_toml(TINY, ["steps=7", "optim.lr=1e-4", "model.tie_embeddings=false", "name=abc",
                                      "recipe=zero2", "optim.grad_clip=2"])
     assert cfg.steps == 7 and cfg.optim.lr == 1e-4 and cfg.model.tie_embeddings is False and cfg.name == "abc"
-    assert cfg.zero_stage == 2 and isinstance(cfg.optim.grad_clip, float)
+    assert RECIPES[cfg.recipe].stage == 2 and isinstance(cfg.optim.grad_clip, float)
 
 
 def test_defaults_without_file_and_round_trip():
@@ -50,11 +51,11 @@ def test_toml_types_checked(tmp_path):
 
 def test_world_size_checks():
     cfg = RunConfig.from_toml(TINY, ["recipe=ddp"])
-    cfg.validate(world_size=2)    # 16 = 4 x 2 x 2
-    cfg.validate(world_size=4)
+    resolve(cfg, 2)    # 16 = 4 x 2 x 2
+    resolve(cfg, 4)
     with pytest.raises(ValueError, match=r"divisible by micro_batch \(4\) x data-parallel degree \(3\)"):
-        cfg.validate(world_size=3)
+        resolve(cfg, 3)
     with pytest.raises(ValueError, match="exactly 1"):
-        RunConfig.from_toml(TINY, ["recipe=single"]).validate(world_size=2)
+        resolve(RunConfig.from_toml(TINY, ["recipe=single"]), 2)
     with pytest.raises(ValueError, match=r"fault.kill_rank \(2\) must be < world size \(2\)"):
-        RunConfig.from_toml(TINY, ["recipe=ddp", "fault.kill_rank=2"]).validate(world_size=2)
+        resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "fault.kill_rank=2"]), 2)

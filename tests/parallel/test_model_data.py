@@ -62,7 +62,7 @@ def test_rank_slices_are_disjoint_and_cover_the_batch(dp, micro):
 
 def test_synthetic_task_is_learned(tmp_path):
     """Well below ln(64) = 4.16 within 60 steps; tiny.toml's target_loss is reached."""
-    s = train(_cfg("steps=60", "progress=false", "checkpoint.every=0", f"run_dir={tmp_path}"))
+    s = train(_cfg("steps=60", "progress=false", "checkpoint.every=0", f"run_dir={tmp_path}")).flat()
     assert s["final_loss"] < 0.4 * math.log(64)
     assert s["time_to_target_s"] is not None and s["time_to_target_s"] <= s["elapsed_s"]
 

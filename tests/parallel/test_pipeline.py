@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from parallel.rundir import read_metrics
+from parallel.loop.rundir import read_metrics
+from parallel.loop.summary import RunSummary
 from tests.parallel.pipeline_runs import PIPE, heavy, torchrun
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
 from workbench.cli import main
@@ -142,7 +143,7 @@ def test_wb_train_pipeline_writes_bubble_and_gantt(tmp_path):
     done = wb("train", "--recipe", "pipeline", "--nproc", "2", "pp.schedule=1f1b", "pp.microbatches=8", "--config",
               TINY, "--run-dir", str(run_dir), "steps=6", "progress=false", "--timeline")
     assert done.returncode == 0, done.stderr[-4000:]
-    s = json.loads((run_dir / "summary.json").read_text())
+    s = RunSummary.load(run_dir / "summary.json").flat()
     assert 0.0 < s["bubble_fraction_measured"] < 1.0 and s["bubble_fraction_predicted"] == pytest.approx(1 / 9,
                                                                                                          abs=0.1)
     assert s["micro_batch"] == 2 and s["pp_microbatches"] == 8 and s["final_loss"] < read_metrics(run_dir)[0]["loss"]

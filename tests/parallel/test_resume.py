@@ -51,7 +51,7 @@ def test_resume_single_in_process(tmp_path):
     (run_dir / "final_model.pt").unlink()
     (run_dir / "checkpoints" / "step_000006.tmp").mkdir()   # a half-written checkpoint is ignored
     summary = train(cfg)
-    assert summary["resumed_from_step"] == 4
+    assert summary.resumed_from_step == 4
     assert max_rel_diff(final_params(run_dir), clean_params) == 0.0
     assert losses(run_dir) == clean_losses
 

@@ -38,12 +38,12 @@ def test_nan_policy_stop(tmp_path, monkeypatch):
     from parallel import train
     from parallel.recipes import base
 
-    monkeypatch.setattr(base.Engine, "step", lambda self: (float("nan"), False))
+    monkeypatch.setattr(base.TorchEngine, "step", lambda self: (float("nan"), False))
     with pytest.raises(FloatingPointError, match="nan_policy = 'stop'"):
         train(RunConfig.from_toml(TINY, ["nan_policy=stop", "steps=2", "progress=false", f"run_dir={tmp_path}"]))
     s = train(RunConfig.from_toml(TINY, ["nan_policy=skip", "steps=2", "progress=false", "checkpoint.resume=false",
                                          f"run_dir={tmp_path}"]))
-    assert s["skipped_steps"] == 2
+    assert s.skipped_steps == 2
 
 
 def test_lr_warmup_then_cosine():
@@ -69,10 +69,11 @@ def test_clip_grad_norm_matches_torch():
 def test_zero_formula_table():
     """The ZeRO paper's 7.5B / 64 GPU example, mixed precision: 120 -> 31.4 -> 16.6 -> 1.9 GB."""
     psi = 7.5e9
-    got = [memory.predicted_model_state_bytes(int(psi), r, 64, "bf16") / 1e9 for r in ("ddp", "zero1", "zero2",
-                                                                                        "zero3")]
+    cfg = RunConfig.from_toml(TINY, ["precision=bf16"])
+    models = {r: RECIPES[r].memory_model(cfg) for r in ("ddp", "zero1", "zero2", "zero3")}
+    got = [m.predicted_bytes(int(psi), 64) / 1e9 for m in models.values()]
     assert got == pytest.approx([120, 31.4, 16.6, 1.875], rel=0.01)
-    assert memory.formula_text("zero2", "bf16") == "2Ψ + (2+12)Ψ/N"
+    assert models["zero2"].formula == "2Ψ + (2+12)Ψ/N"
 
 
 def test_held_bytes_counts_a_storage_once():

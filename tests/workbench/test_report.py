@@ -3,7 +3,6 @@ rebuilds it from the run directories alone."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from parallel.loop.summary import RunSummary
 from workbench.report import COLUMNS, MB
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def _check_report(out: Path, run_dirs: list[Path]) -> None:
         assert matplotlib.image.imread(out / name).shape[0] > 100
     rows = {r["recipe"]: r for r in _table(report.split("## Runs", 1)[1].split("##", 1)[0])}
     for run_dir in run_dirs:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = RunSummary.load(run_dir / "summary.json").flat()
         row = rows[summary["recipe"]]
         for header, key, fmt in COLUMNS:
             if header not in row or summary.get(key) is None:
@@ -63,8 +63,8 @@ def _check_report(out: Path, run_dirs: list[Path]) -> None:
 def test_compare_report_matches_the_runs(compared):
     run_dirs = [compared / "single", compared / "ddp"]
     _check_report(compared, run_dirs)
-    single = json.loads((compared / "single" / "summary.json").read_text())
-    ddp = json.loads((compared / "ddp" / "summary.json").read_text())
+    single = RunSummary.load(compared / "single" / "summary.json").flat()
+    ddp = RunSummary.load(compared / "ddp" / "summary.json").flat()
     assert single["global_batch"] == ddp["global_batch"] and ddp["world_size"] == 2
     assert single["final_loss"] == pytest.approx(ddp["final_loss"], rel=1e-5)   # same data, seed, batch
 

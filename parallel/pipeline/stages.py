@@ -16,9 +16,9 @@ import time
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining import schedules as _schedules
 from torch.utils.checkpoint import checkpoint
 
+from parallel import compat
 from parallel.model import GPT
 from profiling import range as prange
 
@@ -153,10 +153,10 @@ _kinds: dict[int, str] = {}        # id(work) -> "S" / "R"
 def instrument_p2p() -> None:
     """Record the schedules' waits on sends and receives as "send" / "recv" spans (once per process).
     These are torch-private helpers: where a torch version lacks them, the waits just go unrecorded."""
-    if getattr(_schedules, "_wb_instrumented", False) or not all(
-            hasattr(_schedules, name) for name in ("_batch_p2p", "_wait_batch_p2p")):
+    hooks = compat.pipeline_p2p_hooks()
+    if hooks is None or getattr(hooks[0], "_wb_instrumented", False):
         return
-    post, wait = _schedules._batch_p2p, _schedules._wait_batch_p2p
+    schedules, post, wait = hooks
 
     def batch_p2p(p2p_ops, desc=None):
         works = post(p2p_ops, desc=desc) if desc is not None else post(p2p_ops)
@@ -172,5 +172,5 @@ def instrument_p2p() -> None:
         with _active[-1].span(kind, -1, -1):
             return wait(works)
 
-    _schedules._batch_p2p, _schedules._wait_batch_p2p = batch_p2p, wait_batch_p2p
-    _schedules._wb_instrumented = True
+    schedules._batch_p2p, schedules._wait_batch_p2p = batch_p2p, wait_batch_p2p
+    schedules._wb_instrumented = True

@@ -1,25 +1,21 @@
-"""Injected faults (for the fault-tolerance tests) and collective-timeout diagnosis.
+"""Collective timeouts and their diagnosis, and a process group that survives a torchrun restart.
 
-- `fault.kill_rank=R fault.at_step=S`: rank R exits abruptly (os._exit(17), no cleanup) when it starts
-  step S, once per run: not after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) nor after any
-  relaunch that finds `<run_dir>/.fault_fired` (Ray Train restarts its workers with no restart count).
-- `fault.hang_rank=R fault.at_step=S`: rank R sleeps forever at step S, as a stuck worker would.
 - `fault.collective_timeout_s`: the process group's timeout inside the training loop (set after setup,
   so a slow start-up does not trip it). A collective that times out raises `CollectiveTimeout` naming
   the ranks that never reached this step, read from per-rank heartbeats in the c10d store.
+Injected kills, hangs and stragglers: parallel/loop/injector.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch.distributed as dist
 
-MARKER = ".fault_fired"
+from parallel import compat
+
 _KEY = "wb/heartbeat/{}"
 
 
@@ -31,7 +27,7 @@ def _store():
     if not dist.is_initialized() or dist.get_world_size() < 2:
         return None
     try:
-        return dist.distributed_c10d._get_default_store()
+        return compat.default_store()
     except Exception:   # noqa: BLE001 - diagnosis is best effort
         return None
 
@@ -55,30 +51,17 @@ def restart_safe_store() -> dict:
 def arm(cfg) -> None:
     """Apply the loop's collective timeout to the default process group."""
     if dist.is_initialized():
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=cfg.fault.collective_timeout_s))
+        compat.set_default_group_timeout(cfg.fault.collective_timeout_s)
 
 
-def before_step(cfg, rank: int, step: int, run_dir: Path) -> None:
-    """Fire an injected fault if this rank and step ask for it; then record this rank's heartbeat."""
-    f = cfg.fault
-    if f.kill_rank == rank and f.at_step == step and not _fired(run_dir):
-        marker = Path(run_dir) / MARKER
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"rank {rank} killed at step {step}\n")
-        os._exit(17)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
-    if f.hang_rank == rank and f.at_step == step:
-        while True:    # a stuck worker: alive, never reaching the next collective
-            time.sleep(3600)
+def heartbeat(rank: int, step: int) -> None:
+    """Record that `rank` started `step` (read back by explain_timeout)."""
     store = _store()
     if store is not None:
         try:
             store.set(_KEY.format(rank), str(step))
-        except Exception:   # noqa: BLE001
+        except Exception:   # noqa: BLE001 - diagnosis is best effort
             pass
-
-
-def _fired(run_dir: Path) -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or (Path(run_dir) / MARKER).exists()
 
 
 def is_timeout(error: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""The measured pipeline bubble, from the spans every stage-rank recorded (parallel.pipeline_stages).
+"""The measured pipeline bubble, from the spans every stage-rank recorded (parallel.pipeline.stages).
 
 A span is (kind, micro-batch, stage, start_ns, end_ns, cpu_ns): kind F / B / W is compute, S / R a
 wait on a send / receive. For one step of one data-parallel replica:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from parallel.errors import UserError
+
 
 def _barrier() -> None:
     if dist.is_initialized():
@@ -148,7 +150,7 @@ def resume(engine, run_dir: Path) -> int:
     ours = {"recipe": engine.cfg.recipe, "world_size": engine.ctx.world_size}
     theirs = {k: meta.get(k, v) for k, v in ours.items()}
     if theirs != ours:
-        raise ValueError(f"checkpoint {latest} was written by recipe={theirs['recipe']} on {theirs['world_size']} "
+        raise UserError(f"checkpoint {latest} was written by recipe={theirs['recipe']} on {theirs['world_size']} "
                          f"process(es), this run is recipe={ours['recipe']} on {ours['world_size']}: use another "
                          f"run_dir, or checkpoint.resume=false to start over")
     engine.load(latest)

@@ -1,4 +1,9 @@
-"""Run directory writers: config.json, metrics.jsonl (one object per optimizer step), summary.json.
+"""The run directory: where it is (one rule for every recipe and launcher) and its writers:
+config.json, metrics.jsonl (one object per optimizer step), summary.json.
+
+Where: `run_dir` if the config sets it; else `runs/<name>` if it names the run; else
+`runs/<recipe>-<YYYYmmdd-HHMMSS>`. Whatever launches several processes resolves it once, before they
+start, so every rank writes into the same directory.
 
 Only rank 0 writes. Writes of JSON files are atomic (tmp file, then rename) so a reader never sees
 half a file; metrics.jsonl is appended line by line and, on resume, cut back to the resumed step.
@@ -8,8 +13,16 @@ from __future__ import annotations
 
 import json
 import statistics
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+
+def resolve_run_dir(cfg) -> Path:
+    """The run directory of this config, by the rule above (the timestamp is this process's clock)."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path("runs") / (cfg.name or f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -49,9 +62,10 @@ class RunDir:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, summary) -> None:
+        """`summary`: a RunSummary (parallel/loop/summary.py)."""
         if self.active:
-            write_json(self.path / "summary.json", summary)
+            write_json(self.path / "summary.json", summary.to_dict())
 
 
 def median(values: list[float]) -> float | None:

@@ -1,0 +1,69 @@
+"""Every private or version-specific torch API that `parallel` uses, in one place.
+
+torch does not promise these names across releases. Each helper checks for what it needs and, where
+it is missing, fails (or degrades, where the feature is optional) with a message naming the torch
+version, so a torch upgrade breaks here, visibly, and not deep inside a training run. Tested on the
+supported range below (tests/parallel/test_compat.py exercises every helper).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+SUPPORTED_TORCH = ("2.11", "2.13")   # oldest and newest minor release tested
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _missing(what: str) -> RuntimeError:
+    return RuntimeError(f"torch {torch.__version__} lacks {what}, which gpu-workbench needs (tested on torch "
+                        f"{SUPPORTED_TORCH[0]} to {SUPPORTED_TORCH[1]}): see parallel/compat.py")
+
+
+def default_store():
+    """The default process group's c10d store (for heartbeats), or None without a group.
+    Private: `distributed_c10d._get_default_store` (torch 1.x to 2.13)."""
+    if not dist.is_initialized():
+        return None
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get is None:
+        raise _missing("torch.distributed.distributed_c10d._get_default_store")
+    return get()
+
+
+def set_default_group_timeout(seconds: float) -> None:
+    """Change the default process group's collective timeout after it was created.
+    Private: `distributed_c10d._set_pg_timeout` (torch 2.2 to 2.13)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:
+        raise _missing("torch.distributed.distributed_c10d._set_pg_timeout")
+    setter(timedelta(seconds=seconds))
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous buffer holding `tensors` (for one all-reduce instead of many).
+    Private: `torch._utils._flatten_dense_tensors` (stable since torch 1.0)."""
+    return torch._utils._flatten_dense_tensors(tensors)
+
+
+def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped like `like` (the inverse of flatten)."""
+    return torch._utils._unflatten_dense_tensors(flat, like)
+
+
+def pipeline_p2p_hooks():
+    """(module, batch_p2p, wait_batch_p2p) of torch.distributed.pipelining's schedules, whose sends and
+    receives the pipeline recipe times; None where this torch lacks them (the waits then go unrecorded).
+    Private: `schedules._batch_p2p` / `_wait_batch_p2p` (torch 2.5 to 2.13)."""
+    from torch.distributed.pipelining import schedules
+
+    post, wait = getattr(schedules, "_batch_p2p", None), getattr(schedules, "_wait_batch_p2p", None)
+    if post is None or wait is None:
+        return None
+    return schedules, post, wait

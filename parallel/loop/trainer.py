@@ -1,0 +1,180 @@
+"""One training loop for every recipe that runs in a process per rank, in three parts.
+
+    summary = train(cfg)    # inside whatever process group the launcher set up (torchrun's env), or alone
+
+  1. setup      process group and device; every check (parallel.recipes.resolve); run directory; model
+                (same seed on every rank), which the recipe wraps into an engine; data; resume
+  2. run_steps  for each step: injected faults -> micro-batches (engine.train_step) -> log -> checkpoint
+  3. summarise  the typed RunSummary (parallel/loop/summary.py), written to <run_dir>/summary.json
+
+Recipes that start their own workers (async-ps, hogwild) run through `recipe.run` instead and write the
+same summary. The data flow of one step is drawn in docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallel import checkpoint, memory, recipes
+from parallel.config import RunConfig
+from parallel.data import Dataset
+from parallel.loop import faults, hooks
+from parallel.loop.distributed import broadcast, gather, init_distributed, mean_over_ranks
+from parallel.loop.injector import FaultInjector
+from parallel.loop.progress import Progress
+from parallel.loop.rundir import RunDir, median, resolve_run_dir
+from parallel.loop.summary import RunSummary
+from parallel.model import GPT, PEAK_BF16_FLOPS, count_params, flops_per_token
+from profiling import range as prange
+from profiling import timeline
+from profiling.session import ProfileSession
+
+
+def train(cfg: RunConfig, nproc: int | None = None) -> RunSummary:
+    recipe = recipes.get(cfg.recipe)
+    if recipe.execution != "spmd":   # async-ps (Ray actors), hogwild (processes): their own workers
+        recipes.resolve(cfg, nproc or 1)
+        return recipe.run(cfg, nproc or 1)
+    trainer = Trainer(cfg)
+    trainer.run_steps()
+    return trainer.summarise()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        """Part 1, setup: everything before the first step."""
+        self.cfg, self.recipe = cfg, recipes.get(cfg.recipe)
+        self.ctx = ctx = init_distributed(cfg, self.recipe.needs_process_group)
+        ctx.dims = self.dims = recipes.resolve(cfg, ctx.world_size)
+        # a run_dir the launcher did not set is named by rank 0's clock, for every rank
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(broadcast(str(resolve_run_dir(cfg))))
+        self.out = RunDir(self.run_dir, active=ctx.is_main)
+        self.out.write_config(cfg.to_dict())
+        torch.manual_seed(cfg.seed)               # identical initial weights on every rank
+        model = GPT(cfg.model)
+        self.n_params = count_params(model)
+        self.engine = self.recipe.setup(model, cfg, ctx)
+        self.dataset = Dataset(cfg)
+        self.start = checkpoint.resume(self.engine, self.run_dir) if cfg.checkpoint.resume else 0
+        self.history = self.out.start_metrics(self.start)
+        self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
+        self.skipped, self.held = 0, None
+        self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
+        self.time_to_target = next((m["elapsed_s"] for m in self.history if self._reached(m["loss"])), None)
+        # held memory is measured during the second step run: after one step Adam's state exists
+        self.measure_step = self.start + 1 if cfg.steps - self.start > 1 else self.start
+
+    def _reached(self, loss: float) -> bool:
+        return bool(self.cfg.target_loss) and loss <= self.cfg.target_loss
+
+    # ---- part 2: the steps ----------------------------------------------------------------
+    def run_steps(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        memory.reset_peak(ctx.device)
+        progress = Progress(cfg.progress and ctx.is_main, cfg.steps, self.start, cfg.recipe)
+        # Nsight capture range / torch.profiler / host timeline, as `wb profile` and --timeline ask
+        session = ProfileSession.from_env(self.run_dir, ctx.rank, use_timeline=cfg.profiling.timeline)
+        faults.arm(cfg)   # fault.collective_timeout_s for the loop's collectives (after a possibly slow setup)
+        self.t_start = time.perf_counter()
+        step = self.start
+        try:
+            for step in range(self.start, cfg.steps):
+                session.begin_step(step)
+                record = self._one_step(step)
+                session.end_step(step)
+                progress.update(f"loss {record['loss']:.4f}")
+        except Exception as error:   # a collective that timed out: name the ranks that never arrived
+            if faults.is_timeout(error):
+                raise faults.explain_timeout(error, cfg, ctx.rank, step) from error
+            raise
+        finally:
+            progress.close()
+            session.close()
+        if cfg.profiling.timeline:   # every rank has written timeline/timeline-rank<R>.json: merge them
+            if dist.is_initialized():
+                dist.barrier()
+            if ctx.is_main:
+                timeline.merge(self.run_dir / "timeline", self.run_dir / "trace.json")
+
+    def _one_step(self, step: int) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        self.faults.before_step(step)   # injected kill/hang (once per run)
+        faults.heartbeat(ctx.rank, step)
+        t0 = time.perf_counter()
+        on_backward = self._measure_held if step == self.measure_step else None
+        with prange("step", step=step):
+            result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
+                                            on_backward=on_backward)
+        self.faults.straggle(time.perf_counter() - t0)   # a slow worker: F x its compute
+        loss = mean_over_ranks(result.loss_sum / cfg.accum_steps(self.dims.dp))
+        if not result.applied:
+            self.skipped += 1
+            if cfg.nan_policy == "stop":
+                raise FloatingPointError(f"step {step}: non-finite loss/gradient (loss={loss}, "
+                                         f"grad_norm={result.grad_norm}); nan_policy = 'stop'")
+        dt = time.perf_counter() - t0
+        elapsed = self.elapsed_before + time.perf_counter() - self.t_start
+        record = {"step": step, "loss": loss, "step_time_s": dt,
+                  "tokens_per_s": cfg.global_batch * cfg.model.seq_len / dt, "lr": result.lr,
+                  "grad_norm": result.grad_norm, "applied": result.applied, "elapsed_s": elapsed}
+        self.history.append(record)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            self.out.log(record)
+        if self.time_to_target is None and self._reached(loss):
+            self.time_to_target = elapsed
+        done = step + 1
+        if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
+            with prange("checkpoint", step=done):
+                checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, ctx.rank,
+                                cfg.checkpoint.keep_every)
+        hooks.after_step(record, self.run_dir)   # e.g. ray.train.report, with the checkpoint just saved
+        return record
+
+    def _measure_held(self, j: int, n: int) -> None:
+        if j in (0, n - 1):   # after the first backward (ZeRO-1 still holds unreduced full grads) and the last
+            self.held = memory.max_bytes(self.held, memory.held_bytes(self.engine.held_tensors()))
+
+    # ---- part 3: the summary --------------------------------------------------------------
+    def summarise(self) -> RunSummary:
+        cfg, ctx, history = self.cfg, self.ctx, self.history
+        if cfg.checkpoint.save_final:
+            state = self.engine.full_state_dict()   # collective
+            if ctx.is_main:
+                torch.save(state, self.run_dir / "final_model.pt")
+        held_all = gather(self.held or memory.held_bytes(self.engine.held_tensors()))
+        peaks = gather(memory.peak_memory_bytes(ctx.device))
+        counted = max(gather(self.engine.params_on_rank(self.n_params)))
+        model = self.recipe.memory_model(cfg)
+        tokens_per_s = median([m["tokens_per_s"] for m in history])
+        flops = flops_per_token(cfg.model, self.n_params)
+        per_rank = tokens_per_s * flops / ctx.world_size if tokens_per_s else None
+        elapsed = history[-1]["elapsed_s"] if history else 0.0
+        summary = RunSummary(
+            recipe=cfg.recipe, world_size=ctx.world_size, dp=self.dims.dp, parallel_dims=self.dims.degrees(),
+            steps=cfg.steps, final_loss=history[-1]["loss"] if history else None, tokens_per_s=tokens_per_s,
+            model_flops_per_token=flops, achieved_tflops_per_rank=per_rank / 1e12 if per_rank else None,
+            mfu=_mfu(per_rank, ctx.device), peak_memory_bytes_per_rank=max(peaks), peak_memory_bytes_by_rank=peaks,
+            model_state_bytes_per_rank=max(h["total"] for h in held_all), model_state_bytes_by_rank=held_all,
+            predicted_model_state_bytes_per_rank=model.predicted_bytes(counted, self.dims.dp),
+            predicted_formula=model.formula, n_params=self.n_params, target_loss=cfg.target_loss or None,
+            time_to_target_s=self.time_to_target, elapsed_s=elapsed, micro_batch=cfg.micro_batch,
+            accum_steps=cfg.accum_steps(self.dims.dp), global_batch=cfg.global_batch,
+            tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
+            resumed_from_step=self.start, device=str(ctx.device), precision=cfg.precision,
+            run_dir=str(self.run_dir),
+            **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
+        self.out.write_summary(summary)
+        return summary
+
+
+def _mfu(flops_per_s: float | None, device: torch.device) -> float | None:
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (None on CPU or an unknown GPU)."""
+    if device.type != "cuda" or not flops_per_s:
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    return flops_per_s / peak if peak else None
