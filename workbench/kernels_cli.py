@@ -23,10 +23,18 @@ def default_backends() -> list[str]:
     return ["triton"] if cuda_available() else ["interpret", "torch"]
 
 
+def selected(selection: str) -> list[str]:
+    """The kernel names `selection` ('all' or one name) stands for; a wrong name is the user's mistake."""
+    try:
+        return suite.names(selection)
+    except ValueError as mistake:
+        raise UserError(str(mistake)) from None
+
+
 def run_checks(selection: str, backends: list[str], seed: int = 0):
     from kernels import suite
 
-    return [row for name in suite.names(selection) for backend in backends
+    return [row for name in selected(selection) for backend in backends
             for row in suite.suite(name).check(backend, seed)]
 
 
@@ -75,7 +83,7 @@ def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant 
 
     set_range_factory(prange)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = [row for name in suite.names(kernel) for row in suite.suite(name).bench(device, quick)]
+    rows = [row for name in selected(kernel) for row in suite.suite(name).bench(device, quick)]
     title = torch.cuda.get_device_name() if device == "cuda" else "CPU (torch backend)"
     table = Table(title=f"kernel benchmarks on {title}")
     metric_names = list(dict.fromkeys(k for r in rows for k in r.metrics))
@@ -104,7 +112,7 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
     for a in archs:
         if a not in SHARED_MEMORY_LIMIT:
             raise UserError(f"--arch {a} is not supported; choose from {sorted(SHARED_MEMORY_LIMIT)}")
-    specs = [s for name in suite.names(kernel) for s in suite.suite(name).compile_specs()]
+    specs = [s for name in selected(kernel) for s in suite.suite(name).compile_specs()]
     results = compile_all(specs, archs, jobs or None)
     table = Table(title="ahead-of-time compile (PTX + cubin)")
     for col in ("kernel config", "sm", "result", "smem B", "regs", "spill B", "note"):

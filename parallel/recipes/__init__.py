@@ -43,10 +43,20 @@ class _Registry(Mapping):
             raise KeyError(name)
         if name not in self._loaded:
             module, cls = self._where[name].split(":")
-            recipe = getattr(importlib.import_module(f"parallel.recipes.{module}"), cls)()
+            module = module if "." in module else f"parallel.recipes.{module}"   # a dotted path: anywhere
+            recipe = getattr(importlib.import_module(module), cls)()
             recipe.name = name
             self._loaded[name] = recipe
         return self._loaded[name]
+
+    def add(self, name: str, where: str) -> None:
+        """Register `name` as "module:Class" (a plug-in outside this package: a dotted module path)."""
+        self._where[name] = where
+        self._loaded.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        self._where.pop(name, None)
+        self._loaded.pop(name, None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -55,7 +65,7 @@ class _Registry(Mapping):
         return len(self._where)
 
 
-RECIPES: Mapping[str, Recipe] = _Registry(_WHERE)
+RECIPES = _Registry(dict(_WHERE))
 
 
 def get(name: str) -> Recipe:

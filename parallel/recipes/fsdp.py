@@ -65,12 +65,15 @@ class FSDP(Recipe):
     def memory_model(self, cfg) -> memory.MemoryModel:
         return memory.torch_adamw("os+g+p")
 
+    def reshard_after_forward(self, cfg) -> bool:
+        return cfg.fsdp.reshard_after_forward
+
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
         from torch.distributed.fsdp import fully_shard
 
         model.to(ctx.device)
         mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_shard",))
-        reshard = cfg.fsdp.reshard_after_forward
+        reshard = self.reshard_after_forward(cfg)
         for block in model.blocks:          # one unit per block: gathered one at a time
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)   # embeddings, final norm, head

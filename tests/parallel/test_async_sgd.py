@@ -52,7 +52,7 @@ def torchrun_runs(tmp_path_factory):
 
 
 def _ps(run_dir, nproc: int, *overrides: str) -> dict:
-    return train(RunConfig.from_toml(TINY, [*BASE, "recipe=async-ps", f"run_dir={run_dir}", *overrides]), nproc)
+    return train(RunConfig.from_toml(TINY, [*BASE, "recipe=async-ps", f"run_dir={run_dir}", *overrides]), nproc).flat()
 
 
 # ---- staleness 0 is synchronous SGD ---------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""parallel/compat.py: every private torch API the project uses exists on this torch and does its job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallel import compat
+
+
+def test_this_torch_is_in_the_supported_range():
+    low, high = (tuple(int(x) for x in v.split(".")) for v in compat.SUPPORTED_TORCH)
+    assert low <= compat.torch_version() <= high, (torch.__version__, compat.SUPPORTED_TORCH)
+
+
+def test_flatten_round_trips():
+    tensors = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 2, 2)]
+    flat = compat.flatten(tensors)
+    assert flat.shape == (15 + 7 + 8,)
+    for a, b in zip(tensors, compat.unflatten(flat * 2, tensors), strict=True):
+        torch.testing.assert_close(b, a * 2)
+
+
+def test_pipeline_p2p_hooks_exist():
+    hooks = compat.pipeline_p2p_hooks()
+    assert hooks is not None, "torch.distributed.pipelining.schedules lost _batch_p2p / _wait_batch_p2p"
+    module, post, wait = hooks
+    assert callable(post) and callable(wait)
+
+
+def test_store_and_timeout_helpers_on_a_real_group():
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        store = compat.default_store()
+        store.set("wb/compat", "1")
+        assert store.get("wb/compat") == b"1"
+        compat.set_default_group_timeout(123.0)   # raises where the private setter is gone
+        dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if started:
+        assert compat.default_store() is None   # no group, no store
+
+
+def test_a_missing_private_api_names_torch(monkeypatch):
+    monkeypatch.delattr(dist.distributed_c10d, "_set_pg_timeout")
+    with pytest.raises(RuntimeError, match=r"torch .* lacks torch\.distributed\.distributed_c10d\._set_pg_timeout"):
+        compat.set_default_group_timeout(1.0)
