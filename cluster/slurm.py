@@ -39,6 +39,24 @@ def _check(name: str, value: str, pattern: str, example: str) -> str:
 def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str, partition: str,
                   job_name: str = "wb-train", log_dir: str = "runs/slurm", max_restarts: int = 0, port: int = 29500,
                   cpus_per_task: int = 0, account: str = "", signal_lead_s: int = 120) -> str:
+    _check_args(nodes, gpus_per_node, time, partition, job_name, account, port)
+    srun_args = _srun_args(command, nodes, max(gpus_per_node, 1), port, max_restarts)
+    directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time}",
+                  f"--partition={partition}"]
+    if gpus_per_node:
+        directives.append(f"--gpus-per-node={gpus_per_node}")
+    if cpus_per_task:
+        directives.append(f"--cpus-per-task={cpus_per_task}")
+    if account:
+        directives.append(f"--account={account}")
+    directives += [f"--output={log_dir}/%x-%j.out", "--requeue", "--open-mode=append",
+                   f"--signal=B:USR1@{signal_lead_s}"]
+    header = ["#!/bin/bash", f"# rendered by `wb slurm render`: {shlex.join(command)}"[:1000].replace("\n", " ")]
+    return "\n".join([*header, *(f"#SBATCH {d}" for d in directives), *_body(log_dir, srun_args)])
+
+
+def _check_args(nodes: int, gpus_per_node: int, time: str, partition: str, job_name: str, account: str,
+                port: int) -> None:
     if nodes < 1 or gpus_per_node < 0:
         raise UserError(f"--nodes must be >= 1 and --gpus-per-node >= 0, got {nodes} and {gpus_per_node}")
     _check("--time", time, r"(\d+-)?\d{1,2}(:\d{2}){0,2}", "04:00:00 or 1-00:00:00")
@@ -48,7 +66,10 @@ def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str,
         _check("--account", account, r"[\w.-]+", "myproject")
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")
-    per_node = max(gpus_per_node, 1)
+
+
+def _srun_args(command: list[str], nodes: int, per_node: int, port: int, max_restarts: int) -> list[str]:
+    """torchrun's words for srun: its flags with the placeholders as shell variables, the job's quoted."""
     launch = torchrun_command(command, nproc_per_node=per_node, nnodes=str(nodes), rdzv_endpoint=f"{_HEAD}:{port}",
                               rdzv_id=_JOB, max_restarts=max_restarts, log_dir=f"{_LOGS}/{_JOB}", python="python")
     n_job = len(entry_args(command))
@@ -60,20 +81,11 @@ def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str,
             q = f'"{q}"'
         flags.append(q)
     job = shlex.join(launch[-n_job:])   # the user's command: every word quoted, nothing expands
-    srun_args = [shlex.join(launch[:3]), *flags, job]
-    directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time}",
-                  f"--partition={partition}"]
-    if gpus_per_node:
-        directives.append(f"--gpus-per-node={gpus_per_node}")
-    if cpus_per_task:
-        directives.append(f"--cpus-per-task={cpus_per_task}")
-    if account:
-        directives.append(f"--account={account}")
-    directives += [f"--output={log_dir}/%x-%j.out", "--requeue", "--open-mode=append",
-                   f"--signal=B:USR1@{signal_lead_s}"]
-    lines = ["#!/bin/bash", f"# rendered by `wb slurm render`: {shlex.join(command)}"[:1000].replace("\n", " ")]
-    lines += [f"#SBATCH {d}" for d in directives]
-    lines += [
+    return [shlex.join(launch[:3]), *flags, job]
+
+
+def _body(log_dir: str, srun_args: list[str]) -> list[str]:
+    return [
         "set -euo pipefail",
         "",
         "# The c10d rendezvous runs on the first host of the allocation.",
@@ -106,11 +118,10 @@ def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str,
         'exit "$status"',
         "",
     ]
-    return "\n".join(lines)
 
 
 def submit(script: Path) -> int:
-    """`sbatch SCRIPT` when sbatch is installed; otherwise a ValueError saying how to submit by hand."""
+    """`sbatch SCRIPT` when sbatch is installed; otherwise a UserError saying how to submit by hand."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError(f"sbatch not found on PATH: the script is at {script}; submit it with "

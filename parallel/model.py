@@ -18,10 +18,8 @@ from parallel.config import ModelConfig
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention through the project's kernel when it exists, else torch's SDPA."""
-    if hasattr(kernels, "attention"):
-        return kernels.attention(q, k, v, causal=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """Causal attention through the project's kernel (its torch backend is SDPA on CPU tensors)."""
+    return kernels.attention(q, k, v, causal=True)
 
 
 class CausalSelfAttention(nn.Module):
