@@ -25,10 +25,25 @@ def default_backends() -> list[str]:
 
 def selected(selection: str) -> list[str]:
     """The kernel names `selection` ('all' or one name) stands for; a wrong name is the user's mistake."""
+    from kernels import suite
+
     try:
         return suite.names(selection)
     except ValueError as mistake:
         raise UserError(str(mistake)) from None
+
+
+def checked_backends(backends: list[str] | None) -> list[str]:
+    """--backend values, each a backend this machine can run (triton needs a CUDA device)."""
+    from kernels.backend import BACKENDS, cuda_available
+
+    for b in backends or []:
+        if b not in BACKENDS or b == "auto":
+            raise UserError(f"--backend: backend={b!r} is not a kernel backend; choose triton, interpret or torch")
+        if b == "triton" and not cuda_available():
+            raise UserError("--backend triton needs a CUDA device, and none is visible here; use --backend "
+                            "interpret (the same kernels through Triton's interpreter) or torch")
+    return list(backends or [])
 
 
 def run_checks(selection: str, backends: list[str], seed: int = 0):
@@ -61,7 +76,7 @@ def check(kernel: str = typer.Argument("all", help="softmax | attention | quant 
           seed: int = typer.Option(0, help="random seed of the inputs"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Correctness sweep against float64 on random odd shapes; exit 1 on any failure."""
-    rows = run_checks(kernel, backend or default_backends(), seed)
+    rows = run_checks(kernel, checked_backends(backend) or default_backends(), seed)
     console.print(check_table(rows))
     _write_json(json_out, rows)
     failed = sum(not r.passed for r in rows)

@@ -60,8 +60,8 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """||a - b|| / ||b|| over all parameters as one vector (the relative error of docs/ARCHITECTURE.md, Testing), after checking
-    that no single element differs by more than 1e-4. Per tensor the ratio is noisier: where a gradient
+    """||a - b|| / ||b|| over all parameters as one vector (docs/ARCHITECTURE.md, Testing), after
+    checking that no single element differs by more than 1e-4. Per tensor the ratio is noisier: where a gradient
     is ~0 (a bias, say), Adam's m / sqrt(v) turns rounding differences into lr-sized steps."""
     assert a.keys() == b.keys()
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)

@@ -1,0 +1,46 @@
+"""What must match for a checkpoint to resume, and what may change between a run's segments.
+
+A checkpoint's meta.json records `fingerprint(cfg, world_size)`. Resuming compares it with the new
+run's before anything in the run directory is written, and refuses a mismatch in one line naming the
+first differing field. Everything else (steps, logging, profiling, checkpoint cadence, faults, the
+learning rate) may change: `config.json` records what did, segment by segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+# the state's shapes, the data stream, and the layout the state is sharded by
+MUST_MATCH = ("model", "data", "seed", "global_batch", "recipe", "precision", "world_size", "pp.degree",
+              "pp.virtual_stages", "pp.layers_per_stage", "zero.stage", "tp", "cp")
+
+
+def fingerprint(cfg, world_size: int) -> dict[str, Any]:
+    flat = _flatten(asdict(cfg))
+    flat["world_size"] = world_size
+    return {k: v for k, v in flat.items() if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)}
+
+
+def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """'model.d_model is 32 in this run, 64 in the checkpoint', or None when they agree."""
+    for key in sorted(set(saved) | set(current)):
+        if key in saved and saved.get(key) != current.get(key):
+            return f"{key} is {current.get(key)!r} in this run, {saved[key]!r} in the checkpoint"
+    return None
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
+    """{key: [old, new]} for every config value that differs (a run's next segment)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
