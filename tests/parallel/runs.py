@@ -8,24 +8,18 @@ serves several recipes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cli import ROOT, env, wb  # noqa: F401  (the shared CLI helper, re-exported for the parallel tests)
+
 TINY = str(ROOT / "configs" / "tiny.toml")
 # A tiny model of >= 1M parameters (the memory targets ask for it), 10 steps, no progress bar.
 BASE = ["steps=10", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "model.d_model=128",
         "model.n_layers=5", "global_batch=16", "micro_batch=4", "optim.warmup_steps=3"]
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    e.pop("WORLD_SIZE", None)
-    return e
 
 
 def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600) -> None:
@@ -34,12 +28,6 @@ def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600) 
            __file__, json.dumps(runs)]
     done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-
-
-def wb(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess: `python -m workbench ...`."""
-    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -8,7 +8,6 @@ for every torchrun run, a tiny model and few steps: several checks read each run
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 
 import pytest
@@ -173,22 +172,43 @@ def test_local_sgd_communicates_8x_fewer_bytes_than_ddp(torchrun_runs):
     assert ddp["comm_ops"] == 10   # one gradient all-reduce per step (micro-batches under no_sync)
 
 
-# ---- the straggler comparison ---------------------------------------------------------------------------
-def test_straggler_async_vs_sync_time_to_target(ray_local, tmp_path):
-    """4 workers, worker 3 slowed 3x: wall seconds to tiny.toml's target loss, ddp vs async-ps (staleness 4).
-    The issue's target is async <= 0.67x ddp; this prints the measured ratio (2 shared cores run the 4
-    workers here, so the figure is the box's, not the algorithm's alone)."""
+# ---- the straggler runs ------------------------------------------------------------------------------------
+def _time_to_target(records: list[dict], target: float, window: int) -> float | None:
+    """elapsed_s at the first record where the mean `loss` of the last `window` records (a full window)
+    is <= target: recomputed from metrics.jsonl, not read from the summary."""
+    for i, m in enumerate(records):
+        if i + 1 >= window and sum(r["loss"] for r in records[i + 1 - window:i + 1]) / window <= target:
+            return m["elapsed_s"]
+    return None
+
+
+def test_straggler_ddp_and_async_reach_the_target(ray_local, tmp_path):
+    """4 workers, worker 3 slowed 3x, ddp and async-ps (staleness 4): both reach tiny.toml's target loss,
+    and each summary's time_to_target_s is the elapsed time of the first step (async: the first full
+    global batch of updates) whose loss is at the target in metrics.jsonl. Which one gets there first is
+    a timing on 2 shared cores: tests/bench/test_async_time_to_target.py records the ratio."""
     common = [*BASE, "steps=36", "straggler.rank=3", "straggler.factor=3", "log_every=1"]
     ddp_dir, ps_dir = tmp_path / "ddp", tmp_path / "ps"
     torchrun(4, [(TINY, [*common, "recipe=ddp", f"run_dir={ddp_dir}"])])
     ps = _ps(ps_dir, 4, *common, "ps.staleness=4")
     ddp = summary(ddp_dir)
-    assert ddp["time_to_target_s"] is not None and ps["time_to_target_s"] is not None, (ddp, ps)
-    ratio = ps["time_to_target_s"] / ddp["time_to_target_s"]
-    result = {"ddp_time_to_target_s": ddp["time_to_target_s"], "async_time_to_target_s": ps["time_to_target_s"],
-              "ratio": ratio, "target_loss": ps["target_loss"], "async_staleness": ps["staleness_histogram"],
-              "ddp_final_loss": ddp["final_loss"], "async_final_loss": ps["final_loss"]}
-    print("\nstraggler comparison (worker 3 of 4 slowed 3x): " + json.dumps(result))
+    target = RunConfig.from_toml(TINY).target_loss
+    assert target > 0 and ddp["target_loss"] == ps["target_loss"] == target
+
+    ddp_records = read_metrics(ddp_dir)   # log_every=1: every step
+    assert [m["step"] for m in ddp_records] == list(range(36))
+    assert ddp["time_to_target_s"] is not None, ddp
+    assert ddp["time_to_target_s"] == _time_to_target(ddp_records, target, window=1)
+
+    ps_records = read_metrics(ps_dir)     # one record per applied update
+    window = round(ps["global_batch"] / ps["samples_per_update"])   # 4 updates of 4 samples: one global batch
+    assert window == 4 and len(ps_records) == ps["updates"] == 4 * 36
+    for i, m in enumerate(ps_records):    # loss_avg is the mean of the last `window` updates' losses
+        recent = [r["loss"] for r in ps_records[max(0, i + 1 - window):i + 1]]
+        assert m["loss_avg"] == pytest.approx(sum(recent) / len(recent), rel=1e-9)
+    assert ps["time_to_target_s"] is not None, ps
+    assert ps["time_to_target_s"] == _time_to_target(ps_records, target, window)
+
     assert max(int(k) for k in ps["staleness_histogram"]) <= 4
     # the same samples (36 global batches) end within 10% of ddp's loss
     assert ps["final_loss"] <= 1.1 * ddp["final_loss"], (ps["final_loss"], ddp["final_loss"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.parallel.conftest import DP_RECIPES, MEMORY_RECIPES
-from tests.parallel.runs import summary
+from tests.parallel.runs import BASE, TINY, summary
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,46 @@ def test_sharding_order(dp_runs):
     assert held == sorted(held, reverse=True) and len(set(held)) == len(held), held
 
 
-def test_peak_memory_reported(dp_runs):
+# Bytes per parameter each rank holds on N = 2 ranks, by hand from the ZeRO paper's formula: p + g + K
+# unsharded, K/N (zero1), (g + K)/N (zero2), (p + g + K)/N (zero3, fsdp). fp32: p = g = 4, K = 8 (Adam's
+# two moments), K = 12 for DeepSpeed, which keeps its fp32 master copy too; bf16 under DeepSpeed: p = g = 2,
+# K = 12; ddp's bf16 is autocast, its parameters, gradients and moments stay fp32.
+BY_HAND = {("ddp", "fp32"): 4 + 4 + 8, ("zero1", "fp32"): 4 + 4 + 12 / 2, ("zero2", "fp32"): 4 + (4 + 12) / 2,
+           ("zero3", "fp32"): (4 + 4 + 12) / 2, ("fsdp", "fp32"): (4 + 4 + 8) / 2,
+           ("ddp", "bf16"): 4 + 4 + 8, ("zero1", "bf16"): 2 + 2 + 12 / 2, ("zero2", "bf16"): 2 + (2 + 12) / 2,
+           ("zero3", "bf16"): (2 + 2 + 12) / 2}
+
+
+@pytest.mark.parametrize("recipe,precision", sorted(BY_HAND))
+def test_predicted_is_the_formula_by_hand(recipe, precision, dp_runs):
+    """The figure the 10% test compares with is the paper's, not whatever parallel.memory computes."""
+    s = summary(dp_runs[recipe, precision])
+    assert s["dp"] == 2
+    assert s["predicted_model_state_bytes_per_rank"] == round(BY_HAND[recipe, precision] * s["n_params"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ddp_ranks_hold_exactly_params_grads_and_two_moments(precision, dp_runs):
+    """Unsharded, nothing to round: each rank holds one fp32 value per parameter for the parameters, their
+    gradients, and each of Adam's two moments (autocast bf16 too). Ψ counted here, from the model itself."""
+    from parallel import RunConfig
+    from parallel.model import GPT
+
+    n = sum(p.numel() for p in GPT(RunConfig.from_toml(TINY, BASE).model).parameters())   # tied weight once
+    s = summary(dp_runs["ddp", precision])
+    assert s["n_params"] == n
+    for h in s["model_state_bytes_by_rank"]:
+        assert h == {"params": 4 * n, "grads": 4 * n, "optimizer": 2 * 4 * n, "total": 16 * n}, h
+
+
+def test_peak_memory_covers_what_each_rank_holds(dp_runs):
+    """Peak memory per rank (CPU: the rank's peak resident set, in bytes) is at least the model state that
+    rank held at once during the run, and the per-rank figure is the largest rank's."""
     for recipe in DP_RECIPES:
         s = summary(dp_runs[recipe, "fp32"])
-        assert len(s["peak_memory_bytes_by_rank"]) == 2 and s["peak_memory_bytes_per_rank"] > 0
+        peaks, held = s["peak_memory_bytes_by_rank"], s["model_state_bytes_by_rank"]
+        assert len(peaks) == len(held) == s["world_size"] == 2, (peaks, held)
+        assert s["peak_memory_bytes_per_rank"] == max(peaks)
+        for rank, (peak, h) in enumerate(zip(peaks, held, strict=True)):
+            assert h["total"] == h["params"] + h["grads"] + h["optimizer"] > 0, (recipe, rank, h)
+            assert peak >= h["total"], f"{recipe} rank {rank}: peak {peak} B below the {h['total']} B it holds"

@@ -12,11 +12,7 @@ import textwrap
 import pytest
 
 from profiling import nsight, rank_wrap
-
-
-def wb(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+from tests.cli import wb
 
 
 def _wrap_spec(stdout: str) -> dict:

@@ -3,25 +3,56 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import re
 
 import pytest
 import torch
+import typer.main
 
-from workbench.cli import main
-
-
-def wb(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.cli import wb
+from workbench.cli import app, main
 
 
-def test_help_lists_the_command_groups():
-    out = wb("--help")
-    assert out.returncode == 0
-    for word in ("kernels", "demo"):
-        assert word in out.stdout
+def _commands(cmd, path=()):
+    """(path, click command) for `cmd` and every command under it, from the typer app itself."""
+    yield path, cmd
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+TREE = list(_commands(typer.main.get_command(app)))
+GROUPS = {path: sorted(cmd.commands) for path, cmd in TREE if hasattr(cmd, "commands")}   # () is `wb` itself
+COMMANDS = [path for path, cmd in TREE if not hasattr(cmd, "commands")]
+
+
+def _listed(help_text: str) -> list[str]:
+    """The names in the help's Commands panel: rows that start a cell (`│ name  description`)."""
+    panel = help_text.split("Commands", 1)[1].split("╰", 1)[0]
+    return sorted(re.findall(r"^│ (\S+)\s", panel, flags=re.M))
+
+
+def test_help_lists_every_registered_command():
+    assert len(GROUPS) > 1 and len(COMMANDS) > len(GROUPS)   # the walk found the sub-apps and their commands
+    out = wb("--help")   # the real entry point once
+    assert out.returncode == 0, out.stderr
+    assert _listed(out.stdout) == GROUPS[()]
+
+
+@pytest.mark.parametrize("path", [p for p in GROUPS if p], ids=" ".join)
+def test_each_group_help_lists_its_commands(path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*path, "--help"])
+    assert done.value.code == 0
+    assert _listed(capsys.readouterr().out) == GROUPS[path]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_every_leaf_command_help_exits_0(path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*path, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert f"Usage: wb {' '.join(path)} " in out
 
 
 def test_kernels_check_softmax_passes_and_writes_json(tmp_path):

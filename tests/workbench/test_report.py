@@ -3,24 +3,15 @@ rebuilds it from the run directories alone."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
 from parallel.loop.summary import RunSummary
+from tests.cli import wb
 from workbench.report import COLUMNS, MB
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def wb(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
