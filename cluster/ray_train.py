@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 from parallel.errors import UserError
+from parallel.loop.lock import TOKEN_ENV, RunLock
 from parallel.loop.rundir import resolve_run_dir
 from parallel.loop.summary import RunSummary
 
@@ -77,6 +78,8 @@ def _worker(config: dict) -> None:
     from parallel.loop import hooks
 
     cfg = RunConfig.from_dict(config["cfg"])
+    if config.get("lock_token"):   # the driver's run lock: this job's ranks write under it
+        os.environ[TOKEN_ENV] = config["lock_token"]
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(cfg.run_dir)
     _restore_from_ray(run_dir, rank)
@@ -121,15 +124,21 @@ def train_on_ray(cfg, nproc: int, gpus_per_worker: float = 0, address: str | Non
     _absolute_paths(cfg)
     _init_ray(address, nproc)
 
+    run_dir = Path(cfg.run_dir)
+    with RunLock(run_dir) as lock:   # one writer per run directory, the driver for its workers
+        return _fit(cfg, nproc, run_dir, gpus_per_worker, max_failures, storage_path, lock.token)
+
+
+def _fit(cfg, nproc: int, run_dir: Path, gpus_per_worker: float, max_failures: int, storage_path: str | None,
+         lock_token: str) -> RunSummary:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = Path(cfg.run_dir)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict()},
+        train_loop_config={"cfg": cfg.to_dict(), "lock_token": lock_token},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(

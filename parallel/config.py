@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ class FaultConfig:
     at_step: int = 0
     hang_rank: int = -1          # this rank sleeps forever at step `at_step` (a stuck worker); -1 = never
     collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long
+    nan_at_step: int = -1        # rank 0's gradient becomes NaN at this step, once per run (tests the nan_policy)
 
 
 @dataclass
@@ -143,7 +145,11 @@ class RunConfig:
     global_batch: int = 16       # samples per optimizer step, over all data-parallel ranks
     micro_batch: int = 4         # samples per forward/backward on one rank
     precision: Literal["fp32", "bf16"] = "fp32"
-    nan_policy: Literal["skip", "stop"] = "skip"
+    # a step whose gradient is NaN/Inf: skip it (at most nan_skip_limit in a row, then stop), stop, or
+    # roll back to the last good checkpoint with the learning rate x nan_rollback_lr_factor (at most 3 times)
+    nan_policy: Literal["skip", "stop", "rollback"] = "skip"
+    nan_skip_limit: int = 5
+    nan_rollback_lr_factor: float = 0.5
     target_loss: float = 0.0     # time_to_target_s measures when the loss first gets here; 0 = off
     run_dir: str = ""            # default runs/<name or recipe-timestamp>
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -243,6 +249,11 @@ class RunConfig:
             raise UserError(f"fault.collective_timeout_s must be > 0, got {self.fault.collective_timeout_s}")
         if self.target_loss < 0:
             raise UserError(f"target_loss must be >= 0, got {self.target_loss}")
+        if self.nan_skip_limit < 1 or not 0 < self.nan_rollback_lr_factor <= 1:
+            raise UserError(f"nan_skip_limit must be >= 1 and nan_rollback_lr_factor in (0, 1], got "
+                            f"{self.nan_skip_limit} and {self.nan_rollback_lr_factor}")
+        if self.nan_policy == "rollback" and not self.checkpoint.every:
+            raise UserError("nan_policy = 'rollback' needs checkpoints to roll back to: set checkpoint.every > 0")
         self._check_async()
         self._check_pp()
         self._check_tp_cp()
@@ -408,6 +419,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value}")
     ok = isinstance(value, hint) if isinstance(hint, type) else True
     if hint in (int, float) and isinstance(value, bool):   # TOML true is not a number
         ok = False

@@ -113,14 +113,22 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     if nproc == 1 and max_restarts == 0 and log_dir is None:
         _run(cfg)
         return
+    run_dir = resolve_run_dir(cfg)
     if not cfg.run_dir:   # one directory for all ranks, chosen before they start
-        items = [*items, f"run_dir={resolve_run_dir(cfg)}"]
+        items = [*items, f"run_dir={run_dir}"]
     from cluster import torchrun
+    from parallel.loop.lock import TOKEN_ENV, RunLock
 
     # no --nproc in the workers' command: torchrun's parser would take it as its own
     worker = ["wb", "train", *([f"--config={config}"] if config is not None else []), *items]
-    code = torchrun.run(torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
-                                                  log_dir=str(log_dir or "")))
+    command = torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
+                                        log_dir=str(log_dir or ""))
+    with RunLock(run_dir) as lock:   # held by this launcher; its ranks (and their restarts) write under it
+        os.environ[TOKEN_ENV] = lock.token
+        try:
+            code = torchrun.run(command)
+        finally:
+            os.environ.pop(TOKEN_ENV, None)
     if code:
         raise typer.Exit(code)
 

@@ -7,6 +7,8 @@ server's workers and Hogwild's processes.
   workers with no restart count).
 - `fault.hang_rank=R fault.at_step=S`: rank R sleeps forever at step S, as a stuck worker would.
 - `straggler.rank=R straggler.factor=F`: rank R sleeps (F - 1) x its own compute time each step.
+- `fault.nan_at_step=S`: the gradient of step S turns NaN on every rank, once per process (a rolled-back
+  run replays step S with a clean gradient), to exercise the nan_policy.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class FaultInjector:
         self.marker = Path(run_dir) / MARKER if run_dir is not None else None
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         self.fired = replacement or restarted or (self.marker is not None and self.marker.exists())
+        self.poisoned = False
 
     def before_step(self, step: int) -> None:
         """Fire an injected kill or hang if this rank and step ask for it."""
@@ -37,6 +40,13 @@ class FaultInjector:
         if f.hang_rank == self.rank and f.at_step == step:
             while True:    # a stuck worker: alive, never reaching the next collective
                 time.sleep(3600)
+
+    def poisons(self, step: int) -> bool:
+        """True once, at fault.nan_at_step: the caller turns this step's gradient NaN."""
+        if self.fault.nan_at_step == step and not self.poisoned:
+            self.poisoned = True
+            return True
+        return False
 
     def straggle(self, compute_s: float) -> float:
         """Sleep (factor - 1) x compute_s on the straggler rank; returns the seconds slept."""

@@ -41,6 +41,8 @@ class RunLock:
         self.owned = False
 
     def acquire(self) -> RunLock:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(f"run_dir (--run-dir) {self.path.parent} is a file, not a directory")
         inherited = os.environ.get(TOKEN_ENV)
         holder = self._read()
         if inherited and holder and holder.get("token") == inherited:

@@ -31,6 +31,13 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -44,9 +51,19 @@ class RunDir:
         if active:
             self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_config(self, config: dict) -> None:
-        if self.active:
-            write_json(self.path / "config.json", config)
+    def write_config(self, config: dict, resumed_from_step: int = 0) -> None:
+        """config.json: the resolved config, and `segments`, one entry per time the run was started
+        (a resume appends the step it resumed from and what changed; a fresh start begins a new list)."""
+        if not self.active:
+            return
+        from parallel.checkpoint.fingerprint import changes
+
+        old = _read_json(self.path / "config.json") if resumed_from_step else None
+        segments = list(old.get("segments", [])) if isinstance(old, dict) else []
+        before = {k: v for k, v in old.items() if k != "segments"} if isinstance(old, dict) else {}
+        segments.append({"started": datetime.now().isoformat(timespec="seconds"), "from_step": resumed_from_step,
+                         "changed": changes(before, config) if before else {}})
+        write_json(self.path / "config.json", {**config, "segments": segments})
 
     def start_metrics(self, resume_step: int) -> list[dict]:
         """Keep the records of steps before `resume_step` (a resumed run rewrites the rest)."""

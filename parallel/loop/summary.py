@@ -101,6 +101,7 @@ class RunSummary:
     parallel_dims: dict[str, int] | None = None
     accum_steps: int | None = None
     resumed_from_step: int = 0
+    rollbacks: int = 0                 # nan_policy = 'rollback': reloads of the last good checkpoint
     target_loss: float | None = None
     time_to_target_s: float | None = None
     model_flops_per_token: float | None = None

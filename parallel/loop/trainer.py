@@ -13,6 +13,8 @@ same summary. The data flow of one step is drawn in docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from parallel.data import Dataset
 from parallel.loop import faults, hooks
 from parallel.loop.distributed import broadcast, gather, init_distributed, mean_over_ranks
 from parallel.loop.injector import FaultInjector
+from parallel.loop.lock import RunLock
 from parallel.loop.progress import Progress
 from parallel.loop.rundir import RunDir, median, resolve_run_dir
 from parallel.loop.summary import RunSummary
@@ -38,35 +41,65 @@ def train(cfg: RunConfig, nproc: int | None = None) -> RunSummary:
     recipe = recipes.get(cfg.recipe)
     if recipe.execution != "spmd":   # async-ps (Ray actors), hogwild (processes): their own workers
         recipes.resolve(cfg, nproc or 1)
-        return recipe.run(cfg, nproc or 1)
+        cfg.run_dir = str(resolve_run_dir(cfg))
+        with RunLock(Path(cfg.run_dir)):
+            return recipe.run(cfg, nproc or 1)
     trainer = Trainer(cfg)
-    trainer.run_steps()
-    return trainer.summarise()
+    try:
+        trainer.run_steps()
+        summary = trainer.summarise()
+    finally:
+        trainer.close()
+    if summary.final_loss is not None and not math.isfinite(summary.final_loss):
+        raise FloatingPointError(f"the run ended with a non-finite loss ({summary.final_loss}) after "
+                                 f"{summary.skipped_steps} skipped step(s): it diverged (see nan_policy)")
+    return summary
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        """Part 1, setup: everything before the first step."""
+        """Part 1, setup: everything before the first step. Nothing is written into the run directory
+        until every check, the resume fingerprint's included, has passed."""
         self.cfg, self.recipe = cfg, recipes.get(cfg.recipe)
         self.ctx = ctx = init_distributed(cfg, self.recipe.needs_process_group)
         ctx.dims = self.dims = recipes.resolve(cfg, ctx.world_size)
         # a run_dir the launcher did not set is named by rank 0's clock, for every rank
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(broadcast(str(resolve_run_dir(cfg))))
-        self.out = RunDir(self.run_dir, active=ctx.is_main)
-        self.out.write_config(cfg.to_dict())
+        self.lock = RunLock(self.run_dir).acquire() if ctx.is_main else None   # one writer per run directory
+        try:
+            self._setup(cfg, ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: RunConfig, ctx) -> None:
+        resume_from = (checkpoint.find_resumable(self.run_dir, cfg, ctx.world_size, ctx.is_main)
+                       if cfg.checkpoint.resume else None)
+        if cfg.precision == "bf16" and ctx.device.type == "cpu" and ctx.is_main:
+            print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
+                  "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
         model = GPT(cfg.model)
         self.n_params = count_params(model)
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
-        self.start = checkpoint.resume(self.engine, self.run_dir) if cfg.checkpoint.resume else 0
+        self.start = checkpoint.load(self.engine, resume_from) if resume_from else 0
+        self.out = RunDir(self.run_dir, active=ctx.is_main)
+        self.out.write_config(cfg.to_dict(), resumed_from_step=self.start)
+        if resume_from and ctx.is_main:
+            print(f"wb: resumed from step {self.start} (checkpoint {resume_from})", file=sys.stderr)
         self.history = self.out.start_metrics(self.start)
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
-        self.skipped, self.held = 0, None
+        self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         self.time_to_target = next((m["elapsed_s"] for m in self.history if self._reached(m["loss"])), None)
         # held memory is measured during the second step run: after one step Adam's state exists
         self.measure_step = self.start + 1 if cfg.steps - self.start > 1 else self.start
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _reached(self, loss: float) -> bool:
         return bool(self.cfg.target_loss) and loss <= self.cfg.target_loss
@@ -82,11 +115,14 @@ class Trainer:
         self.t_start = time.perf_counter()
         step = self.start
         try:
-            for step in range(self.start, cfg.steps):
+            while step < cfg.steps:
                 session.begin_step(step)
                 record = self._one_step(step)
                 session.end_step(step)
                 progress.update(f"loss {record['loss']:.4f}")
+                step = self._next_step(record)
+                if step == record["step"] + 1:   # moving on (not rolled back): checkpoint, report
+                    self._after_step(record)
         except Exception as error:   # a collective that timed out: name the ranks that never arrived
             if faults.is_timeout(error):
                 raise faults.explain_timeout(error, cfg, ctx.rank, step) from error
@@ -106,16 +142,13 @@ class Trainer:
         faults.heartbeat(ctx.rank, step)
         t0 = time.perf_counter()
         on_backward = self._measure_held if step == self.measure_step else None
+        if self.faults.poisons(step):   # fault.nan_at_step: this rank's gradient turns NaN
+            on_backward = self._poison_gradient
         with prange("step", step=step):
             result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
                                             on_backward=on_backward)
         self.faults.straggle(time.perf_counter() - t0)   # a slow worker: F x its compute
         loss = mean_over_ranks(result.loss_sum / cfg.accum_steps(self.dims.dp))
-        if not result.applied:
-            self.skipped += 1
-            if cfg.nan_policy == "stop":
-                raise FloatingPointError(f"step {step}: non-finite loss/gradient (loss={loss}, "
-                                         f"grad_norm={result.grad_norm}); nan_policy = 'stop'")
         dt = time.perf_counter() - t0
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
         record = {"step": step, "loss": loss, "step_time_s": dt,
@@ -126,13 +159,58 @@ class Trainer:
             self.out.log(record)
         if self.time_to_target is None and self._reached(loss):
             self.time_to_target = elapsed
-        done = step + 1
+        return record
+
+    def _after_step(self, record: dict) -> None:
+        cfg, done = self.cfg, record["step"] + 1
         if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
             with prange("checkpoint", step=done):
-                checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, ctx.rank,
+                checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
                                 cfg.checkpoint.keep_every)
         hooks.after_step(record, self.run_dir)   # e.g. ray.train.report, with the checkpoint just saved
-        return record
+
+    def _next_step(self, record: dict) -> int:
+        """The step to run next, as the nan_policy says after a skipped (non-finite) step."""
+        cfg, step = self.cfg, record["step"]
+        if record["applied"]:
+            self.skipped_in_a_row = 0
+            return step + 1
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        why = f"step {step}: non-finite loss/gradient (loss={record['loss']}, grad_norm={record['grad_norm']})"
+        if cfg.nan_policy == "stop":
+            raise FloatingPointError(f"{why}; nan_policy = 'stop'")
+        if cfg.nan_policy == "skip":
+            if self.skipped_in_a_row >= cfg.nan_skip_limit:
+                raise FloatingPointError(f"{why}: {self.skipped_in_a_row} steps in a row skipped "
+                                         f"(nan_skip_limit = {cfg.nan_skip_limit}); the run has diverged")
+            return step + 1
+        return self._roll_back(why)
+
+    def _roll_back(self, why: str) -> int:
+        """nan_policy = 'rollback': reload the newest good checkpoint, lower the learning rate, go on."""
+        cfg = self.cfg
+        if self.rollbacks >= 3:
+            raise FloatingPointError(f"{why}: still diverging after 3 rollbacks")
+        path = checkpoint.find_resumable(self.run_dir, cfg, self.ctx.world_size, self.ctx.is_main)
+        if path is None:
+            raise FloatingPointError(f"{why}: nan_policy = 'rollback' found no checkpoint to roll back to")
+        back_to = checkpoint.load(self.engine, path)
+        self.engine.scale_lr(cfg.nan_rollback_lr_factor ** (self.rollbacks + 1))
+        self.rollbacks += 1
+        self.skipped_in_a_row = 0
+        self.history = self.out.start_metrics(back_to)   # the steps after the checkpoint are run again
+        if self.ctx.is_main:
+            print(f"wb: {why}; rolled back to step {back_to} ({path}), learning rate x "
+                  f"{cfg.nan_rollback_lr_factor ** self.rollbacks:g} (rollback {self.rollbacks} of 3)",
+                  file=sys.stderr)
+        return back_to
+
+    def _poison_gradient(self, j: int, n: int) -> None:
+        if j == n - 1:   # after the last backward, on every rank, so every rank skips the same step
+            grads = self.engine.held_tensors()["grads"]
+            if grads:
+                grads[0].view(-1)[0] = float("nan")
 
     def _measure_held(self, j: int, n: int) -> None:
         if j in (0, n - 1):   # after the first backward (ZeRO-1 still holds unreduced full grads) and the last
@@ -164,7 +242,7 @@ class Trainer:
             time_to_target_s=self.time_to_target, elapsed_s=elapsed, micro_batch=cfg.micro_batch,
             accum_steps=cfg.accum_steps(self.dims.dp), global_batch=cfg.global_batch,
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
-            resumed_from_step=self.start, device=str(ctx.device), precision=cfg.precision,
+            resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
             run_dir=str(self.run_dir),
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
         self.out.write_summary(summary)

@@ -125,6 +125,13 @@ def make_scheduler(optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.Lambda
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
+def scale_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, factor: float) -> None:
+    """The schedule's base rates and the optimizer's current rates, times `factor`."""
+    scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] *= factor
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t   # this rank's shard
 
@@ -212,6 +219,10 @@ class Engine(ABC):
             norm, applied = self.step()
         return StepResult(loss_sum, lr, norm, applied)
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning-rate schedule by `factor` (nan_policy = 'rollback', after a load)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change its learning rate")
+
     def params_on_rank(self, n_params: int) -> int:
         """Parameters the memory formula counts for this rank: the whole model unless a stage holds a part."""
         return n_params
@@ -253,6 +264,9 @@ class TorchEngine(Engine):
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def scale_lr(self, factor: float) -> None:
+        scale_schedule(self.scheduler, factor)
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         params = [local(p) for p in self.module.parameters()]

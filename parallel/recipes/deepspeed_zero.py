@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 from parallel import memory
 from parallel.errors import UserError
-from parallel.recipes.base import Context, Engine, Recipe, lr_lambda, make_optimizer
+from parallel.recipes.base import Context, Engine, Recipe, lr_lambda, make_optimizer, scale_schedule
 
 
 def ds_config(cfg: RunConfig, dp: int, stage: int) -> dict:
@@ -100,6 +100,12 @@ class DeepSpeedEngine(Engine):
     @property
     def lr(self) -> float:
         return self.module.get_lr()[0]
+
+    def scale_lr(self, factor: float) -> None:
+        if self.module.lr_scheduler is None:
+            raise NotImplementedError("a --deepspeed config with its own scheduler: nan_policy = 'rollback' "
+                                      "cannot lower its learning rate")
+        scale_schedule(self.module.lr_scheduler, factor)
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         """What this rank holds: module parameters (stage 3: their partitions), gradient partitions,
