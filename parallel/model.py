@@ -104,6 +104,9 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.fused_head_loss:   # the same mean loss, the (tokens, vocab) logits never held
+            h = self.ln_f(x)
+            return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1))
         return cross_entropy(self.logits(x), targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
