@@ -144,6 +144,8 @@ def _forward_triton(x, w, b, t, backend: str, config: Config | None = None):
 
 
 def _forward_torch(x, w, b, t):
+    """The partials per vocabulary chunk, merged as the Triton splits are; one chunk of logits at a
+    time, transformed in place."""
     N, H = x.shape
     V = w.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -154,20 +156,22 @@ def _forward_torch(x, w, b, t):
         z = _torch_logits(x, w, b, v0, n, acc)
         inside = (t >= v0) & (t < v0 + n)
         local = (t - v0).clamp(0, n - 1).unsqueeze(1)
-        m = z.amax(1)
-        e = torch.exp(z - m[:, None])
-        s = e.sum(1)
         zt = torch.where(inside, z.gather(1, local).squeeze(1), 0.0)
+        zs, m = z.sum(1), z.amax(1)
+        e = z.sub_(m[:, None]).exp_()
+        s = e.sum(1)
         so = torch.where(inside, e.scatter_(1, local, 0.0).sum(1), s)
-        parts.append(torch.stack([m, s, so, zt, z.sum(1)]))
+        parts.append(torch.stack([m, s, so, zt, zs]))
         del z, e
     return _combine(*torch.stack(parts, 1))
 
 
-def _torch_logits(x, w, b, v0: int, n: int, acc: torch.dtype) -> torch.Tensor:
-    z = x @ w[v0:v0 + n].t()
-    if b is not None:
-        z = z + b[v0:v0 + n]
+def _torch_logits(x, w, b, v0: int, n: int, acc: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w[v0:v0+n]^T + b[v0:v0+n] in x's dtype, as `acc` (into `out` when given)."""
+    wc = w[v0:v0 + n].t()
+    if out is not None:
+        return torch.mm(x, wc, out=out) if b is None else torch.addmm(b[v0:v0 + n], x, wc, out=out)
+    z = x @ wc if b is None else torch.addmm(b[v0:v0 + n], x, wc)
     return z.to(acc)
 
 
@@ -193,15 +197,18 @@ def _chunk_grad_triton(dl, x, w, b, t, lse, q, g, v0: int, eps: float, backend: 
 
 
 def _chunk_grad_torch(dl, x, w, b, t, lse, q, g, v0: int, eps: float):
+    """The torch twin of lce_bwd_logits, in place: in dl itself when it has the accumulation dtype."""
     n, V = dl.shape[1], w.shape[0]
     acc = _acc_dtype(x.dtype)
-    z = _torch_logits(x, w, b, v0, n, acc)
-    d = torch.exp(z - lse.to(acc)[:, None]) - eps / V
+    in_place = dl.dtype == acc and dl.is_contiguous()
+    d = _torch_logits(x, w, b, v0, n, acc, out=dl if in_place else None)
+    d.sub_(lse.to(acc)[:, None]).exp_().sub_(eps / V)
     inside = ((t >= v0) & (t < v0 + n)).unsqueeze(1)
     local = (t - v0).clamp(0, n - 1).unsqueeze(1)
     at_target = torch.where(inside, eps * (1 - 1 / V) - q.to(acc).unsqueeze(1), d.gather(1, local))
-    d.scatter_(1, local, at_target)
-    dl.copy_(d * g.to(acc)[:, None])
+    d.scatter_(1, local, at_target).mul_(g.to(acc)[:, None])
+    if not in_place:
+        dl.copy_(d)
 
 
 def _backward(grad_rows, x, w, b, t, lse, q, ignore_index: int, eps: float, backend: str):
@@ -213,10 +220,10 @@ def _backward(grad_rows, x, w, b, t, lse, q, ignore_index: int, eps: float, back
     dw = torch.empty_like(w)
     db = torch.empty(V if b is not None else 0, dtype=w.dtype, device=w.device)
     chunk = chunk_cols(N, H, V)
-    buf = torch.empty(N, chunk, dtype=x.dtype, device=x.device)
+    buf = torch.empty(N * chunk, dtype=x.dtype, device=x.device)
     for v0 in range(0, V, chunk):
         n = min(chunk, V - v0)
-        dl = buf[:, :n]
+        dl = buf[:N * n].view(N, n)  # contiguous, also for the last, narrower chunk
         if backend == "torch":
             _chunk_grad_torch(dl, x, w, b, t, lse, q, g, v0, eps)
         else:

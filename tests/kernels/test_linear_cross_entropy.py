@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.suite.common import TOLERANCE, rel_err
+from kernels.suite.linear_cross_entropy import errors as _errors
+from kernels.suite.linear_cross_entropy import make_inputs
 
 lce = importlib.import_module("kernels.linear_cross_entropy")  # `kernels.linear_cross_entropy` is the function
 
@@ -33,29 +35,8 @@ CASE_IDS = [f"N{n}-H{h}-V{v}{'-bias' if b else ''}{f'-ign{i}' if i else ''}{f'-l
             for n, h, v, b, i, s, r in CASES]
 
 
-def _inputs(n, h, v, bias, ignored_every, dtype, gen, scale=1.0):
-    x = (torch.randn(n, h, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    w = (torch.randn(v, h, generator=gen, dtype=torch.float64) / h**0.5).to(dtype)
-    b = torch.randn(v, generator=gen, dtype=torch.float64).to(dtype) if bias else None
-    t = torch.randint(0, v, (n,), generator=gen)
-    if ignored_every:
-        t[::ignored_every] = -100
-    return x, w, b, t
-
-
-def _errors(x, w, b, t, backend, **options):
-    """Relative errors of loss, dX, dW (and db) against float64 F.linear + F.cross_entropy."""
-    leaves = [p.detach().clone().requires_grad_() for p in (x, w, b) if p is not None]
-    loss = kernels.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None else None,
-                                        backend=backend, **options)
-    assert loss.dtype == x.dtype
-    go = torch.randn(loss.shape, dtype=torch.float64).to(loss.dtype)
-    grads = torch.autograd.grad(loss, leaves, go)
-    ref_leaves = [p.detach().double().requires_grad_() for p in leaves]
-    ref = F.cross_entropy(F.linear(*ref_leaves), t, **options)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
-    names = ("loss", "dx", "dw", "db")
-    return {n: rel_err(a, r) for n, a, r in zip(names, (loss, *grads), (ref, *ref_grads), strict=False)}
+def _inputs(n, h, v, bias, ignored_every, dtype, gen):
+    return make_inputs(n, h, v, bias, ignored_every, dtype, "cpu", gen)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,6 +180,14 @@ def test_custom_ops_pass_torch_library_opcheck(backend, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS)
+def test_loss_has_the_input_dtype(backend, dtype):
+    x, w, _, t = _inputs(4, 16, 9, False, 0, dtype, torch.Generator().manual_seed(0))
+    for reduction in lce.REDUCTIONS:
+        assert kernels.linear_cross_entropy(x, w, t, reduction=reduction, backend=backend).dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input(backend):
     x = torch.randn(0, 8, requires_grad=True)
     w = torch.randn(5, 8, requires_grad=True)
@@ -251,7 +240,7 @@ def test_bad_input_is_one_clear_error(args, error, match):
                          CASES + [(4096, 1024, 32000, True, 5, 0.1, "mean"), (1000, 512, 50257, False, 0, 0.0, "sum")])
 def test_compiled_kernel_on_gpu(dtype, n, h, v, bias, ignored, smoothing, reduction):
     gen = torch.Generator().manual_seed(0)
-    x, w, b, t = (a.cuda() if a is not None else None for a in _inputs(n, h, v, bias, ignored, dtype, gen))
+    x, w, b, t = make_inputs(n, h, v, bias, ignored, dtype, "cuda", gen)
     errors = _errors(x, w, b, t, "triton", reduction=reduction, label_smoothing=smoothing)
     assert all(e < TOLERANCE[dtype] for e in errors.values()), errors
 
