@@ -15,4 +15,5 @@ from kernels.fused_softmax import log_softmax, softmax
 from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.quant_matmul import quant_matmul
 
-__all__ = ["BACKENDS", "attention", "linear_cross_entropy", "log_softmax", "quant", "quant_matmul", "resolve_backend", "softmax"]
+__all__ = ["BACKENDS", "attention", "linear_cross_entropy", "log_softmax", "quant", "quant_matmul", "resolve_backend",
+           "softmax"]
