@@ -26,7 +26,7 @@ CASES = [
     (37, 40, 517, True, 3, 0.0, "mean"),
     (37, 16, 2049, False, 5, 0.1, "sum"),
     (130, 64, 1003, True, 4, 0.0, "none"),
-    (130, 24, 517, True, 0, 0.2, "mean"),
+    (130, 24, 517, True, 6, 0.2, "mean"),
     (37, 64, 1003, False, 2, 0.0, "sum"),
     (130, 48, 2049, True, 7, 0.05, "none"),
     (1, 33, 1003, True, 0, 0.3, "sum"),
@@ -98,6 +98,26 @@ def test_custom_ignore_index_and_leading_dims(backend):
     ref = F.cross_entropy(F.linear(x.double(), w.double(), b.double()), t, ignore_index=5, reduction="none")
     assert loss.shape == (3, 4) and rel_err(loss.flatten(), ref) < 1e-5
     assert loss.flatten()[3] == 0 and loss.flatten()[7] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_strided_input_and_transposed_weight(backend):
+    """x a column slice of a wider tensor (row stride 48: the kernels read it in place) and w a
+    transposed (V, H) view (copied contiguous)."""
+    gen = torch.Generator().manual_seed(4)
+    x, w, b, t = _inputs(41, 24, 333, True, 5, torch.float32, gen)
+    wide = torch.zeros(41, 48)
+    wide[:, 5:29] = x
+    wide.requires_grad_()
+    w_t = w.t().contiguous().t().requires_grad_()
+    assert wide[:, 5:29].stride() == (48, 1) and not w_t.is_contiguous()
+    loss = kernels.linear_cross_entropy(wide[:, 5:29], w_t, t, linear_bias=b, label_smoothing=0.1, backend=backend)
+    loss.backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(F.linear(x64, w64, b.double()), t, label_smoothing=0.1)
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-5 and rel_err(wide.grad[:, 5:29], x64.grad) < 1e-5
+    assert rel_err(w_t.grad, w64.grad) < 1e-5 and not wide.grad[:, :5].any()
 
 
 def test_chunks_bound_the_backward_buffer():
