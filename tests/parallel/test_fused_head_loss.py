@@ -36,6 +36,21 @@ def test_fused_head_loss_equals_the_unfused_head_in_one_step():
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-9
 
 
+def test_fused_head_loss_under_bf16_autocast_matches_the_unfused_head():
+    """Under autocast the head's matmul runs in bf16 on both paths; the losses agree to bf16 rounding."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=67, d_model=32, n_heads=2, seq_len=9))
+    idx, targets = torch.randint(0, 67, (3, 9)), torch.randint(0, 67, (3, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unfused = model(idx, targets)
+        model.cfg.fused_head_loss = True
+        fused = model(idx, targets)
+    assert fused.dtype == unfused.dtype == torch.float32
+    assert rel(fused.item(), unfused.item()) < 1e-2
+    fused.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.slow
 def test_single_with_fused_head_loss_matches_unfused(reference, tmp_path):
     from parallel import RunConfig, train
