@@ -14,8 +14,14 @@ chunks of `chunk_cols(N, H, V)` columns with the same online log-sum-exp. Backwa
 rows for that chunk (one GEMM over all N rows, fp32 accumulation inside it, written straight into
 dW: no cross-chunk accumulation), db, and dX += chunk @ W[chunk] into an fp32 (N, H) accumulator.
 `chunk_cols` = max(H, MIN_CHUNK_COLS) rounded up to a multiple of 128 (at most V): the buffer has
-about as many elements as the input itself. The torch path holds a few fp32 temporaries of that
-chunk size besides.
+about as many elements as the input itself. The torch path transforms each chunk of logits in place
+(for 16-bit inputs it holds one fp32 copy of the chunk besides). Peak extra memory, measured with
+torch.profiler on the torch path (tests/bench/test_linear_cross_entropy_cpu.py): one chunk.
+
+Cost: the forward computes the logits once, the backward recomputes them chunk by chunk, so a
+forward + backward does four N x V x H GEMMs to the unfused path's three: the price of never
+holding the logits while accumulating dW in fp32 (a row-chunked scheme would need a V x H fp32
+accumulator across chunks instead).
 
 The target's gradient p_t - 1 is -(sum of the other probabilities) = -so/s from the forward's sums,
 never 1 minus a number near 1; its loss -log p_t = -log1p(-(1 - p_t)) when p_t > 1/2.
