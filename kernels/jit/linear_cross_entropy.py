@@ -69,11 +69,10 @@ def lce_fwd(x_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, so_ptr, zt_ptr, zs_ptr,
     zt_i = tl.full([BLOCK_M], 0.0, tl.float32)
     zs_i = tl.full([BLOCK_M], 0.0, tl.float32)
     v_lo = split * v_per_split
-    # Loop bounds are kernel arguments, not values computed from program_id (Triton 3.6's interpreter
-    # cannot range over those); the last split's blocks past V are fully masked.
-    for off in range(0, v_per_split, BLOCK_V):
-        cols = v_lo + off + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
         z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_xn, stride_wv,
                          HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_H)
         is_t = cols[None, :] == tgt[:, None]
