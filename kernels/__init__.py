@@ -2,6 +2,7 @@
 
     kernels.softmax(x, dim=-1, backend=None)
     kernels.log_softmax(x, dim=-1, backend=None)
+    kernels.linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, reduction="mean", ...)
 
 `backend`: None/"auto" (Triton on CUDA tensors, torch on CPU tensors; WB_KERNEL_BACKEND overrides),
 "triton", "interpret" (the same Triton source through Triton's interpreter, on CPU tensors), "torch".
@@ -11,6 +12,8 @@ from kernels import quant
 from kernels.backend import BACKENDS, resolve_backend
 from kernels.flash_attention import attention
 from kernels.fused_softmax import log_softmax, softmax
+from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.quant_matmul import quant_matmul
 
-__all__ = ["BACKENDS", "attention", "log_softmax", "quant", "quant_matmul", "resolve_backend", "softmax"]
+__all__ = ["BACKENDS", "attention", "linear_cross_entropy", "log_softmax", "quant", "quant_matmul", "resolve_backend",
+           "softmax"]

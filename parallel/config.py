@@ -37,6 +37,7 @@ class ModelConfig:
     d_ff: int = 0                # 0 means 4 * d_model
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
+    fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
 
 
 @dataclass

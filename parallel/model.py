@@ -102,6 +102,12 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.fused_head_loss:   # the same mean loss, the (tokens, vocab) logits never held
+            h, w = self.ln_f(x), self.head.weight
+            if torch.is_autocast_enabled(h.device.type):   # the head's matmul in the autocast dtype, as nn.Linear's
+                dtype = torch.get_autocast_dtype(h.device.type)
+                h, w = h.to(dtype), w.to(dtype)
+            return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1)).float()
         return cross_entropy(self.logits(x), targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

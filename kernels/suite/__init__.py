@@ -14,6 +14,7 @@ KERNELS = {
     "softmax": "kernels.suite.softmax",
     "quant": "kernels.suite.quant",
     "attention": "kernels.suite.attention",
+    "linear_cross_entropy": "kernels.suite.linear_cross_entropy",
 }
 
 
