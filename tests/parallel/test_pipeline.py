@@ -111,7 +111,7 @@ def test_microbatches_in_flight(pp_runs):
 
 
 PP_ERRORS = [
-    (["--nproc", "3", "pp.degree=2"], "world size (--nproc) 3 must equal pp.degree (2) x data-parallel degree"),
+    (["--nproc", "3", "pp.degree=2"], "pp.degree 2 does not divide world size (--nproc) 3"),
     (["--nproc", "2", "pp.microbatches=1", "global_batch=4"], "pp.microbatches (1) must be >= pp.degree (2)"),
     (["--nproc", "2", "micro_batch=16"], "pp.microbatches (1) must be >= pp.degree (2)"),
     (["--nproc", "4", "model.n_layers=2", "pp.schedule=interleaved-1f1b", "pp.virtual_stages=2"],
