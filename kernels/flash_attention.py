@@ -21,7 +21,7 @@ from kernels import jit_loader
 from kernels.aot import SHARED_MEMORY_LIMIT, CompileSpec, triton_type
 from kernels.autotune import Autotuner, Config
 from kernels.backend import resolve_backend
-from kernels.validate import require_tensor
+from kernels.validate import refuse_interpreter_bf16, require_tensor
 
 # Head dims the configs are tuned and compile-checked for; any D up to MAX_HEAD_DIM runs (a D that is
 # not a power of two is padded to the next one inside the kernel, with masked loads).
@@ -283,9 +283,7 @@ def _check_tensors(q, k, v, chosen: str) -> None:
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
-    if chosen == "interpret" and q.dtype == torch.bfloat16:
-        raise TypeError("q is bfloat16, which the Triton interpreter computes wrongly; use float16/float32 "
-                        "or backend='torch'")
+    refuse_interpreter_bf16(q, "q", chosen)
     (B, Hq, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
     if Bk != B or v.shape[0] != B:
         name = "k" if Bk != B else "v"

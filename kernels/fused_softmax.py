@@ -18,7 +18,7 @@ from kernels import jit_loader
 from kernels.aot import CompileSpec, triton_type
 from kernels.autotune import Autotuner, Config
 from kernels.backend import ENV_VAR, resolve_backend
-from kernels.validate import normalize_dim, require_float, require_tensor
+from kernels.validate import normalize_dim, refuse_interpreter_bf16, require_float, require_tensor
 
 # Rows up to this many columns are held in registers by one program; longer rows are streamed.
 SINGLE_BLOCK_MAX_COLS = 16384
@@ -177,6 +177,7 @@ def _dispatch(x, dim, log: bool, backend):
         require_float(x, "x", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
     require_float(x, "x")
+    refuse_interpreter_bf16(x, "x", chosen)
     return _softmax_fwd_op(x, dim, log, chosen)
 
 

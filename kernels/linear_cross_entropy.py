@@ -38,7 +38,7 @@ from kernels import jit_loader
 from kernels.aot import CompileSpec, triton_type
 from kernels.autotune import Autotuner, Config
 from kernels.backend import resolve_backend
-from kernels.validate import require_tensor
+from kernels.validate import refuse_interpreter_bf16, require_tensor
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -331,9 +331,7 @@ def _check_dtypes(input, linear_weight, linear_bias, chosen: str) -> None:
     if input.dtype not in allowed:
         names = ", ".join(_dtype_name(d) for d in allowed)
         raise TypeError(f"input has dtype {_dtype_name(input.dtype)}; backend {chosen!r} takes {names}")
-    if chosen == "interpret" and input.dtype == torch.bfloat16:
-        raise TypeError("input is bfloat16, which the Triton interpreter computes wrongly; use float16/float32 "
-                        "or backend='torch'")
+    refuse_interpreter_bf16(input, "input", chosen)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.dtype != input.dtype:
             raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)} but input has {_dtype_name(input.dtype)}")

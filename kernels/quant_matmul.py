@@ -19,7 +19,7 @@ from kernels.aot import CompileSpec, triton_type
 from kernels.autotune import Autotuner, Config
 from kernels.backend import resolve_backend
 from kernels.quant.format import MODES, QuantizedWeight, dequantize, quantize_activations
-from kernels.validate import require_float, require_tensor
+from kernels.validate import refuse_interpreter_bf16, require_float, require_tensor
 
 SMALL_M_MAX = 16
 MODE_IDS = {"w8a16": 0, "w4a16": 1, "w8a8": 2}
@@ -214,6 +214,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, backend: str | None = Non
     if qw.zeros is not None:
         weights["qw.zeros"] = qw.zeros
     chosen = resolve_backend(backend, x=x, **weights)
+    refuse_interpreter_bf16(x, "x", chosen)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if chosen == "torch":

@@ -19,6 +19,14 @@ def require_float(t: torch.Tensor, name: str, dtypes=KERNEL_DTYPES) -> None:
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {allowed}")
 
 
+def refuse_interpreter_bf16(t: torch.Tensor, name: str, backend: str) -> None:
+    """The Triton interpreter computes bfloat16 wrongly and silently (seen: quant_matmul's results near
+    1e9): refuse it there, naming the argument and the alternatives."""
+    if backend == "interpret" and t.dtype == torch.bfloat16:
+        raise TypeError(f"{name} is bfloat16, which the Triton interpreter computes wrongly; use float16/float32 "
+                        f"or backend='torch'")
+
+
 def normalize_dim(dim, ndim: int, name: str = "dim") -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{name} must be an int, got {type(dim).__name__}")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kernels.quant.format import BITS, QuantizedWeight, _check_mode, quantize, resolve_group_size
+from kernels.validate import refuse_interpreter_bf16
 
 
 class QuantLinear(nn.Module):
@@ -45,6 +46,7 @@ class QuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
+        refuse_interpreter_bf16(weight, "linear.weight", backend or "auto")
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, group_size, backend,
                      device=weight.device, dtype=weight.dtype)
         qw = quantize(weight, mode, group_size)

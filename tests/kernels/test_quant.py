@@ -376,3 +376,20 @@ def test_gpu_act_quant_bit_exact_and_compile():
     qw = quant.quantize(torch.randn(512, 4096), "w4a16", 128).to("cuda")
     f = torch.compile(lambda t: kernels.quant_matmul(t, qw), fullgraph=True)
     assert rel_err(f(x), _reference(x, qw)) < TOLERANCE[torch.bfloat16]
+
+
+def test_interpreter_refuses_bfloat16_everywhere():
+    """The interpreter computes bf16 wrongly and silently: every kernel refuses it there, naming the argument."""
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    qw = quant.quantize(torch.randn(32, 64), mode="w8a16", group_size=32)
+    with pytest.raises(TypeError, match="x is bfloat16, which the Triton interpreter computes wrongly"):
+        kernels.quant_matmul(x, qw, backend="interpret")
+    with pytest.raises(TypeError, match="linear.weight is bfloat16"):
+        quant.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16), mode="w8a16",
+                             group_size=32, backend="interpret")
+    with pytest.raises(TypeError, match="x is bfloat16"):
+        kernels.softmax(x, backend="interpret")
+    q = torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="q is bfloat16"):
+        kernels.attention(q, q, q, backend="interpret")
+    assert kernels.quant_matmul(x, qw, backend="torch").dtype == torch.bfloat16   # the torch path takes it
