@@ -135,10 +135,11 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
 
 def _run(cfg, nproc: int | None = None) -> None:
     from parallel import train as run_train
+    from parallel.loop.faults import RankLost
 
     try:
         summary = run_train(cfg, nproc)
-    except (FloatingPointError, TimeoutError) as stop:   # nan_policy = "stop", a collective timeout: one line
+    except (FloatingPointError, TimeoutError, RankLost) as stop:   # divergence, a timeout, a lost peer: one line
         print(f"wb: error: {stop}", file=sys.stderr)
         raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:

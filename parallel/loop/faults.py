@@ -11,16 +11,25 @@ from __future__ import annotations
 import os
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
 from parallel import compat
+from parallel.loop.injector import MARKER
 
 _KEY = "wb/heartbeat/{}"
 
 
 class CollectiveTimeout(TimeoutError):
     """A collective did not complete within fault.collective_timeout_s (a hung or lost rank)."""
+
+
+class RankLost(RuntimeError):
+    """A peer rank died mid-collective (its connection closed): one line instead of gloo's traceback."""
+
+
+_PEER_GONE = r"connection closed by peer|connection reset by peer|broken pipe|connection refused"
 
 
 def _store():
@@ -66,6 +75,27 @@ def heartbeat(rank: int, step: int) -> None:
 
 def is_timeout(error: BaseException) -> bool:
     return bool(re.search(r"timed out|timeout", str(error), re.IGNORECASE))
+
+
+def explain_peer_loss(error: BaseException, rank: int, step: int) -> RankLost | None:
+    """The one-line error for a collective whose peer is gone, or None if `error` is something else."""
+    if not re.search(_PEER_GONE, str(error), re.IGNORECASE):
+        return None
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+    after = (f"torchrun restarts the group if restarts are left (--max-restarts {restarts})" if restarts
+             else "the job stops")
+    return RankLost(f"rank {rank}: a peer rank was lost during step {step} ({str(error).splitlines()[0][:120]}); "
+                    f"{after}")
+
+
+def restart_note(run_dir) -> str | None:
+    """'restart 1 of 1 after rank 1 killed at step 3' on a torchrun restart (None on a first attempt)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None
+    marker = Path(run_dir) / MARKER
+    why = f" after {marker.read_text().strip()}" if marker.is_file() else " after a lost rank"
+    return f"restart {attempt} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}{why}"
 
 
 def explain_timeout(error: BaseException, cfg, rank: int, step: int) -> CollectiveTimeout:

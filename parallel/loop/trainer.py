@@ -86,8 +86,10 @@ class Trainer:
         self.start = checkpoint.load(self.engine, resume_from) if resume_from else 0
         self.out = RunDir(self.run_dir, active=ctx.is_main)
         self.out.write_config(cfg.to_dict(), resumed_from_step=self.start)
-        if resume_from and ctx.is_main:
-            print(f"wb: resumed from step {self.start} (checkpoint {resume_from})", file=sys.stderr)
+        note = faults.restart_note(self.run_dir)
+        if ctx.is_main and (resume_from or note):
+            print(f"wb: {note + '; ' if note else ''}resumed from step {self.start} (checkpoint {resume_from})"
+                  if resume_from else f"wb: {note}; no checkpoint yet: starting over", file=sys.stderr)
         self.history = self.out.start_metrics(self.start)
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
@@ -123,9 +125,12 @@ class Trainer:
                 step = self._next_step(record)
                 if step == record["step"] + 1:   # moving on (not rolled back): checkpoint, report
                     self._after_step(record)
-        except Exception as error:   # a collective that timed out: name the ranks that never arrived
+        except Exception as error:   # a collective that timed out or lost its peer: say so in one line
             if faults.is_timeout(error):
                 raise faults.explain_timeout(error, cfg, ctx.rank, step) from error
+            lost = faults.explain_peer_loss(error, ctx.rank, step)
+            if lost is not None:
+                raise lost from error
             raise
         finally:
             progress.close()

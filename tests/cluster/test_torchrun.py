@@ -38,6 +38,7 @@ def test_kill_and_resume_under_torchrun(clean_ddp, tmp_path):
     seconds = time.perf_counter() - t0
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "exitcode: 17" in done.stderr        # the injected death really happened
+    assert "restart 1 of 1 after rank 1 killed at step 3; resumed from step 2" in done.stderr
     assert (run_dir / ".fault_fired").is_file()
     assert summary(run_dir)["resumed_from_step"] == 2
     assert max_rel_diff(final_params(run_dir), final_params(clean)) < 1e-6
