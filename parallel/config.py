@@ -170,6 +170,8 @@ class RunConfig:
         raw: dict[str, Any] = {}
         if path is not None:
             p = Path(path)
+            if p.is_dir():
+                raise UserError(f"config file {p} is a directory, not a TOML file (e.g. configs/tiny.toml)")
             if not p.is_file():
                 raise UserError(f"config file not found: {p}")
             try:
