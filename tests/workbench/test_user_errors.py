@@ -173,3 +173,9 @@ def test_compare_validates_each_recipe_with_the_nproc_it_gets(tmp_path, capsys):
     assert "ddp (--nproc 2): global_batch (12) must be divisible by micro_batch (4) x data-parallel degree (2)" \
         in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ wb profile
+def test_profile_a_command_that_does_not_exist(capsys):
+    err = main_error(capsys, "profile", "torch", "--", "no-such-command-wb15")
+    assert "cannot run the command after --: no-such-command-wb15 (No such file or directory)" in err, err
