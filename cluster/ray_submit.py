@@ -34,6 +34,16 @@ def resolve_address(address: str | None) -> str:
     return address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
+def _address_source(address: str | None) -> str:
+    """Where the address came from, for an error message: the option, an environment variable or the default."""
+    if address:
+        return "--address"
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(var):
+            return var
+    return "the default address"
+
+
 def submit_job(command: list[str], address: str | None = None, working_dir: str | Path = ".",
                env_vars: dict[str, str] | None = None, wait: bool = True, timeout_s: float = 0,
                submission_id: str | None = None, out=sys.stdout) -> int:
@@ -42,10 +52,19 @@ def submit_job(command: list[str], address: str | None = None, working_dir: str 
         raise UserError("no command to submit: put it after `--`, e.g. wb ray submit -- wb train --launcher ray")
     if not Path(working_dir).is_dir():
         raise UserError(f"--working-dir: not a directory: {working_dir}")
+    from ray.exceptions import RpcError
     from ray.job_submission import JobSubmissionClient
 
+    given = address
     address = resolve_address(address)
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RpcError):   # nothing listens there (ConnectionError: http://, ray://, auto)
+        raise UserError(f"{_address_source(given)} {address}: no Ray cluster answers there; start one with "
+                        f"`ray start --head`, or give its dashboard's address (e.g. {DEFAULT_ADDRESS})") from None
+    except ValueError as e:               # requests' InvalidURL is one too
+        raise UserError(f"{_address_source(given)} {address} is not a Ray address ({e}); give the cluster "
+                        f"dashboard's, e.g. {DEFAULT_ADDRESS}") from None
     runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": EXCLUDES,
                    "env_vars": {"OMP_NUM_THREADS": "1", **(env_vars or {})}}
     deadline = time.monotonic() + 90

@@ -177,6 +177,8 @@ class RunConfig:
         raw: dict[str, Any] = {}
         if path is not None:
             p = Path(path)
+            if p.is_dir():
+                raise UserError(f"config file {p} is a directory, not a TOML file (e.g. configs/tiny.toml)")
             if not p.is_file():
                 raise UserError(f"config file not found: {p}")
             try:
@@ -246,6 +248,9 @@ class RunConfig:
                             f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
         if self.checkpoint.keep_every < 0:
             raise UserError(f"checkpoint.keep_every must be >= 0, got {self.checkpoint.keep_every}")
+        for key in ("kill_rank", "hang_rank"):
+            if getattr(self.fault, key) < -1:
+                raise UserError(f"fault.{key} must be >= 0 (or -1 for none), got {getattr(self.fault, key)}")
         if self.fault.collective_timeout_s <= 0:
             raise UserError(f"fault.collective_timeout_s must be > 0, got {self.fault.collective_timeout_s}")
         if self.target_loss < 0:
@@ -301,6 +306,8 @@ class RunConfig:
                 raise UserError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
         if o.min_lr_ratio > 1:
             raise UserError(f"optim.min_lr_ratio must be <= 1, got {o.min_lr_ratio}")
+        if o.eps <= 0:
+            raise UserError(f"optim.eps must be > 0, got {o.eps}")
 
     def _check_async(self) -> None:
         """ps, local_sgd and straggler sections (async vs sync SGD)."""

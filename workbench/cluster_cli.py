@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from parallel.errors import UserError
+from workbench.paths import output_file
 
 launch_app = typer.Typer(no_args_is_help=True, help="Launch a job under torchrun (single or multi-node).")
 ray_app = typer.Typer(no_args_is_help=True, help="Ray cluster jobs.")
@@ -95,7 +96,7 @@ def slurm_render(
     text = slurm.render_sbatch(list(command or []), nodes=nodes, gpus_per_node=gpus_per_node, time=time,
                                partition=partition, job_name=job_name, log_dir=log_dir, max_restarts=max_restarts,
                                port=port, cpus_per_task=cpus_per_task, account=account)
-    path = out or Path(log_dir) / f"{job_name}.sbatch"
+    path = output_file(out, "--out") if out else output_file(Path(log_dir) / f"{job_name}.sbatch", "--log-dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(0o755)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from parallel.errors import UserError
+from workbench.paths import output_dir
 
 # The order runs and plots appear in; recipes not (yet) in the registry are left out.
 PREFERRED_ORDER = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd",
@@ -28,6 +29,9 @@ def available_recipes(wanted: list[str] | None = None) -> list[str]:
 
     if wanted is None:
         return [r for r in PREFERRED_ORDER if r in RECIPES]
+    if not wanted:
+        raise UserError(f"--recipes names no recipe; give some, e.g. --recipes ddp,zero2 (available: "
+                        f"{', '.join(RECIPES)})")
     unknown = [r for r in wanted if r not in RECIPES]
     if unknown:
         raise UserError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(RECIPES)}")
@@ -42,6 +46,35 @@ def nproc_for(recipe: str, nproc: int) -> int:
     return min(most, nproc) if most else nproc
 
 
+def parse_recipes(text: str | None) -> list[str] | None:
+    """--recipes 'ddp, zero2,ddp' -> ['ddp', 'zero2'] (None: all); an empty list is refused later."""
+    if text is None:
+        return None
+    return list(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+
+
+def train_items(recipe: str, overrides: list[str], run_dir: Path, timeline: bool) -> list[str]:
+    """The config overrides that the `wb train` of run_recipes turns its command line into (its own order:
+    the arguments, then --recipe, --run-dir and --timeline as keys)."""
+    return [*overrides, "progress=false", f"recipe={recipe}", f"run_dir={run_dir}",
+            *(["profiling.timeline=true"] if timeline else [])]
+
+
+def validate(recipes: list[str], nproc: int, config: Path, overrides: list[str], out: Path,
+             timeline: bool = True) -> None:
+    """Every recipe's config, as its `wb train` will build it, checked once before anything is launched:
+    a misspelt key or an impossible layout is one UserError, not one failed run per recipe."""
+    from parallel import RunConfig
+    from parallel import recipes as registry
+
+    for recipe in recipes:
+        cfg = RunConfig.from_toml(config, train_items(recipe, overrides, out / recipe, timeline))
+        try:
+            registry.resolve(cfg, nproc_for(recipe, nproc))
+        except UserError as mistake:
+            raise UserError(f"{recipe} (--nproc {nproc_for(recipe, nproc)}): {mistake}") from None
+
+
 def _error_line(result: subprocess.CompletedProcess) -> str:
     """The most telling line of a failed run: its last error message, else its last words."""
     lines = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if any(c.isalnum() for c in ln)]
@@ -52,11 +85,15 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 def run_recipes(recipes: list[str], nproc: int, config: Path, overrides: list[str], out: Path,
                 console: Console, timeline: bool = True, timeout_s: int = 900) -> tuple[list[Path], dict[str, str]]:
     """Train each recipe into out/<recipe>; returns (finished run dirs, {recipe: error} of failures)."""
+    if config.is_dir():
+        raise UserError(f"--config {config} is a directory, not a TOML file (e.g. configs/tiny.toml)")
     if not config.is_file():
         raise UserError(f"--config {config} does not exist")
+    output_dir(out, "--out")
     taken = [r for r in recipes if (out / r / "summary.json").exists()]
     if taken:   # a run directory resumes from its checkpoints: a comparison wants fresh runs
         raise UserError(f"--out {out} already holds runs of {', '.join(taken)}; choose a new folder")
+    validate(recipes, nproc, config, overrides, out, timeline)
     out.mkdir(parents=True, exist_ok=True)
     done, failed = [], {}
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

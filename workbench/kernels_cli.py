@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from parallel.errors import UserError
+from workbench.paths import output_file
 
 app = typer.Typer(no_args_is_help=True, help="Check, time and ahead-of-time compile the Triton kernels.")
 # Wide enough for the tables when output is piped (CI logs), as on a terminal.
@@ -33,19 +34,6 @@ def selected(selection: str) -> list[str]:
         raise UserError(str(mistake)) from None
 
 
-def checked_backends(backends: list[str] | None) -> list[str]:
-    """--backend values, each a backend this machine can run (triton needs a CUDA device)."""
-    from kernels.backend import BACKENDS, cuda_available
-
-    for b in backends or []:
-        if b not in BACKENDS or b == "auto":
-            raise UserError(f"--backend: backend={b!r} is not a kernel backend; choose triton, interpret or torch")
-        if b == "triton" and not cuda_available():
-            raise UserError("--backend triton needs a CUDA device, and none is visible here; use --backend "
-                            "interpret (the same kernels through Triton's interpreter) or torch")
-    return list(backends or [])
-
-
 def run_checks(selection: str, backends: list[str], seed: int = 0):
     from kernels import suite
 
@@ -64,10 +52,35 @@ def check_table(rows) -> Table:
     return table
 
 
+# What `wb kernels check --backend` accepts: the kernel backends less `auto` (a sweep names what it ran).
+CHECK_BACKENDS = ("triton", "interpret", "torch")
+
+
+def checked_backends(backends: list[str]) -> list[str]:
+    """The --backend values, refused before any kernel runs if one is unknown or needs an absent GPU."""
+    from kernels.backend import cuda_available
+
+    for backend in backends:
+        if backend not in CHECK_BACKENDS:
+            raise UserError(f"--backend={backend!r} is not a kernel backend; choose one of {', '.join(CHECK_BACKENDS)}")
+    if "triton" in backends and not cuda_available():
+        raise UserError("--backend triton compiles the kernels for a CUDA GPU and torch sees none here; use "
+                        "--backend interpret (the same Triton source, on the CPU) or --backend torch")
+    return backends
+
+
+def _json_target(path: Path | None) -> Path | None:
+    """--json checked before the work runs: a path it cannot write is the user's mistake, told up front."""
+    return output_file(path, "--json") if path else None
+
+
 def _write_json(path: Path | None, rows) -> None:
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
+        except OSError as e:   # e.g. the folder was removed while the kernels ran
+            raise UserError(f"--json {path}: cannot write ({e.strerror or e})") from None
 
 
 @app.command()
@@ -76,7 +89,8 @@ def check(kernel: str = typer.Argument("all", help="softmax | attention | quant 
           seed: int = typer.Option(0, help="random seed of the inputs"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Correctness sweep against float64 on random odd shapes; exit 1 on any failure."""
-    rows = run_checks(kernel, checked_backends(backend) or default_backends(), seed)
+    _json_target(json_out)
+    rows = run_checks(kernel, checked_backends(backend or default_backends()), seed)
     console.print(check_table(rows))
     _write_json(json_out, rows)
     failed = sum(not r.passed for r in rows)
@@ -90,6 +104,7 @@ def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant 
           quick: bool = typer.Option(False, help="fewer shapes"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Time the kernels on this machine's device beside the torch equivalent, in one run."""
+    _json_target(json_out)
     import torch
 
     from kernels import suite
@@ -120,6 +135,7 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
     from kernels import suite
     from kernels.aot import SHARED_MEMORY_LIMIT, compile_all
 
+    _json_target(json_out)
     try:
         archs = tuple(int(a) for a in arch.split(","))
     except ValueError:

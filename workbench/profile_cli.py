@@ -72,8 +72,15 @@ def _launch(prefix: list[str], target: list[str], env: dict, ranks: list[int] | 
     print("command:", shown_env, shlex.join(target))
     if dry_run:
         return
-    done = subprocess.run(target, env={**os.environ, **env})
-    raise typer.Exit(done.returncode)
+    raise typer.Exit(_run(target, {**os.environ, **env}))
+
+
+def _run(target: list[str], env: dict) -> int:
+    """The profiled command's exit code; a command that does not exist is the user's mistake."""
+    try:
+        return subprocess.run(target, env=env).returncode
+    except (FileNotFoundError, PermissionError) as e:
+        raise UserError(f"cannot run the command after --: {target[0]} ({e.strerror})") from None
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -124,7 +131,7 @@ def torch_(ctx: typer.Context,
     print("command:", " ".join(f"{k}={v}" for k, v in env.items()), shlex.join(target))
     if dry_run:
         return
-    raise typer.Exit(subprocess.run(target, env={**os.environ, **env}).returncode)
+    raise typer.Exit(_run(target, {**os.environ, **env}))
 
 
 @app.command()

@@ -42,12 +42,24 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / "summary.json").is_file():
         raise UserError(f"{path} is not a finished run directory (no summary.json)")
-    summary = RunSummary.load(path / "summary.json").flat()
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    metrics_file = path / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
+    summary = RunSummary.load(path / "summary.json").flat()   # a garbled summary: a UserError naming it
+    config_file, metrics_file = path / "config.json", path / "metrics.jsonl"
+    config = _json_object(config_file, config_file.read_text()) if config_file.is_file() else {}
+    metrics = [_json_object(f"{metrics_file}:{n}", line)
+               for n, line in enumerate(metrics_file.read_text().splitlines(), 1) if line.strip()] \
         if metrics_file.is_file() else []
     return Run(path, summary, config, metrics)
+
+
+def _json_object(where: str | Path, text: str) -> dict:
+    """One JSON object of a run directory's files; anything else is a UserError naming file (and line)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: a JSON object is expected, got {type(value).__name__}")
+    return value
 
 
 def machine_label() -> str:
@@ -83,7 +95,7 @@ def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
                                 ("elapsed_s", "wall time (s)", "loss_vs_time.png")):
         fig, ax = _figure(f"training loss against {xlabel}", xlabel, "loss (nats/token)", machine)
         for run in runs:
-            points = [(m[x_key], m["loss"]) for m in run.metrics if x_key in m]
+            points = [(m[x_key], m["loss"]) for m in run.metrics if x_key in m and "loss" in m]
             if points:
                 ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.4)
         targets = {r.summary.get("target_loss") for r in runs if r.summary.get("target_loss")}

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from parallel.errors import UserError
 from workbench import compare as comparison
+from workbench.paths import output_dir
 from workbench.report import build_report, load_run, runs_table
 
 console = Console(width=None if Console().is_terminal else 160)
@@ -33,7 +34,7 @@ def compare(overrides: list[str] = typer.Argument(None, help="config overrides f
             out: Path = typer.Option(None, "--out", help="default runs/compare-<time>"),
             timeline: bool = typer.Option(True, help="write each run's trace.json")):
     """Run recipes on the same config, seed, data and global batch; write the report."""
-    chosen = comparison.available_recipes([r for r in recipes.split(",") if r] if recipes else None)
+    chosen = comparison.available_recipes(comparison.parse_recipes(recipes))
     if nproc < 1:
         raise UserError(f"--nproc={nproc} must be >= 1")
     out = out or Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
@@ -49,6 +50,7 @@ def compare(overrides: list[str] = typer.Argument(None, help="config overrides f
 def report(run_dirs: list[Path] = typer.Argument(..., help="finished run directories"),
            out: Path = typer.Option(None, "--out", help="default: the first run's parent folder")):
     """Rebuild report.md and its figures from run directories alone (nothing is re-run)."""
-    path = build_report(run_dirs, out or run_dirs[0].parent)
+    out = output_dir(out or run_dirs[0].parent, "--out")
+    path = build_report(run_dirs, out)
     print_runs_table(run_dirs)
     console.print(f"report: {path}")

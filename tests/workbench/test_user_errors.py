@@ -1,0 +1,179 @@
+"""Every user mistake of issue 15 is ONE line on stderr (`wb: error: ...` naming the argument), exit 2,
+and nothing written: each through the real CLI in a subprocess, the variants in-process (cheap)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from tests.parallel.runs import TINY, wb
+from workbench.cli import main
+
+
+def one_line(done, *needles: str) -> str:
+    """A subprocess's stderr is exactly one `wb: error:` line holding every needle; exit 2."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("wb: error: "), done.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def main_error(capsys, *args: str) -> str:
+    """`wb ARGS` in this process: exit 2 and the one stderr line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith("wb: error: "), err[-3000:]
+    return err.strip()
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    """A regular file where a directory is expected; its bytes must survive the command."""
+    path = tmp_path / "a_file"
+    path.write_text("precious\n")
+    return path
+
+
+# --------------------------------------------------------------------------- a file where a dir goes
+def test_compare_out_naming_a_file(a_file):
+    done = wb("compare", "--recipes", "single", "--out", str(a_file))
+    one_line(done, "--out", str(a_file), "is a file, not a directory")
+    assert a_file.read_text() == "precious\n"
+
+
+def test_report_out_naming_a_file_or_a_path_under_one(a_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")   # never read: --out is refused first
+    for out in (a_file, a_file / "sub"):
+        err = main_error(capsys, "report", str(run), "--out", str(out))
+        assert "--out" in err and str(a_file) in err and "is a file, not a directory" in err, err
+    assert a_file.read_text() == "precious\n"
+
+
+def test_train_run_dir_naming_a_file(a_file, capsys):
+    err = main_error(capsys, "train", "--config", TINY, "--run-dir", str(a_file), "steps=1", "progress=false")
+    assert "--run-dir" in err and "is a file, not a directory" in err, err
+    assert a_file.read_text() == "precious\n"
+
+
+# ---------------------------------------------------------------------------------- wb ray submit
+def test_ray_submit_where_nothing_listens():
+    with socket.socket() as s:   # a free loopback port: bound, then released, so nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{s.getsockname()[1]}"
+    done = wb("ray", "submit", "--address", address, "--", "echo", "hi", timeout=300)
+    one_line(done, f"--address {address}: no Ray cluster answers there")
+
+
+# ------------------------------------------------------------------------- wb kernels ... --json
+@pytest.mark.parametrize(("command", "work"), [
+    (["check", "softmax", "--backend", "torch"], "kernel correctness"),
+    (["bench", "softmax", "--quick"], "kernel benchmarks"),
+    (["compile", "softmax", "--arch", "90", "--jobs", "1"], "ahead-of-time compile"),
+])
+def test_kernels_json_under_a_file_refused_before_the_work(command, work, a_file):
+    done = wb("kernels", *command, "--json", str(a_file / "rows.json"))
+    one_line(done, "--json", str(a_file), "is a file, not a directory")
+    assert work not in done.stdout, done.stdout[-2000:]   # refused BEFORE the work: no table printed
+    assert a_file.read_text() == "precious\n"
+
+
+def test_kernels_json_naming_a_directory(tmp_path, capsys):
+    err = main_error(capsys, "kernels", "check", "softmax", "--backend", "torch", "--json", str(tmp_path))
+    assert "--json" in err and "is a directory" in err, err
+
+
+# ----------------------------------------------------------------------- wb kernels check --backend
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, --backend triton is a real run")
+def test_kernels_check_triton_without_cuda():
+    done = wb("kernels", "check", "softmax", "--backend", "triton")
+    one_line(done, "--backend triton", "CUDA", "--backend interpret")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "Triton", ""])
+def test_kernels_check_unknown_backend(backend, capsys):
+    err = main_error(capsys, "kernels", "check", "softmax", "--backend", backend)
+    assert f"--backend={backend!r} is not a kernel backend; choose one of triton, interpret, torch" in err, err
+
+
+# ------------------------------------------------------------------------- config, summary.json
+def test_config_path_that_is_a_directory(tmp_path, capsys):
+    done = wb("train", "--config", str(tmp_path))
+    one_line(done, f"config file {tmp_path} is a directory")
+    err = main_error(capsys, "compare", "--recipes", "single", "--config", str(tmp_path),
+                     "--out", str(tmp_path / "cmp"))
+    assert f"--config {tmp_path} is a directory" in err, err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_report_garbled_summary_names_the_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"recipe": "ddp", "steps": ')   # cut off mid-write
+    done = wb("report", str(run), "--out", str(tmp_path / "report"))
+    one_line(done, f"{run / 'summary.json'}: not valid JSON")
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(("name", "text", "where"), [
+    ("config.json", "[1, 2", "config.json: not valid JSON"),
+    ("config.json", "[1, 2]", "config.json: a JSON object is expected, got list"),
+    ("metrics.jsonl", '{"step": 0, "loss": 4.1}\n{"step": 1, "lo', "metrics.jsonl:2: not valid JSON"),
+])
+def test_report_garbled_run_files_name_the_file(name, text, where, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    _minimal_summary(run)
+    (run / name).write_text(text)
+    err = main_error(capsys, "report", str(run), "--out", str(tmp_path / "report"))
+    assert f"{run / where}" in err, err
+
+
+def _minimal_summary(run) -> None:
+    from parallel.loop.summary import RunSummary
+
+    RunSummary(recipe="single", world_size=1, dp=1, steps=2, final_loss=4.0, tokens_per_s=100.0, n_params=10,
+               elapsed_s=1.0, micro_batch=4, global_batch=16, tokens_per_step=512, skipped_steps=0, device="cpu",
+               precision="fp32", run_dir=str(run)).write(run / "summary.json")
+
+
+# ------------------------------------------------------------------------------------ wb compare
+def test_compare_recipes_naming_nothing(tmp_path, capsys):
+    done = wb("compare", "--recipes", ",", "--out", str(tmp_path / "cmp"))
+    one_line(done, "--recipes names no recipe")
+    for text in ("", " , ,"):
+        assert "--recipes names no recipe" in main_error(capsys, "compare", "--recipes", text, "--out",
+                                                         str(tmp_path / "cmp"))
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_misspelt_override_launches_nothing(tmp_path):
+    out = tmp_path / "cmp"
+    done = wb("compare", "--recipes", "single,ddp", "--out", str(out), "optim.lrr=1e-3")
+    one_line(done, "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)")
+    assert "training" not in done.stdout and "failed" not in done.stdout, done.stdout[-2000:]
+    assert not out.exists()
+
+
+def test_compare_validates_each_recipe_with_the_nproc_it_gets(tmp_path, capsys):
+    """single gets 1 process and global_batch 12 suits it; ddp on 2 cannot split 12 into 4 x 2: refused
+    before single is launched."""
+    out = tmp_path / "cmp"
+    err = main_error(capsys, "compare", "--recipes", "single,ddp", "--nproc", "2", "--out", str(out),
+                     "global_batch=12")
+    assert "ddp (--nproc 2): global_batch (12) must be divisible by micro_batch (4) x data-parallel degree (2)" \
+        in err, err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ wb profile
+def test_profile_a_command_that_does_not_exist(capsys):
+    err = main_error(capsys, "profile", "torch", "--", "no-such-command-wb15")
+    assert "cannot run the command after --: no-such-command-wb15 (No such file or directory)" in err, err
