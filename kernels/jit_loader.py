@@ -21,8 +21,9 @@ JIT_DIR = Path(__file__).with_name("jit")
 _cache: dict[tuple[str, bool], ModuleType] = {}
 _lock = threading.Lock()
 
-# Triton 3.9 warns on every compile unless this is set; keep its current default (fusion on).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from kernels import triton_compat
+
+triton_compat.set_default_fp_fusion()
 
 
 def load(name: str, interpret: bool) -> ModuleType:

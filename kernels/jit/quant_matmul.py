@@ -20,11 +20,13 @@ per K block (BLOCK_K divides the group size, so a block never straddles two grou
 import triton
 import triton.language as tl
 
+from kernels.triton_compat import MAX_COMBINE
+
 W8A16 = tl.constexpr(0)
 W4A16 = tl.constexpr(1)
 W8A8 = tl.constexpr(2)
 # See kernels/jit/softmax.py: tl.max is a compiled @jit helper, which the interpreter cannot call.
-_MAX = tl.standard._elementwise_max
+_MAX = MAX_COMBINE
 
 
 @triton.jit
