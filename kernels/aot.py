@@ -61,6 +61,8 @@ class CompileSpec:
     # divisibility, and with it loads become vectorised, pipelined async copies that use more shared
     # memory: compiling without it would under-report shared memory.
     aligned: tuple = ()
+    # The archs the launcher may run this config on (it prunes the others, see e.g. kernels/quant_matmul.py).
+    archs: tuple = (80, 90)
 
 
 @dataclass
@@ -107,6 +109,11 @@ def resident_warps(arch: int, num_warps: int, registers: int, shared: int) -> in
     by_shared = sm.shared_per_sm // (shared + sm.reserved_shared) if shared <= sm.shared_per_block else 0
     by_warps = sm.max_warps // num_warps
     return min(by_registers, by_shared, by_warps, sm.max_blocks) * num_warps
+
+
+def sweep_arch(capability: tuple[int, int]) -> int:
+    """The swept arch whose limits a GPU of this compute capability is held to (Hopper and newer: 90)."""
+    return 90 if capability[0] >= 9 else 80
 
 
 def compile_spec(spec: CompileSpec, arch: int, dump_dir: Path | None = None) -> CompileResult:
@@ -194,12 +201,12 @@ def _compile_job(job: tuple[CompileSpec, int, Path | None]) -> CompileResult:
 
 def compile_all(specs: list[CompileSpec], archs=ARCHS, jobs: int | None = None,
                 dump_dir: Path | None = None) -> list[CompileResult]:
-    """Compile every spec for every arch, in `jobs` worker processes (default: one per CPU)."""
+    """Compile every spec for every arch it may run on, in `jobs` worker processes (default: one per CPU)."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    work = [(spec, arch, dump_dir) for spec in specs for arch in archs]
+    work = [(spec, arch, dump_dir) for spec in specs for arch in archs if arch in spec.archs]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1 or len(work) < 4:
         return [_compile_job(job) for job in work]

@@ -4,11 +4,17 @@ Supported: Triton 3.6 to 3.9 (pyproject.toml pins the range; `make test` runs th
 interpreter kernel tests under 3.6 as well as the main venv's 3.9). Nothing else in kernels/ may import
 a private Triton name or branch on the Triton version: it calls a helper here. Each helper says which
 release it bridges, and tests/kernels/test_triton_compat.py checks each against the installed Triton.
+
+Kernel-source rules (inside @triton.jit code, where a Python helper cannot reach; the 3.6 lane of
+`make test` compiles every kernel, so breaking one fails there):
+  - an integer dot with an int32 accumulator passes `out_dtype=tl.int32`: 3.6 asserts the accumulator
+    is the default out_dtype (fp32), 3.9 infers it from the accumulator.
 """
 
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 
 import triton
@@ -97,11 +103,22 @@ def compiler_message(err: BaseException, max_lines: int = 3) -> str:
     if isinstance(inner, CompilationError) and getattr(inner, "error_message", None):
         where = _source_line(inner)
         return f"{inner.error_message}{f' (at: {where})' if where else ''}"
+    where = _source_line(inner) if isinstance(inner, CompilationError) else ""
     if isinstance(inner, CompilationError) and inner.__cause__ is not None:
         inner = inner.__cause__
     lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
-    text = " | ".join(lines[:max_lines])
-    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+    # A bare `assert` inside Triton has no text: its source line in Triton is the message.
+    text = " | ".join(lines[:max_lines]) or _raising_line(inner)
+    message = f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+    return f"{message} (at: {where})" if where else message
+
+
+def _raising_line(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno}: {(last.line or '').strip()}"
 
 
 def _source_line(err) -> str:

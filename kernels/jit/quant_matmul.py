@@ -85,7 +85,9 @@ def quant_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, y_ptr,
         g = k0 // group_size
         w = _weight_tile(w_ptr, z_ptr, k0, k_end, offs_n, mask_n, g, N, K, MODE, BLOCK_K)
         if MODE == W8A8:
-            acc = tl.dot(a, w, acc)  # int8 x int8 -> int32, exact
+            # int8 x int8 -> int32, exact. Triton 3.6 needs out_dtype for an int32 accumulator (3.9 infers
+            # it from acc): see kernels/triton_compat.py, "kernel-source rules".
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         elif GROUPED:
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             if IEEE:
