@@ -144,3 +144,7 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
                   + (f"; IR and SASS in {dump}" if dump else ""))
     if failed:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # `python -m workbench.kernels_cli`: the kernel commands without the rest of the CLI
+    app()
