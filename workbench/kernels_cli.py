@@ -124,6 +124,7 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
              arch: str = typer.Option("80,90", help="comma-separated compute capabilities"),
              jobs: int = typer.Option(0, help="worker processes (0: one per CPU)"),
              dump: Path = typer.Option(None, "--dump", help="write TTIR/TTGIR/LLIR/PTX/SASS of every config here"),
+             match: list[str] = typer.Option(None, "--match", help="only specs whose label contains this (repeatable)"),
              json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Compile every kernel at every autotune config for GPUs that need not be present; exit 1 if any
     row fails (compile error, register spills, shared memory over the limit, missing instruction)."""
@@ -131,7 +132,10 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
     from kernels.aot import compile_all
 
     archs = _parse_archs(arch)
-    specs = [s for name in suite.names(kernel) for s in suite.suite(name).compile_specs()]
+    specs = [s for name in suite.names(kernel) for s in suite.suite(name).compile_specs()
+             if not match or any(m in s.label for m in match)]
+    if not specs:
+        raise ValueError(f"no compile spec of {kernel!r} has a label containing any of {match}")
     results = compile_all(specs, archs, jobs or None, dump_dir=dump)
     console.print(compile_table(results))
     if json_out:
