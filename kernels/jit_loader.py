@@ -17,13 +17,13 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from kernels import triton_compat
+
 JIT_DIR = Path(__file__).with_name("jit")
 _cache: dict[tuple[str, bool], ModuleType] = {}
 _lock = threading.Lock()
 
-from kernels import triton_compat
-
-triton_compat.set_default_fp_fusion()
+triton_compat.set_default_fp_fusion()  # before any kernel compiles
 
 
 def load(name: str, interpret: bool) -> ModuleType:

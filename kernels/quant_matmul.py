@@ -94,7 +94,7 @@ def _fits(config: Config, qw: QuantizedWeight, arch: int | None) -> bool:
     return qw.per_channel or qw.group_size % config.meta["BLOCK_K"] == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sweep_arch(index: int | None) -> int:
     return sweep_arch(torch.cuda.get_device_capability(index))
 

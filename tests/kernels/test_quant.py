@@ -17,8 +17,8 @@ from torch import nn
 
 import kernels
 from kernels import jit_loader, quant
-from kernels.quant.format import int_weight
 from kernels.autotune import Config
+from kernels.quant.format import int_weight
 from kernels.quant_matmul import SMALL_M_TUNER, act_quant, compile_specs, config_archs, launch, tuner_for
 from kernels.suite.common import TOLERANCE, rel_err
 
