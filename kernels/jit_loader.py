@@ -42,6 +42,8 @@ def _exec_with_flavour(name: str, interpret: bool) -> ModuleType:
     module_name = f"kernels.jit.{name}__{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    if interpret:
+        triton_compat.fix_interpreter_scalar_index()
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:

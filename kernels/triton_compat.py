@@ -13,6 +13,7 @@ Kernel-source rules (inside @triton.jit code, where a Python helper cannot reach
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from pathlib import Path
@@ -39,6 +40,31 @@ def set_default_fp_fusion() -> None:
     """Triton 3.9 warns on every compile unless TRITON_DEFAULT_FP_FUSION is set (3.6 neither reads nor
     warns); set it to 3.9's own default, fusion on, so the numbers do not change."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def fix_interpreter_scalar_index() -> None:
+    """Let the interpreter use a scalar tensor as a Python int (a `range` bound, an index) on Triton 3.6.
+
+    3.6's interpreter converts with `int(array)`, and its scalar ops (tl.maximum of two scalars, say)
+    give 1-element 1-d arrays, which NumPy 2.4 refuses to convert ("only 0-dimensional arrays can be
+    converted to Python scalars"). 3.9 squeezes the array first; this installs the same rule on a
+    release without it, wrapping the function that 3.6 calls to patch tensors on every interpreted launch.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_scalars", False):
+        return
+    if "squeeze" in inspect.getsource(original):  # 3.9 and later do it themselves
+        original.squeezes_scalars = True
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def ast_source(fn, signature: dict, constexprs: dict, aligned_args: list[str]):

@@ -30,6 +30,20 @@ def test_reduction_combine_functions_work_interpreted():
     assert rel_err(y, torch.softmax(x, -1)) < 1e-6
 
 
+def test_interpreter_takes_scalar_tensors_as_loop_bounds():
+    """Causal attention loops over key blocks between bounds computed with tl.maximum / tl.minimum:
+    Triton 3.6's interpreter failed on them under NumPy 2.4 until fix_interpreter_scalar_index()."""
+    from triton.runtime import interpreter
+
+    jit_loader.load("attention", interpret=True)
+    assert interpreter._patch_lang_tensor.squeezes_scalars
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 37, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    out = kernels.attention(q.float(), k.float(), v.float(), causal=True, backend="interpret")
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(torch.ones(37, 37).triu(1).bool(), float("-inf"))
+    assert rel_err(out, torch.softmax(scores, -1) @ v) < 1e-5
+
+
 def test_default_fp_fusion_is_set_without_overriding_a_choice(monkeypatch):
     monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
     tc.set_default_fp_fusion()
