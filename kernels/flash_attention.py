@@ -48,12 +48,11 @@ FWD_TUNER = Autotuner("attention_fwd", [
     _cfg(128, 128, 8, 3), _cfg(64, 32, 8, 2),
 ])
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step.
-# Reshaped for D = 128 without spills: (32, 64, 8, 3) gives dK/dV the deeper pipeline that the 64x64 tile
-# (now D <= 64 only) had; dQ's (64, 64, 8, 3) and (64, 32, 8, 3) take 8 warps where (64, 64, 4, 3) and
-# (128, 32, 8, 3) (now D <= 64) spilled at D = 128.
+# Removed: (64, 64, 8, 3), which spilled at every head dim it was admitted for (D=128 on 3.6 and 3.9,
+# D=64 on sm_80 under 3.6). dQ adds (64, 64, 8, 3) and (64, 32, 8, 3): 8 warps for D = 128-256, where
+# (64, 64, 4, 3) and (128, 32/64, 8, 3) spilled (they now serve D <= 32/64).
 DKDV_TUNER = Autotuner("attention_bwd_dkdv", [
-    _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3),
-    _cfg(16, 32, 8, 2),
+    _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 2), _cfg(16, 32, 8, 2),
 ])
 # dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
 DQ_TUNER = Autotuner("attention_bwd_dq", [
@@ -100,17 +99,21 @@ def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
     return elem * (2 * bm * d + 2 * c.num_stages * bn * d)  # dq: q and dO resident; k and v streamed
 
 
-# fp32 registers per thread that a 16-bit config's accumulators and score tile may take. Calibrated on
-# the AOT sweep (Triton 3.6 and 3.9, sm_80 and sm_90, model-shape alignment): configs above these
-# spilled (e.g. fwd 128x64 w4 at D=64: 128; dK/dV 64x64 w8 and dQ 128x32 w8 at D=128: 80).
-TILE_REGISTER_BUDGET = {"fwd": 96, "dkdv": 72, "dq": 72}
+# fp32 registers per thread a 16-bit config may take, calibrated on the AOT sweep (Triton 3.6 and 3.9,
+# sm_80 and sm_90, model-shape alignment): the accumulators alone (O, dQ, or dK + dV) at most 64, and
+# the accumulators plus twice the score tile (scores, probabilities and their gradients are live at once)
+# at most TILE_REGISTER_BUDGET. Configs past these spilled: e.g. fwd 128x64 w4 at D=64 (192), dQ 64x64 w4
+# and 128x64 w8 at D=64 (96), dQ 128x32 w8 at D=128 (96).
+ACCUMULATOR_REGISTER_BUDGET = 64
+TILE_REGISTER_BUDGET = {"fwd": 160, "dkdv": 80, "dq": 80}
 
 
-def tile_registers(kind: str, c: Config, head_dim: int) -> float:
-    """fp32 registers per thread of a config's accumulators (O, dQ, or dK + dV) and one score tile."""
+def tile_registers(kind: str, c: Config, head_dim: int) -> tuple[float, float]:
+    """fp32 registers per thread: (accumulators, accumulators + 2 x the score tile)."""
     bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
+    threads = 32 * c.num_warps
     acc = 2 * bn * d if kind == "dkdv" else bm * d
-    return (acc + bm * bn) / (32 * c.num_warps)
+    return acc / threads, (acc + 2 * bm * bn) / threads
 
 
 def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = None):
@@ -122,8 +125,10 @@ def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = Non
 
     def fits(c: Config) -> bool:
         bm, bn = c.meta["BLOCK_M"], c.meta["BLOCK_N"]
-        if dtype != torch.float32 and tile_registers(kind, c, head_dim) > TILE_REGISTER_BUDGET[kind]:
-            return False
+        if dtype != torch.float32:
+            acc, total = tile_registers(kind, c, head_dim)
+            if acc > ACCUMULATOR_REGISTER_BUDGET or total > TILE_REGISTER_BUDGET[kind]:
+                return False
         if _smem_bytes(kind, c, head_dim, elem) > limit:
             return False
         program_rows = bn if kind == "dkdv" else bm
