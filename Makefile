@@ -32,7 +32,8 @@ test: $(STAMP) test-triton36
 
 # The oldest supported Triton (kernels/triton_compat.py) in a venv of its own, built once (stamp file):
 # the AOT compile sweep of every fp16 spec (a third of `wb kernels compile all`, which takes too long for
-# this lane on 2 cores) for sm_80 and sm_90, then the interpreter kernel tests. CPU torch either way:
+# this lane on 2 cores) for sm_80 and sm_90, the compat and compile tests, and the float64 correctness
+# sweep of every kernel through the interpreter (tests/kernels in full takes ~11 min here). CPU torch:
 # the lane compiles for absent GPUs and interprets. `-e . --no-deps` keeps this torch and triton; the
 # lane needs only numpy, typer and rich of the project's dependencies (no deepspeed, ray, matplotlib).
 T36_VENV  ?= .venv-triton36
@@ -49,7 +50,9 @@ $(T36_STAMP): pyproject.toml Makefile
 
 test-triton36: $(T36_STAMP)
 	$(T36_PY) -m workbench.kernels_cli compile all --arch 80,90 --match fp16
-	$(T36_PY) -m pytest tests/kernels -q -m "not slow and not gpu" -p no:cacheprovider
+	$(T36_PY) -m pytest tests/kernels/test_triton_compat.py tests/kernels/test_gpu_compile.py -q -m "not slow" \
+		-p no:cacheprovider
+	$(T36_PY) -m workbench.kernels_cli check all --backend interpret
 
 test-fast: $(STAMP)
 	$(PYTEST) tests -q -m "not slow"

@@ -48,16 +48,17 @@ FWD_TUNER = Autotuner("attention_fwd", [
     _cfg(128, 128, 8, 3), _cfg(64, 32, 8, 2),
 ])
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step.
-# Removed: (64, 64, 8, 3), which spilled at every head dim it was admitted for (D=128 on 3.6 and 3.9,
-# D=64 on sm_80 under 3.6). dQ adds (64, 64, 8, 3) and (64, 32, 8, 3): 8 warps for D = 128-256, where
-# (64, 64, 4, 3) and (128, 32/64, 8, 3) spilled (they now serve D <= 32/64).
+# Removed from dK/dV: (64, 64, 8, 3), which spilled at every head dim it was admitted for (D=128 on 3.6
+# and 3.9, D=64 on sm_80). dQ: (64, 64, 4, 3) removed (spilled on sm_80 at D=128, 64 and, under 3.6, 32);
+# (64, 64, 8, 3) and (64, 32, 8, 3) added, 8 warps for D = 128-256, where (128, 32/64, 8, 3) spilled
+# (those now serve D <= 64 / 32).
 DKDV_TUNER = Autotuner("attention_bwd_dkdv", [
     _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 2), _cfg(16, 32, 8, 2),
 ])
 # dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
 DQ_TUNER = Autotuner("attention_bwd_dq", [
-    _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 32, 8, 3),
-    _cfg(128, 64, 8, 3), _cfg(64, 16, 8, 2),
+    _cfg(64, 32, 4, 2), _cfg(64, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3),
+    _cfg(64, 16, 8, 2),
 ])
 # fp32 on a GPU runs its dots in IEEE fp32 on CUDA cores (exact, not tf32), operands in registers:
 # one small tile, which compiles without spilling up to D = 256. (The interpreter runs the 16-bit
