@@ -42,10 +42,9 @@ T36_PY    := $(T36_VENV)/bin/python
 
 $(T36_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(T36_VENV)
-	$(T36_VENV)/bin/pip install -q torch==$(CPU_TORCH) triton==3.6.0
+	$(T36_VENV)/bin/pip install -q torch==$(CPU_TORCH) triton==3.6.0 "numpy>=1.26" "typer>=0.12" "rich>=13" \
+		"pytest>=8" "pytest-timeout>=2.3" "pytest-benchmark>=4"
 	$(T36_VENV)/bin/pip install -q --no-deps -e .
-	$(T36_VENV)/bin/pip install -q "numpy>=1.26" "typer>=0.12" "rich>=13" "pytest>=8" "pytest-timeout>=2.3" \
-		"pytest-benchmark>=4"
 	touch $(T36_STAMP)
 
 test-triton36: $(T36_STAMP)
