@@ -48,12 +48,17 @@ FWD_TUNER = Autotuner("attention_fwd", [
     _cfg(128, 128, 8, 3), _cfg(64, 32, 8, 2),
 ])
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step.
+# Removed from dK/dV: (64, 64, 8, 3), which spilled at every head dim it was admitted for (D=128 on 3.6
+# and 3.9, D=64 on sm_80). dQ: (64, 64, 4, 3) removed (spilled on sm_80 at D=128, 64 and, under 3.6, 32);
+# (64, 64, 8, 3) and (64, 32, 8, 3) added, 8 warps for D = 128-256, where (128, 32/64, 8, 3) spilled
+# (those now serve D <= 64 / 32).
 DKDV_TUNER = Autotuner("attention_bwd_dkdv", [
-    _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 3), _cfg(16, 32, 8, 2),
+    _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 2), _cfg(16, 32, 8, 2),
 ])
 # dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
 DQ_TUNER = Autotuner("attention_bwd_dq", [
-    _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 16, 8, 2),
+    _cfg(64, 32, 4, 2), _cfg(64, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3),
+    _cfg(64, 16, 8, 2),
 ])
 # fp32 on a GPU runs its dots in IEEE fp32 on CUDA cores (exact, not tf32), operands in registers:
 # one small tile, which compiles without spilling up to D = 256. (The interpreter runs the 16-bit
@@ -95,18 +100,36 @@ def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
     return elem * (2 * bm * d + 2 * c.num_stages * bn * d)  # dq: q and dO resident; k and v streamed
 
 
+# fp32 registers per thread a 16-bit config may take, calibrated on the AOT sweep (Triton 3.6 and 3.9,
+# sm_80 and sm_90, model-shape alignment): the accumulators alone (O, dQ, or dK + dV) at most 64, and
+# the accumulators plus twice the score tile (scores, probabilities and their gradients are live at once)
+# at most TILE_REGISTER_BUDGET. Configs past these spilled: e.g. fwd 128x64 w4 at D=64 (192), dQ 64x64 w4
+# and 128x64 w8 at D=64 (96), dQ 128x32 w8 at D=128 (96).
+ACCUMULATOR_REGISTER_BUDGET = 64
+TILE_REGISTER_BUDGET = {"fwd": 160, "dkdv": 80, "dq": 80}
+
+
+def tile_registers(kind: str, c: Config, head_dim: int) -> tuple[float, float]:
+    """fp32 registers per thread: (accumulators, accumulators + 2 x the score tile)."""
+    bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
+    threads = 32 * c.num_warps
+    acc = 2 * bn * d if kind == "dkdv" else bm * d
+    return acc / threads, (acc + 2 * bm * bn) / threads
+
+
 def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = None):
     """Configs that can run well: within the shared memory of an A100 (the smaller of sm_80/sm_90);
-    for 16-bit inputs, fp32 accumulators of at most 64 registers per thread (above that, the AOT
-    compile shows register spills); no program tile far above the sequence length."""
+    for 16-bit inputs, within TILE_REGISTER_BUDGET (above it, the AOT compile shows register spills);
+    no program tile far above the sequence length."""
     elem = dtype.itemsize
     limit = min(SHARED_MEMORY_LIMIT.values())
 
     def fits(c: Config) -> bool:
-        bm, bn, d = c.meta["BLOCK_M"], c.meta["BLOCK_N"], _block_d(head_dim)
-        acc = 2 * bn * d if kind == "dkdv" else bm * d  # dK and dV, or O / dQ
-        if dtype != torch.float32 and acc > 64 * 32 * c.num_warps:
-            return False
+        bm, bn = c.meta["BLOCK_M"], c.meta["BLOCK_N"]
+        if dtype != torch.float32:
+            acc, total = tile_registers(kind, c, head_dim)
+            if acc > ACCUMULATOR_REGISTER_BUDGET or total > TILE_REGISTER_BUDGET[kind]:
+                return False
         if _smem_bytes(kind, c, head_dim, elem) > limit:
             return False
         program_rows = bn if kind == "dkdv" else bm
@@ -391,7 +414,10 @@ def _spec(fn: str, kind: str, dtype: torch.dtype, c: Config, head_dim: int, caus
     label = f"attention {kind} {triton_type(dtype)[1:]} D={head_dim} causal={causal} {c.label()}"
     # Hopper tensor cores: the forward's two dots must become wgmma (16-bit inputs; fp32 is IEEE FMA).
     expect = {90: ("wgmma",)} if fn == "attn_fwd" and dtype != torch.float32 else {}
-    return CompileSpec("attention", fn, sig, consts, c.num_warps, c.num_stages, label, expect_ptx=expect)
+    # Model shapes: lengths and strides divisible by 16, as the JIT specialises them (see kernels/aot.py).
+    aligned = tuple(n for n, t in sig.items() if t == "i32" and (n.startswith("stride_") or n in ("N", "M")))
+    return CompileSpec("attention", fn, sig, consts, c.num_warps, c.num_stages, label, expect_ptx=expect,
+                       aligned=aligned)
 
 
 def compile_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> list[CompileSpec]:

@@ -27,17 +27,32 @@ MAX_BLOCK_ELEMENTS = 16384
 
 BLOCK_TUNER = Autotuner("softmax_block", [
     # No loop in this kernel, so pipelining stages would change nothing. Several rows per program
-    # keep short rows (N <= 512) from leaving most of a program idle.
+    # keep short rows (N <= 512) from leaving most of a program idle. Removed, as their backward spilled
+    # 8 bytes on sm_80 at the widest rows they would serve: one row on 4 warps (4096 columns, Triton 3.6)
+    # and 16 rows on 8 warps (512 columns, bf16, Triton 3.9).
     Config({"BLOCK_M": m}, num_warps=w, num_stages=1) for m in (1, 4, 16) for w in (4, 8, 16)
+    if (m, w) not in ((1, 4), (16, 8))
 ])
 LOOPED_TUNER = Autotuner("softmax_looped", [
     Config({"BLOCK_N": n}, num_warps=w, num_stages=2) for n, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16))
 ])
 
 
+# Values of one tensor that each thread of the single-block kernels holds. The backward holds two (y and
+# dy): at 128 per thread (BLOCK_M x BLOCK_N = 16384 on 4 warps) it spilled on sm_80 and sm_90, and the
+# forward spilled at 64 with 16 rows on 8 warps; 32 keeps every config spill-free (Triton 3.6, 3.9).
+MAX_VALUES_PER_THREAD = 32
+
+
+def block_cols_limit(config: Config) -> int:
+    """The widest row (a power of two) a single-block config is used for."""
+    per_program = min(MAX_BLOCK_ELEMENTS, MAX_VALUES_PER_THREAD * 32 * config.num_warps)
+    return min(SINGLE_BLOCK_MAX_COLS, per_program // config.meta["BLOCK_M"])
+
+
 def _block_fits(config: Config, n_rows: int, block_n: int) -> bool:
     block_m = config.meta["BLOCK_M"]
-    return block_m * block_n <= MAX_BLOCK_ELEMENTS and (block_m == 1 or block_m <= n_rows)
+    return block_n <= block_cols_limit(config) and (block_m == 1 or block_m <= n_rows)
 
 
 def _rows_bucket(n_rows: int) -> int:
@@ -194,6 +209,12 @@ def log_softmax(x: torch.Tensor, dim: int = -1, backend: str | None = None) -> t
 # ----------------------------------------------------------------------------------------------
 # Every (kernel, config, dtype) the launchers may compile, for the ahead-of-time check.
 # ----------------------------------------------------------------------------------------------
+def _model_shape_aligned(sig: dict) -> tuple:
+    """Widths and row strides divisible by 16, as the JIT specialises them for model shapes (see
+    kernels/aot.py); other widths get another specialisation, which the sweep does not compile."""
+    return tuple(n for n in sig if n == "n_cols" or n.endswith("row_stride"))
+
+
 def compile_specs() -> list[CompileSpec]:
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -214,14 +235,16 @@ def compile_specs() -> list[CompileSpec]:
             op = "log_softmax" if log else "softmax"
             for c in BLOCK_TUNER.configs:
                 # The widest rows a config is used for stress registers the most.
-                block_n = min(SINGLE_BLOCK_MAX_COLS, MAX_BLOCK_ELEMENTS // c.meta["BLOCK_M"])
+                block_n = block_cols_limit(c)
                 consts = {"LOG": log, "BLOCK_N": block_n, **c.meta}
                 for fn, sig in (("softmax_fwd_block", fwd_block_sig), ("softmax_bwd_block", bwd_block_sig)):
                     specs.append(CompileSpec("softmax", fn, sig, consts, c.num_warps, c.num_stages,
-                                             f"{op} {fn.split('_')[1]} block {short} N={block_n} {c.label()}"))
+                                             f"{op} {fn.split('_')[1]} block {short} N={block_n} {c.label()}",
+                                             aligned=_model_shape_aligned(sig)))
             for c in LOOPED_TUNER.configs:
                 consts = {"LOG": log, **c.meta}
                 for fn, sig in (("softmax_fwd_looped", fwd_loop_sig), ("softmax_bwd_looped", bwd_loop_sig)):
                     specs.append(CompileSpec("softmax", fn, sig, consts, c.num_warps, c.num_stages,
-                                             f"{op} {fn.split('_')[1]} looped {short} {c.label()}"))
+                                             f"{op} {fn.split('_')[1]} looped {short} {c.label()}",
+                                             aligned=_model_shape_aligned(sig)))
     return specs

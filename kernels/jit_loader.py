@@ -17,12 +17,13 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from kernels import triton_compat
+
 JIT_DIR = Path(__file__).with_name("jit")
 _cache: dict[tuple[str, bool], ModuleType] = {}
 _lock = threading.Lock()
 
-# Triton 3.9 warns on every compile unless this is set; keep its current default (fusion on).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+triton_compat.set_default_fp_fusion()  # before any kernel compiles
 
 
 def load(name: str, interpret: bool) -> ModuleType:
@@ -41,6 +42,8 @@ def _exec_with_flavour(name: str, interpret: bool) -> ModuleType:
     module_name = f"kernels.jit.{name}__{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    if interpret:
+        triton_compat.fix_interpreter_scalar_index()
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:

@@ -12,10 +12,12 @@ dequantised weight, or an exact integer product (in float64) for w8a8.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels import jit_loader
-from kernels.aot import CompileSpec, triton_type
+from kernels.aot import ARCHS, CompileSpec, sweep_arch, triton_type
 from kernels.autotune import Autotuner, Config
 from kernels.backend import resolve_backend
 from kernels.quant.format import MODES, QuantizedWeight, dequantize, quantize_activations
@@ -45,18 +47,21 @@ SMALL_M_TUNER = Autotuner("quant_matmul_small_m", [
     _cfg(16, 64, 32, 4, 4, split=16),
 ])
 # The tensor-core GEMM: a16 modes dequantise a tile into fp16/bf16; w8a8 multiplies int8 tiles, which
-# are half the bytes, so it takes deeper K blocks (int8 wgmma has K = 32 per instruction).
+# are half the bytes, so it takes deeper K blocks (int8 wgmma has K = 32 per instruction). Reshaped so
+# that none spills on sm_80 or sm_90 under Triton 3.6 or 3.9 (`wb kernels compile quant`, BENCHMARKS.md):
+# a16 128x256 BLOCK_K 64 -> 32 (and 4 stages), a16 128x128 BLOCK_K 128 -> 64 (4 stages instead), w8a8
+# 128x256 / 256x128 BLOCK_K 128 -> 64 (4 stages) and Hopper only; config_archs() says where each runs.
 GEMM_TUNERS = {
     "a16": Autotuner("quant_matmul_gemm_a16", [
         _cfg(128, 128, 64, 8, 3),
-        _cfg(128, 256, 64, 8, 3),
-        _cfg(128, 128, 128, 8, 3),
+        _cfg(128, 256, 32, 8, 4),
+        _cfg(128, 128, 64, 8, 4),
         _cfg(64, 128, 32, 4, 4),
     ]),
     "w8a8": Autotuner("quant_matmul_gemm_w8a8", [
-        _cfg(128, 256, 128, 8, 3),
-        _cfg(256, 128, 128, 8, 3),
         _cfg(128, 128, 128, 8, 4),
+        _cfg(128, 256, 64, 8, 4),
+        _cfg(256, 128, 64, 8, 4),
         _cfg(64, 128, 128, 4, 4),
     ]),
 }
@@ -69,9 +74,29 @@ def tuner_for(mode: str, m: int) -> Autotuner:
     return GEMM_TUNERS["w8a8" if mode == "w8a8" else "a16"]
 
 
-def _fits(config: Config, qw: QuantizedWeight) -> bool:
+def config_archs(config: Config, mode: str, grouped: bool) -> tuple[int, ...]:
+    """The archs a config may run on for this weight layout: those where the AOT sweep compiles it
+    without register spills (Triton 3.6 and 3.9). Both the launcher and compile_specs() read this."""
+    big_tile = config.meta["BLOCK_M"] * config.meta["BLOCK_N"] > 128 * 128
+    if grouped and big_tile:  # group scales keep a second fp32 tile (each block's dot) beside the accumulator
+        return ()
+    if mode == "w8a8" and big_tile:  # Triton 3.9 spills int8 mma tiles this big on sm_80 (3.6 does not)
+        return (90,)
+    return ARCHS
+
+
+def _fits(config: Config, qw: QuantizedWeight, arch: int | None) -> bool:
+    """arch: the swept arch of the GPU (None under the interpreter, which has no registers to spill)."""
+    archs = config_archs(config, qw.mode, not qw.per_channel)
+    if not archs or (arch is not None and arch not in archs):
+        return False
     # A K block must lie inside one scale group.
     return qw.per_channel or qw.group_size % config.meta["BLOCK_K"] == 0
+
+
+@functools.cache
+def _device_sweep_arch(index: int | None) -> int:
+    return sweep_arch(torch.cuda.get_device_capability(index))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -143,7 +168,8 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
 
     device = x.device.index if x.is_cuda else -1
     key = ("small" if small else "gemm", device, qw.mode, qw.group_size, n, k, _bucket(m), x.dtype)
-    config = config or tuner.pick(key, run, timed=backend == "triton", fits=lambda c: _fits(c, qw))
+    arch = _device_sweep_arch(x.device.index) if backend == "triton" else None
+    config = config or tuner.pick(key, run, timed=backend == "triton", fits=lambda c: _fits(c, qw, arch))
     return run(config)
 
 
@@ -247,6 +273,12 @@ def _matmul_signature(mode: str, act_ptr: str, y_ptr: str) -> dict:
             "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
 
 
+# Sizes and strides compiled as divisible by 16, as the JIT specialises them for model shapes (hidden
+# sizes are multiples of 16; k_per_split is a multiple of BLOCK_K). With them the tiles load as
+# vectorised async copies; other N or K get another specialisation, which this sweep does not compile.
+MODEL_SHAPE_ALIGNED = ("N", "K", "group_size", "k_per_split", "stride_xm", "stride_ym")
+
+
 def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> list[CompileSpec]:
     specs, seen = [], set()
     for dtype in dtypes:
@@ -256,6 +288,9 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> list[CompileSpec]:
             kind = f"{mode}{' grouped' if grouped else ''}"
             for path, m in (("small-M", 1), ("gemm", SMALL_M_MAX + 1)):
                 for c in tuner_for(mode, m).configs:
+                    archs = config_archs(c, mode, grouped)
+                    if not archs:  # the launcher never picks it for this layout
+                        continue
                     atomic = c.meta["SPLIT_K"] > 1
                     meta = _kernel_meta(c)
                     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
@@ -271,7 +306,7 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> list[CompileSpec]:
                     label = (f"quant_matmul {kind} {path} {short} BLOCK_M={meta['BLOCK_M']} BLOCK_N={meta['BLOCK_N']} "
                              f"BLOCK_K={meta['BLOCK_K']}{' split-K' if atomic else ''} w{warps} s{stages}")
                     specs.append(CompileSpec("quant_matmul", "quant_matmul_kernel", sig, consts, warps, stages,
-                                             label, expect))
+                                             label, expect, aligned=MODEL_SHAPE_ALIGNED, archs=archs))
         sig = {"x_ptr": ptr, "xq_ptr": "*i8", "sx_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
                "stride_qm": "i32", "BLOCK_K": "constexpr"}
         specs.append(CompileSpec("quant_matmul", "act_quant_kernel", sig, dict(ACT_QUANT_CONFIG.meta),

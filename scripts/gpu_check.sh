@@ -1,18 +1,41 @@
 #!/usr/bin/env bash
-# Every CUDA-side check and the kernel benchmarks, in one run, on a GPU machine.
-#   bash scripts/gpu_check.sh OUT_DIR
-# Runs `pytest -m gpu`, `wb kernels check all` and `wb kernels bench all` with the machine's own
-# torch and triton (nothing is installed), writes full results into OUT_DIR and prints a short
-# table last. Works from a checkout without `pip install`: the packages are found on PYTHONPATH.
+# Every CUDA-side kernel check and the kernel benchmarks, in one run, on a GPU machine.
+#   bash scripts/gpu_check.sh OUT_DIR            # on the GPU machine
+#   bash scripts/gpu_check.sh --dry-run [OUT]    # anywhere: verify what the run needs, print its commands
+# Runs the `gpu` kernel tests, `kernels check` on the Triton backend, the AOT compile sweep for this
+# GPU's arch with its own Triton, and `kernels bench`, with the machine's own python, torch and triton
+# (nothing is installed; PYTHON picks the interpreter). It needs only torch, triton, numpy, typer, rich
+# and pytest: not deepspeed, ray or nvtx (the dry run proves it by blocking those imports). Writes full
+# results into OUT_DIR and prints a short table last. Exit status: non-zero if any step failed.
 set -uo pipefail
-OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
-mkdir -p "$OUT"
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+OUT=${1:-results/gpu}
+if [[ $DRY == 0 && -z "${1:-}" ]]; then echo "usage: bash scripts/gpu_check.sh [--dry-run] OUT_DIR" >&2; exit 2; fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export WB_AUTOTUNE_CACHE=${WB_AUTOTUNE_CACHE:-/tmp/wb-autotune}
-status=0
+KCLI="$PY -m workbench.kernels_cli"  # the kernel commands alone: the full `wb` CLI imports more
+ARCH_OF_GPU="\$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(90 if c[0] >= 9 else 80)')"
 
+STEPS=(
+  "pytest -m gpu|$PY -m pytest tests/kernels -m gpu -q -p no:cacheprovider -o addopts= > $OUT/gpu_tests.log 2>&1"
+  "kernels check|$KCLI check all --backend triton --json $OUT/check.json > $OUT/check.txt 2>&1"
+  "kernels compile|$KCLI compile all --arch $ARCH_OF_GPU --json $OUT/compile.json > $OUT/compile.txt 2>&1"
+  "kernels bench|$KCLI bench all --json $OUT/bench.json > $OUT/bench.txt 2>&1"
+)
+
+if [[ $DRY == 1 ]]; then
+  echo "== dry run: the commands a GPU run executes (OUT=$OUT)"
+  for step in "${STEPS[@]}"; do echo "  ${step#*|}"; done
+  echo "  $PY scripts/gpu_summary.py $OUT"
+  echo "== dry run: checking that everything those commands import and call exists"
+  exec $PY scripts/gpu_summary.py --preflight
+fi
+
+mkdir -p "$OUT"
+status=0
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -20,18 +43,9 @@ status=0
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== pytest -m gpu"
-$PY -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors -o addopts="" \
-  > "$OUT/gpu_tests.log" 2>&1 || status=1
-tail -3 "$OUT/gpu_tests.log"
-
-echo "== wb kernels check all"
-$PY -m workbench kernels check all --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1
-tail -1 "$OUT/check.txt"
-
-echo "== wb kernels bench all"
-$PY -m workbench kernels bench all --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1 || status=1
-tail -1 "$OUT/bench.txt"
-
+for step in "${STEPS[@]}"; do
+  echo "== ${step%%|*}"
+  eval "${step#*|}" || status=1
+done
 $PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"
 exit $status

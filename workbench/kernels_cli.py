@@ -104,12 +104,13 @@ def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant 
           quick: bool = typer.Option(False, help="fewer shapes"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Time the kernels on this machine's device beside the torch equivalent, in one run."""
-    _json_target(json_out)
     import torch
 
     from kernels import suite
     from kernels.suite.common import set_range_factory
     from profiling import range as prange
+
+    _json_target(json_out)
 
     set_range_factory(prange)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,39 +127,70 @@ def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant 
     _write_json(json_out, rows)
 
 
-@app.command("compile")
-def compile_(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
-             arch: str = typer.Option("80,90", help="comma-separated compute capabilities"),
-             jobs: int = typer.Option(0, help="worker processes (0: one per CPU)"),
-             json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
-    """Compile every kernel at every autotune config for GPUs that need not be present."""
-    from kernels import suite
-    from kernels.aot import SHARED_MEMORY_LIMIT, compile_all
+def _parse_archs(arch: str) -> tuple[int, ...]:
+    from kernels.aot import SM_LIMITS
 
-    _json_target(json_out)
     try:
         archs = tuple(int(a) for a in arch.split(","))
     except ValueError:
         raise UserError(f"--arch={arch!r} must be comma-separated integers such as 80,90") from None
     for a in archs:
-        if a not in SHARED_MEMORY_LIMIT:
-            raise UserError(f"--arch {a} is not supported; choose from {sorted(SHARED_MEMORY_LIMIT)}")
-    specs = [s for name in selected(kernel) for s in suite.suite(name).compile_specs()]
-    results = compile_all(specs, archs, jobs or None)
-    table = Table(title="ahead-of-time compile (PTX + cubin)")
-    for col in ("kernel config", "sm", "result", "smem B", "regs", "spill B", "note"):
-        table.add_column(col)
+        if a not in SM_LIMITS:
+            raise UserError(f"--arch {a} is not supported; choose from {sorted(SM_LIMITS)}")
+    return archs
+
+
+def compile_table(results) -> Table:
+    """One row per (config, arch); a failing row (compile error, spills, shared memory, missing
+    instruction) is red and says why in `note`."""
+    import triton
+
+    table = Table(title=f"ahead-of-time compile (PTX + cubin), Triton {triton.__version__}")
+    table.add_column("kernel config", no_wrap=True)  # one line per row, so logs can be grepped
+    for col in ("sm", "result", "regs", "spill B", "smem B", "warps/SM", "instructions"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note", overflow="fold")
     for r in results:
-        note = r.error or (f"missing in PTX: {', '.join(r.missing_ptx)}" if r.missing_ptx else "")
-        if r.ok and (r.shared_bytes or 0) > SHARED_MEMORY_LIMIT[r.arch]:
-            note = f"shared memory over the {SHARED_MEMORY_LIMIT[r.arch]} B limit"
-        table.add_row(r.spec.label, str(r.arch), "[green]ok[/]" if r.passed else "[red]FAIL[/]",
-                      str(r.shared_bytes if r.ok else ""), str(r.registers or ""), str(r.spill_bytes or 0), note)
-    console.print(table)
+        failure = r.failure
+        spills = "?" if r.ok and r.spill_bytes is None else str(r.spill_bytes or 0) if r.ok else ""
+        table.add_row(r.spec.label, str(r.arch), "FAIL" if failure else "ok",
+                      str(r.registers or "") if r.ok else "", spills, str(r.shared_bytes) if r.ok else "",
+                      str(r.warps_per_sm or "") if r.ok else "", " ".join(r.instructions), failure,
+                      style="red" if failure else None)
+    return table
+
+
+@app.command("compile")
+def compile_(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
+             arch: str = typer.Option("80,90", help="comma-separated compute capabilities"),
+             jobs: int = typer.Option(0, help="worker processes (0: one per CPU)"),
+             dump: Path = typer.Option(None, "--dump", help="write TTIR/TTGIR/LLIR/PTX/SASS of every config here"),
+             match: list[str] = typer.Option(None, "--match", help="only specs whose label contains this (repeatable)"),
+             json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
+    """Compile every kernel at every autotune config for GPUs that need not be present; exit 1 if any
+    row fails (compile error, register spills, shared memory over the limit, missing instruction)."""
+    from kernels import suite
+    from kernels.aot import compile_all
+
+    _json_target(json_out)
+    archs = _parse_archs(arch)
+    specs = [s for name in selected(kernel) for s in suite.suite(name).compile_specs()
+             if not match or any(m in s.label for m in match)]
+    if not specs:
+        raise UserError(f"--match: no compile spec of {kernel!r} has a label containing any of {match}")
+    results = compile_all(specs, archs, jobs or None, dump_dir=dump)
+    console.print(compile_table(results))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps([{**asdict(r), "passed": r.passed} for r in results], indent=1))
+        json_out.write_text(json.dumps([{**asdict(r), "passed": r.passed, "failure": r.failure} for r in results],
+                                       indent=1))
     failed = sum(not r.passed for r in results)
-    console.print(f"{len(results) - failed} passed, {failed} failed")
+    spilling = sum(bool(r.ok and r.spill_bytes) for r in results)
+    console.print(f"{len(results) - failed} passed, {failed} failed ({spilling} spilling)"
+                  + (f"; IR and SASS in {dump}" if dump else ""))
     if failed:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # `python -m workbench.kernels_cli`: the kernel commands without the rest of the CLI
+    app()

@@ -22,12 +22,14 @@ block of queries and loops over the keys. Sums therefore run in a fixed order.
 import triton
 import triton.language as tl
 
+from kernels.triton_compat import MAX_COMBINE, SUM_COMBINE
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Reductions through tl.reduce with Triton's own combine functions: tl.max / tl.sum are themselves
 # compiled @jit helpers, which an interpreted kernel cannot call (see kernels/jit/softmax.py).
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+_MAX = MAX_COMBINE
+_SUM = SUM_COMBINE
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ per K block (BLOCK_K divides the group size, so a block never straddles two grou
 import triton
 import triton.language as tl
 
+from kernels.triton_compat import MAX_COMBINE
+
 W8A16 = tl.constexpr(0)
 W4A16 = tl.constexpr(1)
 W8A8 = tl.constexpr(2)
 # See kernels/jit/softmax.py: tl.max is a compiled @jit helper, which the interpreter cannot call.
-_MAX = tl.standard._elementwise_max
+_MAX = MAX_COMBINE
 
 
 @triton.jit
@@ -83,7 +85,9 @@ def quant_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, y_ptr,
         g = k0 // group_size
         w = _weight_tile(w_ptr, z_ptr, k0, k_end, offs_n, mask_n, g, N, K, MODE, BLOCK_K)
         if MODE == W8A8:
-            acc = tl.dot(a, w, acc)  # int8 x int8 -> int32, exact
+            # int8 x int8 -> int32, exact. Triton 3.6 needs out_dtype for an int32 accumulator (3.9 infers
+            # it from acc): see kernels/triton_compat.py, "kernel-source rules".
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         elif GROUPED:
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             if IEEE:

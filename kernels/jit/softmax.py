@@ -11,14 +11,16 @@ All arithmetic is fp32 whatever the storage dtype.
 import triton
 import triton.language as tl
 
+from kernels.triton_compat import MAX_COMBINE, SUM_COMBINE
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Reductions go through tl.reduce with Triton's own combine functions. Compiled, that is exactly what
 # tl.max / tl.sum do; interpreted, Triton recognises these functions and reduces with NumPy. (tl.max
 # and tl.sum are themselves @jit helpers, compiled when triton was imported, which an interpreted
 # kernel cannot call.)
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+_MAX = MAX_COMBINE
+_SUM = SUM_COMBINE
 
 
 @triton.jit

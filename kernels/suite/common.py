@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Relative-error tolerances against a float64 reference (DESIGN.md, testing conventions).
+# Relative-error tolerances against a float64 reference (docs/ARCHITECTURE.md, "Testing").
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 

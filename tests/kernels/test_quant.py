@@ -17,8 +17,9 @@ from torch import nn
 
 import kernels
 from kernels import jit_loader, quant
+from kernels.autotune import Config
 from kernels.quant.format import int_weight
-from kernels.quant_matmul import SMALL_M_TUNER, act_quant, compile_specs, launch, tuner_for
+from kernels.quant_matmul import SMALL_M_TUNER, act_quant, compile_specs, config_archs, launch, tuner_for
 from kernels.suite.common import TOLERANCE, rel_err
 
 # (mode, group_size, K): per-group w4a16 at every supported group, per channel with K not a multiple of 8.
@@ -297,10 +298,37 @@ def test_compile_specs_cover_every_config():
             for m in (1, 20):
                 for c in tuner_for(mode, m).configs:
                     atomic = c.meta["SPLIT_K"] > 1
-                    assert ("*fp32" if atomic else dtype, mode_id, grouped, c.num_warps, c.num_stages,
-                            c.meta["BLOCK_M"], c.meta["BLOCK_N"], c.meta["BLOCK_K"], atomic) in compiled
+                    key = ("*fp32" if atomic else dtype, mode_id, grouped, c.num_warps, c.num_stages,
+                           c.meta["BLOCK_M"], c.meta["BLOCK_N"], c.meta["BLOCK_K"], atomic)
+                    # A config the launcher never picks for this layout is not compiled; every other is.
+                    assert (key in compiled) == bool(config_archs(c, mode, grouped)), key
     assert all(s.expect_ptx == {90: ("wgmma",)} for s in specs if " gemm " in s.label)
     assert sum(s.fn == "act_quant_kernel" for s in specs) == 2
+    for s in specs:  # each spec is compiled exactly for the archs the launcher may run it on
+        if s.fn == "quant_matmul_kernel":
+            mode = {0: "w8a16", 1: "w4a16", 2: "w8a8"}[s.constexprs["MODE"]]
+            c = Config({k: s.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")} | {"SPLIT_K": 1})
+            assert s.archs == config_archs(c, mode, s.constexprs["GROUPED"]), s.label
+
+
+def test_launcher_never_picks_a_config_outside_the_sweep():
+    """The GEMM fits-filter, for a Hopper and an Ampere GPU, admits only configs compiled for that arch."""
+    from kernels.quant_matmul import _fits
+
+    specs = compile_specs()
+    for mode, group in (("w8a16", None), ("w4a16", 128), ("w4a16", None), ("w8a8", None)):
+        qw = quant.quantize(torch.randn(64, 256), mode, group)
+        for arch in (80, 90):
+            for c in tuner_for(mode, 64).configs:
+                swept = [s for s in specs if s.constexprs.get("MODE") == {"w8a16": 0, "w4a16": 1, "w8a8": 2}[mode]
+                         and s.constexprs.get("GROUPED") == (not qw.per_channel) and arch in s.archs
+                         and all(s.constexprs.get(k) == c.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                         and s.num_warps == c.num_warps and s.num_stages == c.num_stages]
+                if _fits(c, qw, arch):
+                    assert swept, (mode, group, arch, c.label())
+    grouped = quant.quantize(torch.randn(64, 256), "w4a16", 128)
+    assert not any(_fits(c, grouped, 90) for c in tuner_for("w4a16", 64).configs
+                   if c.meta["BLOCK_M"] * c.meta["BLOCK_N"] > 128 * 128)
 
 
 def test_aot_compile_sm80_sm90():
@@ -315,36 +343,29 @@ def test_aot_compile_sm80_sm90():
     act = [s for s in specs if "act_quant" in s.label][:1]
     assert len(gemm) == 4 and len(small) == 4, [s.label for s in gemm + small]
     results = compile_all(gemm, archs=(90,)) + compile_all(small + act, archs=(80,))
-    failed = [(r.spec.label, r.arch, r.error, r.missing_ptx, r.shared_bytes) for r in results if not r.passed]
+    failed = [(r.spec.label, r.arch, r.failure) for r in results if not r.passed]
     assert not failed
 
 
 def test_gemm_pipelines_when_aligned():
-    """With the 16-divisibility the JIT specialises on (aligned pointers, K, N, strides), the GEMM loads
-    become multi-stage async copies feeding wgmma, and still fit Hopper's shared memory. (kernels.aot
-    compiles without these hints, so its shared-memory figures are the unpipelined ones.)"""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """With the 16-divisibility the JIT specialises on for model shapes (pointers, K, N, strides), which
+    compile_specs() declares, the GEMM loads become multi-stage async copies feeding wgmma, and still
+    fit Hopper's shared memory."""
+    from kernels import triton_compat as tc
     from kernels.aot import SHARED_MEMORY_LIMIT
 
-    specs = [s for s in compile_specs() if " gemm " in s.label and "bf16" in s.label and s.num_stages == 3
-             and s.constexprs["BLOCK_N"] == 256 and s.constexprs["MODE"] in (1, 2) and s.constexprs["GROUPED"]
-             == (s.constexprs["MODE"] == 1)]
-    assert len(specs) == 2
-    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "sx_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym",
-               "k_per_split", "group_size")
+    specs = [s for s in compile_specs() if " gemm " in s.label and "bf16" in s.label
+             and s.constexprs["BLOCK_N"] == 256 and s.constexprs["MODE"] in (1, 2) and not s.constexprs["GROUPED"]]
+    assert len(specs) == 2, [s.label for s in specs]
     for spec in specs:
-        names = list(spec.signature)
-        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        assert {"N", "K", "stride_xm"} <= set(spec.aligned), spec.label
         fn = getattr(jit_loader.load("quant_matmul", interpret=False), spec.fn)
-        compiled = triton.compile(ASTSource(fn, spec.signature, constexprs=spec.constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-        assert "async_copy_global_to_local" in compiled.asm["ttgir"], spec.label
-        assert "wgmma" in compiled.asm["ptx"], spec.label
-        assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[90], (spec.label, compiled.metadata.shared)
+        aligned = [n for n, t in spec.signature.items() if t.startswith("*")] + list(spec.aligned)
+        compiled = tc.compile_for(tc.ast_source(fn, spec.signature, spec.constexprs, aligned), 90,
+                                  spec.num_warps, spec.num_stages)
+        assert "async_copy_global_to_local" in tc.intermediate(compiled, "ttgir"), spec.label
+        assert "wgmma" in tc.intermediate(compiled, "ptx"), spec.label
+        assert tc.shared_bytes(compiled) <= SHARED_MEMORY_LIMIT[90], (spec.label, tc.shared_bytes(compiled))
 
 
 # ----------------------------------------------------------------------------------------------
