@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/wb demo
 
 test: $(STAMP) test-triton36
-	$(PYTEST) tests -q
+	$(PYTEST) tests -q --durations=30
 
 # The oldest supported Triton (kernels/triton_compat.py) in a venv of its own, built once (stamp file):
 # the AOT compile sweep of every fp16 spec (a third of `wb kernels compile all`, which takes too long for

@@ -45,7 +45,7 @@ def _absolute_paths(cfg) -> None:
         cfg.zero.config_file = str(Path(cfg.zero.config_file).resolve())
 
 
-def _restore_from_ray(run_dir: Path, rank: int) -> None:
+def _restore_from_ray(run_dir: Path, rank: int, trusted: tuple) -> None:
     """Copy Ray's latest reported checkpoint into the run directory if that step is not there."""
     import ray.train
 
@@ -57,7 +57,7 @@ def _restore_from_ray(run_dir: Path, rank: int) -> None:
     with reported.as_directory() as src:
         step = json.loads((Path(src) / "meta.json").read_text())["step"]
         final = run_dir / "checkpoints" / f"step_{step:06d}"
-        if final.is_dir() and checkpoint.verify(final) is None:
+        if final.is_dir() and checkpoint.verify(final, trusted) is None:
             return   # shared storage: already here
         tmp = final.with_name(f"{final.name}.restore-{rank}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,7 +74,7 @@ def _worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from parallel import RunConfig, train
+    from parallel import RunConfig, recipes, train
     from parallel.loop import hooks
 
     cfg = RunConfig.from_dict(config["cfg"])
@@ -82,7 +82,7 @@ def _worker(config: dict) -> None:
         os.environ[TOKEN_ENV] = config["lock_token"]
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(cfg.run_dir)
-    _restore_from_ray(run_dir, rank)
+    _restore_from_ray(run_dir, rank, recipes.get(cfg.recipe).checkpoint_globals())
 
     def report(record: dict, run_dir: Path) -> None:
         done = record["step"] + 1

@@ -73,19 +73,19 @@ def save(engine, run_dir: Path, step: int, keep: int, rank: int, keep_every: int
     return final
 
 
-def newest_good(run_dir: Path) -> Path | None:
+def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
     """The newest complete checkpoint that passes every check; damaged ones are named and skipped."""
     for path in reversed(complete_checkpoints(run_dir)):
-        problem = verify(path)
+        problem = verify(path, trusted)
         if problem is None:
             return path
         print(f"wb: checkpoint {path} is damaged ({problem}); trying the previous one", file=sys.stderr)
     return None
 
 
-def _resumable(run_dir: Path, cfg, world_size: int) -> tuple[str | None, str | None]:
+def _resumable(run_dir: Path, cfg, world_size: int, trusted: tuple) -> tuple[str | None, str | None]:
     """(path of the checkpoint to resume, None) or (None, why it cannot be resumed)."""
-    latest = newest_good(run_dir)
+    latest = newest_good(run_dir, trusted)
     if latest is None:
         return None, None
     meta, _ = read_meta(latest)
@@ -100,10 +100,11 @@ def _resumable(run_dir: Path, cfg, world_size: int) -> tuple[str | None, str | N
     return str(latest), None
 
 
-def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool) -> Path | None:
+def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, trusted: tuple = ()) -> Path | None:
     """The checkpoint this run resumes from (None: start fresh); a UserError on every rank if the newest
-    good one does not fit this run. Collective: rank 0 checks the files once, every rank gets its answer."""
-    answer = _resumable(run_dir, cfg, world_size) if is_main else (None, None)
+    good one does not fit this run. Collective: rank 0 checks the files once, every rank gets its answer.
+    `trusted`: the classes the recipe pickles into its state files (Recipe.checkpoint_globals)."""
+    answer = _resumable(run_dir, cfg, world_size, trusted) if is_main else (None, None)
     if dist.is_initialized():
         box = [answer]
         dist.broadcast_object_list(box, src=0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 
@@ -46,14 +45,15 @@ def read_meta(path: Path) -> tuple[dict | None, str | None]:
     return meta, None
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint can be trusted, else what is wrong with it."""
+def verify(path: Path, trusted: tuple = ()) -> str | None:
+    """None if the checkpoint can be trusted, else what is wrong with it. `trusted`: the non-tensor classes
+    the recipe's engine pickles into its state files (Recipe.checkpoint_globals)."""
     meta, problem = read_meta(path)
     if problem:
         return problem
     files = meta.get("files")
     if files is None:   # no manifest to check against: load every state file in full
-        return _loads(path, full=True)
+        return _loads(path, trusted, full=True)
     for rel, want in files.items():
         p = Path(path) / rel
         if not p.is_file():
@@ -65,21 +65,10 @@ def verify(path: Path) -> str | None:
     for rel, want in files.items():
         if actual[rel]["sha256"] != want.get("sha256"):   # a dict: the size check passed
             return f"{rel} fails its sha256 check"
-    return _loads(path, full=False)
+    return _loads(path, trusted, full=False)
 
 
-def _trusted_globals() -> list:
-    """The few non-tensor classes DeepSpeed pickles into its checkpoints (if DeepSpeed is in use)."""
-    if "deepspeed" not in sys.modules:
-        return []
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _loads(path: Path, full: bool) -> str | None:
+def _loads(path: Path, trusted: tuple, full: bool) -> str | None:
     """None if every .pt file under `path` loads with torch.load(weights_only=True): tensors, containers
     and plain values only, no arbitrary pickle. DeepSpeed's own loader then reads the very same bytes
     (sha256-checked) with weights_only=False; the other recipes load with weights_only=True anyway.
@@ -88,7 +77,7 @@ def _loads(path: Path, full: bool) -> str | None:
 
     for p in sorted(Path(path).rglob("*.pt")):
         try:
-            with torch.serialization.safe_globals(_trusted_globals()):
+            with torch.serialization.safe_globals(list(trusted)):
                 torch.load(p, map_location="cpu", weights_only=True, mmap=not full)
         except Exception as e:   # noqa: BLE001 - any failure means: do not load this checkpoint
             return f"{p.relative_to(path)} does not load with weights_only=True ({str(e).splitlines()[0][:200]})"

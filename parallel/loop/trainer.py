@@ -73,8 +73,8 @@ class Trainer:
             raise
 
     def _setup(self, cfg: RunConfig, ctx) -> None:
-        resume_from = (checkpoint.find_resumable(self.run_dir, cfg, ctx.world_size, ctx.is_main)
-                       if cfg.checkpoint.resume else None)
+        resume_from = (checkpoint.find_resumable(self.run_dir, cfg, ctx.world_size, ctx.is_main,
+                                                 self.recipe.checkpoint_globals()) if cfg.checkpoint.resume else None)
         if cfg.precision == "bf16" and ctx.device.type == "cpu" and ctx.is_main:
             print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
                   "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
@@ -197,7 +197,8 @@ class Trainer:
         cfg = self.cfg
         if self.rollbacks >= 3:
             raise FloatingPointError(f"{why}: still diverging after 3 rollbacks")
-        path = checkpoint.find_resumable(self.run_dir, cfg, self.ctx.world_size, self.ctx.is_main)
+        path = checkpoint.find_resumable(self.run_dir, cfg, self.ctx.world_size, self.ctx.is_main,
+                                         self.recipe.checkpoint_globals())
         if path is None:
             raise FloatingPointError(f"{why}: nan_policy = 'rollback' found no checkpoint to roll back to")
         back_to = checkpoint.load(self.engine, path)

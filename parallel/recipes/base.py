@@ -88,6 +88,11 @@ class Recipe:
     def memory_model(self, cfg: RunConfig) -> memory.MemoryModel:
         return memory.torch_adamw("none")
 
+    def checkpoint_globals(self) -> tuple:
+        """Non-tensor classes this recipe's engine pickles into its checkpoints, which a resume may load
+        with torch.load(weights_only=True). Default: none (tensors, containers and plain values only)."""
+        return ()
+
     def setup(self, model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
         raise NotImplementedError(f"recipe {self.name} starts its own workers: call run()")
 

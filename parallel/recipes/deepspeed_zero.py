@@ -158,6 +158,14 @@ class Zero(Recipe):
         if cfg.zero.config_file:   # the user's DeepSpeed JSON must agree with this config's batch sizes
             user_config(cfg, dims.dp, self.stage)
 
+    def checkpoint_globals(self) -> tuple:
+        """The few non-tensor classes DeepSpeed pickles into its checkpoints."""
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        return LossScaler, ZeroStageEnum, fragment_address
+
     def memory_model(self, cfg: RunConfig) -> memory.MemoryModel:
         sharded = {1: "os", 2: "os+g", 3: "os+g+p"}[self.stage]
         if cfg.precision == "bf16":
