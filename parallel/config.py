@@ -185,6 +185,8 @@ class RunConfig:
                 raw = tomllib.loads(p.read_text())
             except tomllib.TOMLDecodeError as e:
                 raise UserError(f"config file {p} is not valid TOML: {e}") from None
+            except UnicodeDecodeError:
+                raise UserError(f"config file {p} is not a text (TOML) file") from None
         cfg = cls.from_dict(raw)
         for item in overrides or []:
             cfg.set(*_split_override(item))

@@ -16,6 +16,7 @@ import typer
 
 from workbench import compare as comparison
 from workbench.kernels_cli import check_table, default_backends, run_checks
+from workbench.paths import output_dir
 from workbench.report import build_report
 from workbench.report_cli import console, print_runs_table
 
@@ -29,7 +30,7 @@ def run(nproc: int = typer.Option(2, "--nproc", help="processes per recipe"),
         kernels_only: bool = typer.Option(False, "--kernels-only", help="only the kernel checks")) -> None:
     """Kernel checks, then every recipe on configs/tiny.toml side by side, then the report."""
     start = time.perf_counter()
-    out = out or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    out = output_dir(out or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}", "--out")
     out.mkdir(parents=True, exist_ok=True)
     backends = default_backends()[:1]   # the real kernel code: compiled on a GPU, interpreted on a CPU
     console.rule("kernels")

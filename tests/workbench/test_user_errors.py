@@ -113,6 +113,16 @@ def test_config_path_that_is_a_directory(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_binary_config_file_and_demo_out_naming_a_file(tmp_path, a_file, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    err = main_error(capsys, "train", "--config", str(binary))
+    assert f"config file {binary} is not a text (TOML) file" in err, err
+    err = main_error(capsys, "demo", "--out", str(a_file))
+    assert "--out" in err and "is a file, not a directory" in err, err
+    assert a_file.read_text() == "precious\n"
+
+
 def test_report_garbled_summary_names_the_file(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
