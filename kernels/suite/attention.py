@@ -8,7 +8,7 @@ import torch
 
 import kernels
 from kernels.flash_attention import compile_specs  # noqa: F401  (part of this module's interface)
-from kernels.suite.common import TOLERANCE, BenchRow, CheckRow, dtype_name, rel_err, time_ms
+from kernels.suite.common import TOLERANCE, BenchRow, CheckRow, device_and_dtypes, dtype_name, rel_err, time_ms
 
 
 def reference(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
@@ -69,8 +69,7 @@ GPU_CASES = SMALL_CASES + [
 
 
 def check(backend: str, seed: int = 0) -> list[CheckRow]:
-    device = "cuda" if backend == "triton" else "cpu"
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if backend in ("triton", "torch") else [])
+    device, dtypes = device_and_dtypes(backend)
     cases = GPU_CASES if backend == "triton" else SMALL_CASES
     gen = torch.Generator().manual_seed(seed)
     rows = []

@@ -52,6 +52,12 @@ class BenchRow:
     metrics: dict  # e.g. {"GB/s": ..., "vs torch": ..., "vs copy": ...}
 
 
+def device_and_dtypes(backend: str) -> tuple[str, list[torch.dtype]]:
+    """Where a check runs and the dtypes it covers: bf16 only where it is computed right (not the interpreter)."""
+    device = "cuda" if backend == "triton" else "cpu"
+    return device, [torch.float32, torch.float16] + ([torch.bfloat16] if backend in ("triton", "torch") else [])
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

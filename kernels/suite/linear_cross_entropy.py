@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.linear_cross_entropy import compile_specs  # noqa: F401  (part of this module's interface)
-from kernels.suite.common import TOLERANCE, BenchRow, CheckRow, dtype_name, rel_err, time_ms
+from kernels.suite.common import TOLERANCE, BenchRow, CheckRow, device_and_dtypes, dtype_name, rel_err, time_ms
 
 # (N, H, V, bias, ignore every k-th target (0: none), label_smoothing, reduction)
 SMALL_CASES = [
@@ -53,8 +53,7 @@ def errors(x, w, b, t, backend, **options) -> dict:
 
 
 def check(backend: str, seed: int = 0) -> list[CheckRow]:
-    device = "cuda" if backend == "triton" else "cpu"
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if backend in ("triton", "torch") else [])
+    device, dtypes = device_and_dtypes(backend)
     cases = GPU_CASES if backend == "triton" else SMALL_CASES
     gen = torch.Generator().manual_seed(seed)
     rows = []
