@@ -6,12 +6,21 @@
 
 Rooms: loop/ (trainer, run directory, summary, faults), recipes/ (one file per parallelism),
 pipeline/ (stages, schedule simulator, bubble, Gantt), checkpoint/, ps/ (parameter server).
-DeepSpeed and Ray are imported only by the recipes that use them, when they run.
+DeepSpeed and Ray are imported only by the recipes that use them, when they run; torch only when
+something needs it (`train`), so the CLI answers a mistake without the seconds torch's import takes.
 """
 
 from parallel.config import RunConfig
 from parallel.errors import UserError
-from parallel.loop.summary import RunSummary
-from parallel.loop.trainer import train
 
 __all__ = ["RunConfig", "RunSummary", "UserError", "train"]
+
+
+def __getattr__(name: str):
+    if name == "train":
+        from parallel.loop.trainer import train
+        return train
+    if name == "RunSummary":
+        from parallel.loop.summary import RunSummary
+        return RunSummary
+    raise AttributeError(f"module 'parallel' has no attribute {name!r}")

@@ -67,3 +67,18 @@ def pipeline_p2p_hooks():
     if post is None or wait is None:
         return None
     return schedules, post, wait
+
+
+def skip_deepspeed_shm_comm() -> bool:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (`deepspeed_shm_comm`, about
+    40 s of C++ build in a fresh environment) when it sets up its communication backend: only
+    `inference_all_reduce` uses that op, and ZeRO training reduces through torch.distributed. Private:
+    `deepspeed.ops.__compatible_ops__`, the probe table DeepSpeed consults before building (0.15 to 0.19).
+    Returns False where the table is missing (DeepSpeed then builds the op as it would anyway)."""
+    import deepspeed.ops
+
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if not isinstance(table, dict):
+        return False
+    table["deepspeed_shm_comm"] = False
+    return True

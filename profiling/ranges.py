@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
-
-from torch.autograd import profiler as _torch_profiler
 
 from profiling import timeline
 
@@ -90,9 +89,11 @@ class range:  # noqa: N801  (named like the builtin on purpose: `with prange("fw
             value = next(iter(self.payload.values()), None)
             _nvtx.domain.push_range(_nvtx.attributes(self.name, value))
         self._rf = None
-        if _torch_profiler._is_profiler_enabled:
+        # torch.profiler can be on only where torch is imported; importing it here would cost the CLI seconds
+        torch_profiler = sys.modules.get("torch.autograd.profiler")
+        if torch_profiler is not None and torch_profiler._is_profiler_enabled:
             label = self.name + "".join(f" {k}={v}" for k, v in self.payload.items())
-            self._rf = _torch_profiler.record_function(label)
+            self._rf = torch_profiler.record_function(label)
             self._rf.__enter__()
         self._t0 = time.perf_counter_ns() if timeline.enabled() else None
         return self

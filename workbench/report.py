@@ -15,11 +15,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on CI or a cluster node
-import matplotlib.pyplot as plt  # noqa: E402
-
 from parallel.errors import UserError
 from parallel.loop.summary import RunSummary
 
@@ -73,7 +68,19 @@ def machine_label() -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, imported when a figure is drawn (a second of import
+    that `wb report --help` and the CLI's one-line mistakes should not pay)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on CI or a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _figure(title: str, xlabel: str, ylabel: str, machine: str):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     ax.set_title(f"{title}\n{machine}", fontsize=10)
     ax.set_xlabel(xlabel)
@@ -85,7 +92,7 @@ def _figure(title: str, xlabel: str, ylabel: str, machine: str):
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out / name)
-    plt.close(fig)
+    pyplot().close(fig)
     return name
 
 
@@ -127,6 +134,7 @@ def _staleness_figure(runs: list[Run], out: Path, machine: str) -> str | None:
     with_hist = [r for r in runs if isinstance(r.summary.get("staleness_histogram"), dict)]
     if not with_hist:
         return None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     fig.suptitle(f"staleness of applied gradients\n{machine}", fontsize=10)
     for ax, (key, xlabel) in zip(axes, panels, strict=True):

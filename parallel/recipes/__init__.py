@@ -13,10 +13,14 @@ import difflib
 import importlib
 from collections.abc import Iterator, Mapping
 
-from parallel.config import RunConfig
-from parallel.dims import ParallelDims
+from typing import TYPE_CHECKING
+
 from parallel.errors import UserError
-from parallel.recipes.base import Recipe
+
+if TYPE_CHECKING:   # the names are known without importing torch; a recipe's module imports it when loaded
+    from parallel.config import RunConfig
+    from parallel.dims import ParallelDims
+    from parallel.recipes.base import Recipe
 
 # name -> "module:Class" (one module may define several recipes)
 _WHERE = {

@@ -20,7 +20,7 @@ from torch import nn
 if TYPE_CHECKING:
     from parallel.config import RunConfig
 
-from parallel import memory
+from parallel import compat, memory
 from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, lr_lambda, make_optimizer, scale_schedule
 
@@ -177,6 +177,8 @@ class Zero(Recipe):
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))   # DeepSpeed asserts it; absent outside torchrun
         import deepspeed
 
+        if ctx.device.type == "cpu":
+            compat.skip_deepspeed_shm_comm()   # an inference-only op whose build costs ~40 s per environment
         dp = ctx.dims.dp
         config = user_config(cfg, dp, self.stage) if cfg.zero.config_file else ds_config(cfg, dp, self.stage)
         model.to(ctx.device)

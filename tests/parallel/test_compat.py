@@ -50,3 +50,18 @@ def test_a_missing_private_api_names_torch(monkeypatch):
     monkeypatch.delattr(dist.distributed_c10d, "_set_pg_timeout")
     with pytest.raises(RuntimeError, match=r"torch .* lacks torch\.distributed\.distributed_c10d\._set_pg_timeout"):
         compat.set_default_group_timeout(1.0)
+
+
+def test_deepspeed_shm_comm_build_is_skipped():
+    """The ZeRO recipes on CPU mark DeepSpeed's inference-only shm op incompatible, so its communication
+    backend neither builds nor loads it."""
+    pytest.importorskip("deepspeed")
+    import importlib
+
+    import deepspeed.ops
+
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")   # `deepspeed.comm.torch` the attribute is torch
+
+    assert compat.skip_deepspeed_shm_comm()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert ds_torch_comm.build_shm_op() is None
