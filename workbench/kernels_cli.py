@@ -61,7 +61,7 @@ def checked_backends(backends: list[str]) -> list[str]:
     for backend in backends:
         if backend not in CHECK_BACKENDS:
             raise UserError(f"--backend={backend!r} is not a kernel backend; choose one of {', '.join(CHECK_BACKENDS)}")
-    from kernels.backend import cuda_available   # imports torch: after the checks that need nothing
+    from kernels.backend import cuda_available  # imports torch: after the checks that need nothing
 
     if "triton" in backends and not cuda_available():
         raise UserError("--backend triton compiles the kernels for a CUDA GPU and torch sees none here; use "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Iterator, Mapping
-
 from typing import TYPE_CHECKING
 
 from parallel.errors import UserError
