@@ -27,24 +27,31 @@ endif
 demo: $(STAMP)
 	$(BIN)/wb demo
 
+# Two phases: the tests in parallel (pytest-xdist, one worker per CPU, each test file on one worker so its
+# module fixtures run once), then the `serial` ones alone: they time themselves (the pipeline bubble).
+PYTEST_JOBS ?= auto
+
 test: $(STAMP) test-triton36
-	$(PYTEST) tests -q --durations=30
+	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not serial" --durations=30
+	$(PYTEST) tests -q -m serial --durations=5
 
 # The oldest supported Triton (kernels/triton_compat.py) in a venv of its own, built once (stamp file):
 # the AOT compile sweep of every fp16 spec (a third of `wb kernels compile all`, which takes too long for
 # this lane on 2 cores) for sm_80 and sm_90, the compat and compile tests, and the float64 correctness
-# sweep of every kernel through the interpreter (tests/kernels in full takes ~11 min here). CPU torch:
-# the lane compiles for absent GPUs and interprets. `-e . --no-deps` keeps this torch and triton; the
-# lane needs only numpy, typer and rich of the project's dependencies (no deepspeed, ray, matplotlib).
+# sweep of every kernel through the interpreter (tests/kernels in full takes ~11 min here). The venv holds
+# triton==3.6.0 alone and sees the main venv's packages after its own (a .pth line: the same CPU torch and
+# the project's editable install, without installing torch a second time); --ignore-installed keeps pip
+# from uninstalling the main venv's triton, which it would otherwise take for this venv's.
 T36_VENV  ?= .venv-triton36
 T36_STAMP := $(T36_VENV)/.installed
 T36_PY    := $(T36_VENV)/bin/python
+SITE_DIR  := import sysconfig; print(sysconfig.get_paths()["purelib"])
 
-$(T36_STAMP): pyproject.toml Makefile
+$(T36_STAMP): $(STAMP) pyproject.toml Makefile
 	$(PYTHON) -m venv $(T36_VENV)
-	$(T36_VENV)/bin/pip install -q torch==$(CPU_TORCH) triton==3.6.0 "numpy>=1.26" "typer>=0.12" "rich>=13" \
-		"pytest>=8" "pytest-timeout>=2.3" "pytest-benchmark>=4"
-	$(T36_VENV)/bin/pip install -q --no-deps -e .
+	echo "import site; site.addsitedir('$$($(BIN)/python -c '$(SITE_DIR)')')" > "$$($(T36_PY) -c '$(SITE_DIR)')/main_venv.pth"
+	$(T36_VENV)/bin/pip install -q --ignore-installed --no-deps triton==3.6.0
+	$(T36_PY) -c "import torch, triton; assert triton.__version__ == '3.6.0', triton.__version__"
 	touch $(T36_STAMP)
 
 test-triton36: $(T36_STAMP)
@@ -54,7 +61,7 @@ test-triton36: $(T36_STAMP)
 	$(T36_PY) -m workbench.kernels_cli check all --backend interpret
 
 test-fast: $(STAMP)
-	$(PYTEST) tests -q -m "not slow"
+	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not slow and not serial"
 
 bench: $(STAMP)
 	$(PYTEST) tests/bench -q --benchmark-enable --benchmark-only --benchmark-columns=median,iqr,ops
