@@ -18,7 +18,7 @@ from pathlib import Path
 from parallel.errors import UserError
 from parallel.loop.summary import RunSummary
 
-MB = 1 << 20
+MIB = 1 << 20
 
 
 @dataclass
@@ -101,16 +101,28 @@ def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
     for x_key, xlabel, file in (("step", "optimizer step", "loss_vs_step.png"),
                                 ("elapsed_s", "wall time (s)", "loss_vs_time.png")):
         fig, ax = _figure(f"training loss against {xlabel}", xlabel, "loss (nats/token)", machine)
-        for run in runs:
+        for i, run in enumerate(runs):
             points = [(m[x_key], m["loss"]) for m in run.metrics if x_key in m and "loss" in m]
-            if points:
-                ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.4)
+            if points:   # equal losses draw one line over another: a style and marker per run keeps each visible
+                ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.4, **_curve_style(i, len(points)))
         targets = {r.summary.get("target_loss") for r in runs if r.summary.get("target_loss")}
         for t in targets:
             ax.axhline(t, color="grey", linestyle=":", linewidth=1)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="distinct markers: equal curves overlap" if len(runs) > 1 else None,
+                  title_fontsize=7)
         names.append(_save(fig, out, file))
     return names
+
+
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "<", ">", "P")
+
+
+def _curve_style(i: int, n_points: int) -> dict:
+    """Run i's line style and marker (markers on ~12 points, offset per run so equal curves interleave)."""
+    every = max(1, n_points // 12)
+    return {"linestyle": LINE_STYLES[i % len(LINE_STYLES)], "marker": MARKERS[i % len(MARKERS)],
+            "markersize": 4, "markevery": (i % every, every), "alpha": 0.9}
 
 
 def _bar_figure(runs: list[Run], out: Path, machine: str, file: str, title: str, ylabel: str,
@@ -135,6 +147,8 @@ def _staleness_figure(runs: list[Run], out: Path, machine: str) -> str | None:
     if not with_hist:
         return None
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     fig.suptitle(f"staleness of applied gradients\n{machine}", fontsize=10)
     for ax, (key, xlabel) in zip(axes, panels, strict=True):
@@ -143,6 +157,7 @@ def _staleness_figure(runs: list[Run], out: Path, machine: str) -> str | None:
             ax.bar(list(hist), list(hist.values()), alpha=0.6, label=run.label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("gradients applied")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # clocks and versions are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, out, "staleness.png")
@@ -166,9 +181,9 @@ COLUMNS = [  # (header, summary key, format)
     ("recipe", "recipe", "{}"), ("ranks", "world_size", "{}"), ("steps", "steps", "{}"),
     ("final loss", "final_loss", "{:.6g}"), ("tokens/s", "tokens_per_s", "{:.6g}"),
     ("time to target (s)", "time_to_target_s", "{:.4g}"),
-    ("model state MB/rank", "model_state_bytes_per_rank", "mb"),
-    ("ZeRO formula MB/rank", "predicted_model_state_bytes_per_rank", "mb"),
-    ("peak memory MB/rank", "peak_memory_bytes_per_rank", "mb"),
+    ("model state MiB/rank", "model_state_bytes_per_rank", "mib"),
+    ("formula MiB/rank", "predicted_model_state_bytes_per_rank", "mib"),
+    ("peak memory MiB/rank (GPU: max allocated; CPU: RSS)", "peak_memory_bytes_per_rank", "mib"),
     ("bubble measured", "bubble_fraction_measured", "{:.3f}"),
     ("bubble predicted", "bubble_fraction_predicted", "{:.3f}"),
 ]
@@ -177,8 +192,8 @@ COLUMNS = [  # (header, summary key, format)
 def _cell(value, fmt: str) -> str:
     if value is None:
         return "—"
-    if fmt == "mb":
-        return f"{value / MB:.4f}"
+    if fmt == "mib":
+        return f"{value / MIB:.4f}"
     return fmt.format(value)
 
 
@@ -211,6 +226,55 @@ def _kernel_section(out: Path) -> str:
             + _markdown_table(table) + "\n")
 
 
+# ----------------------------------------------------------------------------- provenance, warnings
+PROVENANCE = ["torch", "triton", "deepspeed", "ray"]
+# config keys that name a run or how it was launched and watched, not what it computed
+RUN_ONLY_KEYS = ("recipe", "run_dir", "name", "segments", "progress", "profiling")
+
+
+def _provenance_section(runs: list[Run]) -> str:
+    """Which code, stack and machine produced each run (summary.json's provenance); '—' where not recorded."""
+    table = [["run", "commit", "python", *PROVENANCE, "host", "device", "config sha256"]]
+    for run in runs:
+        p = run.summary.get("provenance") or {}
+        versions, machine = p.get("versions") or {}, p.get("machine") or {}
+        commit = p.get("git_commit")
+        commit = f"{commit[:10]}{' (dirty)' if p.get('git_dirty') else ''}" if commit else "—"
+        table.append([run.label, commit, versions.get("python") or "—",
+                      *[versions.get(name) or "—" for name in PROVENANCE], machine.get("host") or "—",
+                      machine.get("device") or "—", (p.get("config_sha256") or "—")[:12]])
+    return "## Provenance\n\n" + _markdown_table(table) + "\n"
+
+
+def config_differences(runs: list[Run]) -> dict[str, list]:
+    """Config keys (dotted) whose values differ between runs, other than the recipe and how a run is named,
+    launched or watched: {key: [value per run]}. A comparison is fair only when this is empty."""
+    flat = [_flatten({k: v for k, v in r.config.items() if k not in RUN_ONLY_KEYS}) for r in runs]
+    keys = sorted(set().union(*flat)) if flat else []
+    return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1}
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _warning_lines(runs: list[Run]) -> list[str]:
+    differ = config_differences(runs)
+    if not differ:
+        return []
+    shown = "; ".join(f"{k}: {', '.join(f'{r.label}={v}' for r, v in zip(runs, vals, strict=True))}"
+                      for k, vals in list(differ.items())[:8])
+    more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+    return [f"**Warning: these runs differ in more than the recipe**, so their numbers are not a like-for-like "
+            f"comparison: {shown}{more}.\n"]
+
+
 # ------------------------------------------------------------------------------------------ report
 def build_report(run_dirs: list[str | Path], out: str | Path, failures: dict[str, str] | None = None) -> Path:
     """Write `out/report.md` and its figures from finished run directories. Returns report.md's path."""
@@ -220,21 +284,9 @@ def build_report(run_dirs: list[str | Path], out: str | Path, failures: dict[str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_label()
-    figures = _loss_figures(runs, out, machine)
-    figures.append(_bar_figure(runs, out, machine, "throughput.png", "throughput (median over steps)",
-                               "tokens/s", {"tokens/s": [r.summary.get("tokens_per_s") for r in runs]}))
-    figures.append(_bar_figure(
-        runs, out, machine, "model_state_memory.png", "model-state bytes per rank: measured vs ZeRO formula", "MB",
-        {"measured": [_mb(r.summary.get("model_state_bytes_per_rank")) for r in runs],
-         "formula": [_mb(r.summary.get("predicted_model_state_bytes_per_rank")) for r in runs]}))
-    figures.append(_bar_figure(runs, out, machine, "peak_memory.png", "peak memory per rank", "MB",
-                               {"peak": [_mb(r.summary.get("peak_memory_bytes_per_rank")) for r in runs]}))
-    staleness = _staleness_figure(runs, out, machine)
-    figures += [staleness] if staleness else []
-    figures += _gantt_figures(runs, out)
-
-    text = [f"# Recipe comparison\n\nMachine: {machine}. Runs: "
-            + ", ".join(f"`{r.path}`" for r in runs) + ".\n", "## Runs\n", _markdown_table(runs_table(runs)) + "\n"]
+    figures = _figures(runs, out, machine)
+    text = [f"# Recipe comparison\n\nMachine: {machine}. Runs: " + ", ".join(f"`{r.path}`" for r in runs) + ".\n",
+            *_warning_lines(runs), "## Runs\n", _markdown_table(runs_table(runs)) + "\n", _provenance_section(runs)]
     if failures:
         text.append("## Failed runs\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in failures.items()) + "\n")
     text.append("## Figures\n")
@@ -245,5 +297,24 @@ def build_report(run_dirs: list[str | Path], out: str | Path, failures: dict[str
     return report
 
 
-def _mb(value):
-    return None if value is None else value / MB
+def _figures(runs: list[Run], out: Path, machine: str) -> list[str]:
+    """Every figure the runs have data for, written into `out`; their file names in report order."""
+    def each(key: str) -> list:
+        return [r.summary.get(key) for r in runs]
+
+    figures = _loss_figures(runs, out, machine)
+    figures.append(_bar_figure(runs, out, machine, "throughput.png", "throughput (median over steps)",
+                               "tokens/s", {"tokens/s": each("tokens_per_s")}))
+    figures.append(_bar_figure(
+        runs, out, machine, "model_state_memory.png", "model-state bytes per rank: measured vs the recipe's formula",
+        "MiB", {"measured": [_mib(v) for v in each("model_state_bytes_per_rank")],
+                "formula": [_mib(v) for v in each("predicted_model_state_bytes_per_rank")]}))
+    figures.append(_bar_figure(runs, out, machine, "peak_memory.png", "peak memory per rank (GPU: CUDA max "
+                               "allocated; CPU: process RSS, torch's import included)", "MiB",
+                               {"peak": [_mib(v) for v in each("peak_memory_bytes_per_rank")]}))
+    staleness = _staleness_figure(runs, out, machine)
+    return figures + ([staleness] if staleness else []) + _gantt_figures(runs, out)
+
+
+def _mib(value):
+    return None if value is None else value / MIB

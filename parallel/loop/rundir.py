@@ -79,10 +79,17 @@ class RunDir:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def write_summary(self, summary) -> None:
-        """`summary`: a RunSummary (parallel/loop/summary.py)."""
-        if self.active:
-            write_json(self.path / "summary.json", summary.to_dict())
+    def write_summary(self, summary, device_name: str | None = None) -> None:
+        """`summary`: a RunSummary (parallel/loop/summary.py). Its provenance is recorded here, for every
+        recipe: the commit, versions and machine that produced it, and the digest of config.json."""
+        if not self.active:
+            return
+        if summary.provenance is None:
+            from parallel.loop import provenance
+
+            config = _read_json(self.path / "config.json")
+            summary.provenance = provenance.collect(config if isinstance(config, dict) else {}, device_name)
+        write_json(self.path / "summary.json", summary.to_dict())
 
 
 def median(values: list[float]) -> float | None:

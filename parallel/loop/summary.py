@@ -116,6 +116,7 @@ class RunSummary:
     pipeline: PipelineStats | None = None
     comm: CommStats | None = None
     async_sgd: AsyncStats | None = None
+    provenance: dict | None = None     # commit, versions, machine, config digest (parallel/loop/provenance.py)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from parallel import checkpoint, memory, recipes
 from parallel.config import RunConfig
 from parallel.data import Dataset
-from parallel.loop import faults, hooks
+from parallel.loop import faults, hooks, provenance
 from parallel.loop.distributed import broadcast, gather, init_distributed, mean_over_ranks
 from parallel.loop.injector import FaultInjector
 from parallel.loop.lock import RunLock
@@ -251,7 +251,7 @@ class Trainer:
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
             run_dir=str(self.run_dir),
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
-        self.out.write_summary(summary)
+        self.out.write_summary(summary, provenance.device_name(ctx.device))
         return summary
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from parallel.loop.summary import RunSummary
 from tests.cli import wb
-from workbench.report import COLUMNS, MB
+from workbench.report import COLUMNS, MIB
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def _check_report(out: Path, run_dirs: list[Path]) -> None:
             if fmt == "{}":
                 assert row[header] == str(summary[key])
             else:
-                value = summary[key] / MB if fmt == "mb" else summary[key]
+                value = summary[key] / MIB if fmt == "mib" else summary[key]
                 assert float(row[header]) == pytest.approx(value, rel=1e-4, abs=1e-4), header
 
 
@@ -58,6 +58,45 @@ def test_compare_report_matches_the_runs(compared):
     ddp = RunSummary.load(compared / "ddp" / "summary.json").flat()
     assert single["global_batch"] == ddp["global_batch"] and ddp["world_size"] == 2
     assert single["final_loss"] == pytest.approx(ddp["final_loss"], rel=1e-5)   # same data, seed, batch
+
+
+def test_every_summary_records_its_provenance_and_the_report_shows_it(compared):
+    import subprocess
+
+    from tests.cli import ROOT
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = head.stdout.strip()
+    report = (compared / "report.md").read_text()
+    provenance = report.split("## Provenance", 1)[1].split("##", 1)[0]
+    rows = {r["run"]: r for r in _table(provenance)}
+    import torch
+
+    for recipe in ("single", "ddp"):
+        p = RunSummary.load(compared / recipe / "summary.json").provenance
+        assert p["git_commit"] == commit and isinstance(p["git_dirty"], bool)
+        assert p["versions"]["torch"] == torch.__version__ and p["machine"]["device"].startswith("CPU")
+        assert rows[recipe]["commit"].startswith(commit[:10]) and rows[recipe]["torch"] == torch.__version__
+        assert rows[recipe]["config sha256"] == p["config_sha256"][:12]
+        assert re.fullmatch(r"[0-9a-f]{64}", p["config_sha256"])
+    assert rows["single"]["config sha256"] != rows["ddp"]["config sha256"]   # the configs differ in the recipe
+    assert "Warning" not in report   # ... and in nothing else
+
+
+def test_report_warns_when_runs_differ_in_more_than_the_recipe(compared, tmp_path):
+    import json
+    import shutil
+
+    longer = tmp_path / "longer"
+    shutil.copytree(compared / "ddp", longer)
+    config = json.loads((longer / "config.json").read_text())
+    config["steps"], config["optim"]["lr"] = 40, 0.5
+    (longer / "config.json").write_text(json.dumps(config))
+    done = wb("report", str(compared / "single"), str(longer), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    warning = next(ln for ln in (tmp_path / "out" / "report.md").read_text().splitlines() if "Warning" in ln)
+    assert "optim.lr: single=0.003, ddp=0.5" in warning and "steps: single=4, ddp=40" in warning
+    assert "run_dir" not in warning and "recipe" not in warning.split(":", 1)[1].split("comparison")[1]
 
 
 def test_report_rebuilds_from_run_dirs_without_rerunning(compared, tmp_path):
