@@ -3,7 +3,8 @@
 A range (1) pushes/pops an NVTX range in domain "wb" with a category and colour per kind of work
 and an integer payload, when an NVTX tool is attached (Nsight sets NVTX_INJECTION64_PATH);
 (2) records the span in the host timeline when it is on; (3) opens
-`torch.profiler.record_function` when a torch profiler is running. With nothing listening it does
+`torch.profiler.record_function` when a torch profiler is running (under the name alone, so its tables
+group a range over micro-batches and steps; the payload is kept by NVTX and the timeline). With nothing listening it does
 three flag checks and nothing else. `NVTX_DISABLE=1` or `WB_PROFILING=0` turn NVTX off.
 """
 
@@ -92,8 +93,9 @@ class range:  # noqa: N801  (named like the builtin on purpose: `with prange("fw
         # torch.profiler can be on only where torch is imported; importing it here would cost the CLI seconds
         torch_profiler = sys.modules.get("torch.autograd.profiler")
         if torch_profiler is not None and torch_profiler._is_profiler_enabled:
-            label = self.name + "".join(f" {k}={v}" for k, v in self.payload.items())
-            self._rf = torch_profiler.record_function(label)
+            # the name alone, so key_averages groups every "optimizer" step in one row; the payload rides along
+            args = " ".join(f"{k}={v}" for k, v in self.payload.items()) or None
+            self._rf = torch_profiler.record_function(self.name, args)
             self._rf.__enter__()
         self._t0 = time.perf_counter_ns() if timeline.enabled() else None
         return self

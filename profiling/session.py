@@ -69,13 +69,14 @@ class ProfileSession:
         write_trace = torch.profiler.tensorboard_trace_handler(str(out), worker_name=f"rank{self.rank}")
 
         def on_trace_ready(prof) -> None:
-            # With a schedule, results exist only here, once the active steps are done.
+            # With a schedule, results exist only here, once the active steps are done. repeat=1: one
+            # cycle, so a longer run still gives one trace per rank (not a cycle per wait+warmup+active steps).
             write_trace(prof)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
             (out / f"key_averages-rank{self.rank}.txt").write_text(table)
 
         prof = torch.profiler.profile(
-            activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+            activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
             on_trace_ready=on_trace_ready, record_shapes=True, profile_memory=True)
         prof.start()
         return prof
