@@ -4,8 +4,8 @@ A range (1) pushes/pops an NVTX range in domain "wb" with a category and colour 
 and an integer payload, when an NVTX tool is attached (Nsight sets NVTX_INJECTION64_PATH);
 (2) records the span in the host timeline when it is on; (3) opens
 `torch.profiler.record_function` when a torch profiler is running (under the name alone, so its tables
-group a range over micro-batches and steps; the payload is kept by NVTX and the timeline). With nothing listening it does
-three flag checks and nothing else. `NVTX_DISABLE=1` or `WB_PROFILING=0` turn NVTX off.
+group a range over micro-batches and steps; the payload is kept by NVTX and the timeline). With nothing
+listening it does three flag checks and nothing else. `NVTX_DISABLE=1` or `WB_PROFILING=0` turn NVTX off.
 """
 
 from __future__ import annotations
