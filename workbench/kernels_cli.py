@@ -118,13 +118,35 @@ def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant 
     title = torch.cuda.get_device_name() if device == "cuda" else "CPU (torch backend)"
     table = Table(title=f"kernel benchmarks on {title}")
     metric_names = list(dict.fromkeys(k for r in rows for k in r.metrics))
-    for col in ("kernel", "case", "dtype", "ms", *metric_names):
+    for col in ("kernel", "case", "dtype", "median ms", "IQR ms", *metric_names):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.kernel, r.case, r.dtype, f"{r.ms:.4f}",
+        table.add_row(r.kernel, r.case, r.dtype, f"{r.ms:.4f}", f"{r.iqr_ms:.4f}" if r.iqr_ms is not None else "",
                       *(f"{r.metrics[m]:.2f}" if m in r.metrics else "" for m in metric_names))
     console.print(table)
+    for line in bench_notes(device, metric_names, torch.get_num_threads()):
+        console.print(line)
     _write_json(json_out, rows)
+
+
+def bench_notes(device: str, metric_names: list[str], threads: int) -> list[str]:
+    """What the table compares, which way its ratios go, and whether this machine's figures can be trusted."""
+    import os
+
+    notes = []
+    if any(m.startswith("vs ") for m in metric_names):
+        notes.append("vs X = X's median time / ours: above 1 ours is faster.")
+    if device == "cpu":
+        notes.append("On a CPU both sides run torch code (the Triton kernels need a GPU; the interpreter is a "
+                     "correctness tool, not timed): the rows measure the wrappers' overhead, not the kernels.")
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        notes.append(f"warning: load average {load:.1f} on {cpus} CPUs while measuring: other work shares the "
+                     f"machine, so these figures are unreliable (compare rows of one run only).")
+    if device == "cpu" and threads > max(1, cpus - 1) and load > 0.25 * cpus:
+        notes.append(f"warning: {threads} intra-op threads on a busy {cpus}-CPU machine: small ops wait for "
+                     f"their threads (OMP_NUM_THREADS=1 gives steadier figures).")
+    return notes
 
 
 def _parse_archs(arch: str) -> tuple[int, ...]:

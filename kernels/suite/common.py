@@ -43,13 +43,33 @@ class CheckRow:
         return all(e <= self.tolerance for e in self.errors.values())
 
 
+class Timing(float):
+    """Median milliseconds per call (a float, so `ref / ours` ratios read as before) that also carries the
+    quartiles it was measured with, so every benchmark row can show its spread."""
+
+    def __new__(cls, median: float, q1: float, q3: float):
+        timing = super().__new__(cls, median)
+        timing.q1, timing.q3 = q1, q3
+        return timing
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+
 @dataclass
 class BenchRow:
     kernel: str
     case: str
     dtype: str
-    ms: float
+    ms: float      # median; a Timing brings its interquartile range into iqr_ms
     metrics: dict  # e.g. {"GB/s": ..., "vs torch": ..., "vs copy": ...}
+    iqr_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ms, Timing):
+            self.iqr_ms = self.ms.iqr if self.iqr_ms is None else self.iqr_ms
+            self.ms = float(self.ms)
 
 
 def device_and_dtypes(backend: str) -> tuple[str, list[torch.dtype]]:
@@ -73,8 +93,9 @@ def set_range_factory(factory: Callable[[str], contextlib.AbstractContextManager
     _range_factory = factory
 
 
-def time_ms(fn: Callable[[], object], device: str, range_name: str | None = None) -> float:
-    """Median milliseconds per call: triton.testing.do_bench on CUDA, a wall-clock median on CPU.
+def time_ms(fn: Callable[[], object], device: str, range_name: str | None = None) -> Timing:
+    """Median milliseconds per call, with its quartiles: triton.testing.do_bench on CUDA, wall-clock
+    samples on CPU.
 
     With `range_name`, every call runs inside that profiling range (see set_range_factory).
     """
@@ -88,7 +109,8 @@ def time_ms(fn: Callable[[], object], device: str, range_name: str | None = None
     if device == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        q1, median, q3 = do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+        return Timing(median, q1, q3)
     fn()
     samples = []
     budget = time.perf_counter() + 0.5
@@ -96,7 +118,8 @@ def time_ms(fn: Callable[[], object], device: str, range_name: str | None = None
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    q1, median, q3 = statistics.quantiles(samples, n=4)
+    return Timing(median, q1, q3)
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 28) -> float:

@@ -108,3 +108,32 @@ def test_bench_prints_cpu_table(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert rows and all(r["ms"] > 0 and r["metrics"]["vs torch"] > 0 for r in rows)
+    assert all(0 <= r["iqr_ms"] < float("inf") for r in rows)   # every row carries its spread
+    assert "IQR ms" in out.stdout and "vs X = X's median time / ours" in out.stdout
+    assert "On a CPU both sides run torch code" in out.stdout
+
+
+def test_time_ms_reports_quartiles_of_real_samples():
+    import time
+
+    from kernels.suite.common import BenchRow, time_ms
+
+    sleeps = iter([0.0] + [0.001, 0.004] * 100)   # a warm-up call, then alternating 1 ms and 4 ms calls
+    timing = time_ms(lambda: time.sleep(next(sleeps)), "cpu")
+    assert 0.9 <= timing.q1 <= float(timing) <= timing.q3 and timing.q3 >= 3.9 and timing.iqr >= 2.5
+    row = BenchRow("k", "case", "float32", timing, {})
+    assert type(row.ms) is float and row.ms == float(timing) and row.iqr_ms == timing.iqr
+
+
+def test_bench_notes_warn_about_a_loaded_machine(monkeypatch):
+    import os
+
+    from workbench.kernels_cli import bench_notes
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.0, 1.0))   # the reading a busy 2-CPU box gives
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    notes = bench_notes("cpu", ["GB/s", "vs torch"], threads=2)
+    assert any("load average 1.8 on 2 CPUs" in n for n in notes)
+    assert any("2 intra-op threads" in n for n in notes)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert not [n for n in bench_notes("cuda", ["TFLOP/s"], threads=1) if "warning" in n]
