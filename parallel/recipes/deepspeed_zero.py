@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,25 @@ if TYPE_CHECKING:
 from parallel import compat, memory
 from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, lr_lambda, make_optimizer, scale_schedule
+
+# DeepSpeed's ZeRO calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor
+# on every step, and torch warns on every call: hidden (WB_DEBUG=1 keeps them), and said once.
+DEPRECATED_CALLS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
+def import_deepspeed(device_type: str):
+    """deepspeed, imported with its accelerator named (no auto-detection warning on CPU) and its
+    per-call deprecation warnings filtered; on CPU without building its inference-only shm op."""
+    import warnings
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    if not os.environ.get("WB_DEBUG"):
+        warnings.filterwarnings("ignore", message=DEPRECATED_CALLS, category=FutureWarning)
+    import deepspeed
+
+    if device_type == "cpu":
+        compat.skip_deepspeed_shm_comm()   # an inference-only op whose build costs ~40 s per environment
+    return deepspeed
 
 
 def ds_config(cfg: RunConfig, dp: int, stage: int) -> dict:
@@ -160,6 +180,7 @@ class Zero(Recipe):
 
     def checkpoint_globals(self) -> tuple:
         """The few non-tensor classes DeepSpeed pickles into its checkpoints."""
+        import_deepspeed("cuda" if torch.cuda.is_available() else "cpu")
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
@@ -173,12 +194,11 @@ class Zero(Recipe):
         return memory.MemoryModel(4, 4, 12, sharded)       # fp32 master partition kept although params are fp32
 
     def setup(self, model: nn.Module, cfg: RunConfig, ctx: Context) -> Engine:
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))   # DeepSpeed asserts it; absent outside torchrun
-        import deepspeed
-
-        if ctx.device.type == "cpu":
-            compat.skip_deepspeed_shm_comm()   # an inference-only op whose build costs ~40 s per environment
+        deepspeed = import_deepspeed(ctx.device.type)
+        if ctx.is_main and not os.environ.get("WB_DEBUG"):
+            print("wb: DeepSpeed's per-step FutureWarnings about deprecated torch.distributed calls are hidden "
+                  "(WB_DEBUG=1 shows them)", file=sys.stderr)
         dp = ctx.dims.dp
         config = user_config(cfg, dp, self.stage) if cfg.zero.config_file else ds_config(cfg, dp, self.stage)
         model.to(ctx.device)
