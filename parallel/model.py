@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -121,7 +122,11 @@ class GPT(nn.Module):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood, the log-softmax through the project's kernel (fp32 under autocast)."""
+    """Mean negative log-likelihood, the log-softmax through the project's kernel (fp32 under autocast).
+    Vocabulary-parallel logits (a DTensor sharded on the vocabulary, parallel/tensor_parallel.py) go through
+    torch's cross-entropy, which the caller's loss_parallel() turns into a sharded one."""
+    if isinstance(logits, DTensor):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     logp = kernels.log_softmax(logits.float(), dim=-1)
     return -logp.gather(-1, targets.unsqueeze(-1)).mean()
 

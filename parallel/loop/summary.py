@@ -4,7 +4,7 @@
     summary.final_loss, summary.pipeline.bubble_fraction_measured if summary.pipeline else None
 
 The core fields are the same for every recipe; `pipeline`, `comm` and `async_sgd` are filled by the
-recipes that measure them and are null elsewhere. A field is either measured or null: never a copy of
+recipes that measure them and are null elsewhere (`tp`: tensor parallelism's collectives). A field is either measured or null: never a copy of
 its prediction (`predicted_*` fields hold the formulas). `schema_version` changes whenever a field's
 meaning does; `load` refuses a newer schema than it knows. Layout: docs/ARCHITECTURE.md.
 """
@@ -57,6 +57,20 @@ class CommStats:
     comm_ops: int | None = None
     sync_every: int | None = None      # local-sgd / diloco
     outer_syncs: int | None = None
+
+
+@dataclass
+class TensorParallelStats:
+    """Tensor parallelism's own collectives (activations, not gradients) in one step, one rank's payload:
+    measured by counting the collectives DTensor issued during one step (parallel/compat.py), predicted from
+    the shapes (parallel/tensor_parallel.py: predicted_step_bytes)."""
+
+    tp: int
+    sequence_parallel: bool
+    collectives_per_step_measured: dict[str, int] | None
+    bytes_per_step_per_rank_measured: int | None
+    bytes_per_step_per_rank_predicted: int
+    predicted_formula: str
 
 
 @dataclass
@@ -116,6 +130,7 @@ class RunSummary:
     pipeline: PipelineStats | None = None
     comm: CommStats | None = None
     async_sgd: AsyncStats | None = None
+    tp: TensorParallelStats | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +170,7 @@ class RunSummary:
         return cls.from_dict(raw, str(path))
 
 
-_PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats}
+_PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats, "tp": TensorParallelStats}
 
 
 def _build(cls: type, raw: dict[str, Any], source: str):
