@@ -143,7 +143,8 @@ def replicas(t: torch.Tensor, world_size: int) -> int:
         for size, placement in zip(t.device_mesh.shape, t.placements, strict=True):
             if placement.is_partial():
                 raise RuntimeError(f"a gradient is still Partial ({t.placements}): it was never reduced")
-            shards *= size if placement.is_shard() else 1
+            # not is_shard(): FSDP2's _StridedShard (dim 0 split by TP, then by FSDP) is no Shard subclass
+            shards *= 1 if placement.is_replicate() else size
     return world_size // shards
 
 
