@@ -207,11 +207,11 @@ def predicted_step_bytes(cfg, micro_batches: int) -> dict:
 def tp_stats(cfg, measured: dict | None, micro_batches: int) -> TensorParallelStats:
     predicted = predicted_step_bytes(cfg, micro_batches)
     return TensorParallelStats(
-        tp=cfg.tp.degree, sequence_parallel=cfg.tp.sequence_parallel,
-        collectives_per_step_measured=measured["ops"] if measured else None,
-        bytes_per_step_per_rank_measured=measured["bytes"] if measured else None,
-        bytes_per_step_per_rank_predicted=predicted["bytes"],
-        predicted_formula=predicted["formula"])
+        tp_degree=cfg.tp.degree, tp_sequence_parallel=cfg.tp.sequence_parallel,
+        tp_collectives_per_step_measured=measured["ops"] if measured else None,
+        tp_bytes_per_step_per_rank_measured=measured["bytes"] if measured else None,
+        tp_bytes_per_step_per_rank_predicted=predicted["bytes"],
+        tp_predicted_formula=predicted["formula"])
 
 
 class _TPEngineMixin:

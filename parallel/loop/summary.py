@@ -65,12 +65,12 @@ class TensorParallelStats:
     measured by counting the collectives DTensor issued during one step (parallel/compat.py), predicted from
     the shapes (parallel/tensor_parallel.py: predicted_step_bytes)."""
 
-    tp: int
-    sequence_parallel: bool
-    collectives_per_step_measured: dict[str, int] | None
-    bytes_per_step_per_rank_measured: int | None
-    bytes_per_step_per_rank_predicted: int
-    predicted_formula: str
+    tp_degree: int
+    tp_sequence_parallel: bool
+    tp_collectives_per_step_measured: dict[str, int] | None
+    tp_bytes_per_step_per_rank_measured: int | None
+    tp_bytes_per_step_per_rank_predicted: int
+    tp_predicted_formula: str   # names distinct from the core fields: flat() merges the parts in
 
 
 @dataclass

@@ -109,8 +109,9 @@ def test_memory_tp2_at_most_055x_single(single, tp_runs):
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_tp_collectives_measured_and_predicted(name, tp_runs):
     s = summary(tp_runs[name])
-    ops = s["collectives_per_step_measured"]
-    assert s["bytes_per_step_per_rank_measured"] == s["bytes_per_step_per_rank_predicted"], (name, ops)
+    ops = s["tp_collectives_per_step_measured"]
+    assert s["tp_bytes_per_step_per_rank_measured"] == s["tp_bytes_per_step_per_rank_predicted"], (name, ops)
+    assert s["tp_degree"] == 2 and "M = micro_batch x seq_len x d_model" in s["tp_predicted_formula"]
     if "sp" in name:
         assert ops["reduce_scatter_tensor"] > 0 and ops["all_gather_into_tensor"] > 0, ops
     else:
