@@ -74,9 +74,8 @@ def collective_counter():
     communicates) and their payload bytes; enter it around one training step.
     Private: `torch.utils._python_dispatch.TorchDispatchMode` and the `_c10d_functional` op namespace
     (torch 2.4 to 2.13), the mechanism torch's own CommDebugMode uses."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     if not hasattr(torch.ops._c10d_functional, "all_reduce"):
         raise _missing("torch.ops._c10d_functional (DTensor's functional collectives)")

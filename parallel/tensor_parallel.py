@@ -34,8 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from parallel import compat, memory
 from parallel.comm import CommCounter, comm_summary
@@ -296,7 +302,8 @@ class FSDPTPEngine(_TPEngineMixin, FSDPEngine):
         return self.tp_summary()
 
 
-def _init_engine(engine, ctx) -> None:
+def _init_engine(engine) -> None:
+    # TP collectives are counted during one step: the second (the first may differ: lazy initialisation)
     engine.tp_measured, engine.tp_measure_step = None, 1 if engine.cfg.steps > 1 else 0
 
 
@@ -307,7 +314,7 @@ def setup_ddp(model: nn.Module, cfg, ctx) -> DDPTPEngine:
     engine = DDPTPEngine(model, model, cfg, ctx)
     engine.dp_group, engine.dp_group_size = mesh["dp_replicate"].get_group(), ctx.dims.dp_replicate
     engine.comm = CommCounter()
-    _init_engine(engine, ctx)
+    _init_engine(engine)
     return engine
 
 
@@ -321,5 +328,5 @@ def setup_fsdp(model: nn.Module, cfg, ctx, reshard: bool) -> FSDPTPEngine:
         fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=reshard)
     engine = FSDPTPEngine(model, model, cfg, ctx)
-    _init_engine(engine, ctx)
+    _init_engine(engine)
     return engine

@@ -3,10 +3,11 @@
     summary = RunSummary.load("runs/x/summary.json")
     summary.final_loss, summary.pipeline.bubble_fraction_measured if summary.pipeline else None
 
-The core fields are the same for every recipe; `pipeline`, `comm` and `async_sgd` are filled by the
-recipes that measure them and are null elsewhere (`tp`: tensor parallelism's collectives). A field is either measured or null: never a copy of
-its prediction (`predicted_*` fields hold the formulas). `schema_version` changes whenever a field's
-meaning does; `load` refuses a newer schema than it knows. Layout: docs/ARCHITECTURE.md.
+The core fields are the same for every recipe; `pipeline`, `comm`, `async_sgd` and `tp` (tensor
+parallelism's collectives) are filled by the recipes that measure them and are null elsewhere. A field
+is either measured or null: never a copy of its prediction (`predicted_*` fields hold the formulas).
+`schema_version` changes whenever a field's meaning does; `load` refuses a newer schema than it knows.
+Layout: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
