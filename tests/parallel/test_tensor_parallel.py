@@ -10,11 +10,13 @@ Three launches in all (budget: about 90 s): one of 2 ranks (the ddp x tp runs an
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
+from parallel.loop.rundir import read_metrics
 from tests.cli import ROOT, env
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
 
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.slow
 COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=2"]
 RESUME = ["checkpoint.every=2", "checkpoint.keep=1"]
 TWO = {"ddp-tp": ["recipe=ddp", "tp.degree=2"],
-       "ddp-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"]}
+       "ddp-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"],
+       "ddp-tp-nan": ["recipe=ddp", "tp.degree=2", "fault.nan_at_step=2", "checkpoint.save_final=false"]}
+EQUIVALENT = ["ddp-tp", "ddp-tp-sp", "fsdp-tp", "ddp-dp2-tp-sp"]
 FOUR = {"fsdp-tp": ["recipe=fsdp", "tp.degree=2", *RESUME],
         "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"]}
 
@@ -61,12 +65,15 @@ def tp_runs(tmp_path_factory):
     return {**dirs, "unit": json.loads((root / "unit.json").read_text()), "killed": (killed, checkpoints)}
 
 
-@pytest.mark.parametrize("name", [*TWO, *FOUR])
+@pytest.mark.parametrize("name", EQUIVALENT)
 def test_matches_single(name, single, tp_runs):
     ref, got = losses(single), losses(tp_runs[name])
     assert len(ref) == len(got) == 5
     worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
     assert worst < 1e-5, f"{name}: per-step losses {got} vs single {ref} (worst rel {worst:.2e})"
+    norms = [m["grad_norm"] for m in read_metrics(tp_runs[name])]   # the clipping norm over every shard
+    ref_norms = [m["grad_norm"] for m in read_metrics(single)]
+    assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
     diff = max_rel_diff(final_params(tp_runs[name]), final_params(single))   # same names and shapes as single's
     assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
     s = summary(tp_runs[name])
@@ -106,7 +113,7 @@ def test_memory_tp2_at_most_055x_single(single, tp_runs):
         0.1 * s["model_state_bytes_per_rank"] / 2
 
 
-@pytest.mark.parametrize("name", [*TWO, *FOUR])
+@pytest.mark.parametrize("name", EQUIVALENT)
 def test_tp_collectives_measured_and_predicted(name, tp_runs):
     s = summary(tp_runs[name])
     ops = s["tp_collectives_per_step_measured"]
@@ -123,6 +130,15 @@ def test_data_parallel_all_reduce_by_hand(tp_runs):
     s = summary(tp_runs["ddp-dp2-tp-sp"])
     local_bytes = s["model_state_bytes_by_rank"][0]["grads"]
     assert s["comm_ops"] == 5 and s["bytes_communicated"] == 2 * local_bytes * 4 * 5
+
+
+def test_nan_gradient_skips_the_step_on_every_rank(tp_runs):
+    """fault.nan_at_step: rank 0's gradient shard turns NaN; the global norm is NaN on every rank, so every
+    rank skips the same step (nan_policy = 'skip') and training goes on with finite losses."""
+    records = read_metrics(tp_runs["ddp-tp-nan"])
+    assert [m["applied"] for m in records] == [True, True, False, True, True], records
+    assert math.isnan(records[2]["grad_norm"]) and all(math.isfinite(m["loss"]) for m in records)
+    assert summary(tp_runs["ddp-tp-nan"])["skipped_steps"] == 1
 
 
 def test_kill_and_resume_fsdp_tp(tp_runs):
