@@ -194,18 +194,25 @@ def predicted_step_bytes(cfg, micro_batches: int) -> dict:
              reduce-scatters: proj, down (forward), attention, MLP, head inputs (backward): (4L+1) M;
              the embedding's all-reduce: M
       both:  the vocabulary-parallel loss, 3 all-reduces of one fp32 per token (max, sum of exp, target logit)
-    SP once per step: the norms' weight and bias gradients, (2L+1) x 2 all-reduces of d_model fp32."""
+    SP once per step: the norms' weight and bias gradients, (2L+1) x 2 all-reduces of d_model fp32.
+    Activation checkpointing recomputes each block's forward up to its last saved tensor (torch stops there,
+    before `down`): per block and micro-batch, no SP the proj all-reduce (M), SP two all-gathers and the proj
+    reduce-scatter (2 M/T + M)."""
     m, t = cfg.model, cfg.tp.degree
     tokens = cfg.micro_batch * m.seq_len
     act, n = tokens * m.d_model * 4, 4 * m.n_layers + 2
     per_mb = n * act + 3 * tokens * 4
-    per_step = 0
-    if cfg.tp.sequence_parallel:
+    per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
+    if sp:
         per_mb += n * act // t
         per_step = (2 * m.n_layers + 1) * 2 * m.d_model * 4
+    if recompute:
+        per_mb += m.n_layers * (act + (2 * act // t if sp else 0))
     formula = "((4L+2) M + 12 tokens) x micro-batches"
-    if cfg.tp.sequence_parallel:
+    if sp:
         formula = "((4L+2) M + (4L+2) M/T + 12 tokens) x micro-batches + (2L+1) x 8 d_model"
+    if recompute:
+        formula += " + L (M + 2 M/T) x micro-batches (recomputed)" if sp else " + L M x micro-batches (recomputed)"
     return {"bytes": per_mb * micro_batches + per_step,
             "formula": f"{formula}; M = micro_batch x seq_len x d_model x 4 B, tokens = micro_batch x seq_len"}
 

@@ -30,7 +30,8 @@ TWO = {"ddp-tp": ["recipe=ddp", "tp.degree=2"],
        "ddp-tp-nan": ["recipe=ddp", "tp.degree=2", "fault.nan_at_step=2", "checkpoint.save_final=false"]}
 EQUIVALENT = ["ddp-tp", "ddp-tp-sp", "fsdp-tp", "ddp-dp2-tp-sp"]
 FOUR = {"fsdp-tp": ["recipe=fsdp", "tp.degree=2", *RESUME],
-        "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"]}
+        "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true",
+                          "model.activation_checkpointing=true"]}   # recomputation: more collectives, predicted
 
 
 def _torchrun(nproc: int, runs: list, results=None) -> None:
