@@ -82,3 +82,32 @@ def skip_deepspeed_shm_comm() -> bool:
         return False
     table["deepspeed_shm_comm"] = False
     return True
+
+
+def collective_counter():
+    """A dispatch mode that counts the functional collectives DTensor issues (what tensor parallelism
+    communicates) and their payload bytes; enter it around one training step.
+    Private: `torch.utils._python_dispatch.TorchDispatchMode` and the `_c10d_functional` op namespace
+    (torch 2.4 to 2.13), the mechanism torch's own CommDebugMode uses."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not hasattr(torch.ops._c10d_functional, "all_reduce"):
+        raise _missing("torch.ops._c10d_functional (DTensor's functional collectives)")
+
+    class CollectiveCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[str, int] = {}
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(issubclass(t, DTensor) for t in types):
+                return NotImplemented   # let DTensor turn the op into local ops and collectives first
+            name = func._overloadpacket.__name__ if getattr(func, "namespace", None) == "_c10d_functional" else None
+            if name and not name.startswith("_") and name != "wait_tensor":   # not waits, not autograd wrappers
+                self.ops[name] = self.ops.get(name, 0) + 1
+                self.bytes += sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    return CollectiveCounter()

@@ -351,9 +351,9 @@ class RunConfig:
         for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree)):
             if degree < 1:
                 raise UserError(f"{key} must be >= 1 (1 = off), got {degree}")
-            if degree > 1:   # the sections exist so that configs and the mesh carry them; the layers come next
-                raise UserError(f"{key} = {degree}: {'tensor' if key[0] == 't' else 'context'} parallelism is "
-                                f"not implemented yet in this version; use {key}=1")
+        if self.cp.degree > 1:   # the section exists so that configs and the mesh carry it; the layer comes next
+            raise UserError(f"cp.degree = {self.cp.degree}: context parallelism is not implemented yet in this "
+                            f"version; use cp.degree=1")
         if self.tp.sequence_parallel and self.tp.degree == 1:
             raise UserError("tp.sequence_parallel = true needs tp.degree > 1")
 

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -25,17 +26,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        # No bias: a key bias gets an exactly-zero gradient (softmax ignores a per-query shift), and
-        # Adam would turn the rounding noise in it into lr-sized random steps.
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.head_dim = cfg.d_model // cfg.n_heads
+        # Three projections, not one fused (3C, C): tensor parallelism shards each by rows, i.e. by whole
+        # heads (docs/ARCHITECTURE.md, Tensor parallelism). Created in this order, their normal_ init draws
+        # the same numbers as one fused weight did. No bias: a key bias gets an exactly-zero gradient
+        # (softmax ignores a per-query shift), and Adam would turn the rounding noise in it into lr-sized steps.
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        B, T, _ = x.shape
+        # -1 heads: all of them, or this rank's share under tensor parallelism (q/k/v column-sharded)
+        q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        y = attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
         return self.proj(y)
 
 
@@ -117,7 +122,11 @@ class GPT(nn.Module):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood, the log-softmax through the project's kernel (fp32 under autocast)."""
+    """Mean negative log-likelihood, the log-softmax through the project's kernel (fp32 under autocast).
+    Vocabulary-parallel logits (a DTensor sharded on the vocabulary, parallel/tensor_parallel.py) go through
+    torch's cross-entropy, which the caller's loss_parallel() turns into a sharded one."""
+    if isinstance(logits, DTensor):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     logp = kernels.log_softmax(logits.float(), dim=-1)
     return -logp.gather(-1, targets.unsqueeze(-1)).mean()
 

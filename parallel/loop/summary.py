@@ -3,10 +3,11 @@
     summary = RunSummary.load("runs/x/summary.json")
     summary.final_loss, summary.pipeline.bubble_fraction_measured if summary.pipeline else None
 
-The core fields are the same for every recipe; `pipeline`, `comm` and `async_sgd` are filled by the
-recipes that measure them and are null elsewhere. A field is either measured or null: never a copy of
-its prediction (`predicted_*` fields hold the formulas). `schema_version` changes whenever a field's
-meaning does; `load` refuses a newer schema than it knows. Layout: docs/ARCHITECTURE.md.
+The core fields are the same for every recipe; `pipeline`, `comm`, `async_sgd` and `tp` (tensor
+parallelism's collectives) are filled by the recipes that measure them and are null elsewhere. A field
+is either measured or null: never a copy of its prediction (`predicted_*` fields hold the formulas).
+`schema_version` changes whenever a field's meaning does; `load` refuses a newer schema than it knows.
+Layout: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ class CommStats:
     comm_ops: int | None = None
     sync_every: int | None = None      # local-sgd / diloco
     outer_syncs: int | None = None
+
+
+@dataclass
+class TensorParallelStats:
+    """Tensor parallelism's own collectives (activations, not gradients) in one step, one rank's payload:
+    measured by counting the collectives DTensor issued during one step (parallel/compat.py), predicted from
+    the shapes (parallel/tensor_parallel.py: predicted_step_bytes)."""
+
+    tp_degree: int
+    tp_sequence_parallel: bool
+    tp_collectives_per_step_measured: dict[str, int] | None
+    tp_bytes_per_step_per_rank_measured: int | None
+    tp_bytes_per_step_per_rank_predicted: int
+    tp_predicted_formula: str   # names distinct from the core fields: flat() merges the parts in
 
 
 @dataclass
@@ -117,6 +132,7 @@ class RunSummary:
     comm: CommStats | None = None
     async_sgd: AsyncStats | None = None
     provenance: dict | None = None     # commit, versions, machine, config digest (parallel/loop/provenance.py)
+    tp: TensorParallelStats | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +172,7 @@ class RunSummary:
         return cls.from_dict(raw, str(path))
 
 
-_PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats}
+_PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats, "tp": TensorParallelStats}
 
 
 def _build(cls: type, raw: dict[str, Any], source: str):

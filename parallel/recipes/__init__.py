@@ -88,6 +88,10 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     recipe = get(cfg.recipe)
     cfg.validate()
     recipe.validate(cfg)
+    if cfg.tp.degree > 1:   # which recipes compose with tensor parallelism, what must divide by tp.degree
+        from parallel import tensor_parallel
+
+        tensor_parallel.validate(cfg)
     dims = recipe.dims(cfg, world_size)
     recipe.validate_layout(cfg, dims)   # first: a pipeline's pp.microbatches sets micro_batch
     cfg.check_layout(world_size, dims.dp)

@@ -36,7 +36,7 @@ class DDPEngine(TorchEngine):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # DDP decides in forward whether the coming backward all-reduces, so no_sync must cover the
         # forward too (around the backward alone it is ignored and every micro-batch is reduced).
-        accum = self.cfg.accum_steps(self.ctx.world_size)
+        accum = self.cfg.accum_steps(self.ctx.dims.dp)   # micro-batches per step: per data-parallel rank
         last = self.micro_batches_seen % accum == accum - 1
         self.micro_batches_seen += 1
         with contextlib.nullcontext() if last else self.module.no_sync():
@@ -51,7 +51,18 @@ class DDPEngine(TorchEngine):
 class DDP(Recipe):
     data_parallel = "replicate"
 
+    def memory_model(self, cfg):
+        if cfg.tp.degree > 1:
+            from parallel import tensor_parallel
+
+            return tensor_parallel.memory_model("none")
+        return super().memory_model(cfg)
+
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
+        if cfg.tp.degree > 1:   # dp_replicate x tp: DDP does not take DTensor parameters
+            from parallel import tensor_parallel
+
+            return tensor_parallel.setup_ddp(model, cfg, ctx)
         model.to(ctx.device)
         # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy
         # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.

@@ -18,13 +18,11 @@ from parallel import memory
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
-class FSDPEngine(TorchEngine):
-    sharded = True   # the clipping norm sums squares over every rank's shard
+class DCPEngine(TorchEngine):
+    """A TorchEngine whose parameters are DTensors (FSDP2, tensor parallelism): the full state dict gathers
+    them, and checkpoints go through torch.distributed.checkpoint."""
 
-    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        # Skip the reduce-scatter on all micro-batches but the last (FSDP2's no_sync).
-        self.module.set_requires_gradient_sync(last)
-        (loss / accum).backward()
+    sharded = True   # the clipping norm sums squares over every rank's shard
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -59,10 +57,21 @@ class FSDPEngine(TorchEngine):
         self.scheduler.load_state_dict(sched["scheduler"])
 
 
+class FSDPEngine(DCPEngine):
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        # Skip the reduce-scatter on all micro-batches but the last (FSDP2's no_sync).
+        self.module.set_requires_gradient_sync(last)
+        (loss / accum).backward()
+
+
 class FSDP(Recipe):
     data_parallel = "shard"
 
     def memory_model(self, cfg) -> memory.MemoryModel:
+        if cfg.tp.degree > 1:
+            from parallel import tensor_parallel
+
+            return tensor_parallel.memory_model("os+g+p")
         return memory.torch_adamw("os+g+p")
 
     def reshard_after_forward(self, cfg) -> bool:
@@ -71,9 +80,13 @@ class FSDP(Recipe):
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
         from torch.distributed.fsdp import fully_shard
 
+        reshard = self.reshard_after_forward(cfg)
+        if cfg.tp.degree > 1:   # the 2-D layout: tensor parallel, then sharded over dp_shard
+            from parallel import tensor_parallel
+
+            return tensor_parallel.setup_fsdp(model, cfg, ctx, reshard)
         model.to(ctx.device)
         mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_shard",))
-        reshard = self.reshard_after_forward(cfg)
         for block in model.blocks:          # one unit per block: gathered one at a time
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)   # embeddings, final norm, head

@@ -28,6 +28,26 @@ BAD = [
     (["data.kind=bytes"], "data.path is required when data.kind = 'bytes'"),
     (["--recipe", "ddp", "--deepspeed", TINY], "zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe"),
     (["micro_batch=0"], "micro_batch must be > 0"),
+    # tensor parallelism: sizes it splits, the world size, the recipes it does not compose with
+    (["--recipe", "ddp", "--nproc", "4", "tp.degree=4", "model.n_heads=2"],
+     "model.n_heads (2) must be divisible by tp.degree (4)"),
+    (["--recipe", "ddp", "--nproc", "2", "tp.degree=2", "model.vocab_size=63"],
+     "model.vocab_size (63) must be divisible by tp.degree (2)"),
+    (["--recipe", "ddp", "--nproc", "2", "tp.degree=2", "model.d_ff=255"],
+     "model.d_ff (255) must be divisible by tp.degree (2)"),
+    (["--recipe", "ddp", "--nproc", "3", "tp.degree=2"], "tp.degree 2 does not divide world size (--nproc) 3"),
+    (["--recipe", "fsdp", "--nproc", "2", "tp.degree=2", "tp.sequence_parallel=true", "model.seq_len=31"],
+     "model.seq_len (31) must be divisible by tp.degree (2) with tp.sequence_parallel = true"),
+    (["--recipe", "ddp", "--nproc", "2", "tp.degree=2", "model.fused_head_loss=true"],
+     "model.fused_head_loss does not work with tp.degree > 1"),
+    (["--recipe", "single", "tp.degree=2"], "recipe=single: runs one process; use --recipe ddp (or fsdp) with --nproc"),
+    (["--recipe", "zero2", "--nproc", "2", "tp.degree=2"], "recipe=zero2: DeepSpeed's ZeRO partitions flat"),
+    (["--recipe", "zero3", "--nproc", "2", "tp.degree=2"], "recipe=zero3: DeepSpeed's ZeRO partitions flat"),
+    (["--recipe", "pipeline", "--nproc", "4", "pp.degree=2", "tp.degree=2"],
+     "recipe=pipeline: pipeline x tensor parallelism is not built yet"),
+    (["--recipe", "async-ps", "--nproc", "2", "tp.degree=2"], "recipe=async-ps: the parameter server holds"),
+    (["--recipe", "hogwild", "--nproc", "2", "tp.degree=2"], "recipe=hogwild: hogwild shares one whole model"),
+    (["--recipe", "diloco", "--nproc", "2", "tp.degree=2"], "recipe=diloco: its parameter averaging"),
 ]
 
 

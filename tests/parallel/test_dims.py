@@ -53,11 +53,12 @@ def test_recipes_map_onto_dims():
     assert RECIPES["fsdp"].data_parallel == "shard" and RECIPES["ddp"].data_parallel == "replicate"
 
 
-def test_tp_and_cp_sections_exist_and_are_refused_above_one_for_now():
+def test_tp_is_accepted_and_cp_refused_above_one_for_now():
     cfg = RunConfig.from_toml(TINY, ["tp.degree=1", "cp.degree=1", "cp.load_balance=none"])
     assert cfg.tp.degree == 1 and cfg.cp.load_balance == "none"
-    with pytest.raises(UserError, match=r"tp\.degree = 2: tensor parallelism is not implemented"):
-        RunConfig.from_toml(TINY, ["tp.degree=2"])
+    assert RunConfig.from_toml(TINY, ["tp.degree=2", "tp.sequence_parallel=true"]).tp.degree == 2
+    with pytest.raises(UserError, match=r"cp\.degree = 2: context parallelism is not implemented"):
+        RunConfig.from_toml(TINY, ["cp.degree=2"])
 
 
 def test_build_mesh_names_its_dimensions():

@@ -1,0 +1,339 @@
+"""Tensor parallelism (Megatron) and sequence parallelism for the GPT of parallel/model.py.
+
+Layout, on the mesh's `tp` dimension of T ranks (docs/ARCHITECTURE.md, Tensor parallelism):
+
+    tok_emb        vocabulary-parallel: weight Shard(0) (V/T rows per rank); output all-reduced to Replicate
+    pos_emb        replicated (its gradient is the same on every TP rank)
+    attn.q, k, v   column-parallel: weight Shard(0), so each rank holds n_heads/T whole heads
+    attn.proj      row-parallel: weight Shard(1); output all-reduced (SP: reduce-scattered to Shard(1))
+    mlp.up         column-parallel (bias sharded too)
+    mlp.down       row-parallel (bias replicated, added once)
+    ln1, ln2, ln_f replicated; SP: SequenceParallel, each rank normalises its T-th of the sequence
+    head           column-parallel over the vocabulary: the logits stay a DTensor Shard(-1), and the loss is
+                   torch's loss_parallel() cross-entropy, so the full (tokens, vocab) logits never exist
+    tied weight    tok_emb.weight and head.weight are both Shard(0): one parameter again after parallelizing
+
+Sequence parallelism (`tp.sequence_parallel`): the residual stream between blocks is a Shard(1) slice
+(S/T positions per rank). The position embedding is added to the replicated embedding output; the first
+block's input is then cut to this rank's slice (Replicate -> Shard(1), whose backward all-gathers).
+Attention and MLP inputs are all-gathered (Shard(1) -> Replicate), their row-parallel outputs
+reduce-scattered back to Shard(1).
+
+Rank layout (parallel/dims.py): tp varies fastest, so ranks 2k and 2k+1 form a TP group at T = 2, and
+data parallelism (dp_replicate for ddp, dp_shard for fsdp) runs across TP groups: with 4 ranks and T = 2,
+TP groups {0, 1} and {2, 3}, data-parallel groups {0, 2} and {1, 3}.
+
+Engines: `DDPTPEngine` (dp_replicate x tp: the data-parallel gradient all-reduce is done by hand, once per
+step, on the local shards) and `FSDPTPEngine` (TP, then fully_shard over dp_shard: the 2-D layout).
+Both checkpoint through torch.distributed.checkpoint (parallel/recipes/fsdp.py: DCPEngine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from parallel import compat, memory
+from parallel.comm import CommCounter, comm_summary
+from parallel.errors import UserError
+from parallel.loop.summary import TensorParallelStats
+from parallel.recipes.base import clip_, local
+from parallel.recipes.fsdp import DCPEngine, FSDPEngine
+from profiling import range as prange
+
+# the recipes that compose with tp.degree > 1, and why the others do not
+COMPOSES = ("ddp", "fsdp")
+REFUSED = {
+    "single": "runs one process; use --recipe ddp (or fsdp) with --nproc >= tp.degree",
+    "zero1": "DeepSpeed's ZeRO partitions flat parameter buffers and cannot hold DTensor shards; use --recipe fsdp",
+    "pipeline": "pipeline x tensor parallelism is not built yet; use pp.degree or tp.degree, not both",
+    "async-ps": "the parameter server holds whole tensors per worker; tensor parallelism needs spmd ranks",
+    "hogwild": "hogwild shares one whole model between processes; tensor parallelism needs spmd ranks",
+    "local-sgd": "its parameter averaging is not written for DTensor shards yet; use --recipe ddp",
+}
+REFUSED["zero2"] = REFUSED["zero3"] = REFUSED["zero1"]
+REFUSED["diloco"] = REFUSED["local-sgd"]
+
+
+# ---- checks (before any process starts) -----------------------------------------------------
+def validate(cfg) -> None:
+    """tp.degree > 1: the recipe composes, and the model's sharded sizes divide by T (one line each)."""
+    t, m = cfg.tp.degree, cfg.model
+    if t == 1:
+        return
+    if cfg.recipe not in COMPOSES:
+        why = REFUSED.get(cfg.recipe, f"tensor parallelism composes only with {', '.join(COMPOSES)}")
+        raise UserError(f"tp.degree = {t} does not work with recipe={cfg.recipe}: {why}")
+    d_ff = m.d_ff or 4 * m.d_model
+    for field, value in (("model.n_heads", m.n_heads), ("model.d_ff", d_ff), ("model.vocab_size", m.vocab_size)):
+        if value % t:
+            raise UserError(f"{field} ({value}) must be divisible by tp.degree ({t}): tensor parallelism splits it")
+    if cfg.tp.sequence_parallel and m.seq_len % t:
+        raise UserError(f"model.seq_len ({m.seq_len}) must be divisible by tp.degree ({t}) with "
+                        f"tp.sequence_parallel = true (each rank holds seq_len / tp.degree positions)")
+    if m.fused_head_loss:
+        raise UserError("model.fused_head_loss does not work with tp.degree > 1: the head is vocabulary-parallel "
+                        "and its loss is loss_parallel's; use model.fused_head_loss=false")
+
+
+# ---- the layout -------------------------------------------------------------------------------
+def block_plan(sp: bool) -> dict:
+    """One block's plan. Attention and MLP take their input as one DTensor (use_local_output=False), so the
+    three projections' input gradients are summed before one collective, not reduced three times."""
+    seq, rep = Shard(1), Replicate()
+    outer = seq if sp else rep   # the residual stream's layout between modules
+    plan = {
+        "attn": PrepareModuleInput(input_layouts=(outer,), desired_input_layouts=(rep,)),
+        "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+        "attn.proj": RowwiseParallel(output_layouts=outer),
+        "mlp": PrepareModuleInput(input_layouts=(outer,), desired_input_layouts=(rep,)),
+        "mlp.up": ColwiseParallel(),
+        "mlp.down": RowwiseParallel(output_layouts=outer),
+    }
+    if sp:
+        plan.update({"ln1": SequenceParallel(), "ln2": SequenceParallel()})
+    return plan
+
+
+def outer_plan(sp: bool) -> dict:
+    """Embeddings, final norm and head. The embedding output is Replicate in both modes, so GPT.embed adds
+    the whole position embedding; SP then cuts the first block's input to this rank's slice."""
+    plan = {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "head": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
+                                use_local_output=False),   # a DTensor for loss_parallel
+    }
+    if sp:
+        plan["ln_f"] = SequenceParallel()
+        plan["blocks.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                              use_local_output=True)
+    return plan
+
+
+def parallelize(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
+    """Apply the layout to `model` in place on the 1-D mesh `tp_mesh`; re-tie a tied head."""
+    tied = model.head.weight is model.tok_emb.weight
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, block_plan(sp))
+    parallelize_module(model, tp_mesh, outer_plan(sp))
+    if tied:   # both got their own Shard(0) copy of the same values: make them one parameter again
+        model.head.weight = model.tok_emb.weight
+    return model
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+def reduce_partial_grads(module: nn.Module) -> None:
+    """Sequence parallelism leaves a replicated norm's gradient Partial (each rank saw S/T positions): sum
+    it over the TP group once per step, after the last micro-batch (Partial gradients accumulate exactly)."""
+    for p in module.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            with prange("tp.reduce_norm_grads"):
+                p.grad = g.redistribute(placements=p.placements)
+
+
+def replicas(t: torch.Tensor, world_size: int) -> int:
+    """How many ranks hold each element of `t`: the world divided by the ranks its Shard dims split it over."""
+    shards = 1
+    if isinstance(t, DTensor):
+        for size, placement in zip(t.device_mesh.shape, t.placements, strict=True):
+            if placement.is_partial():
+                raise RuntimeError(f"a gradient is still Partial ({t.placements}): it was never reduced")
+            # not is_shard(): FSDP2's _StridedShard (dim 0 split by TP, then by FSDP) is no Shard subclass
+            shards *= 1 if placement.is_replicate() else size
+    return world_size // shards
+
+
+def global_grad_norm(grads: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """L2 norm (float64) over every rank's gradient shards, each element counted once: a rank's squares are
+    divided by how many ranks hold the same elements, then summed over the world (one all-reduce)."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        sq += local(g).detach().double().pow(2).sum() / replicas(g, world_size)
+    if dist.is_initialized() and world_size > 1:
+        dist.all_reduce(sq)
+    return sq.sqrt()
+
+
+def tp_sharded_params(m) -> int:
+    """Ψs: parameters the layout splits over T (q, k, v, proj and down weights, up's weight and bias, the
+    vocabulary-parallel embedding and head); everything else (Ψr) is replicated. From the shapes alone."""
+    c, f = m.d_model, m.d_ff or 4 * m.d_model
+    per_block = 4 * c * c + 2 * c * f + f
+    return m.n_layers * per_block + m.vocab_size * c * (1 if m.tie_embeddings else 2)
+
+
+def params_per_rank(m, n_params: int, t: int) -> int:
+    """Ψs/T + Ψr: the parameters one TP rank holds (before any data-parallel sharding)."""
+    sharded = tp_sharded_params(m)
+    return sharded // t + (n_params - sharded)
+
+
+def memory_model(sharded: str) -> memory.MemoryModel:
+    """torch AdamW bytes per parameter over the parameters one TP rank holds, Ψs/T + Ψr."""
+    return memory.torch_adamw(sharded, psi="(Ψs/T+Ψr)")
+
+
+# ---- communication -------------------------------------------------------------------------------
+def predicted_step_bytes(cfg, micro_batches: int) -> dict:
+    """Payload bytes one TP rank hands to TP collectives in one step (forward + backward), from the shapes.
+    An all-reduce's and a reduce-scatter's payload is the full tensor M, an all-gather's its local M/T;
+    M = micro_batch x seq_len x d_model x 4 B (fp32 activations). Per micro-batch:
+      no SP: all-reduces: embedding, proj, down (forward); attention, MLP, head inputs (backward): (4L+2) M
+      SP:    all-gathers: attention, MLP, head inputs (forward), proj, down, first block (backward): (4L+2) M/T;
+             reduce-scatters: proj, down (forward), attention, MLP, head inputs (backward): (4L+1) M;
+             the embedding's all-reduce: M
+      both:  the vocabulary-parallel loss, 3 all-reduces of one fp32 per token (max, sum of exp, target logit)
+    SP once per step: the norms' weight and bias gradients, (2L+1) x 2 all-reduces of d_model fp32.
+    Activation checkpointing recomputes each block's forward up to its last saved tensor (torch stops there,
+    before `down`): per block and micro-batch, no SP the proj all-reduce (M), SP two all-gathers and the proj
+    reduce-scatter (2 M/T + M)."""
+    m, t = cfg.model, cfg.tp.degree
+    tokens = cfg.micro_batch * m.seq_len
+    act, n = tokens * m.d_model * 4, 4 * m.n_layers + 2
+    per_mb = n * act + 3 * tokens * 4
+    per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
+    if sp:
+        per_mb += n * act // t
+        per_step = (2 * m.n_layers + 1) * 2 * m.d_model * 4
+    if recompute:
+        per_mb += m.n_layers * (act + (2 * act // t if sp else 0))
+    formula = "((4L+2) M + 12 tokens) x micro-batches"
+    if sp:
+        formula = "((4L+2) M + (4L+2) M/T + 12 tokens) x micro-batches + (2L+1) x 8 d_model"
+    if recompute:
+        formula += " + L (M + 2 M/T) x micro-batches (recomputed)" if sp else " + L M x micro-batches (recomputed)"
+    return {"bytes": per_mb * micro_batches + per_step,
+            "formula": f"{formula}; M = micro_batch x seq_len x d_model x 4 B, tokens = micro_batch x seq_len"}
+
+
+def tp_stats(cfg, measured: dict | None, micro_batches: int) -> TensorParallelStats:
+    predicted = predicted_step_bytes(cfg, micro_batches)
+    return TensorParallelStats(
+        tp_degree=cfg.tp.degree, tp_sequence_parallel=cfg.tp.sequence_parallel,
+        tp_collectives_per_step_measured=measured["ops"] if measured else None,
+        tp_bytes_per_step_per_rank_measured=measured["bytes"] if measured else None,
+        tp_bytes_per_step_per_rank_predicted=predicted["bytes"],
+        tp_predicted_formula=predicted["formula"])
+
+
+class _TPEngineMixin:
+    """What both TP engines share: loss_parallel around forward and backward (its backward needs it too),
+    the replica-aware clipping norm, one step's TP collectives measured, the TP memory count."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with loss_parallel(), prange("tp.forward"):
+            loss = self.module(x, y)
+        return loss.to_local() if isinstance(loss, DTensor) else loss   # Replicate: the same scalar on every rank
+
+    def tp_backward(self, loss: torch.Tensor, accum: int, last: bool, inner) -> None:
+        with loss_parallel(), prange("tp.backward"):
+            inner(loss, accum, last)
+        if last:
+            reduce_partial_grads(self.module)
+
+    def _update(self, norm: torch.Tensor) -> tuple[float, bool]:
+        out = super()._update(norm)
+        # None, not zeros: a sequence-parallel norm's next gradient arrives Partial, and adding a Partial
+        # into a zeroed Replicate gradient would all-reduce on every micro-batch
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
+        if self.tp_measured is not None or step < self.tp_measure_step:
+            return super().train_step(dataset, step, dp_rank, dp, on_backward)
+        with compat.collective_counter() as counter:   # every DTensor collective of this one step
+            result = super().train_step(dataset, step, dp_rank, dp, on_backward)
+        self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
+        return result
+
+    def step(self) -> tuple[float, bool]:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        with prange("tp.grad_norm"):
+            norm = global_grad_norm(grads, self.ctx.world_size)
+        clip_([local(g) for g in grads], norm, self.cfg.optim.grad_clip)
+        return self._update(norm)
+
+    def params_on_rank(self, n_params: int) -> int:
+        return params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
+
+    def tp_summary(self) -> dict:
+        mbs = self.cfg.accum_steps(self.ctx.dims.dp)
+        return {"tp": tp_stats(self.cfg, self.tp_measured, mbs)}
+
+
+class DDPTPEngine(_TPEngineMixin, DCPEngine):
+    """dp_replicate x tp. DDP does not take DTensor parameters, so the data-parallel average is done here:
+    one all-reduce of the flattened local gradient shards over the dp_replicate group, at the last micro-batch."""
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        self.tp_backward(loss, accum, last, super().backward)
+        if last and self.dp_group_size > 1:
+            self._all_reduce_dp()
+
+    def _all_reduce_dp(self) -> None:
+        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        flat = compat.flatten(grads)
+        self.comm.add(flat)
+        with prange("allreduce", group="dp_replicate"):
+            dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dp_group_size
+        for g, reduced in zip(grads, compat.unflatten(flat, grads), strict=True):
+            g.copy_(reduced)
+
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
+        """The data-parallel all-reduce on comm.py's ruler (2 x payload x world size), and the TP part."""
+        total = 2 * self.comm.bytes * self.ctx.world_size
+        comm = comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops)
+        return {"comm": comm, **self.tp_summary()}
+
+
+class FSDPTPEngine(_TPEngineMixin, FSDPEngine):
+    """dp_shard x tp: TP on mesh["tp"], then fully_shard over mesh["dp_shard"] (FSDP2 sees the TP DTensors
+    and shards them further on dim 0: the 2-D layout)."""
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        self.tp_backward(loss, accum, last, super().backward)
+
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
+        return self.tp_summary()
+
+
+def _init_engine(engine) -> None:
+    # TP collectives are counted during one step: the second (the first may differ: lazy initialisation)
+    engine.tp_measured, engine.tp_measure_step = None, 1 if engine.cfg.steps > 1 else 0
+
+
+def setup_ddp(model: nn.Module, cfg, ctx) -> DDPTPEngine:
+    model.to(ctx.device)
+    mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_replicate", "tp"))
+    parallelize(model, mesh["tp"], cfg.tp.sequence_parallel)
+    engine = DDPTPEngine(model, model, cfg, ctx)
+    engine.dp_group, engine.dp_group_size = mesh["dp_replicate"].get_group(), ctx.dims.dp_replicate
+    engine.comm = CommCounter()
+    _init_engine(engine)
+    return engine
+
+
+def setup_fsdp(model: nn.Module, cfg, ctx, reshard: bool) -> FSDPTPEngine:
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(ctx.device)
+    mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_shard", "tp"))
+    parallelize(model, mesh["tp"], cfg.tp.sequence_parallel)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=reshard)
+    engine = FSDPTPEngine(model, model, cfg, ctx)
+    _init_engine(engine)
+    return engine

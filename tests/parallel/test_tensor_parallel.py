@@ -1,0 +1,151 @@
+"""Tensor (and sequence) parallelism matches `single`: per-step losses within 1e-5 relative and the final
+gathered parameters within 1e-5, for ddp x tp (2 ranks, SP off and on; 4 ranks, dp_replicate 2) and
+fsdp x tp (4 ranks); the TP model alone against the unsharded one, replicated gradients bitwise equal on
+every TP rank; model-state memory; TP collectives measured vs predicted; kill and resume under fsdp x tp.
+
+Three launches in all (budget: about 90 s): one of 2 ranks (the ddp x tp runs and the unit check), one
+4-rank run that is killed, and one of 4 ranks (the other runs, the resumed one among them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from parallel.loop.rundir import read_metrics
+from tests.cli import ROOT, env
+from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
+
+pytestmark = pytest.mark.slow
+
+# tiny.toml's model (the memory acceptance is stated on it); 5 steps, a short warm-up
+COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=2"]
+RESUME = ["checkpoint.every=2", "checkpoint.keep=1"]
+TWO = {"ddp-tp": ["recipe=ddp", "tp.degree=2"],
+       "ddp-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"],
+       "ddp-tp-nan": ["recipe=ddp", "tp.degree=2", "fault.nan_at_step=2", "checkpoint.save_final=false"]}
+EQUIVALENT = ["ddp-tp", "ddp-tp-sp", "fsdp-tp", "ddp-dp2-tp-sp"]
+FOUR = {"fsdp-tp": ["recipe=fsdp", "tp.degree=2", *RESUME],
+        "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true",
+                          "model.activation_checkpointing=true"]}   # recomputation: more collectives, predicted
+
+
+def _torchrun(nproc: int, runs: list, results=None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "tests" / "parallel" / "tp_checks.py"), json.dumps(runs), *([str(results)] if results else [])]
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    from parallel import RunConfig, train
+
+    run_dir = tmp_path_factory.mktemp("tp-single")
+    train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", f"run_dir={run_dir}"]))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """{name: run_dir}, plus "unit": the unit check's JSON, "killed": the first attempt's CompletedProcess."""
+    root = tmp_path_factory.mktemp("tp")
+    dirs = {name: root / name for name in [*TWO, *FOUR, "fsdp-tp-resumed"]}
+    _torchrun(2, [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in TWO.items()], root / "unit.json")
+    # rank 1 dies at step 3: the checkpoint after 2 steps is complete, the one after 4 never starts
+    killed = wb("train", "--config", TINY, "--nproc", "4", "--run-dir", str(dirs["fsdp-tp-resumed"]), *COMMON,
+                *FOUR["fsdp-tp"][:2], *RESUME, "fault.kill_rank=1", "fault.at_step=3")
+    checkpoints = sorted(p.name for p in (dirs["fsdp-tp-resumed"] / "checkpoints").iterdir())
+    runs = [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in FOUR.items()]
+    runs.append((TINY, [*COMMON, *FOUR["fsdp-tp"], f"run_dir={dirs['fsdp-tp-resumed']}"]))   # fault off: resumes
+    _torchrun(4, runs)
+    return {**dirs, "unit": json.loads((root / "unit.json").read_text()), "killed": (killed, checkpoints)}
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_matches_single(name, single, tp_runs):
+    ref, got = losses(single), losses(tp_runs[name])
+    assert len(ref) == len(got) == 5
+    worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+    assert worst < 1e-5, f"{name}: per-step losses {got} vs single {ref} (worst rel {worst:.2e})"
+    norms = [m["grad_norm"] for m in read_metrics(tp_runs[name])]   # the clipping norm over every shard
+    ref_norms = [m["grad_norm"] for m in read_metrics(single)]
+    assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
+    diff = max_rel_diff(final_params(tp_runs[name]), final_params(single))   # same names and shapes as single's
+    assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
+    s = summary(tp_runs[name])
+    assert s["parallel_dims"]["tp"] == 2 and s["dp"] == s["world_size"] // 2
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_model_alone_matches_the_unsharded_one(sp, tp_runs):
+    got = tp_runs["unit"][f"sp={sp}"]
+    assert rel(got["loss"], got["ref_loss"]) < 1e-6
+    bad = {n: r for n, r in got["grad_rel"].items() if not r < 1e-5}
+    assert not bad, f"gradients off the unsharded model's: {bad}"
+    # replicated: pos_emb, the norms, proj's and down's biases; each bitwise the same on both TP ranks
+    assert len(got["replicated_equal"]) == 1 + 2 * 2 * 2 + 2 * 2 + 2, got["replicated_equal"]
+    assert all(got["replicated_equal"].values()), got["replicated_equal"]
+
+
+def _sharded_by_hand(m) -> int:
+    """Ψs for tiny.toml: per block q, k, v, proj (4 C^2), up's weight and bias, down's weight; the tied embedding."""
+    c, f = m.d_model, 4 * m.d_model
+    return m.n_layers * (4 * c * c + c * f + f + f * c) + m.vocab_size * c
+
+
+def test_memory_tp2_at_most_055x_single(single, tp_runs):
+    from parallel import RunConfig
+
+    s, ref = summary(tp_runs["ddp-tp"]), summary(single)
+    ratio = s["model_state_bytes_per_rank"] / ref["model_state_bytes_per_rank"]
+    assert ratio <= 0.55, f"tp.degree=2 holds {ratio:.3f}x single's model state"
+    m = RunConfig.from_toml(TINY).model
+    psi_s = _sharded_by_hand(m)
+    assert s["predicted_model_state_bytes_per_rank"] == 16 * (psi_s // 2 + s["n_params"] - psi_s)
+    assert "Ψs/T+Ψr" in s["predicted_formula"]
+    assert s["model_state_bytes_per_rank"] == s["predicted_model_state_bytes_per_rank"]   # fp32, nothing to round
+    fsdp = summary(tp_runs["fsdp-tp"])   # and sharded once more over dp_shard = 2
+    assert abs(fsdp["model_state_bytes_per_rank"] - s["model_state_bytes_per_rank"] / 2) <= \
+        0.1 * s["model_state_bytes_per_rank"] / 2
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_tp_collectives_measured_and_predicted(name, tp_runs):
+    s = summary(tp_runs[name])
+    ops = s["tp_collectives_per_step_measured"]
+    assert s["tp_bytes_per_step_per_rank_measured"] == s["tp_bytes_per_step_per_rank_predicted"], (name, ops)
+    assert s["tp_degree"] == 2 and "M = micro_batch x seq_len x d_model" in s["tp_predicted_formula"]
+    if "sp" in name:
+        assert ops["reduce_scatter_tensor"] > 0 and ops["all_gather_into_tensor"] > 0, ops
+    else:
+        assert set(ops) == {"all_reduce"}, ops
+
+
+def test_data_parallel_all_reduce_by_hand(tp_runs):
+    """ddp x tp on 4 ranks: the local gradient shards (Ψs/2 + Ψr floats) all-reduced once per step."""
+    s = summary(tp_runs["ddp-dp2-tp-sp"])
+    local_bytes = s["model_state_bytes_by_rank"][0]["grads"]
+    assert s["comm_ops"] == 5 and s["bytes_communicated"] == 2 * local_bytes * 4 * 5
+
+
+def test_nan_gradient_skips_the_step_on_every_rank(tp_runs):
+    """fault.nan_at_step: rank 0's gradient shard turns NaN; the global norm is NaN on every rank, so every
+    rank skips the same step (nan_policy = 'skip') and training goes on with finite losses."""
+    records = read_metrics(tp_runs["ddp-tp-nan"])
+    assert [m["applied"] for m in records] == [True, True, False, True, True], records
+    assert math.isnan(records[2]["grad_norm"]) and all(math.isfinite(m["loss"]) for m in records)
+    assert summary(tp_runs["ddp-tp-nan"])["skipped_steps"] == 1
+
+
+def test_kill_and_resume_fsdp_tp(tp_runs):
+    killed, checkpoints = tp_runs["killed"]
+    assert killed.returncode != 0 and checkpoints == ["step_000002"], (killed.stderr[-2000:], checkpoints)
+    resumed, clean = tp_runs["fsdp-tp-resumed"], tp_runs["fsdp-tp"]
+    assert summary(resumed)["resumed_from_step"] == 2
+    assert max_rel_diff(final_params(resumed), final_params(clean)) < 1e-6
+    assert losses(resumed) == pytest.approx(losses(clean), rel=1e-6)
