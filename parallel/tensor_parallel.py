@@ -51,29 +51,16 @@ from parallel.recipes.base import clip_, local
 from parallel.recipes.fsdp import DCPEngine, FSDPEngine
 from profiling import range as prange
 
-# the recipes that compose with tp.degree > 1, and why the others do not
-COMPOSES = ("ddp", "fsdp")
-REFUSED = {
-    "single": "runs one process; use --recipe ddp (or fsdp) with --nproc >= tp.degree",
-    "zero1": "DeepSpeed's ZeRO partitions flat parameter buffers and cannot hold DTensor shards; use --recipe fsdp",
-    "pipeline": "pipeline x tensor parallelism is not built yet; use pp.degree or tp.degree, not both",
-    "async-ps": "the parameter server holds whole tensors per worker; tensor parallelism needs spmd ranks",
-    "hogwild": "hogwild shares one whole model between processes; tensor parallelism needs spmd ranks",
-    "local-sgd": "its parameter averaging is not written for DTensor shards yet; use --recipe ddp",
-}
-REFUSED["zero2"] = REFUSED["zero3"] = REFUSED["zero1"]
-REFUSED["diloco"] = REFUSED["local-sgd"]
-
 
 # ---- checks (before any process starts) -----------------------------------------------------
-def validate(cfg) -> None:
-    """tp.degree > 1: the recipe composes, and the model's sharded sizes divide by T (one line each)."""
+def validate(cfg, refusal: str | None) -> None:
+    """tp.degree > 1: the recipe composes (`refusal`, its Recipe.tensor_parallel, is None), and the model's
+    sharded sizes divide by T (one line each)."""
     t, m = cfg.tp.degree, cfg.model
     if t == 1:
         return
-    if cfg.recipe not in COMPOSES:
-        why = REFUSED.get(cfg.recipe, f"tensor parallelism composes only with {', '.join(COMPOSES)}")
-        raise UserError(f"tp.degree = {t} does not work with recipe={cfg.recipe}: {why}")
+    if refusal is not None:
+        raise UserError(f"tp.degree = {t} does not work with recipe={cfg.recipe}: {refusal}")
     d_ff = m.d_ff or 4 * m.d_model
     for field, value in (("model.n_heads", m.n_heads), ("model.d_ff", d_ff), ("model.vocab_size", m.vocab_size)):
         if value % t:

@@ -91,7 +91,7 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     if cfg.tp.degree > 1:   # which recipes compose with tensor parallelism, what must divide by tp.degree
         from parallel import tensor_parallel
 
-        tensor_parallel.validate(cfg)
+        tensor_parallel.validate(cfg, recipe.tensor_parallel)
     dims = recipe.dims(cfg, world_size)
     recipe.validate_layout(cfg, dims)   # first: a pipeline's pp.microbatches sets micro_batch
     cfg.check_layout(world_size, dims.dp)

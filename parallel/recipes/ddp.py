@@ -50,6 +50,7 @@ class DDPEngine(TorchEngine):
 
 class DDP(Recipe):
     data_parallel = "replicate"
+    tensor_parallel = None   # dp_replicate x tp (parallel/tensor_parallel.py)
 
     def memory_model(self, cfg):
         if cfg.tp.degree > 1:

@@ -168,6 +168,8 @@ class Zero(Recipe):
     """ZeRO stage `stage` (the subclasses below); `zero.stage` may restate it, never contradict it."""
 
     stage = 0
+    tensor_parallel = ("DeepSpeed's ZeRO partitions flat parameter buffers and cannot hold DTensor shards; "
+                       "use --recipe fsdp")
     data_parallel = "shard"
 
     def validate(self, cfg: RunConfig) -> None:

@@ -66,6 +66,7 @@ class FSDPEngine(DCPEngine):
 
 class FSDP(Recipe):
     data_parallel = "shard"
+    tensor_parallel = None   # TP inside each dp_shard group: the 2-D layout
 
     def memory_model(self, cfg) -> memory.MemoryModel:
         if cfg.tp.degree > 1:

@@ -105,6 +105,7 @@ class LocalSGDEngine(TorchEngine):
 
 class LocalSGD(Recipe):
     data_parallel = "replicate"
+    tensor_parallel = "its parameter averaging is not written for DTensor shards yet; use --recipe ddp"
     diloco = False
 
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:

@@ -228,6 +228,7 @@ class Pipeline(Recipe):
     """pp stage-ranks x dp replicas: `pp.degree` (0 = every process a stage)."""
 
     data_parallel = "replicate"
+    tensor_parallel = "pipeline x tensor parallelism is not built yet; use pp.degree or tp.degree, not both"
 
     def dims(self, cfg, world_size: int):
         super().dims(cfg, world_size)   # the world-size bounds

@@ -10,6 +10,7 @@ from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 class Single(Recipe):
     min_world = max_world = 1
     needs_process_group = False
+    tensor_parallel = "runs one process; use --recipe ddp (or fsdp) with --nproc >= tp.degree"
 
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
         model.to(ctx.device)
