@@ -22,8 +22,10 @@ is what Ray Train requires.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from parallel.errors import UserError
@@ -95,6 +97,40 @@ def _worker(config: dict) -> None:
         train(cfg)
 
 
+# logger -> the lowest level still shown, in every Ray worker process. Ray Train logs each report of
+# each rank at INFO ("Reporting training result N: TrainingReport(...)"), and its placement-group watcher
+# warns that the State API is unavailable every few seconds when the cluster has no dashboard (our
+# embedded Ray); neither says anything about the run.
+QUIET_RAY_LOGGERS = {"ray.train.v2._internal.execution.context": logging.WARNING,
+                     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray's worker_process_setup_hook. Filters rather than levels (Ray Train sets its loggers' levels after
+    this hook runs), on the module's logger under either name Ray uses (`__name__`, or `__file__`)."""
+    import importlib.util
+
+    for module, level in QUIET_RAY_LOGGERS.items():
+        spec = importlib.util.find_spec(module)
+        for name in {module, spec.origin if spec else module}:
+            logging.getLogger(name).addFilter(_AtLeast(level))
+
+
+def _quiet_logging_config(ray):
+    """Ray Train's LoggingConfig at WARNING (where this Ray has one, 2.50+), unless WB_DEBUG asks for all."""
+    config = getattr(ray.train, "LoggingConfig", None)
+    return None if config is None or os.environ.get("WB_DEBUG") else config(log_level="WARNING")
+
+
 def _init_ray(address: str | None, nproc: int) -> None:
     import ray
 
@@ -103,6 +139,10 @@ def _init_ray(address: str | None, nproc: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")   # set inside a `ray job submit` job
     root = str(Path(__file__).resolve().parents[1])      # workers import the project from here
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
+    if not os.environ.get("WB_DEBUG"):   # Ray Train's per-step chatter, cut in every worker process
+        env["worker_process_setup_hook"] = "cluster.ray_train.quiet_ray_train_logs"
+        print("wb: Ray Train's per-step report lines and its state-API warnings are hidden (WB_DEBUG=1 shows "
+              "them)", file=sys.stderr)
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:   # embedded local Ray: loopback only, no dashboard
@@ -144,7 +184,8 @@ def _fit(cfg, nproc: int, run_dir: Path, gpus_per_worker: float, max_failures: i
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(Path(storage_path or run_dir / "ray").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            **({"logging_config": quiet} if (quiet := _quiet_logging_config(ray)) else {})),
     )
     try:
         result = trainer.fit()
