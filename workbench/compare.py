@@ -21,7 +21,22 @@ from workbench.paths import output_dir
 # The order runs and plots appear in; recipes not (yet) in the registry are left out.
 PREFERRED_ORDER = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd",
                    "diloco", "hogwild"]
-DEMO_RECIPES = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd"]
+DEMO_RECIPES = ["single", "ddp", "ddp:tp.degree=2", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps",
+                "local-sgd"]
+
+# A run of a comparison is a recipe, optionally with overrides of its own: "ddp:tp.degree=2" is ddp with
+# tensor parallelism, beside plain "ddp" (the overrides every run gets come from the command line).
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """'ddp:tp.degree=2:tp.sequence_parallel=true' -> ('ddp', ['tp.degree=2', 'tp.sequence_parallel=true'])."""
+    recipe, *overrides = spec.split(":")
+    return recipe, overrides
+
+
+def run_name(spec: str) -> str:
+    """The run directory's name for a spec: 'ddp:tp.degree=2' -> 'ddp-tp.degree=2'."""
+    return spec.replace(":", "-").replace("/", "_")
 
 
 def available_recipes(wanted: list[str] | None = None) -> list[str]:
@@ -32,17 +47,18 @@ def available_recipes(wanted: list[str] | None = None) -> list[str]:
     if not wanted:
         raise UserError(f"--recipes names no recipe; give some, e.g. --recipes ddp,zero2 (available: "
                         f"{', '.join(RECIPES)})")
-    unknown = [r for r in wanted if r not in RECIPES]
+    unknown = [spec for spec in wanted if split_spec(spec)[0] not in RECIPES]
     if unknown:
-        raise UserError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(RECIPES)}")
+        raise UserError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(RECIPES)} "
+                        f"(a run of its own settings: recipe:key=value, e.g. ddp:tp.degree=2)")
     return wanted
 
 
-def nproc_for(recipe: str, nproc: int) -> int:
+def nproc_for(spec: str, nproc: int) -> int:
     """A recipe that runs on at most k processes (`single`: 1) gets min(k, nproc)."""
     from parallel.recipes import RECIPES
 
-    most = RECIPES[recipe].max_world
+    most = RECIPES[split_spec(spec)[0]].max_world
     return min(most, nproc) if most else nproc
 
 
@@ -67,12 +83,13 @@ def validate(recipes: list[str], nproc: int, config: Path, overrides: list[str],
     from parallel import RunConfig
     from parallel import recipes as registry
 
-    for recipe in recipes:
-        cfg = RunConfig.from_toml(config, train_items(recipe, overrides, out / recipe, timeline))
+    for spec in recipes:
+        recipe, own = split_spec(spec)
+        cfg = RunConfig.from_toml(config, train_items(recipe, [*overrides, *own], out / run_name(spec), timeline))
         try:
-            registry.resolve(cfg, nproc_for(recipe, nproc))
+            registry.resolve(cfg, nproc_for(spec, nproc))
         except UserError as mistake:
-            raise UserError(f"{recipe} (--nproc {nproc_for(recipe, nproc)}): {mistake}") from None
+            raise UserError(f"{spec} (--nproc {nproc_for(spec, nproc)}): {mistake}") from None
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
@@ -90,7 +107,7 @@ def run_recipes(recipes: list[str], nproc: int, config: Path, overrides: list[st
     if not config.is_file():
         raise UserError(f"--config {config} does not exist")
     output_dir(out, "--out")
-    taken = [r for r in recipes if (out / r / "summary.json").exists()]
+    taken = [r for r in recipes if (out / run_name(r) / "summary.json").exists()]
     if taken:   # a run directory resumes from its checkpoints: a comparison wants fresh runs
         raise UserError(f"--out {out} already holds runs of {', '.join(taken)}; choose a new folder")
     validate(recipes, nproc, config, overrides, out, timeline)
@@ -100,21 +117,22 @@ def run_recipes(recipes: list[str], nproc: int, config: Path, overrides: list[st
                TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("recipes", total=len(recipes))
-        for recipe in recipes:
-            progress.update(task, description=f"training [bold]{recipe}[/] ({nproc_for(recipe, nproc)} proc)")
-            run_dir = out / recipe
+        for spec in recipes:
+            recipe, own = split_spec(spec)
+            progress.update(task, description=f"training [bold]{spec}[/] ({nproc_for(spec, nproc)} proc)")
+            run_dir = out / run_name(spec)
             cmd = [sys.executable, "-m", "workbench", "train", "--recipe", recipe, "--nproc",
-                   str(nproc_for(recipe, nproc)), "--config", str(config), "--run-dir", str(run_dir),
-                   *(["--timeline"] if timeline else []), *overrides, "progress=false"]
+                   str(nproc_for(spec, nproc)), "--config", str(config), "--run-dir", str(run_dir),
+                   *(["--timeline"] if timeline else []), *overrides, *own, "progress=false"]
             start = time.perf_counter()
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             seconds = time.perf_counter() - start
             if result.returncode == 0 and (run_dir / "summary.json").is_file():
                 done.append(run_dir)
-                console.print(f"  {recipe}: done in {seconds:.1f}s")
+                console.print(f"  {spec}: done in {seconds:.1f}s")
             else:
-                failed[recipe] = _error_line(result)
-                console.print(f"  [red]{recipe}: failed[/] ({failed[recipe]})")
+                failed[spec] = _error_line(result)
+                console.print(f"  [red]{spec}: failed[/] ({failed[spec]})")
             progress.advance(task)
     return done, failed

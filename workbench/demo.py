@@ -42,7 +42,8 @@ def run(nproc: int = typer.Option(2, "--nproc", help="processes per recipe"),
     failed = {}
     if not kernels_only:
         console.rule("recipes")
-        recipes = [r for r in comparison.DEMO_RECIPES if r in comparison.available_recipes()]
+        available = comparison.available_recipes()
+        recipes = [r for r in comparison.DEMO_RECIPES if comparison.split_spec(r)[0] in available]
         config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
         done, failed = comparison.run_recipes(recipes, nproc, config, DEMO_OVERRIDES, out, console)
         if done:

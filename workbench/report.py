@@ -30,7 +30,12 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.summary.get("recipe", self.path.name)
+        """The recipe, with the model-parallel layout it ran under ("ddp tp=2 sp"), so two runs of one
+        recipe stay apart in tables and legends."""
+        dims = self.summary.get("parallel_dims") or {}
+        layout = "".join(f" {d}={dims[d]}" for d in ("tp", "cp") if dims.get(d, 1) > 1)
+        sp = " sp" if self.summary.get("tp_sequence_parallel") else ""
+        return f"{self.summary.get('recipe', self.path.name)}{layout}{sp}"
 
 
 def load_run(path: str | Path) -> Run:
@@ -189,6 +194,8 @@ COLUMNS = [  # (header, summary key, format)
     ("bubble measured (median)", "bubble_fraction_measured_median", "{:.3f}"),
     ("bubble predicted (median costs)", "bubble_fraction_predicted", "{:.3f}"),
     ("bubble measured (min)", "bubble_fraction_measured", "{:.3f}"),
+    ("TP MiB/step/rank measured", "tp_bytes_per_step_per_rank_measured", "mib"),
+    ("TP MiB/step/rank predicted", "tp_bytes_per_step_per_rank_predicted", "mib"),
 ]
 
 
@@ -204,7 +211,7 @@ def runs_table(runs: list[Run]) -> list[list[str]]:
     columns = [c for c in COLUMNS if any(c[1] in r.summary for r in runs)]
     rows = [[h for h, _, _ in columns]]
     for run in runs:
-        rows.append([_cell(run.summary.get(key), fmt) for _, key, fmt in columns])
+        rows.append([run.label if key == "recipe" else _cell(run.summary.get(key), fmt) for _, key, fmt in columns])
     return rows
 
 
@@ -231,8 +238,9 @@ def _kernel_section(out: Path) -> str:
 
 # ----------------------------------------------------------------------------- provenance, warnings
 PROVENANCE = ["torch", "triton", "deepspeed", "ray"]
-# config keys that name a run or how it was launched and watched, not what it computed
-RUN_ONLY_KEYS = ("recipe", "run_dir", "name", "segments", "progress", "profiling")
+# config keys a comparison may differ in: the recipe and its model-parallel layout (a run of a
+# comparison is "recipe[:overrides]", e.g. ddp:tp.degree=2), and how a run was named, launched, watched
+RUN_ONLY_KEYS = ("recipe", "tp", "cp", "run_dir", "name", "segments", "progress", "profiling")
 
 
 def _provenance_section(runs: list[Run]) -> str:

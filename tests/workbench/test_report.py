@@ -11,13 +11,13 @@ import pytest
 
 from parallel.loop.summary import RunSummary
 from tests.cli import wb
-from workbench.report import COLUMNS, MIB
+from workbench.report import COLUMNS, MIB, load_run
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    done = wb("compare", "--recipes", "single,ddp", "--nproc", "2", "--out", str(out), "steps=4")
+    done = wb("compare", "--recipes", "single,ddp,ddp:tp.degree=2", "--nproc", "2", "--out", str(out), "steps=4")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"report: {out / 'report.md'}" in done.stdout.replace("\n", "")
     return out
@@ -40,9 +40,10 @@ def _check_report(out: Path, run_dirs: list[Path]) -> None:
     rows = {r["recipe"]: r for r in _table(report.split("## Runs", 1)[1].split("##", 1)[0])}
     for run_dir in run_dirs:
         summary = RunSummary.load(run_dir / "summary.json").flat()
-        row = rows[summary["recipe"]]
+        row = rows[load_run(run_dir).label]
+        assert row["recipe"].split()[0] == summary["recipe"]
         for header, key, fmt in COLUMNS:
-            if header not in row or summary.get(key) is None:
+            if header not in row or summary.get(key) is None or key == "recipe":
                 continue
             if fmt == "{}":
                 assert row[header] == str(summary[key])
@@ -52,8 +53,15 @@ def _check_report(out: Path, run_dirs: list[Path]) -> None:
 
 
 def test_compare_report_matches_the_runs(compared):
-    run_dirs = [compared / "single", compared / "ddp"]
+    run_dirs = [compared / "single", compared / "ddp", compared / "ddp-tp.degree=2"]
     _check_report(compared, run_dirs)
+    tp = RunSummary.load(run_dirs[2] / "summary.json").flat()
+    rows = {r["recipe"]: r for r in _table((compared / "report.md").read_text().split("## Runs", 1)[1].split("##")[0])}
+    assert set(rows) == {"single", "ddp", "ddp tp=2"}   # a run of its own settings, labelled by its layout
+    assert tp["parallel_dims"]["tp"] == 2 and rows["ddp tp=2"]["TP MiB/step/rank measured"] != "—"
+    assert rows["ddp"]["TP MiB/step/rank measured"] == "—"   # measured only where TP ran
+    single = RunSummary.load(run_dirs[0] / "summary.json").flat()
+    assert tp["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)   # TP computes what one process does
     single = RunSummary.load(compared / "single" / "summary.json").flat()
     ddp = RunSummary.load(compared / "ddp" / "summary.json").flat()
     assert single["global_batch"] == ddp["global_batch"] and ddp["world_size"] == 2
