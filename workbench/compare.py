@@ -54,6 +54,13 @@ def available_recipes(wanted: list[str] | None = None) -> list[str]:
     return wanted
 
 
+def traces(spec: str) -> bool:
+    """Whether this run's recipe writes the host timeline (others run without it, not refused)."""
+    from parallel.recipes import RECIPES
+
+    return RECIPES[split_spec(spec)[0]].timeline is None
+
+
 def nproc_for(spec: str, nproc: int) -> int:
     """A recipe that runs on at most k processes (`single`: 1) gets min(k, nproc)."""
     from parallel.recipes import RECIPES
@@ -85,7 +92,8 @@ def validate(recipes: list[str], nproc: int, config: Path, overrides: list[str],
 
     for spec in recipes:
         recipe, own = split_spec(spec)
-        cfg = RunConfig.from_toml(config, train_items(recipe, [*overrides, *own], out / run_name(spec), timeline))
+        traced = timeline and traces(spec)
+        cfg = RunConfig.from_toml(config, train_items(recipe, [*overrides, *own], out / run_name(spec), traced))
         try:
             registry.resolve(cfg, nproc_for(spec, nproc))
         except UserError as mistake:
@@ -123,7 +131,7 @@ def run_recipes(recipes: list[str], nproc: int, config: Path, overrides: list[st
             run_dir = out / run_name(spec)
             cmd = [sys.executable, "-m", "workbench", "train", "--recipe", recipe, "--nproc",
                    str(nproc_for(spec, nproc)), "--config", str(config), "--run-dir", str(run_dir),
-                   *(["--timeline"] if timeline else []), *overrides, *own, "progress=false"]
+                   *(["--timeline"] if timeline and traces(spec) else []), *overrides, *own, "progress=false"]
             start = time.perf_counter()
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

@@ -88,6 +88,8 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     recipe = get(cfg.recipe)
     cfg.validate()
     recipe.validate(cfg)
+    if cfg.profiling.timeline and recipe.timeline is not None:
+        raise UserError(f"--timeline (profiling.timeline) does not work with recipe={cfg.recipe}: {recipe.timeline}")
     if cfg.tp.degree > 1:   # which recipes compose with tensor parallelism, what must divide by tp.degree
         from parallel import tensor_parallel
 

@@ -68,6 +68,8 @@ class Recipe:
     needs_process_group: bool = True   # False: runs without torch.distributed (single)
     # tp.degree > 1: None where the recipe composes with tensor parallelism, else why not (one line to the user)
     tensor_parallel: str | None = "tensor parallelism composes only with --recipe ddp and fsdp"
+    # --timeline (profiling.timeline): None where every rank writes the host timeline, else why not
+    timeline: str | None = None
 
     def validate(self, cfg: RunConfig) -> None:
         """Checks of other sections that only this recipe can judge (no world size yet)."""

@@ -28,6 +28,10 @@ BAD = [
     (["data.kind=bytes"], "data.path is required when data.kind = 'bytes'"),
     (["--recipe", "ddp", "--deepspeed", TINY], "zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe"),
     (["micro_batch=0"], "micro_batch must be > 0"),
+    (["--recipe", "async-ps", "--nproc", "2", "--timeline"],
+     "--timeline (profiling.timeline) does not work with recipe=async-ps: its Ray parameter-server workers"),
+    (["--recipe", "hogwild", "--nproc", "2", "profiling.timeline=true"],
+     "--timeline (profiling.timeline) does not work with recipe=hogwild"),
     # tensor parallelism: sizes it splits, the world size, the recipes it does not compose with
     (["--recipe", "ddp", "--nproc", "4", "tp.degree=4", "model.n_heads=2"],
      "model.n_heads (2) must be divisible by tp.degree (4)"),
