@@ -107,6 +107,20 @@ def outer_plan(sp: bool) -> dict:
     return plan
 
 
+def parallelize_stage(stage: nn.Module, tp_mesh, sp: bool) -> nn.Module:
+    """The same layout on one pipeline stage (parallel/pipeline/stages.py: StageModule, whose submodule names
+    are the GPT's): its blocks, and of the outer plan only what the stage holds."""
+    tied = getattr(stage, "head", None) is not None and getattr(stage, "tok_emb", None) is not None \
+        and stage.head.weight is stage.tok_emb.weight
+    for block in stage.blocks.values():
+        parallelize_module(block, tp_mesh, block_plan(sp))
+    held = {name for name, _ in stage.named_modules()}
+    parallelize_module(stage, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
+    if tied:
+        stage.head.weight = stage.tok_emb.weight
+    return stage
+
+
 def parallelize(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     """Apply the layout to `model` in place on the 1-D mesh `tp_mesh`; re-tie a tied head."""
     tied = model.head.weight is model.tok_emb.weight
@@ -164,6 +178,17 @@ def params_per_rank(m, n_params: int, t: int) -> int:
     """Ψs/T + Ψr: the parameters one TP rank holds (before any data-parallel sharding)."""
     sharded = tp_sharded_params(m)
     return sharded // t + (n_params - sharded)
+
+
+def stage_params_per_rank(m, n_blocks: int, first: bool, last: bool, t: int) -> int:
+    """Ψs/T + Ψr of one pipeline stage (docs/ARCHITECTURE.md, Tensor parallelism): its blocks, the embeddings
+    on the first stage, ln_f and the head (a tied head is a copy there, sharded as tok_emb) on the last."""
+    c, f = m.d_model, m.d_ff or 4 * m.d_model
+    vocab = int(first) + int(last) - int(first and last and m.tie_embeddings)   # one tied weight on one stage
+    sharded = n_blocks * (4 * c * c + 2 * c * f + f) + vocab * m.vocab_size * c
+    # per block: two LayerNorms (weight, bias) and proj's and down's biases
+    replicated = n_blocks * 6 * c + (m.seq_len * c if first else 0) + (2 * c if last else 0)
+    return sharded // t + replicated
 
 
 def memory_model(sharded: str) -> memory.MemoryModel:
