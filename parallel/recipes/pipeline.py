@@ -1,12 +1,14 @@
 """`pipeline`: pipeline parallelism on torch.distributed.pipelining, optionally x data x tensor parallelism.
 
-Ranks form a (pp, dp, tp) mesh (parallel/dims.py, tp fastest): with tp = 1, rank r is stage-rank
-r // dp of data-parallel replica r % dp; with tp.degree > 1 every stage is tensor-parallel over its tp
-group and talks to the peer stage-ranks of its own (dp, tp) coordinate (docs/ARCHITECTURE.md, Tensor
-parallelism). The GPT's blocks are cut into pp x v contiguous virtual stages (balanced by parameter count, the embedding
-counted on the first stage and norm + head on the last, or `pp.layers_per_stage`); stage s lives on
-stage-rank s % pp. Schedules: gpipe, 1f1b (one stage per rank), interleaved-1f1b and zero-bubble
-(v = pp.virtual_stages stages per rank; zero-bubble splits each backward into input and weight parts).
+Ranks form a (pp, dp, tp) mesh (parallel/dims.py, tp fastest): with tp = 1, rank r is stage-rank r // dp
+of data-parallel replica r % dp; with tp.degree > 1 every stage is tensor-parallel over its tp group and
+talks to the peer stage-ranks of its own (dp, tp) coordinate; the activations sent between stages are
+plain tensors, replicated over tp (sequence parallelism: this rank's S/T positions)
+(docs/ARCHITECTURE.md, Tensor parallelism). The GPT's blocks are cut into pp x v contiguous virtual
+stages (balanced by parameter count, the embedding counted on the first stage and norm + head on the
+last, or `pp.layers_per_stage`); stage s lives on stage-rank s % pp. Schedules: gpipe, 1f1b (one stage
+per rank), interleaved-1f1b and zero-bubble (v = pp.virtual_stages stages per rank; zero-bubble splits
+each backward into input and weight parts).
 
 One optimizer step:
   1. the replica's global_batch / dp samples go through the schedule in m = pp.microbatches micro-batches
@@ -296,12 +298,6 @@ class Pipeline(Recipe):
 
     data_parallel = "replicate"
     tensor_parallel = None   # composes: each stage tensor-parallel over its tp group (docs/ARCHITECTURE.md)
-
-    def validate(self, cfg) -> None:
-        super().validate(cfg)
-        if cfg.tp.degree > 1 and cfg.tp.sequence_parallel:
-            raise UserError("tp.sequence_parallel = true does not work with recipe=pipeline yet: use "
-                            "tp.sequence_parallel=false (the activations between stages are replicated over tp)")
 
     def dims(self, cfg, world_size: int):
         super().dims(cfg, world_size)   # the world-size bounds

@@ -1,6 +1,6 @@
 """Tensor (and sequence) parallelism matches `single`: per-step losses within 1e-5 relative and the final
 gathered parameters within 1e-5, for ddp x tp (2 ranks, SP off and on; 4 ranks, dp_replicate 2),
-fsdp x tp (4 ranks) and pipeline x tp (4 ranks: pp 2 x tp 2, 1f1b and gpipe); the TP model alone against
+fsdp x tp (4 ranks) and pipeline x tp (4 ranks: pp 2 x tp 2, 1f1b; gpipe with SP); the TP model alone against
 the unsharded one, replicated gradients bitwise equal on every TP rank; model-state memory; TP collectives
 measured vs predicted; kill and resume under fsdp x tp; resume under pipeline x tp.
 
@@ -34,9 +34,11 @@ FOUR = {"fsdp-tp": ["recipe=fsdp", "tp.degree=2", *RESUME],
         "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true",
                           "model.activation_checkpointing=true"]}   # recomputation: more collectives, predicted
 # pipeline x tp: 2 stages x 2 TP ranks, in the 4-rank launch; the 1f1b run checkpoints after 3 steps,
-# a third run resumes from a copy of that checkpoint
+# a third run resumes from a copy of that checkpoint; gpipe with sequence parallelism (the activations
+# between stages are then each rank's half of the sequence)
 PIPE_TP = ["recipe=pipeline", "pp.degree=2", "tp.degree=2", "pp.gantt=false"]
-PP_TP = {"pp-tp": [*PIPE_TP, "pp.schedule=1f1b", "checkpoint.every=3"], "pp-tp-gpipe": [*PIPE_TP, "pp.schedule=gpipe"]}
+PP_TP = {"pp-tp": [*PIPE_TP, "pp.schedule=1f1b", "checkpoint.every=3"],
+         "pp-tp-sp-gpipe": [*PIPE_TP, "pp.schedule=gpipe", "tp.sequence_parallel=true"]}
 EQUIVALENT = [*MEASURED, *PP_TP]
 
 
