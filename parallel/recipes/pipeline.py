@@ -46,14 +46,19 @@ from parallel import compat, memory
 from parallel.data import rank_slice
 from parallel.dims import ParallelDims
 from parallel.errors import UserError
-from parallel.loop.summary import PipelineStats
+from parallel.loop.summary import PipelineStats, TensorParallelStats
 from parallel.model import GPT, cross_entropy
 from parallel.pipeline.bubble import measure
 from parallel.pipeline.gantt import draw_gantt
 from parallel.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
 from parallel.pipeline.stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
 from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngine, clip_, grad_norm, local
-from parallel.tensor_parallel import global_grad_norm, parallelize_stage, stage_params_per_rank
+from parallel.tensor_parallel import (
+    global_grad_norm,
+    parallelize_stage,
+    predicted_step_bytes,
+    stage_params_per_rank,
+)
 from profiling import range as prange
 from profiling.timeline import clock_offset_ns
 
@@ -76,6 +81,8 @@ class PipelineEngine(TorchEngine):
         self.tied = cfg.model.tie_embeddings and self.pp > 1
         self.tie_group = _tie_group(mesh, ctx.rank) if self.tied else None
         self.stages = stages
+        # TP collectives are counted during one step: the second (the first may differ: lazy initialisation)
+        self.tp_measured, self.tp_measure_step = None, 1 if cfg.steps > 1 else 0
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
         self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
@@ -102,14 +109,18 @@ class PipelineEngine(TorchEngine):
         # TP: the last stage's logits are vocabulary-sharded; the schedule computes the loss and runs its
         # backward inside step(), so loss_parallel() spans the whole step (docs/ARCHITECTURE.md, Tensor parallelism)
         vocab_parallel = loss_parallel() if self.tp > 1 else contextlib.nullcontext()
+        measure_tp = self.tp > 1 and self.tp_measured is None and step >= self.tp_measure_step
+        counter = compat.collective_counter() if measure_tp else contextlib.nullcontext()
         _active.append(self.recorder)
         try:
-            with autocast, vocab_parallel:
+            with counter, autocast, vocab_parallel:
                 self.schedule.step(*args, return_outputs=False, **kwargs)
+                if self.tp > 1:   # before on_backward, which measures the gradients this rank holds
+                    _place_grads_as_params(self.module)
         finally:
             _active.pop()
-        if self.tp > 1:   # before on_backward, which measures the gradients this rank holds
-            _place_grads_as_params(self.module)
+        if measure_tp:   # this step's TP collectives (the schedule's p2p and the gradient sums are not DTensor's)
+            self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
         self.history = [*self.history[-(KEEP_STEPS - 1):], self.recorder.take()]
         losses = [local(loss) for loss in losses]   # a Replicate DTensor under TP: the same scalar on every TP rank
         loss_sum = (torch.stack([loss.detach().double().cpu() for loss in losses]).sum() if losses
@@ -215,6 +226,7 @@ class PipelineEngine(TorchEngine):
         dist.all_gather_object(gathered, (self.pp_rank, self.dp_rank, self.history))
         if not self.ctx.is_main:
             return {}
+        tp = {"tp": self._tp_stats()} if self.tp > 1 else {}
         cfg, pp, m, v = self.cfg, self.pp, self.cfg.pp.microbatches, self.v
         history = {(r, d): h for r, d, h in gathered}
         got = measure(history, cpu_costs=self.ctx.device.type == "cpu", n_stages=pp * v)
@@ -234,7 +246,18 @@ class PipelineEngine(TorchEngine):
             bubble_fraction_closed_form=closed_form_bubble(cfg.pp.schedule, pp, m, v),
             stage_fwd_ms=costs["F"], stage_bwd_ms=bwd,
             peak_inflight_microbatches_measured=max(inflight), peak_inflight_microbatches_by_rank=inflight,
-            peak_inflight_microbatches_predicted=max(sim.peak_inflight))}
+            peak_inflight_microbatches_predicted=max(sim.peak_inflight)), **tp}
+
+    def _tp_stats(self) -> TensorParallelStats:
+        """This rank's TP collectives of one step (measured) beside its stages' share of the TP prediction."""
+        m = self.cfg.pp.microbatches
+        parts = [predicted_step_bytes(self.cfg, m, (len(s.blocks), s.is_first, s.is_last)) for s in self.stages]
+        return TensorParallelStats(
+            tp_degree=self.tp, tp_sequence_parallel=self.cfg.tp.sequence_parallel,
+            tp_collectives_per_step_measured=self.tp_measured["ops"] if self.tp_measured else None,
+            tp_bytes_per_step_per_rank_measured=self.tp_measured["bytes"] if self.tp_measured else None,
+            tp_bytes_per_step_per_rank_predicted=sum(p["bytes"] for p in parts),
+            tp_predicted_formula=" + ".join(p["formula"] for p in parts))
 
     def _write_timeline(self, run_dir: Path, got: dict, sim) -> None:
         """pipeline.json: the reported step's measured spans beside the simulated ones; gantt.png."""
