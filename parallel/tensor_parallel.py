@@ -107,6 +107,20 @@ def outer_plan(sp: bool) -> dict:
     return plan
 
 
+def parallelize_stage(stage: nn.Module, tp_mesh, sp: bool) -> nn.Module:
+    """The same layout on one pipeline stage (parallel/pipeline/stages.py: StageModule, whose submodule names
+    are the GPT's): its blocks, and of the outer plan only what the stage holds."""
+    tied = getattr(stage, "head", None) is not None and getattr(stage, "tok_emb", None) is not None \
+        and stage.head.weight is stage.tok_emb.weight
+    for block in stage.blocks.values():
+        parallelize_module(block, tp_mesh, block_plan(sp))
+    held = {name for name, _ in stage.named_modules()}
+    parallelize_module(stage, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
+    if tied:
+        stage.head.weight = stage.tok_emb.weight
+    return stage
+
+
 def parallelize(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     """Apply the layout to `model` in place on the 1-D mesh `tp_mesh`; re-tie a tied head."""
     tied = model.head.weight is model.tok_emb.weight
@@ -166,13 +180,24 @@ def params_per_rank(m, n_params: int, t: int) -> int:
     return sharded // t + (n_params - sharded)
 
 
+def stage_params_per_rank(m, n_blocks: int, first: bool, last: bool, t: int) -> int:
+    """Ψs/T + Ψr of one pipeline stage (docs/ARCHITECTURE.md, Tensor parallelism): its blocks, the embeddings
+    on the first stage, ln_f and the head (a tied head is a copy there, sharded as tok_emb) on the last."""
+    c, f = m.d_model, m.d_ff or 4 * m.d_model
+    vocab = int(first) + int(last) - int(first and last and m.tie_embeddings)   # one tied weight on one stage
+    sharded = n_blocks * (4 * c * c + 2 * c * f + f) + vocab * m.vocab_size * c
+    # per block: two LayerNorms (weight, bias) and proj's and down's biases
+    replicated = n_blocks * 6 * c + (m.seq_len * c if first else 0) + (2 * c if last else 0)
+    return sharded // t + replicated
+
+
 def memory_model(sharded: str) -> memory.MemoryModel:
     """torch AdamW bytes per parameter over the parameters one TP rank holds, Ψs/T + Ψr."""
     return memory.torch_adamw(sharded, psi="(Ψs/T+Ψr)")
 
 
 # ---- communication -------------------------------------------------------------------------------
-def predicted_step_bytes(cfg, micro_batches: int) -> dict:
+def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] | None = None) -> dict:
     """Payload bytes one TP rank hands to TP collectives in one step (forward + backward), from the shapes.
     An all-reduce's and a reduce-scatter's payload is the full tensor M, an all-gather's its local M/T;
     M = micro_batch x seq_len x d_model x 4 B (fp32 activations). Per micro-batch:
@@ -184,28 +209,35 @@ def predicted_step_bytes(cfg, micro_batches: int) -> dict:
     SP once per step: the norms' weight and bias gradients, (2L+1) x 2 all-reduces of d_model fp32.
     Activation checkpointing recomputes each block's forward up to its last saved tensor (torch stops there,
     before `down`): per block and micro-batch, no SP the proj all-reduce (M), SP two all-gathers and the proj
-    reduce-scatter (2 M/T + M)."""
+    reduce-scatter (2 M/T + M).
+    `stage` = (L, first, last): one pipeline stage's share (docs/ARCHITECTURE.md, Tensor parallelism): its L
+    blocks; the embedding's collective only on the first stage, the head's and the loss's only on the last;
+    4L+2 becomes 4L+f+l, 2L+1 becomes 2L+l."""
     m, t = cfg.model, cfg.tp.degree
+    blocks, first, last = stage or (m.n_layers, True, True)
     tokens = cfg.micro_batch * m.seq_len
-    act, n = tokens * m.d_model * 4, 4 * m.n_layers + 2
-    per_mb = n * act + 3 * tokens * 4
+    act, n = tokens * m.d_model * 4, 4 * blocks + int(first) + int(last)
+    per_mb = n * act + (3 * tokens * 4 if last else 0)
     per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
     if sp:
         per_mb += n * act // t
-        per_step = (2 * m.n_layers + 1) * 2 * m.d_model * 4
+        per_step = (2 * blocks + int(last)) * 2 * m.d_model * 4
     if recompute:
-        per_mb += m.n_layers * (act + (2 * act // t if sp else 0))
+        per_mb += blocks * (act + (2 * act // t if sp else 0))
     formula = "((4L+2) M + 12 tokens) x micro-batches"
     if sp:
         formula = "((4L+2) M + (4L+2) M/T + 12 tokens) x micro-batches + (2L+1) x 8 d_model"
     if recompute:
         formula += " + L (M + 2 M/T) x micro-batches (recomputed)" if sp else " + L M x micro-batches (recomputed)"
+    if stage is not None:
+        formula = f"stage (L={blocks}, f={int(first)}, l={int(last)}): " + formula.replace("4L+2", "4L+f+l").replace(
+            "2L+1", "2L+l").replace("12 tokens", "12 l tokens")
     return {"bytes": per_mb * micro_batches + per_step,
             "formula": f"{formula}; M = micro_batch x seq_len x d_model x 4 B, tokens = micro_batch x seq_len"}
 
 
-def tp_stats(cfg, measured: dict | None, micro_batches: int) -> TensorParallelStats:
-    predicted = predicted_step_bytes(cfg, micro_batches)
+def tp_stats(cfg, measured: dict | None, micro_batches: int, stage=None) -> TensorParallelStats:
+    predicted = predicted_step_bytes(cfg, micro_batches, stage)
     return TensorParallelStats(
         tp_degree=cfg.tp.degree, tp_sequence_parallel=cfg.tp.sequence_parallel,
         tp_collectives_per_step_measured=measured["ops"] if measured else None,

@@ -1,24 +1,31 @@
-"""`pipeline`: pipeline parallelism on torch.distributed.pipelining, optionally x data parallelism.
+"""`pipeline`: pipeline parallelism on torch.distributed.pipelining, optionally x data x tensor parallelism.
 
-Ranks form a (pp, dp) mesh: rank r is stage-rank r // dp of data-parallel replica r % dp. The GPT's
-blocks are cut into pp x v contiguous virtual stages (balanced by parameter count, the embedding
-counted on the first stage and norm + head on the last, or `pp.layers_per_stage`); stage s lives on
-stage-rank s % pp. Schedules: gpipe, 1f1b (one stage per rank), interleaved-1f1b and zero-bubble
-(v = pp.virtual_stages stages per rank; zero-bubble splits each backward into input and weight parts).
+Ranks form a (pp, dp, tp) mesh (parallel/dims.py, tp fastest): with tp = 1, rank r is stage-rank r // dp
+of data-parallel replica r % dp; with tp.degree > 1 every stage is tensor-parallel over its tp group and
+talks to the peer stage-ranks of its own (dp, tp) coordinate; the activations sent between stages are
+plain tensors, replicated over tp (sequence parallelism: this rank's S/T positions)
+(docs/ARCHITECTURE.md, Tensor parallelism). The GPT's blocks are cut into pp x v contiguous virtual
+stages (balanced by parameter count, the embedding counted on the first stage and norm + head on the
+last, or `pp.layers_per_stage`); stage s lives on stage-rank s % pp. Schedules: gpipe, 1f1b (one stage
+per rank), interleaved-1f1b and zero-bubble (v = pp.virtual_stages stages per rank; zero-bubble splits
+each backward into input and weight parts).
 
 One optimizer step:
   1. the replica's global_batch / dp samples go through the schedule in m = pp.microbatches micro-batches
      (mean loss per micro-batch; the schedule divides the gradients by m: the train loop's accumulation)
   2. gradients all-reduced (averaged) across the dp replicas, once, in one flat buffer
-  3. a tied embedding lives on the first and the last stage: their two gradients are summed
-  4. global-norm clipping: squares summed over the stages (the tied copy counted once), then AdamW
+  3. a tied embedding lives on the first and the last stage: their two gradients are summed (under TP,
+     the local vocabulary shards of the same tp coordinate)
+  4. global-norm clipping: squares summed over the stages and TP shards (the tied copy counted once), then AdamW
 Loss: the last stage's, broadcast to its replica's stages, so the loop's mean over ranks is right.
-Checkpoints: one file per stage-rank (written by replica 0). Bubble: see summary_fields().
+Checkpoints: one file per stage-rank (under TP, per stage-rank and tp-rank), written by replica 0.
+Bubble: see summary_fields().
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -32,18 +39,26 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel import compat, memory
 from parallel.data import rank_slice
 from parallel.dims import ParallelDims
 from parallel.errors import UserError
-from parallel.loop.summary import PipelineStats
+from parallel.loop.summary import PipelineStats, TensorParallelStats
 from parallel.model import GPT, cross_entropy
 from parallel.pipeline.bubble import measure
 from parallel.pipeline.gantt import draw_gantt
 from parallel.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
 from parallel.pipeline.stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
-from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngine, clip_, grad_norm
+from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngine, clip_, grad_norm, local
+from parallel.tensor_parallel import (
+    global_grad_norm,
+    parallelize_stage,
+    predicted_step_bytes,
+    stage_params_per_rank,
+)
 from profiling import range as prange
 from profiling.timeline import clock_offset_ns
 
@@ -53,27 +68,27 @@ KEEP_STEPS = 20   # the last steps whose spans are kept for the bubble measureme
 
 
 class PipelineEngine(TorchEngine):
-    def __init__(self, stages: list[StageModule], cfg, ctx: Context, pp: int, dp: int):
+    def __init__(self, stages: list[StageModule], cfg, ctx: Context, mesh):
+        """`mesh`: the (pp, dp_replicate, tp) DeviceMesh; the stages are already tensor-parallel on its tp dim."""
         module = nn.ModuleList(stages)
         super().__init__(module, module, cfg, ctx)
-        self.pp, self.dp, self.v = pp, dp, cfg.pp.virtual_stages
-        self.pp_rank, self.dp_rank = ctx.rank // dp, ctx.rank % dp
-        mesh = ctx.dims.build_mesh(ctx.device.type, ("pp", "dp_replicate"))
+        dims, coords = ctx.dims, ctx.dims.coords(ctx.rank)
+        self.pp, self.dp, self.tp, self.v = dims.pp, dims.dp, dims.tp, cfg.pp.virtual_stages
+        self.pp_rank, self.dp_rank, self.tp_rank = coords["pp"], dims.dp_rank(ctx.rank), coords["tp"]
+        # each rank's pp group holds the stage-ranks of its own (dp, tp) coordinate: its p2p peers
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp_replicate")
         # A tied embedding: first stage (stage-rank 0) and head (stage-rank pp-1) hold a copy each.
-        self.tied = cfg.model.tie_embeddings and pp > 1
-        self.tie_group = None
-        for d in range(dp):   # every rank takes part in creating every group
-            group = dist.new_group([d, (pp - 1) * dp + d]) if self.tied else None
-            if d == self.dp_rank and self.pp_rank in (0, pp - 1):
-                self.tie_group = group
+        self.tied = cfg.model.tie_embeddings and self.pp > 1
+        self.tie_group = _tie_group(mesh, ctx.rank) if self.tied else None
         self.stages = stages
+        # TP collectives are counted during one step: the second (the first may differ: lazy initialisation)
+        self.tp_measured, self.tp_measure_step = None, 1 if cfg.steps > 1 else 0
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
         self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
         instrument_p2p()
-        n_stages = pp * self.v
-        pipe = [TimedStage(mod, self.pp_rank + k * pp, n_stages, ctx.device, group=self.pp_group,
+        n_stages = self.pp * self.v
+        pipe = [TimedStage(mod, self.pp_rank + k * self.pp, n_stages, ctx.device, group=self.pp_group,
                            recorder=self.recorder) for k, mod in enumerate(stages)]
         cls = SCHEDULES[cfg.pp.schedule]
         loss_fn = cross_entropy
@@ -81,7 +96,7 @@ class PipelineEngine(TorchEngine):
                          else cls(pipe, cfg.pp.microbatches, loss_fn=loss_fn))
         self.has_first = any(s.is_first for s in stages)
         self.has_last = any(s.is_last for s in stages)
-        self.last_rank = dist.get_global_rank(self.pp_group, pp - 1)
+        self.last_rank = dist.get_global_rank(self.pp_group, self.pp - 1)
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
@@ -91,13 +106,23 @@ class PipelineEngine(TorchEngine):
         args = (x,) if self.has_first else ()
         kwargs = {"target": y, "losses": losses} if self.has_last else {}
         autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        # TP: the last stage's logits are vocabulary-sharded; the schedule computes the loss and runs its
+        # backward inside step(), so loss_parallel() spans the whole step (docs/ARCHITECTURE.md, Tensor parallelism)
+        vocab_parallel = loss_parallel() if self.tp > 1 else contextlib.nullcontext()
+        measure_tp = self.tp > 1 and self.tp_measured is None and step >= self.tp_measure_step
+        counter = compat.collective_counter() if measure_tp else contextlib.nullcontext()
         _active.append(self.recorder)
         try:
-            with autocast:
+            with counter, autocast, vocab_parallel:
                 self.schedule.step(*args, return_outputs=False, **kwargs)
+                if self.tp > 1:   # before on_backward, which measures the gradients this rank holds
+                    _place_grads_as_params(self.module)
         finally:
             _active.pop()
+        if measure_tp:   # this step's TP collectives (the schedule's p2p and the gradient sums are not DTensor's)
+            self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
         self.history = [*self.history[-(KEEP_STEPS - 1):], self.recorder.take()]
+        losses = [local(loss) for loss in losses]   # a Replicate DTensor under TP: the same scalar on every TP rank
         loss_sum = (torch.stack([loss.detach().double().cpu() for loss in losses]).sum() if losses
                     else torch.zeros((), dtype=torch.float64))
         dist.broadcast(loss_sum, src=self.last_rank, group=self.pp_group)   # the last stage's loss, to all
@@ -115,8 +140,8 @@ class PipelineEngine(TorchEngine):
 
     def step(self) -> tuple[float, bool]:
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.dp > 1:   # average over replicas, once per step, one flat buffer
-            grads = [p.grad for p in params]
+        if self.dp > 1:   # average over replicas, once per step, one flat buffer (the local TP shards)
+            grads = [local(p.grad) for p in params]
             flat = compat.flatten(grads)
             with prange("allreduce", stage=self.pp_rank):
                 dist.all_reduce(flat, group=self.dp_group)
@@ -126,35 +151,52 @@ class PipelineEngine(TorchEngine):
         if self.tie_group is not None:
             stage = self.stages[0] if self.pp_rank == 0 else self.stages[-1]
             weight = stage.tok_emb.weight if self.pp_rank == 0 else stage.head.weight
-            dist.all_reduce(weight.grad, group=self.tie_group)
-        # the stages hold disjoint parameters: squares summed over the pp group (the tied copy once)
-        norm = grad_norm([p.grad for p in self._own_params() if p.grad is not None], self.pp_group, summed=True)
-        clip_([p.grad for p in params], norm, self.cfg.optim.grad_clip)
-        return self._update(norm)
+            # both copies Shard(0) over the same tp coordinate: the local vocabulary rows line up
+            dist.all_reduce(local(weight.grad), group=self.tie_group)
+        own = [p.grad for p in self._own_params() if p.grad is not None]
+        if self.tp > 1:   # over stages and TP shards: a replicated parameter once per stage, the tied copy once
+            norm = global_grad_norm(own, self.ctx.world_size // self.pp)
+        else:   # the stages hold disjoint parameters: squares summed over the pp group (the tied copy once)
+            norm = grad_norm(own, self.pp_group, summed=True)
+        clip_([local(p.grad) for p in params], norm, self.cfg.optim.grad_clip)
+        out = self._update(norm)
+        if self.tp > 1:   # as the TP engines: a Partial SP gradient must not be added into a zeroed Replicate one
+            self.optimizer.zero_grad(set_to_none=True)
+        return out
 
     # ---- state -------------------------------------------------------------------------------
     def _layout(self) -> list[list[str]]:
         return [sorted(s.blocks.keys(), key=int) for s in self.stages]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        mine = {k: v.detach().cpu().clone() for s in self.stages for k, v in s.state_dict().items()}
+        # full_tensor(): a collective over the TP group, whose ranks hold the same stages' keys in the same order
+        mine = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                for s in self.stages for k, v in s.state_dict().items()}
         everyone = [None] * self.ctx.world_size
-        dist.all_gather_object(everyone, mine if self.dp_rank == 0 else {})
+        dist.all_gather_object(everyone, mine if self.dp_rank == 0 and self.tp_rank == 0 else {})
         return {k: v for part in everyone for k, v in part.items()}
+
+    def _file(self) -> str:
+        """One file per (stage-rank, tp-rank): each holds its local TP shards (tp = 1: one per stage-rank)."""
+        return f"stage_rank{self.pp_rank}" + (f"_tp{self.tp_rank}" if self.tp > 1 else "") + ".pt"
 
     def save(self, path: Path) -> None:
         if self.dp_rank == 0:
-            torch.save({"layout": self._layout(), "model": self.module.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       path / f"stage_rank{self.pp_rank}.pt")
+            optim = self.optimizer.state_dict()
+            optim = {**optim, "state": {i: {k: local(v) for k, v in s.items()} for i, s in optim["state"].items()}}
+            torch.save({"layout": self._layout(), "model": {k: local(v) for k, v in self.module.state_dict().items()},
+                        "optimizer": optim, "scheduler": self.scheduler.state_dict()}, path / self._file())
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / f"stage_rank{self.pp_rank}.pt", map_location=self.ctx.device, weights_only=True)
+        state = torch.load(path / self._file(), map_location=self.ctx.device, weights_only=True)
         if state["layout"] != self._layout():
             raise UserError(f"checkpoint {path} holds blocks {state['layout']} on stage-rank {self.pp_rank}, this "
                              f"run has {self._layout()}: use the same pp settings, or checkpoint.resume=false")
-        self.module.load_state_dict(state["model"])
+        with torch.no_grad():   # into the local shards: a plain tensor cannot be copied into a DTensor
+            for k, v in self.module.state_dict(keep_vars=True).items():
+                local(v).copy_(state["model"][k])
         self.optimizer.load_state_dict(state["optimizer"])
+        _rewrap_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
     def _torch_orders(self) -> dict[int, list[tuple[str, int, int]]] | None:
@@ -168,8 +210,12 @@ class PipelineEngine(TorchEngine):
 
     # ---- the bubble --------------------------------------------------------------------------
     def params_on_rank(self, n_params: int) -> int:
-        """A stage-rank holds only its stages' parameters (plus the tied head copy)."""
-        return sum(p.numel() for p in self.module.parameters())
+        """A stage-rank holds only its stages' parameters (plus the tied head copy); under TP, predicted
+        from the shapes: Ψs/T + Ψr of each of its stages."""
+        if self.tp == 1:
+            return sum(p.numel() for p in self.module.parameters())
+        return sum(stage_params_per_rank(self.cfg.model, len(s.blocks), s.is_first, s.is_last, self.tp)
+                   for s in self.stages)
 
     def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict:
         """Measured vs predicted bubble (parallel.pipeline.bubble); writes <run_dir>/pipeline.json (the
@@ -180,6 +226,7 @@ class PipelineEngine(TorchEngine):
         dist.all_gather_object(gathered, (self.pp_rank, self.dp_rank, self.history))
         if not self.ctx.is_main:
             return {}
+        tp = {"tp": self._tp_stats()} if self.tp > 1 else {}
         cfg, pp, m, v = self.cfg, self.pp, self.cfg.pp.microbatches, self.v
         history = {(r, d): h for r, d, h in gathered}
         got = measure(history, cpu_costs=self.ctx.device.type == "cpu", n_stages=pp * v)
@@ -199,7 +246,18 @@ class PipelineEngine(TorchEngine):
             bubble_fraction_closed_form=closed_form_bubble(cfg.pp.schedule, pp, m, v),
             stage_fwd_ms=costs["F"], stage_bwd_ms=bwd,
             peak_inflight_microbatches_measured=max(inflight), peak_inflight_microbatches_by_rank=inflight,
-            peak_inflight_microbatches_predicted=max(sim.peak_inflight))}
+            peak_inflight_microbatches_predicted=max(sim.peak_inflight)), **tp}
+
+    def _tp_stats(self) -> TensorParallelStats:
+        """This rank's TP collectives of one step (measured) beside its stages' share of the TP prediction."""
+        m = self.cfg.pp.microbatches
+        parts = [predicted_step_bytes(self.cfg, m, (len(s.blocks), s.is_first, s.is_last)) for s in self.stages]
+        return TensorParallelStats(
+            tp_degree=self.tp, tp_sequence_parallel=self.cfg.tp.sequence_parallel,
+            tp_collectives_per_step_measured=self.tp_measured["ops"] if self.tp_measured else None,
+            tp_bytes_per_step_per_rank_measured=self.tp_measured["bytes"] if self.tp_measured else None,
+            tp_bytes_per_step_per_rank_predicted=sum(p["bytes"] for p in parts),
+            tp_predicted_formula=" + ".join(p["formula"] for p in parts))
 
     def _write_timeline(self, run_dir: Path, got: dict, sim) -> None:
         """pipeline.json: the reported step's measured spans beside the simulated ones; gantt.png."""
@@ -219,6 +277,40 @@ class PipelineEngine(TorchEngine):
             draw_gantt(timeline, run_dir / "gantt.png")
 
 
+def _tie_group(mesh, rank: int):
+    """The group of this rank's tied-embedding pair: the first and the last stage-rank of the same dp and tp
+    coordinates (taken from the mesh, not from rank arithmetic). Every rank creates every pair's group."""
+    ranks, mine = mesh.mesh, None   # global ranks, shape (pp, dp_replicate, tp)
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            pair = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+            group = dist.new_group(pair)
+            if rank in pair:
+                mine = group
+    return mine
+
+
+def _place_grads_as_params(module: nn.Module) -> None:
+    """Each TP gradient laid out as its parameter. The vocabulary-parallel embedding's weight gradient comes
+    out Replicate (every TP rank computes all rows); the tied first/last-stage sum needs the Shard(0) rows
+    that line up with the head copy's (Replicate -> Shard(0) is a local slice, no communication)."""
+    for p in module.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+            with prange("tp.place_grads"):
+                p.grad = g.redistribute(placements=p.placements)
+
+
+def _rewrap_optimizer_state(optimizer) -> None:
+    """After load_state_dict from local shards: each TP parameter's moments become DTensors again, placed as
+    the parameter (AdamW does not mix DTensor and plain tensors)."""
+    for p, s in optimizer.state.items():
+        if isinstance(p, DTensor):
+            for k, v in s.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.ndim > 0:
+                    s[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+
+
 def _destroy_groups() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -228,29 +320,35 @@ class Pipeline(Recipe):
     """pp stage-ranks x dp replicas: `pp.degree` (0 = every process a stage)."""
 
     data_parallel = "replicate"
-    tensor_parallel = "pipeline x tensor parallelism is not built yet; use pp.degree or tp.degree, not both"
+    tensor_parallel = None   # composes: each stage tensor-parallel over its tp group (docs/ARCHITECTURE.md)
 
     def dims(self, cfg, world_size: int):
         super().dims(cfg, world_size)   # the world-size bounds
-        return ParallelDims.for_world(world_size, "replicate", pp=cfg.pp.degree or world_size,
+        # pp.degree 0: every rank that tp and cp leave is a stage
+        pp = cfg.pp.degree or max(1, world_size // (cfg.tp.degree * cfg.cp.degree))
+        return ParallelDims.for_world(world_size, "replicate", pp=pp,
                                       cp=cfg.cp.degree, tp=cfg.tp.degree)
 
     def memory_model(self, cfg) -> memory.MemoryModel:
-        return memory.torch_adamw("none", psi="Ψ_stage")
+        return memory.torch_adamw("none", psi="(Ψs/T+Ψr)_stage" if cfg.tp.degree > 1 else "Ψ_stage")
 
     def validate_layout(self, cfg, dims) -> None:
         check_pp_layout(cfg, dims.pp, dims.dp)
 
     def setup(self, model: GPT, cfg, ctx: Context) -> Engine:
         model.to(ctx.device)
-        pp, dp, v = ctx.dims.pp, ctx.dims.dp, cfg.pp.virtual_stages
+        pp, v = ctx.dims.pp, cfg.pp.virtual_stages
         pp_rank = ctx.dims.coords(ctx.rank)["pp"]
         n_stages = pp * v
         sizes = stage_sizes(model, n_stages, cfg.pp.layers_per_stage)
         starts = [sum(sizes[:s]) for s in range(n_stages)]
         stages = [StageModule(model, starts[s], sizes[s], s == 0, s == n_stages - 1, untie=pp > 1)
                   for s in range(pp_rank, n_stages, pp)]
-        engine = PipelineEngine(stages, cfg, ctx, pp, dp)
+        mesh = ctx.dims.build_mesh(ctx.device.type, ("pp", "dp_replicate", "tp"))
+        if ctx.dims.tp > 1:   # every stage tensor-parallel over its tp group (docs/ARCHITECTURE.md, Tensor parallelism)
+            for stage in stages:
+                parallelize_stage(stage, mesh["tp"], cfg.tp.sequence_parallel)
+        engine = PipelineEngine(stages, cfg, ctx, mesh)
         # gloo's p2p threads abort the process ("terminate called without an active exception") when the
         # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
         atexit.unregister(_destroy_groups)

@@ -47,8 +47,6 @@ BAD = [
     (["--recipe", "single", "tp.degree=2"], "recipe=single: runs one process; use --recipe ddp (or fsdp) with --nproc"),
     (["--recipe", "zero2", "--nproc", "2", "tp.degree=2"], "recipe=zero2: DeepSpeed's ZeRO partitions flat"),
     (["--recipe", "zero3", "--nproc", "2", "tp.degree=2"], "recipe=zero3: DeepSpeed's ZeRO partitions flat"),
-    (["--recipe", "pipeline", "--nproc", "4", "pp.degree=2", "tp.degree=2"],
-     "recipe=pipeline: pipeline x tensor parallelism is not built yet"),
     (["--recipe", "async-ps", "--nproc", "2", "tp.degree=2"], "recipe=async-ps: the parameter server holds"),
     (["--recipe", "hogwild", "--nproc", "2", "tp.degree=2"], "recipe=hogwild: hogwild shares one whole model"),
     (["--recipe", "diloco", "--nproc", "2", "tp.degree=2"], "recipe=diloco: its parameter averaging"),

@@ -1,10 +1,11 @@
 """Tensor (and sequence) parallelism matches `single`: per-step losses within 1e-5 relative and the final
-gathered parameters within 1e-5, for ddp x tp (2 ranks, SP off and on; 4 ranks, dp_replicate 2) and
-fsdp x tp (4 ranks); the TP model alone against the unsharded one, replicated gradients bitwise equal on
-every TP rank; model-state memory; TP collectives measured vs predicted; kill and resume under fsdp x tp.
+gathered parameters within 1e-5, for ddp x tp (2 ranks, SP off and on; 4 ranks, dp_replicate 2),
+fsdp x tp (4 ranks) and pipeline x tp (4 ranks: pp 2 x tp 2, 1f1b; gpipe with SP); the TP model alone against
+the unsharded one, replicated gradients bitwise equal on every TP rank; model-state memory; TP collectives
+measured vs predicted; kill and resume under fsdp x tp; resume under pipeline x tp.
 
 Three launches in all (budget: about 90 s): one of 2 ranks (the ddp x tp runs and the unit check), one
-4-rank run that is killed, and one of 4 ranks (the other runs, the resumed one among them).
+4-rank run that is killed, and one of 4 ranks (the other runs, the resumed ones among them).
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ RESUME = ["checkpoint.every=2", "checkpoint.keep=1"]
 TWO = {"ddp-tp": ["recipe=ddp", "tp.degree=2"],
        "ddp-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"],
        "ddp-tp-nan": ["recipe=ddp", "tp.degree=2", "fault.nan_at_step=2", "checkpoint.save_final=false"]}
-EQUIVALENT = ["ddp-tp", "ddp-tp-sp", "fsdp-tp", "ddp-dp2-tp-sp"]
 FOUR = {"fsdp-tp": ["recipe=fsdp", "tp.degree=2", *RESUME],
         "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true",
                           "model.activation_checkpointing=true"]}   # recomputation: more collectives, predicted
+# pipeline x tp: 2 stages x 2 TP ranks, in the 4-rank launch; the 1f1b run checkpoints after 3 steps,
+# a third run resumes from a copy of that checkpoint; gpipe with sequence parallelism (the activations
+# between stages are then each rank's half of the sequence)
+PIPE_TP = ["recipe=pipeline", "pp.degree=2", "tp.degree=2", "pp.gantt=false"]
+PP_TP = {"pp-tp": [*PIPE_TP, "pp.schedule=1f1b", "checkpoint.every=3"],
+         "pp-tp-sp-gpipe": [*PIPE_TP, "pp.schedule=gpipe", "tp.sequence_parallel=true"]}
+EQUIVALENT = ["ddp-tp", "ddp-tp-sp", "fsdp-tp", "ddp-dp2-tp-sp", *PP_TP]
 
 
 def _torchrun(nproc: int, runs: list, results=None) -> None:
@@ -54,7 +61,7 @@ def single(tmp_path_factory):
 def tp_runs(tmp_path_factory):
     """{name: run_dir}, plus "unit": the unit check's JSON, "killed": the first attempt's CompletedProcess."""
     root = tmp_path_factory.mktemp("tp")
-    dirs = {name: root / name for name in [*TWO, *FOUR, "fsdp-tp-resumed"]}
+    dirs = {name: root / name for name in [*TWO, *FOUR, "fsdp-tp-resumed", *PP_TP, "pp-tp-resumed"]}
     _torchrun(2, [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in TWO.items()], root / "unit.json")
     # rank 1 dies at step 3: the checkpoint after 2 steps is complete, the one after 4 never starts
     killed = wb("train", "--config", TINY, "--nproc", "4", "--run-dir", str(dirs["fsdp-tp-resumed"]), *COMMON,
@@ -62,6 +69,9 @@ def tp_runs(tmp_path_factory):
     checkpoints = sorted(p.name for p in (dirs["fsdp-tp-resumed"] / "checkpoints").iterdir())
     runs = [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in FOUR.items()]
     runs.append((TINY, [*COMMON, *FOUR["fsdp-tp"], f"run_dir={dirs['fsdp-tp-resumed']}"]))   # fault off: resumes
+    runs += [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in PP_TP.items()]
+    runs.append(("copy", str(dirs["pp-tp"]), str(dirs["pp-tp-resumed"]), 3))
+    runs.append((TINY, [*COMMON, *PP_TP["pp-tp"], f"run_dir={dirs['pp-tp-resumed']}"]))
     _torchrun(4, runs)
     return {**dirs, "unit": json.loads((root / "unit.json").read_text()), "killed": (killed, checkpoints)}
 
@@ -78,7 +88,7 @@ def test_matches_single(name, single, tp_runs):
     diff = max_rel_diff(final_params(tp_runs[name]), final_params(single))   # same names and shapes as single's
     assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
     s = summary(tp_runs[name])
-    assert s["parallel_dims"]["tp"] == 2 and s["dp"] == s["world_size"] // 2
+    assert s["parallel_dims"]["tp"] == 2 and s["dp"] == s["world_size"] // (2 * s["parallel_dims"]["pp"])
 
 
 @pytest.mark.parametrize("sp", [False, True])
@@ -114,7 +124,7 @@ def test_memory_tp2_at_most_055x_single(single, tp_runs):
         0.1 * s["model_state_bytes_per_rank"] / 2
 
 
-@pytest.mark.parametrize("name", EQUIVALENT)
+@pytest.mark.parametrize("name", EQUIVALENT)   # pipeline: rank 0's share, its first stage's
 def test_tp_collectives_measured_and_predicted(name, tp_runs):
     s = summary(tp_runs[name])
     ops = s["tp_collectives_per_step_measured"]
@@ -149,3 +159,22 @@ def test_kill_and_resume_fsdp_tp(tp_runs):
     assert summary(resumed)["resumed_from_step"] == 2
     assert max_rel_diff(final_params(resumed), final_params(clean)) < 1e-6
     assert losses(resumed) == pytest.approx(losses(clean), rel=1e-6)
+
+
+def test_pipeline_tp_stage_memory_and_resume(tp_runs):
+    """pp = 2 x tp = 2: each stage-rank holds Ψs/T + Ψr of its stage (tiny.toml: one block per stage; the
+    embeddings on stage 0, ln_f and the tied head's copy on stage 1); one checkpoint file per (stage-rank,
+    tp-rank); resumed from the step-3 checkpoint, the same steps 3 and 4 and the same end state."""
+    from parallel import RunConfig
+
+    clean, resumed = tp_runs["pp-tp"], tp_runs["pp-tp-resumed"]
+    s, m = summary(clean), RunConfig.from_toml(TINY).model
+    c = m.d_model
+    first = (4 * c * c + 8 * c * c + 4 * c + m.vocab_size * c) // 2 + 6 * c + m.seq_len * c
+    assert s["predicted_model_state_bytes_per_rank"] == 16 * first and "(Ψs/T+Ψr)_stage" in s["predicted_formula"]
+    assert s["model_state_bytes_per_rank"] == s["predicted_model_state_bytes_per_rank"]   # fp32: measured = predicted
+    assert sorted(p.name for p in (clean / "checkpoints" / "step_000003").iterdir()) == [
+        "meta.json", "stage_rank0_tp0.pt", "stage_rank0_tp1.pt", "stage_rank1_tp0.pt", "stage_rank1_tp1.pt"]
+    assert summary(resumed)["resumed_from_step"] == 3
+    assert losses(resumed) == pytest.approx(losses(clean)[3:], rel=1e-6)
+    assert max_rel_diff(final_params(resumed), final_params(clean)) < 1e-6

@@ -1,6 +1,8 @@
 """Run under torchrun by tests/parallel/test_tensor_parallel.py: trains the runs of its first argument (as
-tests/parallel/runs.py does) and then, in the same launch, checks the tensor-parallel model alone against
-the unsharded one (the nanotron pattern), writing what it found to the JSON file of its second argument.
+tests/parallel/runs.py does; a `["copy", src, dst, step]` item seeds dst with src's checkpoint, as in
+tests/parallel/pipeline_runs.py, so that the next run resumes from it) and then, in the same launch,
+checks the tensor-parallel model alone against the unsharded one (the nanotron pattern), writing what it
+found to the JSON file of its second argument.
 
 The unit check, for sequence parallelism off and on: one forward and backward of the same batch through a
 TP GPT and through an unsharded copy with the same initial weights; the loss, every gathered gradient, and
@@ -61,8 +63,13 @@ if __name__ == "__main__":
     from parallel import RunConfig, train
     from parallel.loop.distributed import exit_worker
 
-    for config, overrides in json.loads(sys.argv[1]):
-        train(RunConfig.from_toml(config, overrides))
+    for item in json.loads(sys.argv[1]):
+        if item[0] == "copy":   # ["copy", src, dst, step]: dst holds only src's checkpoint after `step` steps
+            from tests.parallel.pipeline_runs import _copy_checkpoint
+
+            _copy_checkpoint(*item[1:])
+        else:
+            train(RunConfig.from_toml(item[0], item[1]))
     if len(sys.argv) > 2:
         results = {f"sp={sp}": unit_check(sp) for sp in (False, True)}
         if dist.get_rank() == 0:
