@@ -128,11 +128,11 @@ up() {
 }
 
 stop() {   # stop: NAME -- SIGTERM our daemon, SIGKILL after 10 s
-    local pid i
+    local pid
     pid=$(our_pid "$1")
     [ -n "$pid" ] || return 0
     kill "$pid" 2>/dev/null || true
-    for i in $(seq 100); do [ -d "/proc/$pid" ] || return 0; sleep 0.1; done
+    for _ in $(seq 100); do [ -d "/proc/$pid" ] || return 0; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
 }
 
