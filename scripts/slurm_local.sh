@@ -67,7 +67,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCKET
+# a requeued job may start again cred_expire + 1 s after it ended (default 120 s)
+AuthInfo=socket=$SOCKET,cred_expire=10
+MailProg=/bin/true
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -116,7 +118,7 @@ up() {
     [ "$(id -u)" = 0 ] || cannot "needs root (it installs packages and runs slurmctld/slurmd as root)"
     install_packages
     if [ -n "$(our_pid slurmctld)" ] && [ -n "$(our_pid slurmd)" ]; then
-        wait_idle && say "already up ($CONF)" && return 0
+        wait_idle && say "already up: node $(hostname -s) idle; export SLURM_CONF=$CONF" && return 0
     fi
     [ -f "$CONF" ] || write_conf
     start_munge
