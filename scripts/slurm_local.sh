@@ -67,8 +67,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# a requeued job may start again cred_expire + 1 s after it ended (default 120 s)
-AuthInfo=socket=$SOCKET,cred_expire=10
+# a requeued job may start again cred_expire + 1 s after it ended (default 120 s), and the schedulers look
+# for it every second (defaults: backfill 30 s, main 60 s)
+AuthInfo=socket=$SOCKET,cred_expire=5
+SchedulerParameters=bf_interval=1,sched_interval=1
 MailProg=/bin/true
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
