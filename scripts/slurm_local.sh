@@ -117,7 +117,7 @@ wait_idle() {
 }
 
 up() {
-    [ "$(id -u)" = 0 ] || cannot "needs root (it installs packages and runs slurmctld/slurmd as root)"
+    [ "$EUID" = 0 ] || cannot "needs root (it installs packages and runs slurmctld/slurmd as root)"
     install_packages
     if [ -n "$(our_pid slurmctld)" ] && [ -n "$(our_pid slurmd)" ]; then
         wait_idle && say "already up: node $(hostname -s) idle; export SLURM_CONF=$CONF" && return 0
