@@ -29,13 +29,14 @@ demo: $(STAMP)
 
 # Two phases: the tests in parallel (pytest-xdist, one worker per CPU, each test file on one worker so its
 # module fixtures run once), then the `serial` ones alone: they time themselves (the pipeline bubble) or need
-# every core (the jobs on the single-node Slurm cluster, which is up for this phase and down after it, even
-# when a test fails; where it cannot run, exit 3, its tests skip with the reason).
+# every core (the jobs on the single-node Slurm cluster: their module fixture runs scripts/slurm_local.sh up,
+# installing it if needed, and down after them, so its daemons do not run beside the timed tests; where it
+# cannot run, exit 3, they skip with its reason). slurm-down after the phase, even when a test fails, leaves
+# nothing running if pytest itself dies.
 PYTEST_JOBS ?= auto
 
 test: $(STAMP) test-triton36
 	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not serial" --durations=30
-	-$(MAKE) slurm-up   # a failure shows here and again, with the logs, in the Slurm tests
 	status=0; $(PYTEST) tests -q -m serial --durations=5 || status=$$?; $(MAKE) slurm-down; exit $$status
 
 slurm-up:
