@@ -122,7 +122,10 @@ up() {
     if [ -n "$(our_pid slurmctld)" ] && [ -n "$(our_pid slurmd)" ]; then
         wait_idle && say "already up: node $(hostname -s) idle; export SLURM_CONF=$CONF" && return 0
     fi
-    [ -f "$CONF" ] || write_conf
+    if [ -z "$(our_pid slurmctld)" ]; then   # a fresh start: no jobs of an earlier one come back
+        rm -rf "$DIR/state" "$DIR/spool"
+        write_conf
+    fi
     start_munge
     [ -n "$(our_pid slurmctld)" ] || slurmctld -f "$CONF" || fail "slurmctld did not start"
     [ -n "$(our_pid slurmd)" ] || slurmd -f "$CONF" || fail "slurmd did not start"
