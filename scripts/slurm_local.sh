@@ -101,7 +101,7 @@ start_munge() {
     if [ ! -f "$DIR/munge/munge.key" ]; then
         dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1 count=1024 status=none
     fi
-    chmod 700 "$DIR/munge" && chmod 400 "$DIR/munge/munge.key"
+    chmod 755 "$DIR/munge" && chmod 400 "$DIR/munge/munge.key"
     munged --force --key-file="$DIR/munge/munge.key" --socket="$SOCKET" --pid-file="$DIR/munged.pid" \
         --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munge.seed" || fail "munged did not start"
 }
