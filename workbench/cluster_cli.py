@@ -31,6 +31,10 @@ def launch_torchrun(
                                                                   "default localhost:0 on one node"),
     rdzv_id: str = typer.Option("", "--rdzv-id", help="job id shared by all nodes (default: random on one node)"),
     node_rank: int = typer.Option(None, "--node-rank", help="this node's rank (optional with c10d)"),
+    local_addr: str = typer.Option("", "--local-addr", help="the address other nodes reach this one at "
+                                                            "(default: what its hostname resolves to)"),
+    rdzv_conf: str = typer.Option("", "--rdzv-conf", help="c10d options, e.g. is_host=true on the head node when "
+                                                          "its hostname does not resolve to the endpoint"),
     max_restarts: int = typer.Option(0, "--max-restarts", help="restarts of the worker group after a failure"),
     local_ranks_filter: str = typer.Option("", "--local-ranks-filter", help="console shows only these local ranks"),
     log_dir: str = typer.Option("", "--log-dir", help="one stdout/stderr log file per rank under here"),
@@ -41,7 +45,8 @@ def launch_torchrun(
 
     cmd = torchrun.torchrun_command(list(command or []), nproc_per_node=nproc_per_node, nnodes=nnodes,
                                     rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts,
-                                    local_ranks_filter=local_ranks_filter, log_dir=log_dir, node_rank=node_rank)
+                                    local_ranks_filter=local_ranks_filter, log_dir=log_dir, node_rank=node_rank,
+                                    local_addr=local_addr, rdzv_conf=rdzv_conf)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return
