@@ -134,13 +134,16 @@ up() {
     say "up: node $(hostname -s) idle; export SLURM_CONF=$CONF"
 }
 
-stop() {   # stop: NAME -- SIGTERM our daemon, SIGKILL after 10 s
-    local pid
-    pid=$(our_pid "$1")
-    [ -n "$pid" ] || return 0
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do [ -d "/proc/$pid" ] || return 0; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+stop() {   # stop NAME...: SIGTERM to each of our daemons at once, SIGKILL to any still there after 10 s
+    local pids=() pid name
+    for name in "$@"; do pid=$(our_pid "$name"); [ -n "$pid" ] && pids+=("$pid"); done
+    [ ${#pids[@]} -gt 0 ] || return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 100); do
+        for pid in "${pids[@]}"; do [ -d "/proc/$pid" ] && { sleep 0.1; continue 2; }; done
+        return 0
+    done
+    kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 down() {
@@ -148,9 +151,7 @@ down() {
         scancel --full --quiet --partition=debug 2>/dev/null || true
         for _ in $(seq 100); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.1; done
     fi
-    stop slurmd
-    stop slurmctld
-    stop munged
+    stop slurmd slurmctld munged
     if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; then rm -f "$ETC_CONF"; fi
     rm -rf "$DIR"
     say "down"
