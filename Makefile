@@ -8,7 +8,7 @@ CPU_TORCH ?= 2.13.0
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST    := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-fast test-triton36 bench lint gpu-check clean
+.PHONY: install demo test test-fast test-triton36 bench lint gpu-check clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -28,12 +28,22 @@ demo: $(STAMP)
 	$(BIN)/wb demo
 
 # Two phases: the tests in parallel (pytest-xdist, one worker per CPU, each test file on one worker so its
-# module fixtures run once), then the `serial` ones alone: they time themselves (the pipeline bubble).
+# module fixtures run once), then the `serial` ones alone: they time themselves (the pipeline bubble) or need
+# every core (the jobs on the single-node Slurm cluster: their module fixture runs scripts/slurm_local.sh up,
+# installing it if needed, and down after them, so its daemons do not run beside the timed tests; where it
+# cannot run, exit 3, they skip with its reason). slurm-down after the phase, even when a test fails, leaves
+# nothing running if pytest itself dies.
 PYTEST_JOBS ?= auto
 
 test: $(STAMP) test-triton36
 	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not serial" --durations=30
-	$(PYTEST) tests -q -m serial --durations=5
+	status=0; $(PYTEST) tests -q -m serial --durations=5 || status=$$?; $(MAKE) slurm-down; exit $$status
+
+slurm-up:
+	bash scripts/slurm_local.sh up || [ $$? -eq 3 ]
+
+slurm-down:
+	bash scripts/slurm_local.sh down
 
 # The oldest supported Triton (kernels/triton_compat.py) in a venv of its own, built once (stamp file):
 # the AOT compile sweep of every fp16 spec (a third of `wb kernels compile all`, which takes too long for

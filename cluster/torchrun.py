@@ -41,7 +41,8 @@ def entry_args(command: list[str]) -> list[str]:
 
 def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: str = "",
                      rdzv_id: str = "", max_restarts: int = 0, local_ranks_filter: str = "", log_dir: str = "",
-                     node_rank: int | None = None, python: str = sys.executable) -> list[str]:
+                     node_rank: int | None = None, python: str = sys.executable, local_addr: str = "",
+                     rdzv_conf: str = "") -> list[str]:
     """The exact torchrun command line (as `python -m torch.distributed.run`, so the venv's torch runs)."""
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
@@ -58,6 +59,10 @@ def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1",
            f"--max-restarts={max_restarts}"]
     if node_rank is not None:
         cmd.append(f"--node-rank={node_rank}")
+    if local_addr:   # the address the other nodes reach this one at (default: its hostname's)
+        cmd.append(f"--local-addr={local_addr}")
+    if rdzv_conf:    # e.g. is_host=true: this node hosts the c10d store (when its hostname does not tell)
+        cmd.append(f"--rdzv-conf={rdzv_conf}")
     if log_dir:
         cmd += [f"--log-dir={log_dir}", "--redirects=3", "--tee=3"]   # files per rank, and the console
     if local_ranks_filter:

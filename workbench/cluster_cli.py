@@ -7,6 +7,7 @@ Each takes the job's own command after `--`, e.g. `wb launch torchrun --nproc-pe
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -30,6 +31,10 @@ def launch_torchrun(
                                                                   "default localhost:0 on one node"),
     rdzv_id: str = typer.Option("", "--rdzv-id", help="job id shared by all nodes (default: random on one node)"),
     node_rank: int = typer.Option(None, "--node-rank", help="this node's rank (optional with c10d)"),
+    local_addr: str = typer.Option("", "--local-addr", help="the address other nodes reach this one at "
+                                                            "(default: what its hostname resolves to)"),
+    rdzv_conf: str = typer.Option("", "--rdzv-conf", help="c10d options, e.g. is_host=true on the head node when "
+                                                          "its hostname does not resolve to the endpoint"),
     max_restarts: int = typer.Option(0, "--max-restarts", help="restarts of the worker group after a failure"),
     local_ranks_filter: str = typer.Option("", "--local-ranks-filter", help="console shows only these local ranks"),
     log_dir: str = typer.Option("", "--log-dir", help="one stdout/stderr log file per rank under here"),
@@ -40,7 +45,8 @@ def launch_torchrun(
 
     cmd = torchrun.torchrun_command(list(command or []), nproc_per_node=nproc_per_node, nnodes=nnodes,
                                     rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts,
-                                    local_ranks_filter=local_ranks_filter, log_dir=log_dir, node_rank=node_rank)
+                                    local_ranks_filter=local_ranks_filter, log_dir=log_dir, node_rank=node_rank,
+                                    local_addr=local_addr, rdzv_conf=rdzv_conf)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return
@@ -83,25 +89,39 @@ def slurm_render(
     partition: str = typer.Option("gpu", "--partition", help="Slurm partition"),
     job_name: str = typer.Option("wb-train", "--job-name"),
     account: str = typer.Option("", "--account"),
-    cpus_per_task: int = typer.Option(0, "--cpus-per-task", help="CPUs for each node's torchrun (0 = default)"),
+    nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="torchrun processes per node (0 = one per GPU, "
+                                                                   "one without GPUs)"),
+    threads_per_rank: int = typer.Option(1, "--threads-per-rank", help="OMP_NUM_THREADS of each rank"),
+    cpus_per_task: int = typer.Option(0, "--cpus-per-task", help="CPUs for each node's torchrun "
+                                                                 "(0 = processes per node x threads per rank)"),
+    mem: str = typer.Option("", "--mem", help="memory per node, e.g. 64G (0 = all of it; default: the site's)"),
+    exclusive: bool = typer.Option(False, "--exclusive", help="the nodes are not shared with other jobs"),
+    setup: list[str] = typer.Option(None, "--setup", help="a shell line run before srun, e.g. "
+                                                          "'source .venv/bin/activate' (repeatable)"),
     max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun restarts after a lost worker"),
     port: int = typer.Option(29500, "--port", help="c10d rendezvous port on the head node"),
     log_dir: str = typer.Option("runs/slurm", "--log-dir", help="batch, node and per-rank logs"),
     out: Path = typer.Option(None, "--out", help="script path (default <log-dir>/<job-name>.sbatch)"),
     submit: bool = typer.Option(False, "--submit", help="pass the script to sbatch"),
+    wait: bool = typer.Option(False, "--wait", help="with --submit: return when the job ends, with its exit status"),
 ) -> None:
     """Write an sbatch script that runs the command as `srun torchrun` on every node."""
     from cluster import slurm
 
-    text = slurm.render_sbatch(list(command or []), nodes=nodes, gpus_per_node=gpus_per_node, time=time,
-                               partition=partition, job_name=job_name, log_dir=log_dir, max_restarts=max_restarts,
-                               port=port, cpus_per_task=cpus_per_task, account=account)
+    command = list(command or [])
+    text = slurm.render_sbatch(command, nodes=nodes, gpus_per_node=gpus_per_node, time=time, partition=partition,
+                               job_name=job_name, log_dir=log_dir, max_restarts=max_restarts, port=port,
+                               cpus_per_task=cpus_per_task, account=account, nproc_per_node=nproc_per_node,
+                               threads_per_rank=threads_per_rank, mem=mem, exclusive=exclusive, setup=setup or [])
     path = output_file(out, "--out") if out else output_file(Path(log_dir) / f"{job_name}.sbatch", "--log-dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(0o755)
     print(f"wrote {path}")
+    if not slurm.run_dir_of(command):
+        print("wb: note: the command names no run directory (run_dir=...): a requeued job starts over instead of "
+              "resuming", file=sys.stderr)
     if submit:
-        code = slurm.submit(path)
+        code = slurm.submit(path, wait=wait)
         if code:
             raise typer.Exit(code)

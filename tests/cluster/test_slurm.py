@@ -4,6 +4,7 @@ the user's arguments literal (no shell injection), and requeues itself on USR1."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -92,3 +93,40 @@ def test_submit(tmp_path, monkeypatch):
     _, done = _render(tmp_path, "--submit", PATH=f"{fake}:{os.environ['PATH']}")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "submitted").read_text().strip() == str(tmp_path / "job.sbatch")
+
+
+def test_cpu_node_options_and_environment_record(tmp_path):
+    """--gpus-per-node 0: no GPU line; --cpus-per-task = ranks x threads; --mem, --exclusive, --setup lines
+    before srun; the job's SLURM_* variables and hosts land in <run dir>/slurm_env.json."""
+    script = tmp_path / "job.sbatch"
+    done = wb("slurm", "render", "--gpus-per-node", "0", "--nproc-per-node", "2", "--threads-per-rank", "3",
+              "--mem", "8G", "--exclusive", "--setup", "export SETUP_RAN=yes", "--log-dir", str(tmp_path / "logs"),
+              "--out", str(script), "--", "wb", "train", "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    assert "gpus" not in text and "gres" not in text
+    for directive in ("--cpus-per-task=6", "--mem=8G", "--exclusive"):
+        assert f"#SBATCH {directive}" in text
+    assert text.index("export SETUP_RAN=yes") < text.index("\nsrun ")
+    env = dict(os.environ, SLURM_JOB_ID="9", SLURM_JOB_NODELIST="node7", SLURM_JOB_NUM_NODES="1",
+               CALLS=str(tmp_path / "calls"), ARGS_OUT=str(tmp_path / "args"))
+    run = subprocess.run(["bash", "-c", STUBS + f'bash "{script}"'], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    args = (tmp_path / "args").read_text().split("\0")[:-1]
+    assert "--nproc-per-node=2" in args
+    (start,) = json.loads((tmp_path / "run" / "slurm_env.json").read_text())["starts"]
+    assert start["hostnames"] == ["node7", "node8"]   # the stand-in scontrol's hosts
+    assert start["env"]["SLURM_JOB_ID"] == "9"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mem", "lots"], "--mem: 'lots' is not valid"),
+    (["--threads-per-rank", "0"], "--threads-per-rank >= 1"),
+    (["--setup", " "], "--setup must be one non-empty shell line"),
+])
+def test_bad_values_are_one_line(args, message):
+    done = wb("slurm", "render", "--out", "/tmp/wb-unused.sbatch", *args, "--", "wb", "train", timeout=60)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert message in line
