@@ -28,16 +28,18 @@ demo: $(STAMP)
 	$(BIN)/wb demo
 
 # Two phases: the tests in parallel (pytest-xdist, one worker per CPU, each test file on one worker so its
-# module fixtures run once), then the `serial` ones alone: they time themselves (the pipeline bubble) or need
-# every core (the jobs on the single-node Slurm cluster: their module fixture runs scripts/slurm_local.sh up,
-# installing it if needed, and down after them, so its daemons do not run beside the timed tests; where it
-# cannot run, exit 3, they skip with its reason). slurm-down after the phase, even when a test fails, leaves
-# nothing running if pytest itself dies.
+# module fixtures run once), then the `serial` ones alone: they time themselves (the pipeline bubble). The
+# jobs on the single-node Slurm cluster run in the parallel phase: their module fixture runs
+# scripts/slurm_local.sh up (installing Slurm if needed) and down after them; where it cannot run (exit 3)
+# they skip with its reason. slurm-down after both phases, even when a test fails, leaves nothing running if
+# pytest itself dies.
 PYTEST_JOBS ?= auto
 
 test: $(STAMP) test-triton36
-	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not serial" --durations=30
-	status=0; $(PYTEST) tests -q -m serial --durations=5 || status=$$?; $(MAKE) slurm-down; exit $$status
+	status=0; \
+	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not serial" --durations=30 || status=$$?; \
+	$(PYTEST) tests -q -m serial --durations=5 || status=$$?; \
+	$(MAKE) slurm-down; exit $$status
 
 slurm-up:
 	bash scripts/slurm_local.sh up || [ $$? -eq 3 ]

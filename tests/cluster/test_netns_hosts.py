@@ -1,7 +1,7 @@
 """Two nodes on one machine (scripts/netns_hosts.sh: network namespaces joined by a veth pair; docs/ARCHITECTURE.md,
 Slurm test cluster): `wb launch torchrun --nnodes 2` with one rank per "host", c10d on host A's address, matches
-`single` per step and in its final parameters. Marked `serial` (two ranks, both cores); skipped with the script's
-one-line reason where namespaces cannot be made (not root, no `ip`, no netns or veth)."""
+`single` per step and in its final parameters. Skipped with the script's one-line reason where namespaces cannot
+be made (not root, no `ip`, no netns or veth)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import sys
 import pytest
 
 from tests.cluster.common import ROOT, TINY, env, final_params, free_port, losses, max_rel_diff, wb
-
-pytestmark = pytest.mark.serial
 
 SCRIPT = str(ROOT / "scripts" / "netns_hosts.sh")
 HOSTS = {"wb-hostA": ("10.77.0.1", "wbvA"), "wb-hostB": ("10.77.0.2", "wbvB")}

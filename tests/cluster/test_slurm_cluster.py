@@ -2,8 +2,9 @@
 Slurm test cluster): a 2-process ddp job runs to completion with the uninterrupted run's losses; `scontrol
 requeue` mid-run resumes from the newest checkpoint and ends bit-identical; `scancel` ends a job cleanly.
 
-Marked `serial`: a 2-rank job takes both cores of the 2-core CI machine. The module skips (with the script's
-one-line reason) only where the cluster cannot run here: not root, or no apt-get with the packages missing.
+Nothing here compares times, so it runs in `make test`'s parallel phase (other tests only slow the job down).
+The module skips (with the script's one-line reason) only where the cluster cannot run here: not root, or no
+apt-get with the packages missing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from parallel.checkpoint import complete_checkpoints
 from parallel.loop.rundir import read_metrics
 from tests.cluster.common import JOB, ROOT, TINY, final_params, free_port, losses, max_rel_diff, summary, wb
 
-pytestmark = [pytest.mark.slurm, pytest.mark.serial]
+pytestmark = pytest.mark.slurm
 
 SCRIPT = str(ROOT / "scripts" / "slurm_local.sh")
 SLOW = ["straggler.rank=1", "straggler.factor=10"]   # ~0.6 s a step: time to act while the job runs
