@@ -84,11 +84,16 @@ def skip_deepspeed_shm_comm() -> bool:
     return True
 
 
-def collective_counter():
+def collective_counter(range_factory=None):
     """A dispatch mode that counts the functional collectives DTensor issues (what tensor parallelism
-    communicates) and their payload bytes; enter it around one training step.
-    Private: `torch.utils._python_dispatch.TorchDispatchMode` and the `_c10d_functional` op namespace
-    (torch 2.4 to 2.13), the mechanism torch's own CommDebugMode uses."""
+    communicates) and their payload bytes; enter it around a training step. With `range_factory`
+    (profiling.range), each collective's issue runs in a range "tp.<collective>" and each wait for one in
+    "tp.wait", so Nsight and the timeline show TP communication, which DTensor issues from inside its ops.
+    Private: `torch.utils._python_dispatch.TorchDispatchMode`, the `_c10d_functional` op namespace and
+    `_functional_collectives.AsyncCollectiveTensor` (torch 2.4 to 2.13), what torch's CommDebugMode uses."""
+    import contextlib
+
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
     from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -105,9 +110,15 @@ def collective_counter():
             if any(issubclass(t, DTensor) for t in types):
                 return NotImplemented   # let DTensor turn the op into local ops and collectives first
             name = func._overloadpacket.__name__ if getattr(func, "namespace", None) == "_c10d_functional" else None
+            span = contextlib.nullcontext()
             if name and not name.startswith("_") and name != "wait_tensor":   # not waits, not autograd wrappers
+                nbytes = sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
                 self.ops[name] = self.ops.get(name, 0) + 1
-                self.bytes += sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
-            return func(*args, **(kwargs or {}))
+                self.bytes += nbytes
+                span = range_factory(f"tp.{name}", bytes=nbytes) if range_factory else span
+            elif range_factory and (name == "wait_tensor" or any(issubclass(t, AsyncCollectiveTensor) for t in types)):
+                span = range_factory("tp.wait")   # the first op on an async result waits for its collective
+            with span:
+                return func(*args, **(kwargs or {}))
 
     return CollectiveCounter()

@@ -49,6 +49,7 @@ from parallel.errors import UserError
 from parallel.loop.summary import TensorParallelStats
 from parallel.recipes.base import clip_, local
 from parallel.recipes.fsdp import DCPEngine, FSDPEngine
+from profiling import listening
 from profiling import range as prange
 
 
@@ -269,11 +270,14 @@ class _TPEngineMixin:
         return out
 
     def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
-        if self.tp_measured is not None or step < self.tp_measure_step:
+        measure = self.tp_measured is None and step >= self.tp_measure_step
+        traced = listening()   # a profiler or the timeline is on: a range around every TP collective
+        if not (measure or traced):   # the dispatch mode costs time on every op: only when asked for
             return super().train_step(dataset, step, dp_rank, dp, on_backward)
-        with compat.collective_counter() as counter:   # every DTensor collective of this one step
+        with compat.collective_counter(prange if traced else None) as counter:   # every DTensor collective
             result = super().train_step(dataset, step, dp_rank, dp, on_backward)
-        self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
+        if measure:
+            self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
         return result
 
     def step(self) -> tuple[float, bool]:

@@ -6,6 +6,6 @@
 """
 
 from profiling import timeline
-from profiling.ranges import mark, range, refresh_listeners
+from profiling.ranges import listening, mark, range, refresh_listeners
 
-__all__ = ["mark", "range", "refresh_listeners", "timeline"]
+__all__ = ["listening", "mark", "range", "refresh_listeners", "timeline"]

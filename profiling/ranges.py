@@ -118,6 +118,13 @@ class range:  # noqa: N801  (named like the builtin on purpose: `with prange("fw
         return wrapper
 
 
+def listening() -> bool:
+    """Whether a range would reach anyone now (an NVTX tool, the host timeline, a torch profiler), so a
+    caller can skip the work of producing fine-grained ranges nobody records."""
+    torch_profiler = sys.modules.get("torch.autograd.profiler")
+    return _nvtx.on or timeline.enabled() or bool(torch_profiler is not None and torch_profiler._is_profiler_enabled)
+
+
 def mark(name: str, **payload: int) -> None:
     """An instantaneous event (NVTX mark; a zero-length span on the timeline)."""
     if _nvtx.on:

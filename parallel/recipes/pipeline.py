@@ -59,6 +59,7 @@ from parallel.tensor_parallel import (
     predicted_step_bytes,
     stage_params_per_rank,
 )
+from profiling import listening
 from profiling import range as prange
 from profiling.timeline import clock_offset_ns
 
@@ -110,7 +111,9 @@ class PipelineEngine(TorchEngine):
         # backward inside step(), so loss_parallel() spans the whole step (docs/ARCHITECTURE.md, Tensor parallelism)
         vocab_parallel = loss_parallel() if self.tp > 1 else contextlib.nullcontext()
         measure_tp = self.tp > 1 and self.tp_measured is None and step >= self.tp_measure_step
-        counter = compat.collective_counter() if measure_tp else contextlib.nullcontext()
+        traced = self.tp > 1 and listening()   # a profiler or the timeline: a range around every TP collective
+        counter = (compat.collective_counter(prange if traced else None) if measure_tp or traced
+                   else contextlib.nullcontext())
         _active.append(self.recorder)
         try:
             with counter, autocast, vocab_parallel:

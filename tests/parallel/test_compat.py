@@ -83,3 +83,33 @@ def test_collective_counter_counts_functional_collectives():
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_collective_counter_puts_each_collective_and_its_wait_in_a_range(tmp_path):
+    """With a range factory (what TP engines pass while a profiler or the timeline listens), the issue of a
+    functional collective is a "tp.<name>" span carrying its bytes, and the wait for it a "tp.wait" span."""
+    import json
+
+    import torch.distributed._functional_collectives as funcol
+
+    from profiling import listening, timeline
+    from profiling import range as prange
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    timeline.start(tmp_path)
+    try:
+        assert listening()
+        with compat.collective_counter(prange):
+            out = funcol.all_reduce(torch.ones(3, 4), "sum", dist.group.WORLD)
+            (out * 2).sum()   # uses the result: waits for the collective
+        spans = json.loads(timeline.write().read_text())["spans"]
+    finally:
+        timeline.stop()
+        if started:
+            dist.destroy_process_group()
+    names = [s["name"] for s in spans]
+    assert names.count("tp.all_reduce") == 1 and "tp.wait" in names, names
+    assert next(s for s in spans if s["name"] == "tp.all_reduce")["args"] == {"bytes": 48}
+    assert not listening()

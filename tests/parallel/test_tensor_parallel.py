@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=2"]
 RESUME = ["checkpoint.every=2", "checkpoint.keep=1"]
 TWO = {"ddp-tp": ["recipe=ddp", "tp.degree=2"],
-       "ddp-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true"],
+       "ddp-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true", "profiling.timeline=true"],
        "ddp-tp-nan": ["recipe=ddp", "tp.degree=2", "fault.nan_at_step=2", "checkpoint.save_final=false"]}
 FOUR = {"fsdp-tp": ["recipe=fsdp", "tp.degree=2", *RESUME],
         "ddp-dp2-tp-sp": ["recipe=ddp", "tp.degree=2", "tp.sequence_parallel=true",
@@ -134,6 +134,22 @@ def test_tp_collectives_measured_and_predicted(name, tp_runs):
         assert ops["reduce_scatter_tensor"] > 0 and ops["all_gather_into_tensor"] > 0, ops
     else:
         assert set(ops) == {"all_reduce"}, ops
+
+
+def test_tp_collectives_on_every_ranks_timeline(tp_runs):
+    """--timeline: each TP collective DTensor issued is a "tp.<collective>" span (with its bytes) on every
+    rank, as many per step as the step's measured count, and the waits for them are "tp.wait" spans."""
+    import json
+    from collections import Counter
+
+    run = tp_runs["ddp-tp-sp"]
+    s = summary(run)
+    events = json.loads((run / "trace.json").read_text())["traceEvents"]
+    spans = Counter((e["pid"], e["name"]) for e in events if e.get("ph") == "X" and e["name"].startswith("tp."))
+    for rank in (0, 1):
+        for op, per_step in s["tp_collectives_per_step_measured"].items():
+            assert spans[(rank, f"tp.{op}")] == per_step * s["steps"], (rank, op, spans)
+        assert spans[(rank, "tp.wait")] > 0
 
 
 def test_data_parallel_all_reduce_by_hand(tp_runs):
