@@ -443,3 +443,14 @@ def _positive(obj: Any, *names: str, prefix: str = "") -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise UserError(f"{prefix}{name} must be > 0, got {getattr(obj, name)}")
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a config's values under their dotted keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from parallel.config import flatten_config
 from parallel.errors import UserError
 from parallel.loop.summary import RunSummary
 
@@ -260,19 +261,9 @@ def _provenance_section(runs: list[Run]) -> str:
 def config_differences(runs: list[Run]) -> dict[str, list]:
     """Config keys (dotted) whose values differ between runs, other than the recipe and how a run is named,
     launched or watched: {key: [value per run]}. A comparison is fair only when this is empty."""
-    flat = [_flatten({k: v for k, v in r.config.items() if k not in RUN_ONLY_KEYS}) for r in runs]
+    flat = [flatten_config({k: v for k, v in r.config.items() if k not in RUN_ONLY_KEYS}) for r in runs]
     keys = sorted(set().union(*flat)) if flat else []
     return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1}
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _warning_lines(runs: list[Run]) -> list[str]:

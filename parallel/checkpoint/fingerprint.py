@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from parallel.config import flatten_config
+
 # the state's shapes, the data stream, and the layout the state is sharded by
 MUST_MATCH = ("model", "data", "seed", "global_batch", "recipe", "precision", "world_size", "pp.degree",
               "pp.virtual_stages", "pp.layers_per_stage", "zero.stage", "tp", "cp")
 
 
 def fingerprint(cfg, world_size: int) -> dict[str, Any]:
-    flat = _flatten(asdict(cfg))
+    flat = flatten_config(asdict(cfg))
     flat["world_size"] = world_size
     return {k: v for k, v in flat.items() if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)}
 
@@ -32,15 +34,5 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | No
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
     """{key: [old, new]} for every config value that differs (a run's next segment)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

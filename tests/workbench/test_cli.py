@@ -137,3 +137,16 @@ def test_bench_notes_warn_about_a_loaded_machine(monkeypatch):
     assert any("2 intra-op threads" in n for n in notes)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert not [n for n in bench_notes("cuda", ["TFLOP/s"], threads=1) if "warning" in n]
+
+
+def test_the_cli_starts_without_importing_torch():
+    """A mistake on the command line is answered in a fraction of a second: `workbench.cli` imports no torch,
+    DeepSpeed, Ray or matplotlib until a command needs them (docs/ARCHITECTURE.md, Testing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workbench.cli; heavy = [m for m in ('torch', 'deepspeed', 'ray', 'matplotlib', 'triton') "
+            "if m in sys.modules]; print(heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
