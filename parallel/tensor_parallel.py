@@ -30,6 +30,8 @@ Both checkpoint through torch.distributed.checkpoint (parallel/recipes/fsdp.py: 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -237,14 +239,39 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
             "formula": f"{formula}; M = micro_batch x seq_len x d_model x 4 B, tokens = micro_batch x seq_len"}
 
 
-def tp_stats(cfg, measured: dict | None, micro_batches: int, stage=None) -> TensorParallelStats:
-    predicted = predicted_step_bytes(cfg, micro_batches, stage)
+def tp_stats(cfg, measured: dict | None, predicted: list[dict]) -> TensorParallelStats:
+    """The summary's `tp` part: one step's collectives as measured (None: no step was measured) beside the
+    prediction, the sum of `predicted` (predicted_step_bytes of each part this rank holds: the model, or
+    its pipeline stages)."""
     return TensorParallelStats(
         tp_degree=cfg.tp.degree, tp_sequence_parallel=cfg.tp.sequence_parallel,
         tp_collectives_per_step_measured=measured["ops"] if measured else None,
         tp_bytes_per_step_per_rank_measured=measured["bytes"] if measured else None,
-        tp_bytes_per_step_per_rank_predicted=predicted["bytes"],
-        tp_predicted_formula=predicted["formula"])
+        tp_bytes_per_step_per_rank_predicted=sum(p["bytes"] for p in predicted),
+        tp_predicted_formula=" + ".join(p["formula"] for p in predicted))
+
+
+class CollectiveWatch:
+    """Tensor parallelism's collectives, seen through compat.collective_counter: counted during one step
+    (the second: the first may differ, lazy initialisation), and each put in a range on every step a
+    profiler or the host timeline listens to. The dispatch mode costs time on every op, so it is entered
+    only on those steps."""
+
+    def __init__(self, steps: int):
+        self.measured: dict | None = None
+        self.measure_step = 1 if steps > 1 else 0
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        measure = self.measured is None and step >= self.measure_step
+        traced = listening()
+        if not (measure or traced):
+            yield
+            return
+        with compat.collective_counter(prange if traced else None) as counter:
+            yield
+        if measure:
+            self.measured = {"ops": counter.ops, "bytes": counter.bytes}
 
 
 class _TPEngineMixin:
@@ -270,15 +297,8 @@ class _TPEngineMixin:
         return out
 
     def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
-        measure = self.tp_measured is None and step >= self.tp_measure_step
-        traced = listening()   # a profiler or the timeline is on: a range around every TP collective
-        if not (measure or traced):   # the dispatch mode costs time on every op: only when asked for
+        with self.tp_watch.step(step):
             return super().train_step(dataset, step, dp_rank, dp, on_backward)
-        with compat.collective_counter(prange if traced else None) as counter:   # every DTensor collective
-            result = super().train_step(dataset, step, dp_rank, dp, on_backward)
-        if measure:
-            self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
-        return result
 
     def step(self) -> tuple[float, bool]:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -292,7 +312,7 @@ class _TPEngineMixin:
 
     def tp_summary(self) -> dict:
         mbs = self.cfg.accum_steps(self.ctx.dims.dp)
-        return {"tp": tp_stats(self.cfg, self.tp_measured, mbs)}
+        return {"tp": tp_stats(self.cfg, self.tp_watch.measured, [predicted_step_bytes(self.cfg, mbs)])}
 
 
 class DDPTPEngine(_TPEngineMixin, DCPEngine):
@@ -333,8 +353,7 @@ class FSDPTPEngine(_TPEngineMixin, FSDPEngine):
 
 
 def _init_engine(engine) -> None:
-    # TP collectives are counted during one step: the second (the first may differ: lazy initialisation)
-    engine.tp_measured, engine.tp_measure_step = None, 1 if engine.cfg.steps > 1 else 0
+    engine.tp_watch = CollectiveWatch(engine.cfg.steps)
 
 
 def setup_ddp(model: nn.Module, cfg, ctx) -> DDPTPEngine:

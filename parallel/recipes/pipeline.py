@@ -54,12 +54,13 @@ from parallel.pipeline.schedule import Op, closed_form_bubble, peak_inflight, si
 from parallel.pipeline.stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
 from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngine, clip_, grad_norm, local
 from parallel.tensor_parallel import (
+    CollectiveWatch,
     global_grad_norm,
     parallelize_stage,
     predicted_step_bytes,
     stage_params_per_rank,
+    tp_stats,
 )
-from profiling import listening
 from profiling import range as prange
 from profiling.timeline import clock_offset_ns
 
@@ -82,8 +83,7 @@ class PipelineEngine(TorchEngine):
         self.tied = cfg.model.tie_embeddings and self.pp > 1
         self.tie_group = _tie_group(mesh, ctx.rank) if self.tied else None
         self.stages = stages
-        # TP collectives are counted during one step: the second (the first may differ: lazy initialisation)
-        self.tp_measured, self.tp_measure_step = None, 1 if cfg.steps > 1 else 0
+        self.tp_watch = CollectiveWatch(cfg.steps) if self.tp > 1 else None
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
         self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
@@ -110,20 +110,15 @@ class PipelineEngine(TorchEngine):
         # TP: the last stage's logits are vocabulary-sharded; the schedule computes the loss and runs its
         # backward inside step(), so loss_parallel() spans the whole step (docs/ARCHITECTURE.md, Tensor parallelism)
         vocab_parallel = loss_parallel() if self.tp > 1 else contextlib.nullcontext()
-        measure_tp = self.tp > 1 and self.tp_measured is None and step >= self.tp_measure_step
-        traced = self.tp > 1 and listening()   # a profiler or the timeline: a range around every TP collective
-        counter = (compat.collective_counter(prange if traced else None) if measure_tp or traced
-                   else contextlib.nullcontext())
+        watch = self.tp_watch.step(step) if self.tp_watch else contextlib.nullcontext()   # TP collectives
         _active.append(self.recorder)
         try:
-            with counter, autocast, vocab_parallel:
+            with watch, autocast, vocab_parallel:
                 self.schedule.step(*args, return_outputs=False, **kwargs)
                 if self.tp > 1:   # before on_backward, which measures the gradients this rank holds
                     _place_grads_as_params(self.module)
         finally:
             _active.pop()
-        if measure_tp:   # this step's TP collectives (the schedule's p2p and the gradient sums are not DTensor's)
-            self.tp_measured = {"ops": counter.ops, "bytes": counter.bytes}
         self.history = [*self.history[-(KEEP_STEPS - 1):], self.recorder.take()]
         losses = [local(loss) for loss in losses]   # a Replicate DTensor under TP: the same scalar on every TP rank
         loss_sum = (torch.stack([loss.detach().double().cpu() for loss in losses]).sum() if losses
@@ -253,14 +248,9 @@ class PipelineEngine(TorchEngine):
 
     def _tp_stats(self) -> TensorParallelStats:
         """This rank's TP collectives of one step (measured) beside its stages' share of the TP prediction."""
-        m = self.cfg.pp.microbatches
+        m = self.cfg.pp.microbatches   # measured: the schedule's p2p and the gradient sums are not DTensor's
         parts = [predicted_step_bytes(self.cfg, m, (len(s.blocks), s.is_first, s.is_last)) for s in self.stages]
-        return TensorParallelStats(
-            tp_degree=self.tp, tp_sequence_parallel=self.cfg.tp.sequence_parallel,
-            tp_collectives_per_step_measured=self.tp_measured["ops"] if self.tp_measured else None,
-            tp_bytes_per_step_per_rank_measured=self.tp_measured["bytes"] if self.tp_measured else None,
-            tp_bytes_per_step_per_rank_predicted=sum(p["bytes"] for p in parts),
-            tp_predicted_formula=" + ".join(p["formula"] for p in parts))
+        return tp_stats(self.cfg, self.tp_watch.measured, parts)
 
     def _write_timeline(self, run_dir: Path, got: dict, sim) -> None:
         """pipeline.json: the reported step's measured spans beside the simulated ones; gantt.png."""
