@@ -24,7 +24,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cluster.torchrun import entry_args, torchrun_command
+from cluster.torchrun import entry_args, run_dir_of, torchrun_command
 from parallel.errors import UserError
 
 _HEAD, _JOB, _LOGS = "WBHEADNODE", "WBJOBID", "WBLOGDIR"   # placeholders, replaced by shell variables
@@ -88,17 +88,6 @@ def _check_resources(nproc_per_node: int, threads_per_rank: int, cpus_per_task: 
     for line in setup:
         if not line.strip() or "\n" in line or "\r" in line:
             raise UserError(f"--setup must be one non-empty shell line, got {line!r}")
-
-
-def run_dir_of(command: list[str]) -> str:
-    """The run directory the command names (`--run-dir X`, `--run-dir=X` or the override `run_dir=X`), or ""."""
-    for i, word in enumerate(command):
-        if word == "--run-dir" and i + 1 < len(command):
-            return command[i + 1]
-        for prefix in ("--run-dir=", "run_dir="):
-            if word.startswith(prefix):
-                return word[len(prefix):]
-    return ""
 
 
 def _srun_args(command: list[str], nodes: int, per_node: int, port: int, max_restarts: int) -> list[str]:

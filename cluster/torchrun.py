@@ -39,6 +39,17 @@ def entry_args(command: list[str]) -> list[str]:
     return ["--no-python", *command]
 
 
+def run_dir_of(command: list[str]) -> str:
+    """The run directory the command names (`--run-dir X`, `--run-dir=X` or the override `run_dir=X`), or ""."""
+    for i, word in enumerate(command):
+        if word == "--run-dir" and i + 1 < len(command):
+            return command[i + 1]
+        for prefix in ("--run-dir=", "run_dir="):
+            if word.startswith(prefix):
+                return word[len(prefix):]
+    return ""
+
+
 def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: str = "",
                      rdzv_id: str = "", max_restarts: int = 0, local_ranks_filter: str = "", log_dir: str = "",
                      node_rank: int | None = None, python: str = sys.executable, local_addr: str = "",

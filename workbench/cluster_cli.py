@@ -107,6 +107,7 @@ def slurm_render(
 ) -> None:
     """Write an sbatch script that runs the command as `srun torchrun` on every node."""
     from cluster import slurm
+    from cluster.torchrun import run_dir_of
 
     command = list(command or [])
     text = slurm.render_sbatch(command, nodes=nodes, gpus_per_node=gpus_per_node, time=time, partition=partition,
@@ -118,7 +119,7 @@ def slurm_render(
     path.write_text(text)
     path.chmod(0o755)
     print(f"wrote {path}")
-    if not slurm.run_dir_of(command):
+    if not run_dir_of(command):
         print("wb: note: the command names no run directory (run_dir=...): a requeued job starts over instead of "
               "resuming", file=sys.stderr)
     if submit:

@@ -38,9 +38,10 @@ def _target(ctx: typer.Context) -> list[str]:
 def _out_dir(target: list[str], out: Path | None) -> Path:
     if out is not None:
         return out
-    if "--run-dir" in target and target.index("--run-dir") + 1 < len(target):
-        return Path(target[target.index("--run-dir") + 1])
-    return Path("runs") / "profile"
+    from cluster.torchrun import run_dir_of
+
+    named = run_dir_of(target)
+    return Path(named) if named else Path("runs") / "profile"
 
 
 def _ranks(text: str | None) -> list[int] | None:
