@@ -110,26 +110,17 @@ def outer_plan(sp: bool) -> dict:
     return plan
 
 
-def parallelize_stage(stage: nn.Module, tp_mesh, sp: bool) -> nn.Module:
-    """The same layout on one pipeline stage (parallel/pipeline/stages.py: StageModule, whose submodule names
-    are the GPT's): its blocks, and of the outer plan only what the stage holds."""
-    tied = getattr(stage, "head", None) is not None and getattr(stage, "tok_emb", None) is not None \
-        and stage.head.weight is stage.tok_emb.weight
-    for block in stage.blocks.values():
-        parallelize_module(block, tp_mesh, block_plan(sp))
-    held = {name for name, _ in stage.named_modules()}
-    parallelize_module(stage, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
-    if tied:
-        stage.head.weight = stage.tok_emb.weight
-    return stage
-
-
 def parallelize(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
-    """Apply the layout to `model` in place on the 1-D mesh `tp_mesh`; re-tie a tied head."""
-    tied = model.head.weight is model.tok_emb.weight
-    for block in model.blocks:
+    """Apply the layout in place on the 1-D mesh `tp_mesh`, to a whole GPT or to one pipeline stage
+    (parallel/pipeline/stages.py: StageModule, whose submodule names are the GPT's: the outer plan applies to
+    what it holds); re-tie a tied head."""
+    head, emb = getattr(model, "head", None), getattr(model, "tok_emb", None)
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
+    for block in blocks:
         parallelize_module(block, tp_mesh, block_plan(sp))
-    parallelize_module(model, tp_mesh, outer_plan(sp))
+    held = {name for name, _ in model.named_modules()}
+    parallelize_module(model, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
     if tied:   # both got their own Shard(0) copy of the same values: make them one parameter again
         model.head.weight = model.tok_emb.weight
     return model
@@ -169,12 +160,16 @@ def global_grad_norm(grads: list[torch.Tensor], world_size: int) -> torch.Tensor
     return sq.sqrt()
 
 
-def tp_sharded_params(m) -> int:
-    """Ψs: parameters the layout splits over T (q, k, v, proj and down weights, up's weight and bias, the
-    vocabulary-parallel embedding and head); everything else (Ψr) is replicated. From the shapes alone."""
+def _sharded_per_block(m) -> int:
+    """A block's parameters the layout splits over T: q, k, v, proj and down weights, up's weight and bias."""
     c, f = m.d_model, m.d_ff or 4 * m.d_model
-    per_block = 4 * c * c + 2 * c * f + f
-    return m.n_layers * per_block + m.vocab_size * c * (1 if m.tie_embeddings else 2)
+    return 4 * c * c + 2 * c * f + f
+
+
+def tp_sharded_params(m) -> int:
+    """Ψs: parameters the layout splits over T (the blocks' share, the vocabulary-parallel embedding and
+    head); everything else (Ψr) is replicated. From the shapes alone."""
+    return m.n_layers * _sharded_per_block(m) + m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
 
 
 def params_per_rank(m, n_params: int, t: int) -> int:
@@ -186,9 +181,9 @@ def params_per_rank(m, n_params: int, t: int) -> int:
 def stage_params_per_rank(m, n_blocks: int, first: bool, last: bool, t: int) -> int:
     """Ψs/T + Ψr of one pipeline stage (docs/ARCHITECTURE.md, Tensor parallelism): its blocks, the embeddings
     on the first stage, ln_f and the head (a tied head is a copy there, sharded as tok_emb) on the last."""
-    c, f = m.d_model, m.d_ff or 4 * m.d_model
+    c = m.d_model
     vocab = int(first) + int(last) - int(first and last and m.tie_embeddings)   # one tied weight on one stage
-    sharded = n_blocks * (4 * c * c + 2 * c * f + f) + vocab * m.vocab_size * c
+    sharded = n_blocks * _sharded_per_block(m) + vocab * m.vocab_size * c
     # per block: two LayerNorms (weight, bias) and proj's and down's biases
     replicated = n_blocks * 6 * c + (m.seq_len * c if first else 0) + (2 * c if last else 0)
     return sharded // t + replicated

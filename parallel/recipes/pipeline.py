@@ -56,7 +56,7 @@ from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngi
 from parallel.tensor_parallel import (
     CollectiveWatch,
     global_grad_norm,
-    parallelize_stage,
+    parallelize,
     predicted_step_bytes,
     stage_params_per_rank,
     tp_stats,
@@ -340,7 +340,7 @@ class Pipeline(Recipe):
         mesh = ctx.dims.build_mesh(ctx.device.type, ("pp", "dp_replicate", "tp"))
         if ctx.dims.tp > 1:   # every stage tensor-parallel over its tp group (docs/ARCHITECTURE.md, Tensor parallelism)
             for stage in stages:
-                parallelize_stage(stage, mesh["tp"], cfg.tp.sequence_parallel)
+                parallelize(stage, mesh["tp"], cfg.tp.sequence_parallel)
         engine = PipelineEngine(stages, cfg, ctx, mesh)
         # gloo's p2p threads abort the process ("terminate called without an active exception") when the
         # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
