@@ -35,12 +35,14 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        # (q, k, v) -> out, causal; context parallelism swaps in ring attention (parallel/context_parallel.py)
+        self.attend = attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # -1 heads: all of them, or this rank's share under tensor parallelism (q/k/v column-sharded)
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        y = attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        y = self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
         return self.proj(y)
 
 
@@ -63,8 +65,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), positions)
         return x + self.mlp(self.ln2(x))
 
 
@@ -91,16 +93,18 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions`: each token's index in its sequence (default 0..T-1); a context-parallel rank holds
+        other positions than its first T."""
+        pos = torch.arange(idx.shape[1], device=idx.device) if positions is None else positions
         return self.tok_emb(idx) + self.pos_emb(pos)
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)   # recompute in backward, save activations
+                x = checkpoint(block, x, positions, use_reentrant=False)   # recompute in backward
             else:
-                x = block(x)
+                x = block(x, positions)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +119,10 @@ class GPT(nn.Module):
             return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1)).float()
         return cross_entropy(self.logits(x), targets)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token loss when targets are given, else the logits."""
-        x = self.run_blocks(self.embed(idx))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss when targets are given, else the logits. `positions`: see embed."""
+        x = self.run_blocks(self.embed(idx, positions), positions)
         return self.logits(x) if targets is None else self.head_loss(x, targets)
 
 

@@ -83,7 +83,8 @@ def block_plan(sp: bool) -> dict:
     seq, rep = Shard(1), Replicate()
     outer = seq if sp else rep   # the residual stream's layout between modules
     plan = {
-        "attn": PrepareModuleInput(input_layouts=(outer,), desired_input_layouts=(rep,)),
+        # (x, positions): the token positions (None or a plain tensor) pass through unchanged
+        "attn": PrepareModuleInput(input_layouts=(outer, None), desired_input_layouts=(rep, None)),
         "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
         "attn.proj": RowwiseParallel(output_layouts=outer),
         "mlp": PrepareModuleInput(input_layouts=(outer,), desired_input_layouts=(rep,)),
@@ -105,7 +106,7 @@ def outer_plan(sp: bool) -> dict:
     }
     if sp:
         plan["ln_f"] = SequenceParallel()
-        plan["blocks.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+        plan["blocks.0"] = PrepareModuleInput(input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None),
                                               use_local_output=True)
     return plan
 

@@ -82,7 +82,7 @@ class StageModule(nn.Module):
         if self.is_first:
             x = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks.values():
-            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and self.training else block(x)
+            x = checkpoint(block, x, None, use_reentrant=False) if self.checkpointing and self.training else block(x, None)
         return self.head(self.ln_f(x)) if self.is_last else x
 
 
