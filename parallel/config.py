@@ -29,12 +29,18 @@ except ModuleNotFoundError:   # Python 3.10
 
 @dataclass
 class ModelConfig:
+    # gpt2: LayerNorm, learned positions, GELU MLP, biases. llama: RMSNorm, rotary positions, SwiGLU MLP,
+    # grouped-query attention, no biases (docs/ARCHITECTURE.md, The model).
+    arch: Literal["gpt2", "llama"] = "gpt2"
     vocab_size: int = 64
     seq_len: int = 32            # tokens per sample (the model's context length)
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    d_ff: int = 0                # 0 means 4 * d_model
+    n_kv_heads: int = 0          # key/value heads (GQA, MQA at 1); 0 means n_heads
+    d_ff: int = 0                # 0: 4 * d_model (gpt2), 8/3 * d_model rounded up to a multiple of 8 (llama)
+    rope_theta: float = 10000.0  # llama: the rotary embedding's base
+    norm_eps: float = 1e-5
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
@@ -281,9 +287,19 @@ class RunConfig:
         _positive(self.model, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", prefix="model.")
         m = self.model
         if m.d_ff < 0:
-            raise UserError(f"model.d_ff must be >= 0 (0 means 4 * d_model), got {m.d_ff}")
+            raise UserError(f"model.d_ff must be >= 0 (0 means the architecture's default), got {m.d_ff}")
         if m.d_model % m.n_heads:
             raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        if m.n_kv_heads < 0 or m.n_heads % (m.n_kv_heads or m.n_heads):
+            raise UserError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}) "
+                            f"(0 means n_heads)")
+        if m.n_kv_heads and m.n_kv_heads != m.n_heads and m.arch == "gpt2":
+            raise UserError("model.n_kv_heads needs model.arch = 'llama' (gpt2 has full multi-head attention)")
+        if (m.d_model // m.n_heads) % 2 and m.arch == "llama":
+            raise UserError(f"model.d_model / model.n_heads ({m.d_model // m.n_heads}) must be even with "
+                            f"model.arch = 'llama': rotary embeddings rotate pairs of dimensions")
+        if not (m.rope_theta > 0 and m.norm_eps > 0):
+            raise UserError(f"model.rope_theta ({m.rope_theta}) and model.norm_eps ({m.norm_eps}) must be > 0")
 
     def _check_data(self) -> None:
         if self.data.kind == "bytes":
