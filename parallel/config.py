@@ -51,6 +51,13 @@ class DataConfig:
     kind: Literal["synthetic", "bytes"] = "synthetic"
     path: str = ""               # token file written by `wb data prepare` (kind = "bytes")
     noise: float = 0.1           # synthetic: chance that a token ignores the hidden rule
+    val_fraction: float = 0.1    # bytes: the file's tail held out for evaluation, never sampled for training
+
+
+@dataclass
+class EvalConfig:                # [eval]: the held-out loss (parallel/data.py: the validation split)
+    every: int = 0               # evaluate after every this many steps (and after the last); 0 = off
+    batches: int = 2             # held-out global batches per evaluation
 
 
 @dataclass
@@ -164,6 +171,7 @@ class RunConfig:
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
@@ -311,6 +319,11 @@ class RunConfig:
                 raise UserError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         if not 0.0 <= self.data.noise < 1.0:
             raise UserError(f"data.noise must be in [0, 1), got {self.data.noise}")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        if self.eval.every < 0 or self.eval.batches < 1:
+            raise UserError(f"eval.every must be >= 0 and eval.batches >= 1, got every={self.eval.every} "
+                            f"batches={self.eval.batches}")
 
     def _check_optim(self) -> None:
         o = self.optim
