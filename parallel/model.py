@@ -82,15 +82,33 @@ class CausalSelfAttention(nn.Module):
         # (q, k, v) -> out, causal; context parallelism swaps in ring attention (parallel/context_parallel.py)
         self.attend = attention
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """`cache`: the keys and values of the tokens before these (decoding, parallel/sampling.py); the
+        new ones are appended, and the bottom-right causal mask lets each new query see all of them."""
         B, T, _ = x.shape
         # -1 heads: all of them, or this rank's share under tensor parallelism (q/k/v column-sharded)
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
         if self.rope_theta is not None:
             pos = torch.arange(T, device=x.device) if positions is None else positions
             q, k = rotate(q, pos, self.rope_theta), rotate(k, pos, self.rope_theta)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         y = self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
         return self.proj(y)
+
+
+class LayerCache:
+    """One block's keys and values (B, Hkv, tokens so far, head_dim), grown by each decoding step."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class MLP(nn.Module):
@@ -128,8 +146,9 @@ class Block(nn.Module):
         self.ln2 = norm(cfg)
         self.mlp = MLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), positions, cache=cache)   # a keyword: TP input plans see (x, positions)
         return x + self.mlp(self.ln2(x))
 
 
@@ -167,12 +186,13 @@ class GPT(nn.Module):
         pos = torch.arange(idx.shape[1], device=idx.device) if positions is None else positions
         return self.tok_emb(idx) + self.pos_emb(pos)
 
-    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                   cache: list[LayerCache] | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, positions, use_reentrant=False)   # recompute in backward
             else:
-                x = block(x, positions)
+                x = block(x, positions, cache=cache[i] if cache is not None else None)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,9 +208,10 @@ class GPT(nn.Module):
         return cross_entropy(self.logits(x), targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token loss when targets are given, else the logits. `positions`: see embed."""
-        x = self.run_blocks(self.embed(idx, positions), positions)
+                positions: torch.Tensor | None = None, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Mean next-token loss when targets are given, else the logits. `positions`: see embed; `cache`:
+        one LayerCache per block (decoding; `positions` then continue the cached tokens')."""
+        x = self.run_blocks(self.embed(idx, positions), positions, cache)
         return self.logits(x) if targets is None else self.head_loss(x, targets)
 
 

@@ -10,7 +10,7 @@ import typer
 from parallel.errors import UserError
 from profiling.errors import UsageError
 from profiling.rank_wrap import exec_under_tool_if_asked
-from workbench import cluster_cli, demo, kernels_cli, profile_cli, report_cli, train_cli
+from workbench import cluster_cli, demo, kernels_cli, profile_cli, report_cli, sample_cli, train_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="gpu-workbench: Triton kernels, parallelism recipes, profiling harnesses.")
@@ -24,6 +24,7 @@ app.add_typer(cluster_cli.ray_app, name="ray")
 app.add_typer(cluster_cli.slurm_app, name="slurm")
 app.command("compare")(report_cli.compare)
 app.command("report")(report_cli.report)
+app.command("sample")(sample_cli.sample)
 
 
 def main(argv: list[str] | None = None) -> None:
