@@ -17,6 +17,8 @@ and reads under tok_emb.weight. Optimizer hyperparameters are not stored: the re
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,6 +63,14 @@ def _alone() -> bool:
     return not dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _dcp_quiet():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
     state = {"scheduler": scheduler.state_dict(), "lrs": [g["lr"] for g in optimizer.param_groups],
              "data": {"next_step": step, "samples_seen": step * global_batch}, "rng": torch.get_rng_state()}
@@ -74,7 +84,8 @@ def save(engine, path: Path, step: int) -> None:
     import torch.distributed.checkpoint as dcp
 
     request, _, _ = _state(engine.state_module(), engine.optimizer, engine.cfg.model.tie_embeddings, True)
-    dcp.save(request if engine.writes_state() else {}, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
+    with _dcp_quiet():
+        dcp.save(request if engine.writes_state() else {}, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
     extra = _trainer_state(engine.scheduler, engine.optimizer, step, engine.cfg.global_batch)
     torch.save(extra, Path(path) / f"trainer_rank{engine.ctx.rank}.pt")
 
@@ -94,7 +105,8 @@ def load(engine, path: Path, model_only: bool = False) -> None:
     module, optimizer = engine.state_module(), engine.optimizer
     request, model_sd, optim_sd = _state(module, optimizer, engine.cfg.model.tie_embeddings, not model_only)
     # in place: model_sd / optim_sd share the request's tensors
-    dcp.load(request, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
+    with _dcp_quiet():
+        dcp.load(request, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
     if engine.cfg.model.tie_embeddings and TIED[0] in model_sd and TIED[1] in model_sd:
         model_sd[TIED[0]] = model_sd[TIED[1]]   # one tensor: a stale head entry must not be loaded after it
     if model_only:
@@ -126,8 +138,9 @@ def consolidated_weights(path: Path, tied: bool) -> dict[str, torch.Tensor]:
 
     want = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in tensor_index(path).items()
             if k.startswith("model.")}
-    dcp.load({"model": {k[len("model."):]: v for k, v in want.items()}}, checkpoint_id=str(Path(path) / "dcp"),
-             no_dist=True)
+    with _dcp_quiet():
+        dcp.load({"model": {k[len("model."):]: v for k, v in want.items()}}, checkpoint_id=str(Path(path) / "dcp"),
+                 no_dist=True)
     weights = {k[len("model."):]: v for k, v in want.items()}
     if tied and TIED[1] in weights:   # the GPT's state dict names the tied head too
         weights[TIED[0]] = weights[TIED[1]].clone()
