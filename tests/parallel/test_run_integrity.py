@@ -147,11 +147,11 @@ def test_a_damaged_manifest_falls_back_to_the_previous_checkpoint(tmp_path, dama
     newest = run_dir / "checkpoints" / "step_000004"
     if damage == "empty-meta":
         (newest / "meta.json").write_text("{}")
-    else:   # a manifest without a file list, beside a truncated state file: verified by loading
+    else:   # a manifest without a file list (never written for the universal format), beside a truncated file
         meta = json.loads((newest / "meta.json").read_text())
         del meta["files"]
         (newest / "meta.json").write_text(json.dumps(meta))
-        state = newest / "state.pt"
+        state = newest / "trainer_rank0.pt"
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     resumed = cli("train", *FAST, "--run-dir", str(run_dir), "steps=4", "checkpoint.every=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -55,7 +55,8 @@ def chain(tmp_path_factory):
     resumed = _train_here(f"run_dir={runs['fsdp']}", "checkpoint.every=2")   # the same run dir, as single
     torchrun(2, [(TINY, [*BASE, "recipe=pipeline", f"run_dir={runs['pipe']}",
                          f"checkpoint.load_from={_step(runs['fsdp'], 4)}"]),
-                 (TINY, [*BASE, "recipe=ddp", f"run_dir={runs['ddp']}", f"checkpoint.load_from={_step(runs['pipe'], 5)}"]),
+                 (TINY, [*BASE, "recipe=ddp", f"run_dir={runs['ddp']}",
+                         f"checkpoint.load_from={_step(runs['pipe'], 5)}"]),
                  (TINY, [*BASE, "recipe=ddp", "tp.degree=2", f"run_dir={runs['tp']}",
                          f"checkpoint.load_from={_step(runs['ddp'], 6)}"])])
     _train_here(f"run_dir={runs['last']}", f"checkpoint.load_from={runs['tp'] / 'checkpoints' / 'step_000007'}")
@@ -147,3 +148,20 @@ def test_what_cannot_change_is_refused_in_one_line(chain, tmp_path):
         _train_here(f"run_dir={tmp_path}", "global_batch=8", f"checkpoint.load_from={runs['pipe']}")
     assert (runs["fsdp"] / "config.json").read_bytes() == before   # the refused runs wrote nothing
     assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("reader, written, refusal", [
+    ("zero2", "universal", "it is in the universal checkpoint format (written by fsdp), which recipe zero2 does not"),
+    ("ddp", "deepspeed", "it is in the deepspeed checkpoint format (written by fsdp), which recipe ddp does not"),
+    ("ddp", None, "it is in the pre-universal checkpoint format"),
+])
+def test_a_format_the_reader_does_not_speak_is_refused(reader, written, refusal):
+    from parallel import RunConfig
+    from parallel.checkpoint.fingerprint import fingerprint
+    from parallel.checkpoint.start import _fits
+
+    cfg = RunConfig.from_toml(TINY, [f"recipe={reader}"])
+    saved = fingerprint(RunConfig.from_toml(TINY, ["recipe=fsdp"]), 2)
+    meta = {"recipe": "fsdp", "world_size": 2, "fingerprint": saved, **({"format": written} if written else {})}
+    problem, _ = _fits(meta, cfg, 2, "deepspeed" if reader.startswith("zero") else "universal", model_only=False)
+    assert problem.startswith(refusal)
