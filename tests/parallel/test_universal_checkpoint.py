@@ -6,7 +6,8 @@ writes and reads on any layout. One chain of runs, each link starting from the p
     ddp tp=2's step 8 --wb checkpoint export--> safetensors
 
 Every link's per-step losses equal the uninterrupted reference's within 1e-5, and the exported weights its
-final weights. Five launches in all (three in this process, one killed CLI run, one torchrun of three runs).
+final weights. Five launches in all: three in this process, one killed CLI run, one torchrun of three runs
+(the `wb checkpoint` commands run in this process too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,17 +103,53 @@ def test_every_written_checkpoint_is_universal(chain):
             assert meta["format"] == "universal" and (step / "dcp" / ".metadata").is_file(), step
 
 
-def test_export_of_a_resharded_run_equals_single(chain, tmp_path):
+def _wb_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`wb *args` through the CLI's entry point in this process: (exit code, stdout, stderr)."""
+    from workbench.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_of_a_resharded_run_equals_single(chain, tmp_path, capsys):
     from safetensors.torch import load_file
 
     runs, _ = chain
     out = tmp_path / "model.safetensors"
-    done = wb("checkpoint", "export", str(runs["tp"]), "--format", "safetensors", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "step 8, written by ddp tp=2 on 2 ranks" in done.stdout
+    code, stdout, stderr = _wb_here(capsys, "checkpoint", "export", str(runs["tp"]), "--format", "safetensors",
+                                    "--out", str(out))
+    assert code == 0, stderr
+    assert "step 8, written by ddp tp=2 on 2 ranks" in stdout
     exported, reference = load_file(str(out)), final_params(runs["ref"])
     assert exported.keys() == reference.keys()
     assert max(float((exported[k] - reference[k]).abs().max()) for k in reference) < TOL
+    code, _, stderr = _wb_here(capsys, "checkpoint", "export", str(runs["tp"]), "--format", "gguf", "--out", str(out))
+    assert code == 2 and stderr.strip() == "wb: error: --format=gguf: only safetensors is supported"
+
+
+def test_inspect_and_verify(chain, tmp_path, capsys):
+    runs, _ = chain
+    code, out, _ = _wb_here(capsys, "checkpoint", "inspect", _step(runs["fsdp"], 4), "--recipe", "pipeline",
+                            "--nproc", "2")
+    assert code == 0
+    assert "step 4 (64 samples seen), format universal, written by fsdp on 2 ranks" in out
+    assert "state: good" in out and "a resume: pipeline on 2 ranks resumes it after resharding" in out
+    code, out, _ = _wb_here(capsys, "checkpoint", "verify", str(runs["pipe"]))
+    assert code == 0 and out.count(": good") == 4   # steps 5..8
+    damaged = tmp_path / "step_000005"
+    shutil.copytree(_step(runs["pipe"], 5), damaged)
+    tensors = damaged / "dcp" / "__1_0.distcp"   # stage-rank 1's shards
+    data = bytearray(tensors.read_bytes())
+    data[100] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    code, out, _ = _wb_here(capsys, "checkpoint", "verify", str(damaged))
+    assert code == 1 and out.strip() == f"{damaged}: damaged: dcp/__1_0.distcp fails its sha256 check"
 
 
 def test_weights_only_start_a_fresh_optimizer(chain, tmp_path):
