@@ -203,3 +203,20 @@ def test_a_format_the_reader_does_not_speak_is_refused(reader, written, refusal)
     meta = {"recipe": "fsdp", "world_size": 2, "fingerprint": saved, **({"format": written} if written else {})}
     problem, _ = _fits(meta, cfg, 2, "deepspeed" if reader.startswith("zero") else "universal", model_only=False)
     assert problem.startswith(refusal)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["checkpoint.load_model_only=true"], "checkpoint.load_model_only=true needs checkpoint.load_from="),
+    (["checkpoint.load_from=/nonexistent/run"], "checkpoint.load_from: no such run directory or checkpoint folder"),
+])
+def test_load_from_config_mistakes_name_the_field(overrides, message):
+    from parallel import RunConfig
+
+    with pytest.raises(UserError, match=message):
+        RunConfig.from_toml(TINY, overrides).validate()
+
+
+def test_load_from_a_folder_without_checkpoints_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"checkpoint.load_from=.* is neither a run directory nor a step_\* "):
+        _train_here(f"run_dir={tmp_path / 'new'}", f"checkpoint.load_from={tmp_path}")
+    assert not (tmp_path / "new" / "config.json").exists()
