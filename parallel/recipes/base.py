@@ -80,6 +80,9 @@ class Recipe:
             raise UserError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, got recipe={self.name}")
         if cfg.zero.stage >= 0:
             raise UserError(f"zero.stage={cfg.zero.stage} only applies to the zero recipes, got recipe={self.name}")
+        if cfg.checkpoint.load_from and self.execution != "spmd":
+            raise UserError(f"checkpoint.load_from: recipe {self.name} starts its own workers and reads no "
+                            f"checkpoints; start from one with single, ddp, fsdp, pipeline or local-sgd")
 
     def dims(self, cfg: RunConfig, world_size: int) -> ParallelDims:
         """How this recipe lays `world_size` ranks out (data parallelism takes what pp, cp, tp leave)."""

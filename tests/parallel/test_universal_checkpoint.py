@@ -208,12 +208,13 @@ def test_a_format_the_reader_does_not_speak_is_refused(reader, written, refusal)
 @pytest.mark.parametrize("overrides, message", [
     (["checkpoint.load_model_only=true"], "checkpoint.load_model_only=true needs checkpoint.load_from="),
     (["checkpoint.load_from=/nonexistent/run"], "checkpoint.load_from: no such run directory or checkpoint folder"),
+    (["checkpoint.load_from=.", "recipe=hogwild"], "checkpoint.load_from: recipe hogwild starts its own workers"),
 ])
 def test_load_from_config_mistakes_name_the_field(overrides, message):
-    from parallel import RunConfig
+    from parallel import RunConfig, recipes
 
     with pytest.raises(UserError, match=message):
-        RunConfig.from_toml(TINY, overrides).validate()
+        recipes.resolve(RunConfig.from_toml(TINY, overrides).validate(), 2)
 
 
 def test_load_from_a_folder_without_checkpoints_is_one_line(tmp_path):
