@@ -71,8 +71,10 @@ def _dcp_quiet():
         yield
 
 
-def _trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
-    state = {"scheduler": scheduler.state_dict(), "lrs": [g["lr"] for g in optimizer.param_groups],
+def trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
+    """What trainer_rank<r>.pt holds: the schedule, the rates, the data position, this rank's RNG."""
+    # None: a --deepspeed config's own scheduler, which DeepSpeed steps and this format does not hold
+    state = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "lrs": [g["lr"] for g in optimizer.param_groups],
              "data": {"next_step": step, "samples_seen": step * global_batch}, "rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -86,7 +88,7 @@ def save(engine, path: Path, step: int) -> None:
     request, _, _ = _state(engine.state_module(), engine.optimizer, engine.cfg.model.tie_embeddings, True)
     with _dcp_quiet():
         dcp.save(request if engine.writes_state() else {}, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
-    extra = _trainer_state(engine.scheduler, engine.optimizer, step, engine.cfg.global_batch)
+    extra = trainer_state(engine.scheduler, engine.optimizer, step, engine.cfg.global_batch)
     torch.save(extra, Path(path) / f"trainer_rank{engine.ctx.rank}.pt")
 
 
@@ -113,8 +115,13 @@ def load(engine, path: Path, model_only: bool = False) -> None:
         set_model_state_dict(module, model_sd)
         return
     set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    extra = torch.load(_trainer_file(path, engine.ctx.rank), map_location="cpu", weights_only=True)
-    engine.scheduler.load_state_dict(extra["scheduler"])
+    restore_trainer_state(path, engine.ctx.rank, engine.scheduler, optimizer)
+
+
+def restore_trainer_state(path: Path, rank: int, scheduler, optimizer) -> None:
+    extra = torch.load(_trainer_file(path, rank), map_location="cpu", weights_only=True)
+    if scheduler is not None and extra["scheduler"] is not None:
+        scheduler.load_state_dict(extra["scheduler"])
     for group, lr in zip(optimizer.param_groups, extra["lrs"], strict=True):
         group["lr"] = lr
     torch.set_rng_state(extra["rng"])

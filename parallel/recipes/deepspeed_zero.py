@@ -157,12 +157,16 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):   # all-gather (stage 3)
             return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
 
+    # Checkpoints: the universal format, consolidated through DeepSpeed's tensor-fragment API
     def save(self, path: Path, step: int) -> None:
-        self.module.save_checkpoint(str(path), tag="ds")    # every rank writes its partitions (DeepSpeed's format)
+        from parallel.checkpoint import zero_universal
+
+        zero_universal.save(self, path, step)
 
     def load(self, path: Path, model_only: bool = False) -> None:
-        self.module.load_checkpoint(str(path), tag="ds", load_module_only=model_only,
-                                    load_optimizer_states=not model_only, load_lr_scheduler_states=not model_only)
+        from parallel.checkpoint import zero_universal
+
+        zero_universal.load(self, path, model_only)
 
 
 class Zero(Recipe):
@@ -172,7 +176,6 @@ class Zero(Recipe):
     tensor_parallel = ("DeepSpeed's ZeRO partitions flat parameter buffers and cannot hold DTensor shards; "
                        "use --recipe fsdp")
     data_parallel = "shard"
-    checkpoint_format = "deepspeed"   # its own partitioned files, read back by the same layout only
 
     def validate(self, cfg: RunConfig) -> None:
         if cfg.zero.stage >= 0 and cfg.zero.stage != self.stage:
