@@ -56,7 +56,8 @@ def _resume_would(meta: dict, recipe: str | None, nproc: int | None) -> str:
     was = layout_text(meta["recipe"], meta["world_size"], meta.get("dims"))
     if recipe is None:
         if written == FORMAT:
-            return ("any torch recipe (single, ddp, fsdp, pipeline, tp, local-sgd) on any number of ranks: "
+            return ("any recipe of the shared loop (single, ddp, fsdp, pipeline, tp, local-sgd, zero1-3) on any "
+                    "number of ranks: "
                     "resharded where the layout differs; model, data, seed, global_batch, precision must match")
         return f"only {was} reads it back ({written} format)"
     from parallel import recipes

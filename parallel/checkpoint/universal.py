@@ -1,5 +1,6 @@
 """The universal checkpoint format of the torch recipes (single, ddp, fsdp, the TP compositions, pipeline,
-local-sgd): one layout-free state that any of them can resume from, on any world size.
+local-sgd; zero1-3 through zero_universal.py): one layout-free state that any of them resumes, on any
+world size.
 
     step_000004/
       dcp/                 torch.distributed.checkpoint: the model's and AdamW's tensors, keyed by the GPT's
@@ -74,7 +75,8 @@ def _dcp_quiet():
 def trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
     """What trainer_rank<r>.pt holds: the schedule, the rates, the data position, this rank's RNG."""
     # None: a --deepspeed config's own scheduler, which DeepSpeed steps and this format does not hold
-    state = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "lrs": [g["lr"] for g in optimizer.param_groups],
+    state = {"scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "lrs": [g["lr"] for g in optimizer.param_groups],
              "data": {"next_step": step, "samples_seen": step * global_batch}, "rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = torch.cuda.get_rng_state()

@@ -35,6 +35,7 @@ def save(engine, path: Path, step: int) -> None:
     import torch.distributed.checkpoint as dcp
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    _link_moments(engine)
     model, optim, count = {}, {}, _step_count(engine)
     for name, p in _named(engine):
         model[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
@@ -72,10 +73,13 @@ def _init_moments(engine) -> None:
 
 
 def _link_moments(engine) -> None:
-    """ZeRO 1/2 point each parameter's fragment at its Adam moments only at the first step (a private
-    method of DeepSpeed's optimizer, deepspeed 0.19); stage 3 reads the optimizer state directly."""
+    """ZeRO 1/2 map each parameter onto its Adam moments once, at the first step, from the state that exists
+    then (none yet: torch's AdamW creates its moments later in that step), so the map is made again here.
+    Private attributes of DeepSpeed's optimizer (deepspeed 0.19); stage 3 reads the optimizer state itself."""
     if engine.stage < 3:
-        engine.module.optimizer._lazy_init_hp_params_optimizer_state()
+        opt = engine.module.optimizer
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
 
 
 def _set_weight(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:

@@ -70,8 +70,8 @@ class Recipe:
     tensor_parallel: str | None = "tensor parallelism composes only with --recipe ddp and fsdp"
     # --timeline (profiling.timeline): None where every rank writes the host timeline, else why not
     timeline: str | None = None
-    # what its checkpoints are: "universal" (parallel/checkpoint/universal.py: any torch recipe, any layout,
-    # reads them) or a library's own ("deepspeed": only the same layout reads them back)
+    # the format of its checkpoints; it reads only its own. "universal" (parallel/checkpoint/universal.py,
+    # every recipe of the shared loop today): any such recipe on any layout reads them
     checkpoint_format: str = "universal"
 
     def validate(self, cfg: RunConfig) -> None:

@@ -189,19 +189,18 @@ def test_what_cannot_change_is_refused_in_one_line(chain, tmp_path):
 
 
 @pytest.mark.parametrize("reader, written, refusal", [
-    ("zero2", "universal", "it is in the universal checkpoint format (written by fsdp), which recipe zero2 does not"),
-    ("ddp", "deepspeed", "it is in the deepspeed checkpoint format (written by fsdp), which recipe ddp does not"),
-    ("ddp", None, "it is in the pre-universal checkpoint format"),
+    ("zero2", "deepspeed", "it is in the deepspeed checkpoint format (written by fsdp), which recipe zero2 does not"),
+    ("ddp", None, "it is in the pre-universal checkpoint format (written by fsdp), which recipe ddp does not"),
 ])
 def test_a_format_the_reader_does_not_speak_is_refused(reader, written, refusal):
-    from parallel import RunConfig
+    from parallel import RunConfig, recipes
     from parallel.checkpoint.fingerprint import fingerprint
     from parallel.checkpoint.start import _fits
 
     cfg = RunConfig.from_toml(TINY, [f"recipe={reader}"])
     saved = fingerprint(RunConfig.from_toml(TINY, ["recipe=fsdp"]), 2)
     meta = {"recipe": "fsdp", "world_size": 2, "fingerprint": saved, **({"format": written} if written else {})}
-    problem, _ = _fits(meta, cfg, 2, "deepspeed" if reader.startswith("zero") else "universal", model_only=False)
+    problem, _ = _fits(meta, cfg, 2, recipes.get(reader).checkpoint_format, model_only=False)
     assert problem.startswith(refusal)
 
 
