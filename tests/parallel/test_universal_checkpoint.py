@@ -3,10 +3,11 @@ writes and reads on any layout. One chain of runs, each link starting from the p
 
     single (reference, 8 steps) --step 2--> fsdp x2, killed at step 4 --resumed in its run dir--> single
     fsdp's step 4 --load_from--> pipeline x2 --step 5--> ddp x2 --step 6--> ddp tp=2 --step 7--> single
-    ddp tp=2's step 8 --wb checkpoint export--> safetensors
+    ddp x2's step 6 --load_from--> zero2 x2 --step 7--> zero3 x2
+    ddp tp=2's and zero3's step 8 --wb checkpoint export--> safetensors
 
 Every link's per-step losses equal the uninterrupted reference's within 1e-5, and the exported weights its
-final weights. Five launches in all: three in this process, one killed CLI run, one torchrun of three runs
+final weights. Five launches in all: three in this process, one killed CLI run, one torchrun of five runs
 (the `wb checkpoint` commands run in this process too).
 """
 
@@ -47,7 +48,7 @@ def _step(run, n: int) -> str:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
-    runs = {name: root / name for name in ("ref", "fsdp", "pipe", "ddp", "tp", "last")}
+    runs = {name: root / name for name in ("ref", "fsdp", "pipe", "ddp", "tp", "z2", "z3", "last")}
     _train_here(f"run_dir={runs['ref']}")
     killed = wb("train", "--recipe", "fsdp", "--nproc", "2", "--config", TINY, *BASE, "checkpoint.every=2",
                 f"run_dir={runs['fsdp']}", f"checkpoint.load_from={_step(runs['ref'], 2)}",
@@ -60,7 +61,11 @@ def chain(tmp_path_factory):
                  (TINY, [*BASE, "recipe=ddp", f"run_dir={runs['ddp']}",
                          f"checkpoint.load_from={_step(runs['pipe'], 5)}"]),
                  (TINY, [*BASE, "recipe=ddp", "tp.degree=2", f"run_dir={runs['tp']}",
-                         f"checkpoint.load_from={_step(runs['ddp'], 6)}"])])
+                         f"checkpoint.load_from={_step(runs['ddp'], 6)}"]),
+                 (TINY, [*BASE, "recipe=zero2", f"run_dir={runs['z2']}",
+                         f"checkpoint.load_from={_step(runs['ddp'], 6)}"]),
+                 (TINY, [*BASE, "recipe=zero3", f"run_dir={runs['z3']}",
+                         f"checkpoint.load_from={_step(runs['z2'], 7)}"])])
     _train_here(f"run_dir={runs['last']}", f"checkpoint.load_from={runs['tp'] / 'checkpoints' / 'step_000007'}")
     return runs, resumed
 
@@ -86,7 +91,7 @@ def test_killed_fsdp_run_resumes_as_single(chain):
 
 
 @pytest.mark.parametrize("name, first, writer", [("pipe", 4, "fsdp"), ("ddp", 5, "pipeline"), ("tp", 6, "ddp"),
-                                                 ("last", 7, "ddp")])
+                                                 ("last", 7, "ddp"), ("z2", 6, "ddp"), ("z3", 7, "zero2")])
 def test_load_from_reshards_into_another_layout(chain, name, first, writer):
     runs, _ = chain
     _matches_reference(runs[name], runs["ref"], first)
@@ -117,15 +122,16 @@ def _wb_here(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_export_of_a_resharded_run_equals_single(chain, tmp_path, capsys):
+@pytest.mark.parametrize("name, writer", [("tp", "ddp tp=2 on 2 ranks"), ("z3", "zero3 on 2 ranks")])
+def test_export_of_a_resharded_run_equals_single(chain, tmp_path, capsys, name, writer):
     from safetensors.torch import load_file
 
     runs, _ = chain
     out = tmp_path / "model.safetensors"
-    code, stdout, stderr = _wb_here(capsys, "checkpoint", "export", str(runs["tp"]), "--format", "safetensors",
+    code, stdout, stderr = _wb_here(capsys, "checkpoint", "export", str(runs[name]), "--format", "safetensors",
                                     "--out", str(out))
     assert code == 0, stderr
-    assert "step 8, written by ddp tp=2 on 2 ranks" in stdout
+    assert f"step 8, written by {writer}" in stdout
     exported, reference = load_file(str(out)), final_params(runs["ref"])
     assert exported.keys() == reference.keys()
     assert max(float((exported[k] - reference[k]).abs().max()) for k in reference) < TOL
