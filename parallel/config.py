@@ -91,6 +91,9 @@ class CheckpointConfig:
     keep: int = 2                # complete checkpoints kept (older ones deleted after a newer one lands)
     keep_every: int = 0          # also keep every checkpoint whose step is a multiple of this; 0 = off
     save_final: bool = False     # write <run_dir>/final_model.pt (full, unsharded state dict)
+    load_from: str = ""          # start a new run from another run's state: its run directory (newest good
+                                 # checkpoint) or one step_* folder; a checkpoint of this run_dir wins (resume)
+    load_model_only: bool = False   # with load_from: the weights alone (fresh optimizer, step 0)
 
 
 @dataclass
@@ -259,11 +262,7 @@ class RunConfig:
             raise UserError(f"zero.stage must be 0, 1, 2 or 3 (or -1 to follow the recipe), got {self.zero.stage}")
         if self.zero.config_file and not Path(self.zero.config_file).is_file():
             raise UserError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
-        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
-            raise UserError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
-                            f"every={self.checkpoint.every} keep={self.checkpoint.keep}")
-        if self.checkpoint.keep_every < 0:
-            raise UserError(f"checkpoint.keep_every must be >= 0, got {self.checkpoint.keep_every}")
+        self._check_checkpoint()
         for key in ("kill_rank", "hang_rank"):
             if getattr(self.fault, key) < -1:
                 raise UserError(f"fault.{key} must be >= 0 (or -1 for none), got {getattr(self.fault, key)}")
@@ -290,6 +289,18 @@ class RunConfig:
                           ("straggler.rank", self.straggler.rank)):
             if rank >= world_size:
                 raise UserError(f"{key} ({rank}) must be < world size ({world_size})")
+
+    def _check_checkpoint(self) -> None:
+        c = self.checkpoint
+        if c.every < 0 or c.keep < 1:
+            raise UserError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got every={c.every} "
+                            f"keep={c.keep}")
+        if c.keep_every < 0:
+            raise UserError(f"checkpoint.keep_every must be >= 0, got {c.keep_every}")
+        if c.load_model_only and not c.load_from:
+            raise UserError("checkpoint.load_model_only=true needs checkpoint.load_from=<run dir or step_* folder>")
+        if c.load_from and not Path(c.load_from).is_dir():
+            raise UserError(f"checkpoint.load_from: no such run directory or checkpoint folder: {c.load_from}")
 
     def _check_model(self) -> None:
         _positive(self.model, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", prefix="model.")

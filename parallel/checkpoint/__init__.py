@@ -1,11 +1,13 @@
 """Atomic, resumable checkpoints: <run_dir>/checkpoints/step_000010/ holds everything for resuming
 after 10 optimizer steps.
 
-Every rank writes its part into step_000010.tmp/, all ranks meet at a barrier, then rank 0 writes
-meta.json (manifest.py: step, recipe, world size, the resume fingerprint, a size and sha256 per file)
-and renames the directory: a directory without `.tmp` is complete. Resume picks the newest complete
-checkpoint that passes every check (a damaged one is reported in one line and skipped), and refuses,
-before anything is written, one whose fingerprint (fingerprint.py) differs from the run's. Retention
+Every rank writes its part into step_000010.tmp/ (the torch recipes: the universal format,
+universal.py; DeepSpeed's recipes: its own), all ranks meet at a barrier, then rank 0 writes meta.json
+(manifest.py: step, format, recipe, world size and parallel degrees, the resume fingerprint, a size and
+sha256 per file) and renames the directory: a directory without `.tmp` is complete. Resume picks the
+newest complete checkpoint that passes every check (a damaged one is reported in one line and skipped),
+and refuses, before anything is written, one whose fingerprint (fingerprint.py) differs from the run's in
+a field that may not change (start.py: resume, checkpoint.load_from, resharding). Retention
 keeps the last `keep` plus every `keep_every`-th step, deleting older ones only after a newer
 checkpoint is complete.
 """
@@ -19,9 +21,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parallel.checkpoint.fingerprint import fingerprint, first_difference
+from parallel.checkpoint.fingerprint import fingerprint
 from parallel.checkpoint.manifest import file_manifest, read_meta, verify
-from parallel.errors import UserError
 
 __all__ = ["complete_checkpoints", "file_manifest", "find_resumable", "load", "newest_good", "prune", "save",
            "verify"]
@@ -58,11 +59,14 @@ def save(engine, run_dir: Path, step: int, keep: int, rank: int, keep_every: int
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    engine.save(tmp)
+    engine.save(tmp, step)
     _barrier()
     if rank == 0:
-        world = engine.ctx.world_size
-        meta = {"step": step, "recipe": engine.cfg.recipe, "world_size": world,
+        from parallel import recipes
+
+        world, dims = engine.ctx.world_size, engine.ctx.dims
+        meta = {"step": step, "format": recipes.get(engine.cfg.recipe).checkpoint_format,
+                "recipe": engine.cfg.recipe, "world_size": world, "dims": dims.degrees() if dims else None,
                 "fingerprint": fingerprint(engine.cfg, world),
                 "files": file_manifest(tmp)}   # sizes and checksums: resume detects a damaged checkpoint
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -83,40 +87,21 @@ def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
     return None
 
 
-def _resumable(run_dir: Path, cfg, world_size: int, trusted: tuple) -> tuple[str | None, str | None]:
-    """(path of the checkpoint to resume, None) or (None, why it cannot be resumed)."""
-    latest = newest_good(run_dir, trusted)
-    if latest is None:
-        return None, None
-    meta, _ = read_meta(latest)
-    saved = meta.get("fingerprint") or {"recipe": meta["recipe"], "world_size": meta["world_size"]}
-    difference = first_difference(saved, fingerprint(cfg, world_size))
-    if difference:
-        return None, (f"cannot resume {latest}: {difference}; use another run_dir, or checkpoint.resume=false "
-                      f"to start over")
-    if meta["step"] > cfg.steps:
-        return None, (f"cannot resume {latest}: it holds {meta['step']} steps, more than steps={cfg.steps}; "
-                      f"raise steps, or use another run_dir")
-    return str(latest), None
+def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: str = "universal",
+                   trusted: tuple = ()) -> Path | None:
+    """This run directory's checkpoint to resume (None: none yet); a UserError on every rank if the newest
+    good one does not fit this run. Collective. `trusted`: the classes the recipe pickles into its state
+    files (Recipe.checkpoint_globals). Where a run starts, load_from included: start.decide."""
+    from parallel.checkpoint.start import decide
+
+    found = decide(run_dir, cfg, world_size, is_main, reader_format, trusted, resume_only=True)
+    return Path(found.path) if found.path else None
 
 
-def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, trusted: tuple = ()) -> Path | None:
-    """The checkpoint this run resumes from (None: start fresh); a UserError on every rank if the newest
-    good one does not fit this run. Collective: rank 0 checks the files once, every rank gets its answer.
-    `trusted`: the classes the recipe pickles into its state files (Recipe.checkpoint_globals)."""
-    answer = _resumable(run_dir, cfg, world_size, trusted) if is_main else (None, None)
-    if dist.is_initialized():
-        box = [answer]
-        dist.broadcast_object_list(box, src=0)
-        answer = box[0]
-    path, problem = answer
-    if problem:
-        raise UserError(problem)
-    return Path(path) if path else None
-
-
-def load(engine, path: Path) -> int:
-    """Load checkpoint `path` into the engine; the number of steps it holds."""
-    engine.load(path)
+def load(engine, path: Path, model_only: bool = False) -> int:
+    """Load checkpoint `path` into the engine; the number of steps the run has taken (0: weights only)."""
+    engine.load(Path(path), model_only)
+    if model_only:
+        return 0
     meta, _ = read_meta(path)
     return int(meta["step"])

@@ -4,6 +4,11 @@ A checkpoint's meta.json records `fingerprint(cfg, world_size)`. Resuming compar
 run's before anything in the run directory is written, and refuses a mismatch in one line naming the
 first differing field. Everything else (steps, logging, profiling, checkpoint cadence, faults, the
 learning rate) may change: `config.json` records what did, segment by segment.
+
+Two kinds of field: STATE (what the saved tensors and the data stream are: never changes) and LAYOUT
+(how the state is sharded over ranks). A checkpoint in the universal format (universal.py), read by a
+recipe that speaks it, may change its LAYOUT: it is resharded. Taking the weights alone
+(checkpoint.load_model_only) needs only the model's shape to match.
 """
 
 from __future__ import annotations
@@ -13,21 +18,28 @@ from typing import Any
 
 from parallel.config import flatten_config
 
-# the state's shapes, the data stream, and the layout the state is sharded by
-MUST_MATCH = ("model", "data", "seed", "global_batch", "recipe", "precision", "world_size", "pp.degree",
-              "pp.virtual_stages", "pp.layers_per_stage", "zero.stage", "tp", "cp")
+# the state's shapes and the data stream
+STATE = ("model", "data", "seed", "global_batch", "precision")
+# the layout the state is sharded by
+LAYOUT = ("recipe", "world_size", "pp.degree", "pp.virtual_stages", "pp.layers_per_stage", "zero.stage", "tp", "cp")
+MUST_MATCH = STATE + LAYOUT
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in prefixes)
 
 
 def fingerprint(cfg, world_size: int) -> dict[str, Any]:
     flat = flatten_config(asdict(cfg))
     flat["world_size"] = world_size
-    return {k: v for k, v in flat.items() if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)}
+    return {k: v for k, v in flat.items() if _under(k, MUST_MATCH)}
 
 
-def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """'model.d_model is 32 in this run, 64 in the checkpoint', or None when they agree."""
+def first_difference(saved: dict[str, Any], current: dict[str, Any], only: tuple[str, ...] = MUST_MATCH) -> str | None:
+    """'model.d_model is 32 in this run, 64 in the checkpoint', or None when they agree on every field
+    under `only` (STATE: a resharding resume; ("model",): the weights alone)."""
     for key in sorted(set(saved) | set(current)):
-        if key in saved and saved.get(key) != current.get(key):
+        if _under(key, only) and key in saved and saved.get(key) != current.get(key):
             return f"{key} is {current.get(key)!r} in this run, {saved[key]!r} in the checkpoint"
     return None
 

@@ -1,6 +1,6 @@
 """A checkpoint's manifest (meta.json) and the checks that decide whether a checkpoint can be trusted.
 
-meta.json: {"step", "recipe", "world_size", "fingerprint", "files": {relative path: {size, sha256}}}.
+meta.json: {"step", "format", "recipe", "world_size", "dims", "fingerprint", "files": {relative path: {size, sha256}}}.
 A checkpoint is good when its meta.json is a complete, consistent record (its step is the directory's),
 every listed file has its size and sha256, and every .pt file loads with weights_only=True. One
 without a file list (written before manifests existed) is not trusted: it is verified by loading
@@ -52,6 +52,8 @@ def verify(path: Path, trusted: tuple = ()) -> str | None:
     if problem:
         return problem
     files = meta.get("files")
+    if files is None and meta.get("format") == "universal":   # its DCP files can be checked against nothing
+        return "meta.json has no file list (a universal checkpoint always has one)"
     if files is None:   # no manifest to check against: load every state file in full
         return _loads(path, trusted, full=True)
     for rel, want in files.items():

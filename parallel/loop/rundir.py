@@ -62,9 +62,11 @@ class RunDir:
         if active:
             self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_config(self, config: dict, resumed_from_step: int = 0) -> None:
+    def write_config(self, config: dict, resumed_from_step: int = 0, start: dict | None = None) -> None:
         """config.json: the resolved config, and `segments`, one entry per time the run was started
-        (a resume appends the step it resumed from and what changed; a fresh start begins a new list)."""
+        (a resume appends the step it resumed from and what changed; a fresh start begins a new list).
+        `start`: the checkpoint it started from (checkpoint.start.Start.record: how, path, step, the
+        layout that wrote it, whether it was resharded or only its weights taken)."""
         if not self.active:
             return
         from parallel.checkpoint.fingerprint import changes
@@ -72,8 +74,10 @@ class RunDir:
         old = _read_json(self.path / "config.json") if resumed_from_step else None
         segments = list(old.get("segments", [])) if isinstance(old, dict) else []
         before = {k: v for k, v in old.items() if k != "segments"} if isinstance(old, dict) else {}
-        segments.append({"started": datetime.now().isoformat(timespec="seconds"), "from_step": resumed_from_step,
-                         "changed": changes(before, config) if before else {}})
+        from_step = start["step"] if start else resumed_from_step
+        segment = {"started": datetime.now().isoformat(timespec="seconds"), "from_step": from_step,
+                   "changed": changes(before, config) if before else {}}
+        segments.append({**segment, "checkpoint": start} if start else segment)
         write_json(self.path / "config.json", {**config, "segments": segments})
 
     def start_metrics(self, resume_step: int) -> list[dict]:

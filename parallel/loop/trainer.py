@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint, memory, recipes
+from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
 from parallel.data import Dataset
 from parallel.loop import faults, hooks, provenance
@@ -74,8 +75,8 @@ class Trainer:
             raise
 
     def _setup(self, cfg: RunConfig, ctx) -> None:
-        resume_from = (checkpoint.find_resumable(self.run_dir, cfg, ctx.world_size, ctx.is_main,
-                                                 self.recipe.checkpoint_globals()) if cfg.checkpoint.resume else None)
+        begin = decide(self.run_dir, cfg, ctx.world_size, ctx.is_main, self.recipe.checkpoint_format,
+                       self.recipe.checkpoint_globals())   # resume, checkpoint.load_from, or fresh
         if cfg.precision == "bf16" and ctx.device.type == "cpu" and ctx.is_main:
             print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
                   "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
@@ -84,13 +85,14 @@ class Trainer:
         self.n_params = count_params(model)
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
-        self.start = checkpoint.load(self.engine, resume_from) if resume_from else 0
+        self.start = checkpoint.load(self.engine, begin.path, begin.model_only) if begin.path else 0
         self.out = RunDir(self.run_dir, active=ctx.is_main)
-        self.out.write_config(cfg.to_dict(), resumed_from_step=self.start)
-        note = faults.restart_note(self.run_dir)
-        if ctx.is_main and (resume_from or note):
-            print(f"wb: {note + '; ' if note else ''}resumed from step {self.start} (checkpoint {resume_from})"
-                  if resume_from else f"wb: {note}; no checkpoint yet: starting over", file=sys.stderr)
+        self.out.write_config(cfg.to_dict(), resumed_from_step=self.start if begin.how == "resume" else 0,
+                              start=begin.record())
+        note, line = faults.restart_note(self.run_dir), describe(begin, cfg, ctx.world_size, self.dims.degrees())
+        if ctx.is_main and (line or note):
+            print(f"wb: {note + '; ' if note else ''}{line}" if line
+                  else f"wb: {note}; no checkpoint yet: starting over", file=sys.stderr)
         self.history = self.out.start_metrics(self.start)
         self.val_loss = next((m["val_loss"] for m in reversed(read_evals(self.run_dir)) if m["step"] < self.start), None)
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
@@ -214,7 +216,7 @@ class Trainer:
         if self.rollbacks >= 3:
             raise FloatingPointError(f"{why}: still diverging after 3 rollbacks")
         path = checkpoint.find_resumable(self.run_dir, cfg, self.ctx.world_size, self.ctx.is_main,
-                                         self.recipe.checkpoint_globals())
+                                         self.recipe.checkpoint_format, self.recipe.checkpoint_globals())
         if path is None:
             raise FloatingPointError(f"{why}: nan_policy = 'rollback' found no checkpoint to roll back to")
         back_to = checkpoint.load(self.engine, path)

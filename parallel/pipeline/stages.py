@@ -88,6 +88,20 @@ class StageModule(nn.Module):
         return self.head(self.ln_f(x)) if self.is_last else x
 
 
+class GPTView(nn.Module):
+    """A rank's stages as one module under the GPT's names (tok_emb, blocks.3, head, ...), sharing their
+    parameters: what a checkpoint reads and writes, whatever the stage split."""
+
+    def __init__(self, stages: list[StageModule]):
+        super().__init__()
+        self.blocks = nn.ModuleDict()
+        for stage in stages:
+            for name in ("tok_emb", "pos_emb", "ln_f", "head"):
+                if hasattr(stage, name):
+                    setattr(self, name, getattr(stage, name))
+            self.blocks.update(stage.blocks)
+
+
 class SpanRecorder:
     """Spans (kind, micro-batch, stage, start_ns, end_ns, cpu_ns) of the current step; start and end on a
     clock shared by the ranks, cpu_ns the thread's CPU time inside the span (on a CPU device, where the

@@ -70,6 +70,9 @@ class Recipe:
     tensor_parallel: str | None = "tensor parallelism composes only with --recipe ddp and fsdp"
     # --timeline (profiling.timeline): None where every rank writes the host timeline, else why not
     timeline: str | None = None
+    # the format of its checkpoints; it reads only its own. "universal" (parallel/checkpoint/universal.py,
+    # every recipe of the shared loop today): any such recipe on any layout reads them
+    checkpoint_format: str = "universal"
     # eval.every > 0: None where the train loop evaluates the held-out split, else why not
     evaluation: str | None = None
 
@@ -79,6 +82,9 @@ class Recipe:
             raise UserError(f"zero.config_file (--deepspeed) needs a zero1/zero2/zero3 recipe, got recipe={self.name}")
         if cfg.zero.stage >= 0:
             raise UserError(f"zero.stage={cfg.zero.stage} only applies to the zero recipes, got recipe={self.name}")
+        if cfg.checkpoint.load_from and self.execution != "spmd":
+            raise UserError(f"checkpoint.load_from: recipe {self.name} starts its own workers and reads no "
+                            f"checkpoints; start from one with single, ddp, fsdp, pipeline or local-sgd")
 
     def dims(self, cfg: RunConfig, world_size: int) -> ParallelDims:
         """How this recipe lays `world_size` ranks out (data parallelism takes what pp, cp, tp leave)."""
@@ -202,11 +208,12 @@ class Engine(ABC):
         """The whole model's state dict, unsharded, on CPU (collective for sharded recipes)."""
 
     @abstractmethod
-    def save(self, path: Path) -> None:
-        """Write this rank's part of a checkpoint into directory `path`."""
+    def save(self, path: Path, step: int) -> None:
+        """Write this rank's part of the checkpoint after `step` steps into directory `path`. Collective."""
 
     @abstractmethod
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path, model_only: bool = False) -> None:
+        """Read a checkpoint; model_only: the weights alone (fresh optimizer and schedule). Collective."""
 
     def train_step(self, dataset: Dataset, step: int, dp_rank: int, dp: int, on_backward=None) -> StepResult:
         """One optimizer step: this rank's micro-batches of global batch `step`, forward and backward each
@@ -305,14 +312,23 @@ class TorchEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
 
-    def save(self, path: Path) -> None:
-        """Replicated state: rank 0 writes it all."""
-        if self.ctx.is_main:
-            torch.save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, path / "state.pt")
+    # Checkpoints: the universal format (parallel/checkpoint/universal.py), whatever the layout.
+    def state_module(self) -> nn.Module:
+        """The module whose state-dict names are the GPT's (the unwrapped model; a pipeline: its stages)."""
+        return self.raw
 
-    def load(self, path: Path) -> None:
-        state = torch.load(path / "state.pt", map_location=self.ctx.device, weights_only=True)
-        self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def writes_state(self) -> bool:
+        """Whether this rank contributes tensors to a checkpoint: one copy of replicated state, the first
+        data-parallel replica's ranks (every shard of a sharded layout, every TP rank and stage of it)."""
+        dims = self.ctx.dims
+        return dims is None or dims.coords(self.ctx.rank)["dp_replicate"] == 0
+
+    def save(self, path: Path, step: int) -> None:
+        from parallel.checkpoint import universal
+
+        universal.save(self, path, step)
+
+    def load(self, path: Path, model_only: bool = False) -> None:
+        from parallel.checkpoint import universal
+
+        universal.load(self, path, model_only)

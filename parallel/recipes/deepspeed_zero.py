@@ -157,11 +157,16 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):   # all-gather (stage 3)
             return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
 
-    def save(self, path: Path) -> None:
-        self.module.save_checkpoint(str(path), tag="ds")    # every rank writes its partitions
+    # Checkpoints: the universal format, consolidated through DeepSpeed's tensor-fragment API
+    def save(self, path: Path, step: int) -> None:
+        from parallel.checkpoint import zero_universal
 
-    def load(self, path: Path) -> None:
-        self.module.load_checkpoint(str(path), tag="ds")
+        zero_universal.save(self, path, step)
+
+    def load(self, path: Path, model_only: bool = False) -> None:
+        from parallel.checkpoint import zero_universal
+
+        zero_universal.load(self, path, model_only)
 
 
 class Zero(Recipe):

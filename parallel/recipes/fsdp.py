@@ -8,8 +8,6 @@ False keeps them until backward (ZeRO-2-like: less communication, more memory).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -20,7 +18,7 @@ from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 class DCPEngine(TorchEngine):
     """A TorchEngine whose parameters are DTensors (FSDP2, tensor parallelism): the full state dict gathers
-    them, and checkpoints go through torch.distributed.checkpoint."""
+    them (checkpoints: the universal format, as every torch engine's)."""
 
     sharded = True   # the clipping norm sums squares over every rank's shard
 
@@ -30,31 +28,6 @@ class DCPEngine(TorchEngine):
             v = v.full_tensor() if isinstance(v, DTensor) else v   # all-gather: collective
             out[k] = v.detach().cpu().clone()
         return out
-
-    # Checkpoints: torch.distributed.checkpoint, each rank writing its own shards.
-    def _state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
-
-    def save(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._state(), checkpoint_id=str(path / "dcp"))
-        if self.ctx.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict()}, path / "scheduler.pt")
-
-    def load(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        sched = torch.load(path / "scheduler.pt", weights_only=True)
-        self.scheduler.load_state_dict(sched["scheduler"])
 
 
 class FSDPEngine(DCPEngine):

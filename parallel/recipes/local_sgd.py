@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.comm import CommCounter, comm_summary
+from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
@@ -68,10 +69,10 @@ class LocalSGDEngine(TorchEngine):
         for p, g in zip(self.params, self.global_params, strict=True):
             p.copy_(g)
 
-    def save(self, path) -> None:
+    def save(self, path, step: int) -> None:
         """Rank 0's replica (replicas are equal right after a sync; elsewhere a resume restarts every rank from
         rank 0's), plus the sync phase and, for diloco, the global copy and the outer momentum."""
-        super().save(path)
+        super().save(path, step)
         if self.ctx.is_main:
             extra = {"local_steps": self.local_steps, "syncs": self.syncs}
             if self.diloco:
@@ -80,8 +81,13 @@ class LocalSGDEngine(TorchEngine):
             torch.save(extra, path / "local_sgd.pt")
 
     @torch.no_grad()
-    def load(self, path) -> None:
-        super().load(path)
+    def load(self, path, model_only: bool = False) -> None:
+        super().load(path, model_only)
+        if model_only:   # a new run from another's weights: its own sync phase and outer optimizer
+            return
+        if not (path / "local_sgd.pt").is_file():
+            raise UserError(f"checkpoint {path} holds no {self.cfg.recipe} state (its sync phase): it was "
+                            f"written by another recipe; use checkpoint.load_model_only=true, or another run_dir")
         extra = torch.load(path / "local_sgd.pt", map_location=self.ctx.device, weights_only=True)
         self.local_steps, self.syncs = extra["local_steps"], extra["syncs"]
         if self.diloco:

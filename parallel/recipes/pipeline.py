@@ -18,7 +18,7 @@ One optimizer step:
      the local vocabulary shards of the same tp coordinate)
   4. global-norm clipping: squares summed over the stages and TP shards (the tied copy counted once), then AdamW
 Loss: the last stage's, broadcast to its replica's stages, so the loop's mean over ranks is right.
-Checkpoints: one file per stage-rank (under TP, per stage-rank and tp-rank), written by replica 0.
+Checkpoints: the universal format (parallel/checkpoint/universal.py), written by replica 0's stages.
 Bubble: see summary_fields().
 """
 
@@ -51,7 +51,15 @@ from parallel.model import GPT, cross_entropy
 from parallel.pipeline.bubble import measure
 from parallel.pipeline.gantt import draw_gantt
 from parallel.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
-from parallel.pipeline.stages import SpanRecorder, StageModule, TimedStage, _active, instrument_p2p, stage_sizes
+from parallel.pipeline.stages import (
+    GPTView,
+    SpanRecorder,
+    StageModule,
+    TimedStage,
+    _active,
+    instrument_p2p,
+    stage_sizes,
+)
 from parallel.recipes.base import Context, Engine, Recipe, StepResult, TorchEngine, clip_, grad_norm, local
 from parallel.tensor_parallel import (
     CollectiveWatch,
@@ -184,8 +192,9 @@ class PipelineEngine(TorchEngine):
         return out
 
     # ---- state -------------------------------------------------------------------------------
-    def _layout(self) -> list[list[str]]:
-        return [sorted(s.blocks.keys(), key=int) for s in self.stages]
+    def state_module(self) -> nn.Module:
+        """This rank's stages under the GPT's names (the universal checkpoint's keys)."""
+        return GPTView(self.stages)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         # full_tensor(): a collective over the TP group, whose ranks hold the same stages' keys in the same order
@@ -194,29 +203,6 @@ class PipelineEngine(TorchEngine):
         everyone = [None] * self.ctx.world_size
         dist.all_gather_object(everyone, mine if self.dp_rank == 0 and self.tp_rank == 0 else {})
         return {k: v for part in everyone for k, v in part.items()}
-
-    def _file(self) -> str:
-        """One file per (stage-rank, tp-rank): each holds its local TP shards (tp = 1: one per stage-rank)."""
-        return f"stage_rank{self.pp_rank}" + (f"_tp{self.tp_rank}" if self.tp > 1 else "") + ".pt"
-
-    def save(self, path: Path) -> None:
-        if self.dp_rank == 0:
-            optim = self.optimizer.state_dict()
-            optim = {**optim, "state": {i: {k: local(v) for k, v in s.items()} for i, s in optim["state"].items()}}
-            torch.save({"layout": self._layout(), "model": {k: local(v) for k, v in self.module.state_dict().items()},
-                        "optimizer": optim, "scheduler": self.scheduler.state_dict()}, path / self._file())
-
-    def load(self, path: Path) -> None:
-        state = torch.load(path / self._file(), map_location=self.ctx.device, weights_only=True)
-        if state["layout"] != self._layout():
-            raise UserError(f"checkpoint {path} holds blocks {state['layout']} on stage-rank {self.pp_rank}, this "
-                             f"run has {self._layout()}: use the same pp settings, or checkpoint.resume=false")
-        with torch.no_grad():   # into the local shards: a plain tensor cannot be copied into a DTensor
-            for k, v in self.module.state_dict(keep_vars=True).items():
-                local(v).copy_(state["model"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _rewrap_optimizer_state(self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
 
     def _torch_orders(self) -> dict[int, list[tuple[str, int, int]]] | None:
         """The (kind, mb, stage) order per rank of torch's multi-stage schedules (None for gpipe / 1f1b)."""
@@ -313,16 +299,6 @@ def _place_grads_as_params(module: nn.Module) -> None:
         if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
             with prange("tp.place_grads"):
                 p.grad = g.redistribute(placements=p.placements)
-
-
-def _rewrap_optimizer_state(optimizer) -> None:
-    """After load_state_dict from local shards: each TP parameter's moments become DTensors again, placed as
-    the parameter (AdamW does not mix DTensor and plain tensors)."""
-    for p, s in optimizer.state.items():
-        if isinstance(p, DTensor):
-            for k, v in s.items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.ndim > 0:
-                    s[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
 
 
 def _destroy_groups() -> None:

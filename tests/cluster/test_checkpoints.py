@@ -25,8 +25,9 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capfd):
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004", "step_000006"]
     meta = json.loads((ckpts / "step_000006" / "meta.json").read_text())
-    state = ckpts / "step_000006" / "state.pt"
-    assert meta["files"]["state.pt"]["size"] == state.stat().st_size and len(meta["files"]["state.pt"]["sha256"]) == 64
+    state = ckpts / "step_000006" / "dcp" / "__0_0.distcp"   # the model's and optimizer's tensors
+    entry = meta["files"]["dcp/__0_0.distcp"]
+    assert entry["size"] == state.stat().st_size and len(entry["sha256"]) == 64
     good = state.read_bytes()
 
     for damage, why in ((good[: len(good) // 2], "bytes, the manifest says"),           # truncated
@@ -50,8 +51,8 @@ def test_retention_keeps_last_k_plus_every_mth(tmp_path):
 def test_checkpoints_load_with_weights_only(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "steps=2")
-    state = torch.load(run_dir / "checkpoints" / "step_000002" / "state.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler"} <= state.keys()
+    state = torch.load(run_dir / "checkpoints" / "step_000002" / "trainer_rank0.pt", weights_only=True)
+    assert {"scheduler", "lrs", "data", "rng"} <= state.keys() and state["data"]["next_step"] == 2
 
 
 class _Payload:
@@ -65,7 +66,7 @@ class _Payload:
 
 
 def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path, capfd):
-    """A newest checkpoint whose state.pt holds a non-tensor pickle (manifest updated to match, so only
+    """A newest checkpoint whose trainer_rank0.pt holds a non-tensor pickle (manifest updated to match, so only
     the weights_only check can catch it) is skipped for the previous one, and its payload never runs."""
     from parallel import checkpoint
 
@@ -73,9 +74,9 @@ def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path, capfd):
     _train(run_dir)
     newest = run_dir / "checkpoints" / "step_000006"
     marker = tmp_path / "PWNED"
-    state = torch.load(newest / "state.pt", weights_only=True)
+    state = torch.load(newest / "trainer_rank0.pt", weights_only=True)
     state["extra"] = _Payload(marker)
-    torch.save(state, newest / "state.pt")
+    torch.save(state, newest / "trainer_rank0.pt")
     meta = json.loads((newest / "meta.json").read_text())
     meta["files"] = checkpoint.file_manifest(newest)
     (newest / "meta.json").write_text(json.dumps(meta))

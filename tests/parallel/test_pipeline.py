@@ -69,11 +69,12 @@ def test_split_and_stage_memory(pp_runs):
 
 @pytest.mark.slow
 def test_resume_from_checkpoint(pp_runs):
-    """Resumed after 5 steps from the per-stage checkpoint files: the same steps 5..9 and end state."""
+    """Resumed after 5 steps from the universal checkpoint (each stage-rank its own tensors, in one DCP
+    folder): the same steps 5..9 and end state."""
     clean, resumed = pp_runs["1f1b"], pp_runs["resumed"]
     assert summary(resumed)["resumed_from_step"] == 5
     assert sorted(p.name for p in (clean / "checkpoints" / "step_000005").iterdir()) == [
-        "meta.json", "stage_rank0.pt", "stage_rank1.pt"]
+        "dcp", "meta.json", "trainer_rank0.pt", "trainer_rank1.pt"]
     assert losses(resumed) == pytest.approx(losses(clean)[5:], rel=1e-6)
     assert max_rel_diff(final_params(resumed), final_params(clean)) < 1e-6
 

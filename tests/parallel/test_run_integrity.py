@@ -100,7 +100,7 @@ def test_resume_mismatches_are_refused_before_anything_is_written(tmp_path, cli)
     before = _snapshot(run_dir)
     for extra, words in ((["model.d_model=16"], ["model.d_model is 16 in this run, 32 in the checkpoint"]),
                          (["steps=2"], ["holds 4 steps, more than steps=2"]),
-                         (["--recipe", "ddp"], ["recipe is 'ddp' in this run, 'single' in the checkpoint"])):
+                         (["seed=1"], ["seed is 1 in this run, 0 in the checkpoint"])):   # a recipe reshards
         refused = cli("train", *FAST, "--run-dir", str(run_dir), "steps=6", *extra)
         _one_line(refused, 2, "cannot resume", *words)
         assert _snapshot(run_dir) == before, f"{extra} changed the run directory"
@@ -147,11 +147,11 @@ def test_a_damaged_manifest_falls_back_to_the_previous_checkpoint(tmp_path, dama
     newest = run_dir / "checkpoints" / "step_000004"
     if damage == "empty-meta":
         (newest / "meta.json").write_text("{}")
-    else:   # a manifest without a file list, beside a truncated state file: verified by loading
+    else:   # a manifest without a file list (never written for the universal format), beside a truncated file
         meta = json.loads((newest / "meta.json").read_text())
         del meta["files"]
         (newest / "meta.json").write_text(json.dumps(meta))
-        state = newest / "state.pt"
+        state = newest / "trainer_rank0.pt"
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     resumed = cli("train", *FAST, "--run-dir", str(run_dir), "steps=4", "checkpoint.every=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

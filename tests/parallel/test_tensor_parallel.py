@@ -179,8 +179,9 @@ def test_kill_and_resume_fsdp_tp(tp_runs):
 
 def test_pipeline_tp_stage_memory_and_resume(tp_runs):
     """pp = 2 x tp = 2: each stage-rank holds Ψs/T + Ψr of its stage (tiny.toml: one block per stage; the
-    embeddings on stage 0, ln_f and the tied head's copy on stage 1); one checkpoint file per (stage-rank,
-    tp-rank); resumed from the step-3 checkpoint, the same steps 3 and 4 and the same end state."""
+    embeddings on stage 0, ln_f and the tied head's copy on stage 1); the universal checkpoint (every
+    (stage-rank, tp-rank) its own shards in one DCP folder, a trainer file per rank); resumed from the step-3
+    checkpoint, the same steps 3 and 4 and the same end state."""
     from parallel import RunConfig
 
     clean, resumed = tp_runs["pp-tp"], tp_runs["pp-tp-resumed"]
@@ -190,7 +191,7 @@ def test_pipeline_tp_stage_memory_and_resume(tp_runs):
     assert s["predicted_model_state_bytes_per_rank"] == 16 * first and "(Ψs/T+Ψr)_stage" in s["predicted_formula"]
     assert s["model_state_bytes_per_rank"] == s["predicted_model_state_bytes_per_rank"]   # fp32: measured = predicted
     assert sorted(p.name for p in (clean / "checkpoints" / "step_000003").iterdir()) == [
-        "meta.json", "stage_rank0_tp0.pt", "stage_rank0_tp1.pt", "stage_rank1_tp0.pt", "stage_rank1_tp1.pt"]
+        "dcp", "meta.json", *(f"trainer_rank{r}.pt" for r in range(4))]
     assert summary(resumed)["resumed_from_step"] == 3
     assert losses(resumed) == pytest.approx(losses(clean)[3:], rel=1e-6)
     assert max_rel_diff(final_params(resumed), final_params(clean)) < 1e-6
