@@ -1,6 +1,6 @@
 """Text from a trained run: the newest checkpoint's weights, decoded token by token with a KV cache.
 
-    model = load_model(run_dir)                          # any recipe's checkpoint (parallel/checkpoint/weights.py)
+    model, cfg, source = load_model(run_dir)            # any recipe's checkpoint: the universal format
     ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=20, seed=0)
 
 The prompt runs through the model once, filling one LayerCache per block (parallel/model.py); each new
@@ -36,13 +36,13 @@ def load_model(run_dir: Path, device: str = "cpu") -> tuple[GPT, RunConfig, str]
     """The run's model with the weights of its newest good checkpoint (else final_model.pt), in eval mode;
     also its config and where the weights came from."""
     from parallel import checkpoint, recipes
-    from parallel.checkpoint.weights import model_weights
+    from parallel.checkpoint.universal import consolidated_weights
 
     cfg = run_config(run_dir)
     model = GPT(cfg.model)
     source = checkpoint.newest_good(Path(run_dir), recipes.get(cfg.recipe).checkpoint_globals())
     if source is not None:
-        state = model_weights(source, model)
+        state = consolidated_weights(source, cfg.model.tie_embeddings)
     elif (Path(run_dir) / "final_model.pt").is_file():
         source = Path(run_dir) / "final_model.pt"
         state = torch.load(source, map_location="cpu", weights_only=True)
