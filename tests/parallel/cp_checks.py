@@ -1,7 +1,8 @@
-"""Run under torchrun by tests/parallel/test_context_parallel.py (one launch of 3 ranks): ring attention over
-a cp group of C = 2 (ranks 0 and 1) and of C = 3 (all three) against single-process kernels.attention, and
-a GPT with context_parallel.apply against the same GPT unsharded; writes what it found to the JSON file of
-its first argument (rank 0).
+"""Run under torchrun by tests/parallel/test_context_parallel.py, with C = 2 or 3 ranks: first trains the
+(config, overrides) runs of its optional second argument (JSON, as tests/parallel/runs.py does), then checks
+ring attention over all C ranks against single-process kernels.attention, and a GPT with
+context_parallel.apply against the same GPT unsharded; writes what it found to the JSON file of its first
+argument (rank 0).
 
 Each ring case: the same random q, k, v, dO on every rank; each rank takes its positions' rows, runs
 ring attention forward and backward, and the squared errors of out, dq, dk, dv against the full
@@ -95,22 +96,22 @@ def model_check(group, balance: str) -> dict:
         dist.all_reduce(g, group=group)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     rel = {n: float((g - ref_grads[n]).norm() / ref_grads[n].norm()) for n, g in grads.items()}
-    return {"loss": float(total) / c, "ref_loss": float(ref_loss), "grad_rel": rel}
+    return {"loss": float(total) / c, "ref_loss": float(ref_loss.detach()), "grad_rel": rel}
 
 
 if __name__ == "__main__":
+    from parallel import RunConfig, train
     from parallel.loop.distributed import exit_worker
 
-    dist.init_process_group("gloo")
-    groups = {2: dist.new_group([0, 1]), 3: dist.group.WORLD}   # every rank makes every group
-    results = {}
-    for c, group in groups.items():
-        if dist.get_rank() >= c:
-            continue
-        for case in RING_CASES[c]:
-            results[f"C{c}-{case[0]}"] = ring_check(group, case)
-        for balance in ("headtail", "none"):
-            results[f"C{c}-model-{balance}"] = model_check(group, balance)
+    for config, overrides in json.loads(sys.argv[2]) if len(sys.argv) > 2 else []:
+        train(RunConfig.from_toml(config, overrides))   # initialises the process group on its first run
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    c, results = dist.get_world_size(), {}
+    for case in RING_CASES[c]:
+        results[f"C{c}-{case[0]}"] = ring_check(dist.group.WORLD, case)
+    for balance in ("headtail", "none"):
+        results[f"C{c}-model-{balance}"] = model_check(dist.group.WORLD, balance)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)

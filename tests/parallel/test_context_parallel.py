@@ -1,8 +1,9 @@
-"""Context parallelism: sequence sharding (in-process), the log-sum-exp merge (in-process), and ring
-attention under one torchrun launch of 3 ranks (tests/parallel/cp_checks.py: C = 2 on ranks 0 and 1, C = 3
-on all three): forward and backward equal single-process kernels.attention, causal blocks balanced under
-headtail and not under none, bytes sent as counted by hand, and a GPT with context_parallel.apply equal
-to the unsharded GPT. Budget: the launch takes about 30 s on 2 CPU cores.
+"""Context parallelism: sequence sharding, the log-sum-exp merge and the config checks (in-process); and,
+under two torchrun launches of tests/parallel/cp_checks.py (2 ranks, then 3: an odd C), ring attention's
+forward and backward equal single-process kernels.attention, causal blocks balanced under headtail and not
+under none, bytes sent as counted by hand, a GPT with context_parallel.apply equal to the unsharded GPT,
+and `--recipe ddp cp.degree=2` (trained in the 2-rank launch) equal to `single` per step and in its final
+parameters. Budget: about 45 s for both launches on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ import pytest
 import torch
 
 import kernels
+from parallel import RunConfig
 from parallel import context_parallel as cp
 from parallel.errors import UserError
+from parallel.loop.rundir import read_metrics
+from parallel.recipes import resolve
 from tests.cli import ROOT, env
 from tests.parallel.cp_checks import RING_CASES
+from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary
+
+COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=2"]
+DDP_CP = {"ddp-cp-headtail": ["recipe=ddp", "cp.degree=2"],
+          "ddp-cp-none": ["recipe=ddp", "cp.degree=2", "cp.load_balance=none"]}
 
 
 # ---- in-process --------------------------------------------------------------------------------
@@ -70,15 +79,64 @@ def test_merge_of_two_key_blocks_is_the_whole_attention():
     assert torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-6)
 
 
+def test_config_accepts_cp_for_ddp_only():
+    dims = resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2"]), 4)
+    assert (dims.cp, dims.dp_replicate) == (2, 2)
+    with pytest.raises(UserError, match="cp.degree = 2 does not work with recipe=fsdp: context parallelism composes "
+                                        "only with --recipe ddp"):
+        resolve(RunConfig.from_toml(TINY, ["recipe=fsdp", "cp.degree=2"]), 2)
+    with pytest.raises(UserError, match="cp.degree = 2 with tp.degree = 2: recipe=ddp composes"):
+        resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2", "tp.degree=2"]), 4)
+
+
+@pytest.mark.parametrize("overrides, chunks", [(["cp.degree=3"], 6), (["cp.degree=3", "cp.load_balance=none"], 3)])
+def test_config_refuses_a_seq_len_the_chunks_do_not_divide(overrides, chunks):
+    with pytest.raises(UserError, match=rf"model.seq_len \(32\) must be divisible by {chunks} with cp.degree = 3"):
+        RunConfig.from_toml(TINY, ["recipe=ddp", *overrides])
+    assert RunConfig.from_toml(TINY, ["recipe=ddp", "model.seq_len=36", *overrides]).cp.degree == 3
+
+
 # ---- under torchrun ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cp") / "checks.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-           str(ROOT / "tests" / "parallel" / "cp_checks.py"), str(out)]
+def _launch(nproc: int, out, runs=()) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "tests" / "parallel" / "cp_checks.py"), str(out), json.dumps(list(runs))]
     done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def cp_runs(tmp_path_factory):
+    """{"single" and each DDP_CP name: run_dir, "checks": the ring and model checks of both launches}."""
+    from parallel import train
+
+    root = tmp_path_factory.mktemp("cp")
+    dirs = {name: root / name for name in ["single", *DDP_CP]}
+    train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", f"run_dir={dirs['single']}"]))
+    checks = _launch(2, root / "c2.json", [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in DDP_CP.items()])
+    checks.update(_launch(3, root / "c3.json"))
+    return {**dirs, "checks": checks}
+
+
+@pytest.fixture(scope="module")
+def checks(cp_runs):
+    return cp_runs["checks"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DDP_CP)
+def test_ddp_cp_matches_single(name, cp_runs):
+    """Per-step losses, clipping norms and final parameters of ddp with cp.degree = 2 equal single's."""
+    ref, got = losses(cp_runs["single"]), losses(cp_runs[name])
+    assert len(ref) == len(got) == 5
+    worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+    assert worst < 1e-5, f"{name}: per-step losses {got} vs single {ref} (worst rel {worst:.2e})"
+    norms, ref_norms = ([m["grad_norm"] for m in read_metrics(cp_runs[n])] for n in (name, "single"))
+    assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
+    diff = max_rel_diff(final_params(cp_runs[name]), final_params(cp_runs["single"]))
+    assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
+    s = summary(cp_runs[name])
+    assert s["parallel_dims"]["cp"] == 2 and s["dp"] == 1 and s["world_size"] == 2
 
 
 CASES = [(c, case) for c, cases in RING_CASES.items() for case in cases]
