@@ -461,7 +461,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     chosen, scale = _validate(q, k, v, causal, scale, backend)
     q, k, v = q.detach(), k.detach(), v.detach()
     if chosen == "torch":
-        return _torch_forward_lse(q, k, v, causal, scale)
+        with torch.autocast(q.device.type, enabled=False):   # fp32 math even inside an autocast region
+            return _torch_forward_lse(q, k, v, causal, scale)
     return _attention_fwd_op(q, k, v, causal, scale, chosen)
 
 
@@ -491,7 +492,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _check_saved(do, out, lse, q)
     q, k, v, do, out = q.detach(), k.detach(), v.detach(), do.detach(), out.detach()
     if chosen == "torch":
-        return _torch_backward_lse(do, q, k, v, out, lse.detach(), causal, scale)
+        with torch.autocast(q.device.type, enabled=False):
+            return _torch_backward_lse(do, q, k, v, out, lse.detach(), causal, scale)
     # the kernels index lse as a contiguous fp32 (B, Hq, N) array
     return _attention_bwd_op(do, q, k, v, out, lse.detach().float().contiguous(), causal, scale, chosen)
 
