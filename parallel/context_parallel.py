@@ -18,8 +18,9 @@ behind, so that each rank's own return to it after C transfers), and every block
 comes from kernels.attention_backward given the merged out and lse saved by the forward.
 
 `ContextParallelStats` counts what was measured: kernel calls (blocks) forward and backward, and the
-bytes of every tensor passed to isend, per ring transfer. `apply(model, cp_group, cfg)` sets every
-attention module's `attend` hook to ring attention and returns the stats.
+bytes of every tensor passed to isend, and the ring transfers they went in. `cp_group(dims, rank)` makes
+the cp groups of a layout; `apply(model, cp_group, cfg)` sets every attention module's `attend` hook to
+ring attention and returns the stats.
 """
 
 from __future__ import annotations
@@ -218,6 +219,27 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
 
 
 # ---- applying it to a model ---------------------------------------------------------------------
+def cp_members(dims) -> list[list[int]]:
+    """The cp groups' ranks: ranks whose coordinates (parallel/dims.py) differ in cp alone, grouped."""
+    members: dict[tuple, list[int]] = {}
+    for r in range(dims.world_size):
+        coords = dims.coords(r)
+        coords.pop("cp")
+        members.setdefault(tuple(coords.values()), []).append(r)
+    return list(members.values())
+
+
+def cp_group(dims, rank: int):
+    """This rank's cp group, a process group of its own, so the ring's p2p never shares a group (and its
+    tags) with data parallelism's all-reduce. Collective: every rank makes every group, in the same order."""
+    mine = None
+    for ranks in cp_members(dims):
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
 def apply(model: nn.Module, cp_group, cfg, backend: str | None = None) -> ContextParallelStats:
     """Make every attention module of `model` attend through causal ring attention over `cp_group`, with the
     load balance of `cfg` (the [cp] section); the model is otherwise unchanged. Returns the shared stats."""

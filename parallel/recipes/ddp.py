@@ -61,7 +61,10 @@ class DDPEngine(TorchEngine):
 class DDPCPEngine(DDPEngine):
     """ddp over dp_replicate x cp: this rank's positions of every sequence, ring attention over its cp group."""
 
-    positions: torch.Tensor   # this rank's positions in every sequence (context_parallel.shard_positions)
+    def __init__(self, module: nn.Module, raw: nn.Module, cfg, ctx: Context, positions: torch.Tensor, cp_stats):
+        super().__init__(module, raw, cfg, ctx)
+        self.positions = positions   # this rank's positions in every sequence (context_parallel.shard_positions)
+        self.cp_stats = cp_stats     # ring attention's measured blocks and bytes (ContextParallelStats)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from parallel.context_parallel import shard_sequence
@@ -70,17 +73,14 @@ class DDPCPEngine(DDPEngine):
         return self.module(shard_sequence(x, p), shard_sequence(y, p), p)   # the mean over this rank's tokens
 
 
-def cp_group(ctx: Context):
-    """This rank's cp group, a process group of its own (ring p2p and DDP's all-reduce must not share one's
-    tags): ranks with the same data-parallel coordinate. Collective: every rank makes every group."""
-    import torch.distributed as dist
+def _context_parallel(model: nn.Module, cfg, ctx: Context) -> tuple[torch.Tensor, object]:
+    """Ring attention in every block over this rank's cp group; (this rank's positions, the ring's stats)."""
+    from parallel import context_parallel
 
-    c, mine = ctx.dims.cp, None
-    for first in range(0, ctx.world_size, c):   # tp = pp = 1: the cp coordinate varies fastest
-        group = dist.new_group(list(range(first, first + c)))
-        if first <= ctx.rank < first + c:
-            mine = group
-    return mine
+    stats = context_parallel.apply(model, context_parallel.cp_group(ctx.dims, ctx.rank), cfg.cp)
+    c = ctx.dims.coords(ctx.rank)["cp"]
+    positions = context_parallel.shard_positions(cfg.model.seq_len, c, cfg.cp.degree, cfg.cp.load_balance)
+    return positions.to(ctx.device), stats
 
 
 class DDP(Recipe):
@@ -107,20 +107,12 @@ class DDP(Recipe):
 
             return tensor_parallel.setup_ddp(model, cfg, ctx)
         model.to(ctx.device)
-        if cfg.cp.degree > 1:
-            from parallel import context_parallel
-
-            context_parallel.apply(model, cp_group(ctx), cfg.cp)
+        cp = _context_parallel(model, cfg, ctx) if cfg.cp.degree > 1 else None
         # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy
         # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
         ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                                       gradient_as_bucket_view=True)
-        engine = (DDPCPEngine if cfg.cp.degree > 1 else DDPEngine)(ddp, model, cfg, ctx)
-        if cfg.cp.degree > 1:
-            from parallel.context_parallel import shard_positions
-
-            c = ctx.dims.coords(ctx.rank)["cp"]
-            engine.positions = shard_positions(cfg.model.seq_len, c, cfg.cp.degree, cfg.cp.load_balance).to(ctx.device)
+        engine = DDPEngine(ddp, model, cfg, ctx) if cp is None else DDPCPEngine(ddp, model, cfg, ctx, *cp)
         engine.comm, engine.micro_batches_seen = CommCounter(), 0
         ddp.register_comm_hook(engine.comm, _counting_allreduce)
         return engine

@@ -79,6 +79,14 @@ def test_merge_of_two_key_blocks_is_the_whole_attention():
     assert torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-6)
 
 
+def test_cp_groups_are_the_ranks_that_differ_in_cp_alone():
+    from parallel.dims import ParallelDims
+
+    assert cp.cp_members(ParallelDims(world_size=4, dp_replicate=2, cp=2)) == [[0, 1], [2, 3]]
+    assert cp.cp_members(ParallelDims(world_size=6, dp_replicate=2, cp=3)) == [[0, 1, 2], [3, 4, 5]]
+    assert cp.cp_members(ParallelDims(world_size=8, dp_replicate=2, cp=2, tp=2)) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+
+
 def test_config_accepts_cp_for_ddp_only():
     dims = resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2"]), 4)
     assert (dims.cp, dims.dp_replicate) == (2, 2)
