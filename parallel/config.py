@@ -29,12 +29,18 @@ except ModuleNotFoundError:   # Python 3.10
 
 @dataclass
 class ModelConfig:
+    # gpt2: LayerNorm, learned positions, GELU MLP, biases. llama: RMSNorm, rotary positions, SwiGLU MLP,
+    # grouped-query attention, no biases (docs/ARCHITECTURE.md, The model).
+    arch: Literal["gpt2", "llama"] = "gpt2"
     vocab_size: int = 64
     seq_len: int = 32            # tokens per sample (the model's context length)
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    d_ff: int = 0                # 0 means 4 * d_model
+    n_kv_heads: int = 0          # key/value heads (GQA, MQA at 1); 0 means n_heads
+    d_ff: int = 0                # 0: 4 * d_model (gpt2), 8/3 * d_model rounded up to a multiple of 8 (llama)
+    rope_theta: float = 10000.0  # llama: the rotary embedding's base
+    norm_eps: float = 1e-5
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
@@ -45,6 +51,13 @@ class DataConfig:
     kind: Literal["synthetic", "bytes"] = "synthetic"
     path: str = ""               # token file written by `wb data prepare` (kind = "bytes")
     noise: float = 0.1           # synthetic: chance that a token ignores the hidden rule
+    val_fraction: float = 0.1    # bytes: the file's tail held out for evaluation, never sampled for training
+
+
+@dataclass
+class EvalConfig:                # [eval]: the held-out loss (parallel/data.py: the validation split)
+    every: int = 0               # evaluate after every this many steps (and after the last); 0 = off
+    batches: int = 2             # held-out global batches per evaluation
 
 
 @dataclass
@@ -158,6 +171,7 @@ class RunConfig:
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
@@ -281,9 +295,19 @@ class RunConfig:
         _positive(self.model, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", prefix="model.")
         m = self.model
         if m.d_ff < 0:
-            raise UserError(f"model.d_ff must be >= 0 (0 means 4 * d_model), got {m.d_ff}")
+            raise UserError(f"model.d_ff must be >= 0 (0 means the architecture's default), got {m.d_ff}")
         if m.d_model % m.n_heads:
             raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        if m.n_kv_heads < 0 or m.n_heads % (m.n_kv_heads or m.n_heads):
+            raise UserError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}) "
+                            f"(0 means n_heads)")
+        if m.n_kv_heads and m.n_kv_heads != m.n_heads and m.arch == "gpt2":
+            raise UserError("model.n_kv_heads needs model.arch = 'llama' (gpt2 has full multi-head attention)")
+        if (m.d_model // m.n_heads) % 2 and m.arch == "llama":
+            raise UserError(f"model.d_model / model.n_heads ({m.d_model // m.n_heads}) must be even with "
+                            f"model.arch = 'llama': rotary embeddings rotate pairs of dimensions")
+        if not (m.rope_theta > 0 and m.norm_eps > 0):
+            raise UserError(f"model.rope_theta ({m.rope_theta}) and model.norm_eps ({m.norm_eps}) must be > 0")
 
     def _check_data(self) -> None:
         if self.data.kind == "bytes":
@@ -295,6 +319,11 @@ class RunConfig:
                 raise UserError(f"model.vocab_size must be >= 256 for byte-level data, got {self.model.vocab_size}")
         if not 0.0 <= self.data.noise < 1.0:
             raise UserError(f"data.noise must be in [0, 1), got {self.data.noise}")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        if self.eval.every < 0 or self.eval.batches < 1:
+            raise UserError(f"eval.every must be >= 0 and eval.batches >= 1, got every={self.eval.every} "
+                            f"batches={self.eval.batches}")
 
     def _check_optim(self) -> None:
         o = self.optim

@@ -10,6 +10,10 @@ the union over ranks is the single-process batch.
   noise * ln(V) + H(noise) (0.75 nats for V=64, noise=0.1) against ln(V) = 4.16 for guessing.
 - bytes: a byte-level token file (`wb data prepare`), read with numpy.memmap; a sample is a window
   at a random offset.
+
+Two splits: "train", and "val", the held-out data evaluation reads (`[eval]`). Synthetic: the same task,
+samples from a seed stream training never draws from. Bytes: the file's last `data.val_fraction`, which
+training windows never reach (every window lies wholly inside its split).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from parallel.config import RunConfig
 from parallel.errors import UserError
 
 _PERM_STREAM = 2**31 - 1   # a seed-sequence entry no step index reaches
+_VAL_STREAM = 2**31 - 2    # the validation split's samples: (seed, _VAL_STREAM, batch, index)
+SPLITS = ("train", "val")
 
 
 def rank_slice(global_batch: int, rank: int, dp: int) -> range:
@@ -46,27 +52,36 @@ class Dataset:
             self.perm = np.random.default_rng([self.seed, _PERM_STREAM]).permutation(self.vocab)
         else:
             self.tokens = np.memmap(cfg.data.path, dtype=np.uint8, mode="r")
-            if len(self.tokens) < self.seq_len + 2:
-                raise UserError(f"data.path {cfg.data.path} has {len(self.tokens)} tokens, fewer than "
-                                 f"model.seq_len + 2 = {self.seq_len + 2}")
+            self.val_start = int(len(self.tokens) * (1 - cfg.data.val_fraction))
+            for split, size in (("training", self.val_start), ("held-out", len(self.tokens) - self.val_start)):
+                if size < self.seq_len + 1:
+                    raise UserError(f"data.path {cfg.data.path}: its {split} part (data.val_fraction = "
+                                    f"{cfg.data.val_fraction} of {len(self.tokens)} tokens) holds {size} tokens, "
+                                    f"fewer than model.seq_len + 1 = {self.seq_len + 1}")
 
-    def _draws(self, step: int, index: int) -> tuple[int, np.ndarray, np.ndarray]:
+    def _stream(self, split: str, step: int, index: int) -> list[int]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return [self.seed, step, index] if split == "train" else [self.seed, _VAL_STREAM, step, index]
+
+    def _draws(self, step: int, index: int, split: str) -> tuple[int, np.ndarray, np.ndarray]:
         """A synthetic sample's random draws: first token, which positions are noise, noise tokens."""
-        rng = np.random.default_rng([self.seed, step, index])
+        rng = np.random.default_rng(self._stream(split, step, index))
         n = self.seq_len + 1
         return int(rng.integers(self.vocab)), rng.random(n) < self.noise, rng.integers(self.vocab, size=n)
 
-    def sample(self, step: int, index: int) -> np.ndarray:
-        return self.samples(step, [index])[0]
+    def sample(self, step: int, index: int, split: str = "train") -> np.ndarray:
+        return self.samples(step, [index], split)[0]
 
-    def samples(self, step: int, indices: range | list[int]) -> np.ndarray:
-        """(len(indices), seq_len + 1) int64 tokens."""
+    def samples(self, step: int, indices: range | list[int], split: str = "train") -> np.ndarray:
+        """(len(indices), seq_len + 1) int64 tokens of `split`; `step` is the batch's index in it."""
         n = self.seq_len + 1
         if self.kind == "bytes":
-            starts = [int(np.random.default_rng([self.seed, step, i]).integers(0, len(self.tokens) - n + 1))
+            lo, hi = (0, self.val_start) if split == "train" else (self.val_start, len(self.tokens))
+            starts = [lo + int(np.random.default_rng(self._stream(split, step, i)).integers(0, hi - lo - n + 1))
                       for i in indices]
             return np.stack([np.asarray(self.tokens[s:s + n], dtype=np.int64) for s in starts])
-        first, noisy, rand = zip(*(self._draws(step, i) for i in indices), strict=True)
+        first, noisy, rand = zip(*(self._draws(step, i, split) for i in indices), strict=True)
         noisy, rand = np.stack(noisy), np.stack(rand)
         seq = np.empty((len(first), n), dtype=np.int64)
         seq[:, 0] = first
@@ -74,8 +89,8 @@ class Dataset:
             seq[:, t] = np.where(noisy[:, t], rand[:, t], self.perm[seq[:, t - 1]])
         return seq
 
-    def batch(self, step: int, indices: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.from_numpy(self.samples(step, indices))
+    def batch(self, step: int, indices: range | list[int], split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.from_numpy(self.samples(step, indices, split))
         return data[:, :-1], data[:, 1:]
 
 

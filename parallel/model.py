@@ -1,4 +1,5 @@
-"""A small GPT: token + position embedding, pre-norm blocks, final norm, linear head.
+"""A small decoder-only transformer, GPT-2 or Llama shaped (model.arch): token embedding (+ learned
+positions for gpt2), pre-norm blocks, final norm, linear head.
 
 The blocks live in `model.blocks` (an nn.ModuleList) so a pipeline recipe can split them by index;
 `embed`, `blocks` and `head_loss` are the three pieces a stage needs.
@@ -19,22 +20,65 @@ from parallel.config import ModelConfig
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention through the project's kernel (its torch backend is SDPA on CPU tensors)."""
+    """Causal attention through the project's kernel (its torch backend is SDPA on CPU tensors); k and v
+    may have fewer heads than q (grouped-query attention)."""
     return kernels.attention(q, k, v, causal=True)
+
+
+def d_ff(cfg: ModelConfig) -> int:
+    """The MLP's hidden width: model.d_ff, or the architecture's default (llama: SwiGLU's three matrices
+    hold about as many parameters as gpt2's two at 4 d_model)."""
+    if cfg.d_ff:
+        return cfg.d_ff
+    return 4 * cfg.d_model if cfg.arch == "gpt2" else -(-8 * cfg.d_model // 3 // 8) * 8
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads or cfg.n_heads
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (Llama's norm: no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.type_as(x) * self.weight
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding of x (B, H, T, D) at `positions` (T,): dimension pair (2i, 2i+1) of the
+    token at position p turned by the angle p * theta^(-2i/D), in fp32 (the complex-number formulation of
+    RoFormer and Llama, written with real arithmetic so DTensor and torch.compile need no complex dtype)."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = positions.to(torch.float32)[:, None] * freq[None, :]   # (T, D/2)
+    cos, sin = angle.cos(), angle.sin()
+    pairs = x.float().unflatten(-1, (half, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.rope_theta = cfg.rope_theta if cfg.arch == "llama" else None
+        kv, bias = kv_heads(cfg) * self.head_dim, cfg.arch == "gpt2"
         # Three projections, not one fused (3C, C): tensor parallelism shards each by rows, i.e. by whole
         # heads (docs/ARCHITECTURE.md, Tensor parallelism). Created in this order, their normal_ init draws
         # the same numbers as one fused weight did. No bias: a key bias gets an exactly-zero gradient
         # (softmax ignores a per-query shift), and Adam would turn the rounding noise in it into lr-sized steps.
         self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, kv, bias=False)
+        self.v = nn.Linear(cfg.d_model, kv, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
         # (q, k, v) -> out, causal; context parallelism swaps in ring attention (parallel/context_parallel.py)
         self.attend = attention
 
@@ -42,6 +86,9 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         # -1 heads: all of them, or this rank's share under tensor parallelism (q/k/v column-sharded)
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        if self.rope_theta is not None:
+            pos = torch.arange(T, device=x.device) if positions is None else positions
+            q, k = rotate(q, pos, self.rope_theta), rotate(k, pos, self.rope_theta)
         y = self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
         return self.proj(y)
 
@@ -49,21 +96,37 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d_ff = cfg.d_ff or 4 * cfg.d_model
-        self.up = nn.Linear(cfg.d_model, d_ff)
-        self.down = nn.Linear(d_ff, cfg.d_model)
+        self.up = nn.Linear(cfg.d_model, d_ff(cfg))
+        self.down = nn.Linear(d_ff(cfg), cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
 
 
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases (Llama's MLP)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, d_ff(cfg), bias=False)
+        self.up = nn.Linear(cfg.d_model, d_ff(cfg), bias=False)
+        self.down = nn.Linear(d_ff(cfg), cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.ln2 = norm(cfg)
+        self.mlp = MLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), positions)
@@ -71,13 +134,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder of either architecture (model.arch); parameter names are shared where the parts are."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        # llama: no position table, the positions rotate q and k inside attention
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -96,6 +162,8 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """`positions`: each token's index in its sequence (default 0..T-1); a context-parallel rank holds
         other positions than its first T."""
+        if self.pos_emb is None:
+            return self.tok_emb(idx)
         pos = torch.arange(idx.shape[1], device=idx.device) if positions is None else positions
         return self.tok_emb(idx) + self.pos_emb(pos)
 

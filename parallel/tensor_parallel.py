@@ -1,12 +1,13 @@
-"""Tensor parallelism (Megatron) and sequence parallelism for the GPT of parallel/model.py.
+"""Tensor parallelism (Megatron) and sequence parallelism for the model of parallel/model.py (either arch).
 
 Layout, on the mesh's `tp` dimension of T ranks (docs/ARCHITECTURE.md, Tensor parallelism):
 
     tok_emb        vocabulary-parallel: weight Shard(0) (V/T rows per rank); output all-reduced to Replicate
-    pos_emb        replicated (its gradient is the same on every TP rank)
-    attn.q, k, v   column-parallel: weight Shard(0), so each rank holds n_heads/T whole heads
+    pos_emb        replicated (its gradient is the same on every TP rank); llama has none (rotary)
+    attn.q, k, v   column-parallel: weight Shard(0), so each rank holds n_heads/T whole heads (and
+                   n_kv_heads/T key/value heads: a query head's group stays on its rank)
     attn.proj      row-parallel: weight Shard(1); output all-reduced (SP: reduce-scattered to Shard(1))
-    mlp.up         column-parallel (bias sharded too)
+    mlp.up, gate   column-parallel (bias sharded too); llama's SwiGLU gate like up
     mlp.down       row-parallel (bias replicated, added once)
     ln1, ln2, ln_f replicated; SP: SequenceParallel, each rank normalises its T-th of the sequence
     head           column-parallel over the vocabulary: the logits stay a DTensor Shard(-1), and the loss is
@@ -49,6 +50,7 @@ from parallel import compat, memory
 from parallel.comm import CommCounter, comm_summary
 from parallel.errors import UserError
 from parallel.loop.summary import TensorParallelStats
+from parallel.model import d_ff, kv_heads
 from parallel.recipes.base import clip_, local
 from parallel.recipes.fsdp import DCPEngine, FSDPEngine
 from profiling import listening
@@ -64,8 +66,8 @@ def validate(cfg, refusal: str | None) -> None:
         return
     if refusal is not None:
         raise UserError(f"tp.degree = {t} does not work with recipe={cfg.recipe}: {refusal}")
-    d_ff = m.d_ff or 4 * m.d_model
-    for field, value in (("model.n_heads", m.n_heads), ("model.d_ff", d_ff), ("model.vocab_size", m.vocab_size)):
+    for field, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv_heads(m)), ("model.d_ff", d_ff(m)),
+                         ("model.vocab_size", m.vocab_size)):
         if value % t:
             raise UserError(f"{field} ({value}) must be divisible by tp.degree ({t}): tensor parallelism splits it")
     if cfg.tp.sequence_parallel and m.seq_len % t:
@@ -77,7 +79,7 @@ def validate(cfg, refusal: str | None) -> None:
 
 
 # ---- the layout -------------------------------------------------------------------------------
-def block_plan(sp: bool) -> dict:
+def block_plan(sp: bool, gated: bool) -> dict:
     """One block's plan. Attention and MLP take their input as one DTensor (use_local_output=False), so the
     three projections' input gradients are summed before one collective, not reduced three times."""
     seq, rep = Shard(1), Replicate()
@@ -91,6 +93,8 @@ def block_plan(sp: bool) -> dict:
         "mlp.up": ColwiseParallel(),
         "mlp.down": RowwiseParallel(output_layouts=outer),
     }
+    if gated:   # SwiGLU's gate is split like up: each rank multiplies its own columns of both
+        plan["mlp.gate"] = ColwiseParallel()
     if sp:
         plan.update({"ln1": SequenceParallel(), "ln2": SequenceParallel()})
     return plan
@@ -119,7 +123,7 @@ def parallelize(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     tied = head is not None and emb is not None and head.weight is emb.weight
     blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
     for block in blocks:
-        parallelize_module(block, tp_mesh, block_plan(sp))
+        parallelize_module(block, tp_mesh, block_plan(sp, gated=hasattr(block.mlp, "gate")))
     held = {name for name, _ in model.named_modules()}
     parallelize_module(model, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
     if tied:   # both got their own Shard(0) copy of the same values: make them one parameter again
@@ -162,9 +166,17 @@ def global_grad_norm(grads: list[torch.Tensor], world_size: int) -> torch.Tensor
 
 
 def _sharded_per_block(m) -> int:
-    """A block's parameters the layout splits over T: q, k, v, proj and down weights, up's weight and bias."""
-    c, f = m.d_model, m.d_ff or 4 * m.d_model
-    return 4 * c * c + 2 * c * f + f
+    """A block's parameters the layout splits over T: q, k, v, proj and down weights, up's weight and bias
+    (gpt2); q, k, v, proj, gate, up and down weights (llama, k and v n_kv_heads wide)."""
+    c, f = m.d_model, d_ff(m)
+    if m.arch == "gpt2":
+        return 4 * c * c + 2 * c * f + f
+    return 2 * c * c + 2 * c * (c // m.n_heads) * kv_heads(m) + 3 * c * f
+
+
+def _norm_params(m) -> int:
+    """One norm's parameters: LayerNorm's weight and bias (gpt2), RMSNorm's weight (llama)."""
+    return (2 if m.arch == "gpt2" else 1) * m.d_model
 
 
 def tp_sharded_params(m) -> int:
@@ -185,8 +197,10 @@ def stage_params_per_rank(m, n_blocks: int, first: bool, last: bool, t: int) -> 
     c = m.d_model
     vocab = int(first) + int(last) - int(first and last and m.tie_embeddings)   # one tied weight on one stage
     sharded = n_blocks * _sharded_per_block(m) + vocab * m.vocab_size * c
-    # per block: two LayerNorms (weight, bias) and proj's and down's biases
-    replicated = n_blocks * 6 * c + (m.seq_len * c if first else 0) + (2 * c if last else 0)
+    # per block: two norms, and gpt2's proj and down biases; gpt2's position table on the first stage
+    biases = 2 * c if m.arch == "gpt2" else 0
+    positions = m.seq_len * c if first and m.arch == "gpt2" else 0
+    replicated = n_blocks * (2 * _norm_params(m) + biases) + positions + (_norm_params(m) if last else 0)
     return sharded // t + replicated
 
 
@@ -205,7 +219,8 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
              reduce-scatters: proj, down (forward), attention, MLP, head inputs (backward): (4L+1) M;
              the embedding's all-reduce: M
       both:  the vocabulary-parallel loss, 3 all-reduces of one fp32 per token (max, sum of exp, target logit)
-    SP once per step: the norms' weight and bias gradients, (2L+1) x 2 all-reduces of d_model fp32.
+    SP once per step: the norms' gradients, (2L+1) x 2 all-reduces of d_model fp32 (LayerNorm's weight and
+    bias; llama's RMSNorm: x 1, its weight).
     Activation checkpointing recomputes each block's forward up to its last saved tensor (torch stops there,
     before `down`): per block and micro-batch, no SP the proj all-reduce (M), SP two all-gathers and the proj
     reduce-scatter (2 M/T + M).
@@ -220,12 +235,13 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
     per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
     if sp:
         per_mb += n * act // t
-        per_step = (2 * blocks + int(last)) * 2 * m.d_model * 4
+        per_step = (2 * blocks + int(last)) * _norm_params(m) * 4
     if recompute:
         per_mb += blocks * (act + (2 * act // t if sp else 0))
     formula = "((4L+2) M + 12 tokens) x micro-batches"
     if sp:
-        formula = "((4L+2) M + (4L+2) M/T + 12 tokens) x micro-batches + (2L+1) x 8 d_model"
+        formula = (f"((4L+2) M + (4L+2) M/T + 12 tokens) x micro-batches + (2L+1) x "
+                   f"{4 * _norm_params(m) // m.d_model} d_model")
     if recompute:
         formula += " + L (M + 2 M/T) x micro-batches (recomputed)" if sp else " + L M x micro-batches (recomputed)"
     if stage is not None:

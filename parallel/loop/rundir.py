@@ -1,5 +1,6 @@
 """The run directory: where it is (one rule for every recipe and launcher) and its writers:
-config.json, metrics.jsonl (one object per optimizer step), summary.json.
+config.json, metrics.jsonl (one object per optimizer step, and one {"step", "val_loss", "elapsed_s"} per
+evaluation, after that step), summary.json.
 
 Where: `run_dir` if the config sets it; else `runs/<name>` if it names the run; else
 `runs/<recipe>-<YYYYmmdd-HHMMSS>`. Whatever launches several processes resolves it once, before they
@@ -38,11 +39,21 @@ def _read_json(path: Path):
         return None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def _read_rows(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The training records of metrics.jsonl, one per logged step."""
+    return [m for m in _read_rows(run_dir) if "val_loss" not in m]
+
+
+def read_evals(run_dir: str | Path) -> list[dict]:
+    """The evaluation records of metrics.jsonl: {"step", "val_loss", "elapsed_s"}, after that step."""
+    return [m for m in _read_rows(run_dir) if "val_loss" in m]
 
 
 class RunDir:
@@ -66,13 +77,14 @@ class RunDir:
         write_json(self.path / "config.json", {**config, "segments": segments})
 
     def start_metrics(self, resume_step: int) -> list[dict]:
-        """Keep the records of steps before `resume_step` (a resumed run rewrites the rest)."""
-        kept = [m for m in read_metrics(self.path) if m["step"] < resume_step]
+        """Keep the records of steps before `resume_step` (a resumed run rewrites the rest); return the
+        training ones."""
+        kept = [m for m in _read_rows(self.path) if m["step"] < resume_step]
         if self.active:
             tmp = self.path / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
             tmp.replace(self.path / "metrics.jsonl")
-        return kept
+        return [m for m in kept if "val_loss" not in m]
 
     def log(self, record: dict) -> None:
         if self.active:

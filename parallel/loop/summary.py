@@ -119,6 +119,7 @@ class RunSummary:
     rollbacks: int = 0                 # nan_policy = 'rollback': reloads of the last good checkpoint
     target_loss: float | None = None
     time_to_target_s: float | None = None
+    final_val_loss: float | None = None   # the last evaluation's held-out loss (eval.every); None: none run
     model_flops_per_token: float | None = None
     achieved_tflops_per_rank: float | None = None
     mfu: float | None = None

@@ -4,7 +4,8 @@
 
   1. setup      process group and device; every check (parallel.recipes.resolve); run directory; model
                 (same seed on every rank), which the recipe wraps into an engine; data; resume
-  2. run_steps  for each step: injected faults -> micro-batches (engine.train_step) -> log -> checkpoint
+  2. run_steps  for each step: injected faults -> micro-batches (engine.train_step) -> log -> evaluate
+                -> checkpoint
   3. summarise  the typed RunSummary (parallel/loop/summary.py), written to <run_dir>/summary.json
 
 Recipes that start their own workers (async-ps, hogwild) run through `recipe.run` instead and write the
@@ -29,7 +30,7 @@ from parallel.loop.distributed import broadcast, gather, init_distributed, mean_
 from parallel.loop.injector import FaultInjector
 from parallel.loop.lock import RunLock
 from parallel.loop.progress import Progress
-from parallel.loop.rundir import RunDir, median, resolve_run_dir
+from parallel.loop.rundir import RunDir, median, read_evals, resolve_run_dir
 from parallel.loop.summary import RunSummary
 from parallel.model import GPT, PEAK_BF16_FLOPS, count_params, flops_per_token
 from profiling import range as prange
@@ -91,6 +92,7 @@ class Trainer:
             print(f"wb: {note + '; ' if note else ''}resumed from step {self.start} (checkpoint {resume_from})"
                   if resume_from else f"wb: {note}; no checkpoint yet: starting over", file=sys.stderr)
         self.history = self.out.start_metrics(self.start)
+        self.val_loss = next((m["val_loss"] for m in reversed(read_evals(self.run_dir)) if m["step"] < self.start), None)
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
@@ -168,11 +170,25 @@ class Trainer:
 
     def _after_step(self, record: dict) -> None:
         cfg, done = self.cfg, record["step"] + 1
+        if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.steps):
+            with prange("eval", step=done):
+                self._evaluate(record)
         if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
             with prange("checkpoint", step=done):
                 checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
                                 cfg.checkpoint.keep_every)
         hooks.after_step(record, self.run_dir)   # e.g. ray.train.report, with the checkpoint just saved
+
+    def _evaluate(self, record: dict) -> None:
+        """The held-out loss of the model after this step: eval.batches global batches of the validation
+        split, each rank its data-parallel share, reduced as the training loss is. No gradients, no RNG
+        draws: the training trajectory is the same with and without it."""
+        cfg, dims = self.cfg, self.dims
+        total = sum(self.engine.eval_loss(self.dataset, b, dims.dp_rank(self.ctx.rank), dims.dp)
+                    for b in range(cfg.eval.batches))
+        self.val_loss = mean_over_ranks(total / (cfg.accum_steps(dims.dp) * cfg.eval.batches))
+        elapsed = self.elapsed_before + time.perf_counter() - self.t_start
+        self.out.log({"step": record["step"], "val_loss": self.val_loss, "elapsed_s": elapsed})
 
     def _next_step(self, record: dict) -> int:
         """The step to run next, as the nan_policy says after a skipped (non-finite) step."""
@@ -245,7 +261,7 @@ class Trainer:
             model_state_bytes_per_rank=max(h["total"] for h in held_all), model_state_bytes_by_rank=held_all,
             predicted_model_state_bytes_per_rank=model.predicted_bytes(counted, self.dims.dp),
             predicted_formula=model.formula, n_params=self.n_params, target_loss=cfg.target_loss or None,
-            time_to_target_s=self.time_to_target, elapsed_s=elapsed, micro_batch=cfg.micro_batch,
+            time_to_target_s=self.time_to_target, final_val_loss=self.val_loss, elapsed_s=elapsed, micro_batch=cfg.micro_batch,
             accum_steps=cfg.accum_steps(self.dims.dp), global_batch=cfg.global_batch,
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,

@@ -55,8 +55,8 @@ def split_layers(costs: list[int], n_stages: int, first: int = 0, last: int = 0)
 def stage_sizes(model: GPT, n_stages: int, explicit: list[int]) -> list[int]:
     if explicit:
         return list(explicit)
-    count = lambda mod: sum(p.numel() for p in mod.parameters())   # noqa: E731
-    head = model.ln_f.weight.numel() + model.ln_f.bias.numel() + model.head.weight.numel()   # tied or not
+    count = lambda mod: sum(p.numel() for p in mod.parameters()) if mod is not None else 0   # noqa: E731
+    head = count(model.ln_f) + model.head.weight.numel()   # tied or not
     return split_layers([count(b) for b in model.blocks], n_stages, count(model.tok_emb) + count(model.pos_emb),
                         head)
 
@@ -70,7 +70,7 @@ class StageModule(nn.Module):
         self.is_first, self.is_last = is_first, is_last
         self.checkpointing = model.cfg.activation_checkpointing
         if is_first:
-            self.tok_emb, self.pos_emb = model.tok_emb, model.pos_emb
+            self.tok_emb, self.pos_emb = model.tok_emb, model.pos_emb   # pos_emb None: llama (rotary)
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first, first + n)})
         if is_last:
             self.ln_f, self.head = model.ln_f, model.head
@@ -80,7 +80,9 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
-            x = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+            tokens, x = x, self.tok_emb(x)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(tokens.shape[1], device=x.device))
         for block in self.blocks.values():
             x = checkpoint(block, x, None, use_reentrant=False) if self.checkpointing and self.training else block(x, None)
         return self.head(self.ln_f(x)) if self.is_last else x

@@ -90,6 +90,8 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     recipe.validate(cfg)
     if cfg.profiling.timeline and recipe.timeline is not None:
         raise UserError(f"--timeline (profiling.timeline) does not work with recipe={cfg.recipe}: {recipe.timeline}")
+    if cfg.eval.every and recipe.evaluation is not None:
+        raise UserError(f"eval.every does not work with recipe={cfg.recipe}: {recipe.evaluation}")
     if cfg.tp.degree > 1:   # which recipes compose with tensor parallelism, what must divide by tp.degree
         from parallel import tensor_parallel
 

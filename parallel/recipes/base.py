@@ -72,6 +72,8 @@ class Recipe:
     context_parallel: str | None = "context parallelism composes only with --recipe ddp"
     # --timeline (profiling.timeline): None where every rank writes the host timeline, else why not
     timeline: str | None = None
+    # eval.every > 0: None where the train loop evaluates the held-out split, else why not
+    evaluation: str | None = None
 
     def validate(self, cfg: RunConfig) -> None:
         """Checks of other sections that only this recipe can judge (no world size yet)."""
@@ -229,6 +231,22 @@ class Engine(ABC):
         with prange("optimizer", step=step):
             norm, applied = self.step()
         return StepResult(loss_sum, lr, norm, applied)
+
+    def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one held-out micro-batch, called under no_grad; an engine whose forward keeps
+        count of the training micro-batches overrides it."""
+        return self.forward(x, y)
+
+    def eval_loss(self, dataset: Dataset, batch: int, dp_rank: int, dp: int) -> torch.Tensor:
+        """This rank's share of held-out global batch `batch`: the sum (float64) of its micro-batches' mean
+        losses, as train_step's loss_sum, without gradients. A pipeline overrides it."""
+        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad(), autocast:
+            for indices in micro_batches(self.cfg.global_batch, self.cfg.micro_batch, dp_rank, dp):
+                x, y = (t.to(self.ctx.device) for t in dataset.batch(batch, indices, split="val"))
+                loss_sum += self.eval_forward(x, y).detach().double().cpu()
+        return loss_sum
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning-rate schedule by `factor` (nan_policy = 'rollback', after a load)."""

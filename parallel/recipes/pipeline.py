@@ -101,35 +101,56 @@ class PipelineEngine(TorchEngine):
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
-        cfg = self.cfg
-        x, y = (t.to(self.ctx.device) for t in dataset.batch(step, rank_slice(cfg.global_batch, dp_rank, dp)))
         losses: list[torch.Tensor] = []
-        args = (x,) if self.has_first else ()
-        kwargs = {"target": y, "losses": losses} if self.has_last else {}
-        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        args, kwargs = self._schedule_inputs(dataset, step, dp_rank, dp, losses, split="train")
         # TP: the last stage's logits are vocabulary-sharded; the schedule computes the loss and runs its
         # backward inside step(), so loss_parallel() spans the whole step (docs/ARCHITECTURE.md, Tensor parallelism)
-        vocab_parallel = loss_parallel() if self.tp > 1 else contextlib.nullcontext()
         watch = self.tp_watch.step(step) if self.tp_watch else contextlib.nullcontext()   # TP collectives
         _active.append(self.recorder)
         try:
-            with watch, autocast, vocab_parallel:
+            with watch, self._autocast(), self._vocab_parallel():
                 self.schedule.step(*args, return_outputs=False, **kwargs)
                 if self.tp > 1:   # before on_backward, which measures the gradients this rank holds
                     _place_grads_as_params(self.module)
         finally:
             _active.pop()
         self.history = [*self.history[-(KEEP_STEPS - 1):], self.recorder.take()]
-        losses = [local(loss) for loss in losses]   # a Replicate DTensor under TP: the same scalar on every TP rank
-        loss_sum = (torch.stack([loss.detach().double().cpu() for loss in losses]).sum() if losses
-                    else torch.zeros((), dtype=torch.float64))
-        dist.broadcast(loss_sum, src=self.last_rank, group=self.pp_group)   # the last stage's loss, to all
+        loss_sum = self._loss_sum(losses)
         if on_backward is not None:
             on_backward(0, 1)
         lr = self.lr
         with prange("optimizer", step=step):
             norm, applied = self.step()
         return StepResult(loss_sum, lr, norm, applied)
+
+    def eval_loss(self, dataset, batch: int, dp_rank: int, dp: int) -> torch.Tensor:
+        """The held-out batch through the schedule's forward-only pass (no spans recorded: not a step)."""
+        losses: list[torch.Tensor] = []
+        args, kwargs = self._schedule_inputs(dataset, batch, dp_rank, dp, losses, split="val")
+        with torch.no_grad(), self._autocast(), self._vocab_parallel():
+            self.schedule.eval(*args, return_outputs=False, **kwargs)
+        return self._loss_sum(losses)
+
+    def _schedule_inputs(self, dataset, step: int, dp_rank: int, dp: int, losses: list, split: str):
+        """The schedule's (args, kwargs) for this rank's slice: tokens on the first stage, targets and the
+        list the losses go into on the last."""
+        rows = rank_slice(self.cfg.global_batch, dp_rank, dp)
+        x, y = (t.to(self.ctx.device) for t in dataset.batch(step, rows, split=split))
+        return ((x,) if self.has_first else ()), ({"target": y, "losses": losses} if self.has_last else {})
+
+    def _autocast(self):
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _vocab_parallel(self):
+        return loss_parallel() if self.tp > 1 else contextlib.nullcontext()
+
+    def _loss_sum(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The sum of the last stage's micro-batch losses, broadcast to every stage-rank of this replica."""
+        losses = [local(loss) for loss in losses]   # a Replicate DTensor under TP: the same scalar on every TP rank
+        loss_sum = (torch.stack([loss.detach().double().cpu() for loss in losses]).sum() if losses
+                    else torch.zeros((), dtype=torch.float64))
+        dist.broadcast(loss_sum, src=self.last_rank, group=self.pp_group)   # the last stage's loss, to all
+        return loss_sum
 
     def _own_params(self) -> list[nn.Parameter]:
         """This rank's parameters, a tied head copy left out (its first-stage twin is counted)."""
