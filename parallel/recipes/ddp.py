@@ -53,7 +53,7 @@ class DDPEngine(TorchEngine):
         return self.module(x, y)
 
     def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.module(x, y)   # not counted: forward above counts training micro-batches
+        return self.loss(x, y)   # not counted: forward above counts training micro-batches
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         sync = contextlib.nullcontext() if last else self.module.no_sync()

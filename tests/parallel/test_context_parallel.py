@@ -19,15 +19,19 @@ import kernels
 from parallel import RunConfig
 from parallel import context_parallel as cp
 from parallel.errors import UserError
-from parallel.loop.rundir import read_metrics
+from parallel.loop.rundir import read_evals, read_metrics
 from parallel.recipes import resolve
 from tests.cli import ROOT, env
 from tests.parallel.cp_checks import RING_CASES
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary
 
 COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=2"]
-DDP_CP = {"ddp-cp-headtail": ["recipe=ddp", "cp.degree=2"],
-          "ddp-cp-none": ["recipe=ddp", "cp.degree=2", "cp.load_balance=none"]}
+# the single runs they are compared with: gpt2 (tiny.toml) and llama (rotary positions, GQA 4/2), with the
+# held-out loss every 2 steps
+SINGLE = {"single": [], "single-llama": ["model.arch=llama", "model.n_kv_heads=2", "eval.every=2"]}
+DDP_CP = {"ddp-cp-headtail": (["recipe=ddp", "cp.degree=2"], "single"),
+          "ddp-cp-none": (["recipe=ddp", "cp.degree=2", "cp.load_balance=none"], "single"),
+          "ddp-cp-llama": (["recipe=ddp", "cp.degree=2", *SINGLE["single-llama"]], "single-llama")}
 
 
 # ---- in-process --------------------------------------------------------------------------------
@@ -119,9 +123,11 @@ def cp_runs(tmp_path_factory):
     from parallel import train
 
     root = tmp_path_factory.mktemp("cp")
-    dirs = {name: root / name for name in ["single", *DDP_CP]}
-    train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", f"run_dir={dirs['single']}"]))
-    checks = _launch(2, root / "c2.json", [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, o in DDP_CP.items()])
+    dirs = {name: root / name for name in [*SINGLE, *DDP_CP]}
+    for name, overrides in SINGLE.items():
+        train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", *overrides, f"run_dir={dirs[name]}"]))
+    runs = [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, (o, _) in DDP_CP.items()]
+    checks = _launch(2, root / "c2.json", runs)
     checks.update(_launch(3, root / "c3.json"))
     return {**dirs, "checks": checks}
 
@@ -134,14 +140,19 @@ def checks(cp_runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DDP_CP)
 def test_ddp_cp_matches_single(name, cp_runs):
-    """Per-step losses, clipping norms and final parameters of ddp with cp.degree = 2 equal single's."""
-    ref, got = losses(cp_runs["single"]), losses(cp_runs[name])
+    """Per-step losses, clipping norms, held-out losses (llama) and final parameters of ddp with cp.degree = 2
+    equal single's."""
+    single = DDP_CP[name][1]
+    ref, got = losses(cp_runs[single]), losses(cp_runs[name])
     assert len(ref) == len(got) == 5
     worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
     assert worst < 1e-5, f"{name}: per-step losses {got} vs single {ref} (worst rel {worst:.2e})"
-    norms, ref_norms = ([m["grad_norm"] for m in read_metrics(cp_runs[n])] for n in (name, "single"))
+    norms, ref_norms = ([m["grad_norm"] for m in read_metrics(cp_runs[n])] for n in (name, single))
     assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
-    diff = max_rel_diff(final_params(cp_runs[name]), final_params(cp_runs["single"]))
+    val, ref_val = ([m["val_loss"] for m in read_evals(cp_runs[n])] for n in (name, single))
+    assert len(val) == len(ref_val) and bool(val) == ("eval.every=2" in DDP_CP[name][0]), (val, ref_val)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(val, ref_val, strict=True)), (val, ref_val)
+    diff = max_rel_diff(final_params(cp_runs[name]), final_params(cp_runs[single]))
     assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
     s = summary(cp_runs[name])
     assert s["parallel_dims"]["cp"] == 2 and s["dp"] == 1 and s["world_size"] == 2
