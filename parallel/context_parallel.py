@@ -230,8 +230,8 @@ def cp_members(dims) -> list[list[int]]:
 
 
 def cp_group(dims, rank: int):
-    """This rank's cp group, a process group of its own, so the ring's p2p never shares a group (and its
-    tags) with data parallelism's all-reduce. Collective: every rank makes every group, in the same order."""
+    """This rank's cp group, a process group of its own, so that the ring's point-to-point traffic never
+    shares a group with data parallelism's all-reduce. Collective: every rank makes every group, in order."""
     mine = None
     for ranks in cp_members(dims):
         group = dist.new_group(ranks)
