@@ -99,6 +99,8 @@ class Ring:
                  backend: str | None = None, stats: ContextParallelStats | None = None):
         self.group = group
         self.degree, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.degree < 2:   # a ring of one would send to itself; plain attention is the same thing
+            raise ValueError(f"ring attention needs a cp group of at least 2 ranks, got {self.degree}")
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.degree)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.degree)
         self.load_balance, self.causal, self.scale, self.backend = load_balance, causal, scale, backend
