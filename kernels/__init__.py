@@ -2,6 +2,8 @@
 
     kernels.softmax(x, dim=-1, backend=None)
     kernels.log_softmax(x, dim=-1, backend=None)
+    kernels.attention(q, k, v, causal=False, scale=None, backend=None)
+    kernels.attention_forward(q, k, v, ...) -> (out, lse); kernels.attention_backward(do, q, k, v, out, lse, ...)
     kernels.linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, reduction="mean", ...)
 
 `backend`: None/"auto" (Triton on CUDA tensors, torch on CPU tensors; WB_KERNEL_BACKEND overrides),
@@ -10,10 +12,10 @@
 
 from kernels import quant
 from kernels.backend import BACKENDS, resolve_backend
-from kernels.flash_attention import attention
+from kernels.flash_attention import attention, attention_backward, attention_forward
 from kernels.fused_softmax import log_softmax, softmax
 from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.quant_matmul import quant_matmul
 
-__all__ = ["BACKENDS", "attention", "linear_cross_entropy", "log_softmax", "quant", "quant_matmul", "resolve_backend",
-           "softmax"]
+__all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "linear_cross_entropy", "log_softmax",
+           "quant", "quant_matmul", "resolve_backend", "softmax"]

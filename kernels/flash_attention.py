@@ -3,6 +3,16 @@
     o = attention(q, k, v, causal=False, scale=None, backend=None)
     q: (B, Hq, N, D); k, v: (B, Hkv, M, D); Hq % Hkv == 0 (GQA/MQA); causal aligned bottom-right.
 
+    out, lse = attention_forward(q, k, v, causal=False, scale=None, backend=None)
+    dq, dk, dv = attention_backward(do, q, k, v, out, lse, causal=False, scale=None, backend=None)
+
+The pair is the building block of attention over blocks of keys (ring attention, parallel/context_parallel.py):
+`lse` is the (B, Hq, N) fp32 natural-log logsumexp of each row's scaled scores (-inf, with out 0, for a
+row that sees no key; float64 on the torch backend for float64 inputs). `attention_backward` may be given
+an EXTERNAL out and lse, those of the whole attention whose keys this call's k, v are one block of: its
+dq, dk, dv are then this block's contribution to the full gradients (delta = rowsum(do * out) from the
+given out, p = exp(s - lse) with the given lse). Neither records autograd history.
+
 The Triton paths ("triton", "interpret") run the kernels of kernels/jit/attention.py through the
 custom ops `wb::attention_fwd` (-> out, lse) and `wb::attention_bwd` (-> dq, dk, dv), so that
 `torch.compile(fullgraph=True)` traces through them. The "torch" path calls PyTorch's fused
@@ -296,6 +306,75 @@ def _torch_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The torch backend of attention_forward / attention_backward: explicit math in fp32 (fp64 for fp64
+# inputs), a chunk of query rows at a time so the scores held stay under TORCH_MASK_ELEMENTS.
+# K/V are viewed (B, Hkv, 1, M, D) against q as (B, Hkv, G, N, D): GQA without repeating them.
+# ----------------------------------------------------------------------------------------------
+def _math_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(q: torch.Tensor, m: int):
+    """(start, stop) of each block of query rows, sized so that one block's scores stay bounded."""
+    b, hq, n = q.shape[:3]
+    step = max(1, TORCH_MASK_ELEMENTS // (b * hq * m))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _grouped(t: torch.Tensor, hkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, L, D) -> (B, Hkv, H // Hkv, L, D) in the math dtype (query heads h*G..h*G+G-1 share kv head h)."""
+    b, h, n, d = t.shape
+    return t.to(dtype).reshape(b, hkv, h // hkv, n, d)
+
+
+def _scores(qg, kg, start: int, n: int, causal: bool, scale: float) -> torch.Tensor:
+    """Scaled scores of the query rows start.. of qg against every key, -inf where the causal mask hides one."""
+    s = qg @ kg.transpose(-1, -2) * scale                                   # (B, Hkv, G, rows, M)
+    if causal:
+        m, rows = kg.shape[3], torch.arange(start, start + qg.shape[3], device=qg.device)
+        s = s.masked_fill(torch.arange(m, device=qg.device)[None, :] > rows[:, None] + (m - n), float("-inf"))
+    return s
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # a row that sees no key has lse -inf: subtract +inf instead, so its probabilities are exp(-inf) = 0
+    return torch.exp(s - torch.where(lse == float("-inf"), float("inf"), lse)[..., None])
+
+
+def _torch_forward_lse(q, k, v, causal: bool, scale: float):
+    dtype, (b, hq, n, d), hkv, m = _math_dtype(q), q.shape, k.shape[1], k.shape[2]
+    qg, kg, vg = _grouped(q, hkv, dtype), k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]
+    out = torch.empty(qg.shape, dtype=dtype, device=q.device)
+    lse = torch.empty(qg.shape[:4], dtype=dtype, device=q.device)
+    for start, stop in _row_chunks(q, m):
+        s = _scores(qg[:, :, :, start:stop], kg, start, n, causal, scale)
+        lse[:, :, :, start:stop] = torch.logsumexp(s, dim=-1)               # -inf for a row with no key
+        out[:, :, :, start:stop] = _probs(s, lse[:, :, :, start:stop]) @ vg
+    lse = lse.reshape(b, hq, n)
+    return out.reshape(b, hq, n, d).to(q.dtype), lse if dtype == torch.float64 else lse.float()
+
+
+def _torch_backward_lse(do, q, k, v, out, lse, causal: bool, scale: float):
+    dtype, (b, hq, n), hkv, m = _math_dtype(q), q.shape[:3], k.shape[1], k.shape[2]
+    qg, dog = _grouped(q, hkv, dtype), _grouped(do, hkv, dtype)
+    kg, vg = k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]
+    delta = (dog * _grouped(out, hkv, dtype)).sum(-1)                        # rowsum(dO * O): softmax's correction
+    lseg = lse.to(dtype).reshape(b, hkv, hq // hkv, n)
+    dq = torch.empty(qg.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(kg.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(vg.shape, dtype=dtype, device=q.device)
+    for start, stop in _row_chunks(q, m):
+        rows = slice(start, stop)
+        p = _probs(_scores(qg[:, :, :, rows], kg, start, n, causal, scale), lseg[:, :, :, rows])
+        do_r = dog[:, :, :, rows]
+        dv += (p.transpose(-1, -2) @ do_r).sum(2, keepdim=True)             # summed over the query group
+        ds = p * (do_r @ vg.transpose(-1, -2) - delta[:, :, :, rows, None])
+        dq[:, :, :, rows] = ds @ kg * scale
+        dk += (ds.transpose(-1, -2) @ qg[:, :, :, rows]).sum(2, keepdim=True) * scale
+    return dq.reshape(q.shape).to(q.dtype), dk[:, :, 0].to(k.dtype), dv[:, :, 0].to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 def _check_tensors(q, k, v, chosen: str) -> None:
@@ -372,6 +451,51 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         return _torch_attention(q, k, v, causal, scale)
     out, _ = _attention_fwd_op(q, k, v, causal, scale, chosen)
     return out
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                      scale: float | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): attention's output and each row's natural-log logsumexp of its scaled, masked scores,
+    (B, Hq, N) fp32 (float64 for float64 inputs on the torch backend); a row that sees no key gives out 0
+    and lse -inf. No autograd history: the caller runs attention_backward itself."""
+    chosen, scale = _validate(q, k, v, causal, scale, backend)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if chosen == "torch":
+        with torch.autocast(q.device.type, enabled=False):   # fp32 math even inside an autocast region
+            return _torch_forward_lse(q, k, v, causal, scale)
+    return _attention_fwd_op(q, k, v, causal, scale, chosen)
+
+
+def _check_saved(do, out, lse, q) -> None:
+    """do and out shaped like q, lse (B, Hq, N): each error names its argument."""
+    for name, t in (("do", do), ("out", out), ("lse", lse)):
+        require_tensor(t, name)
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    for name, t in (("do", do), ("out", out)):
+        if tuple(t.shape) != tuple(q.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; expected (B, Hq, N) = {tuple(q.shape[:3])}")
+    if lse.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"lse has dtype {str(lse.dtype).replace('torch.', '')}; expected float32 (as "
+                        f"attention_forward returns it)")
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, causal: bool = False, scale: float | None = None,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attention(q, k, v) for the output gradient do, from out and lse. Given the out and
+    lse of a larger attention (k, v one block of its keys, e.g. merged over a ring), they are this
+    block's contribution to that attention's gradients."""
+    chosen, scale = _validate(q, k, v, causal, scale, backend)
+    _check_saved(do, out, lse, q)
+    q, k, v, do, out = q.detach(), k.detach(), v.detach(), do.detach(), out.detach()
+    if chosen == "torch":
+        with torch.autocast(q.device.type, enabled=False):
+            return _torch_backward_lse(do, q, k, v, out, lse.detach(), causal, scale)
+    # the kernels index lse as a contiguous fp32 (B, Hq, N) array
+    return _attention_bwd_op(do, q, k, v, out, lse.detach().float().contiguous(), causal, scale, chosen)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -391,9 +391,10 @@ class RunConfig:
         for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree)):
             if degree < 1:
                 raise UserError(f"{key} must be >= 1 (1 = off), got {degree}")
-        if self.cp.degree > 1:   # the section exists so that configs and the mesh carry it; the layer comes next
-            raise UserError(f"cp.degree = {self.cp.degree}: context parallelism is not implemented yet in this "
-                            f"version; use cp.degree=1")
+        c, chunks = self.cp.degree, 2 * self.cp.degree if self.cp.load_balance == "headtail" else self.cp.degree
+        if c > 1 and self.model.seq_len % chunks:   # ring attention cuts the sequence into equal chunks
+            raise UserError(f"model.seq_len ({self.model.seq_len}) must be divisible by {chunks} with cp.degree = {c} "
+                            f"and cp.load_balance = {self.cp.load_balance} (parallel/context_parallel.py)")
         if self.tp.sequence_parallel and self.tp.degree == 1:
             raise UserError("tp.sequence_parallel = true needs tp.degree > 1")
 

@@ -96,6 +96,9 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
         from parallel import tensor_parallel
 
         tensor_parallel.validate(cfg, recipe.tensor_parallel)
+    if cfg.cp.degree > 1 and recipe.context_parallel is not None:
+        raise UserError(f"cp.degree = {cfg.cp.degree} does not work with recipe={cfg.recipe}: "
+                        f"{recipe.context_parallel}")
     dims = recipe.dims(cfg, world_size)
     recipe.validate_layout(cfg, dims)   # first: a pipeline's pp.microbatches sets micro_batch
     cfg.check_layout(world_size, dims.dp)

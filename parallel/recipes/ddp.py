@@ -2,6 +2,12 @@
 
 Micro-batching: `no_sync` on all micro-batches but the last (forward and backward), so gradients are
 reduced once per step. A comm hook counts the bytes handed to all-reduce (summary.json).
+
+Context parallelism (`cp.degree = C > 1`, dp_replicate x cp): each rank of a cp group takes its positions'
+slice of the micro-batch's tokens and targets (parallel/context_parallel.py) and attends through ring
+attention over the group. Its loss is the mean over its T/C tokens, so the loop's mean over all ranks is
+`single`'s loss; DDP averages gradients over every rank (dp x cp), the sum over the cp group of each
+rank's gradient of its mean / C being the gradient of the whole sequence's mean.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.comm import CommCounter, comm_summary
+from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 from profiling import range as prange
 
@@ -40,10 +47,13 @@ class DDPEngine(TorchEngine):
         last = self.micro_batches_seen % accum == accum - 1
         self.micro_batches_seen += 1
         with contextlib.nullcontext() if last else self.module.no_sync():
-            return self.module(x, y)
+            return self.loss(x, y)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.module(x, y)
 
     def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.module(x, y)   # not counted: forward above counts training micro-batches
+        return self.loss(x, y)   # not counted: forward above counts training micro-batches
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         sync = contextlib.nullcontext() if last else self.module.no_sync()
@@ -51,9 +61,41 @@ class DDPEngine(TorchEngine):
             (loss / accum).backward()
 
 
+class DDPCPEngine(DDPEngine):
+    """ddp over dp_replicate x cp: this rank's positions of every sequence, ring attention over its cp group."""
+
+    def __init__(self, module: nn.Module, raw: nn.Module, cfg, ctx: Context, positions: torch.Tensor, cp_stats):
+        super().__init__(module, raw, cfg, ctx)
+        self.positions = positions   # this rank's positions in every sequence (context_parallel.shard_positions)
+        self.cp_stats = cp_stats     # ring attention's measured blocks and bytes (ContextParallelStats)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from parallel.context_parallel import shard_sequence
+
+        p = self.positions
+        return self.module(shard_sequence(x, p), shard_sequence(y, p), p)   # the mean over this rank's tokens
+
+
+def _context_parallel(model: nn.Module, cfg, ctx: Context) -> tuple[torch.Tensor, object]:
+    """Ring attention in every block over this rank's cp group; (this rank's positions, the ring's stats)."""
+    from parallel import context_parallel
+
+    stats = context_parallel.apply(model, context_parallel.cp_group(ctx.dims, ctx.rank), cfg.cp)
+    c = ctx.dims.coords(ctx.rank)["cp"]
+    positions = context_parallel.shard_positions(cfg.model.seq_len, c, cfg.cp.degree, cfg.cp.load_balance)
+    return positions.to(ctx.device), stats
+
+
 class DDP(Recipe):
     data_parallel = "replicate"
     tensor_parallel = None   # dp_replicate x tp (parallel/tensor_parallel.py)
+    context_parallel = None  # dp_replicate x cp (parallel/context_parallel.py)
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        if cfg.cp.degree > 1 and cfg.tp.degree > 1:
+            raise UserError(f"cp.degree = {cfg.cp.degree} with tp.degree = {cfg.tp.degree}: recipe=ddp composes "
+                            f"context parallelism with data parallelism only; use tp.degree=1")
 
     def memory_model(self, cfg):
         if cfg.tp.degree > 1:
@@ -68,11 +110,12 @@ class DDP(Recipe):
 
             return tensor_parallel.setup_ddp(model, cfg, ctx)
         model.to(ctx.device)
+        cp = _context_parallel(model, cfg, ctx) if cfg.cp.degree > 1 else None
         # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy
         # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
         ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                                       gradient_as_bucket_view=True)
-        engine = DDPEngine(ddp, model, cfg, ctx)
+        engine = DDPEngine(ddp, model, cfg, ctx) if cp is None else DDPCPEngine(ddp, model, cfg, ctx, *cp)
         engine.comm, engine.micro_batches_seen = CommCounter(), 0
         ddp.register_comm_hook(engine.comm, _counting_allreduce)
         return engine

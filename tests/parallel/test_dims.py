@@ -53,12 +53,13 @@ def test_recipes_map_onto_dims():
     assert RECIPES["fsdp"].data_parallel == "shard" and RECIPES["ddp"].data_parallel == "replicate"
 
 
-def test_tp_is_accepted_and_cp_refused_above_one_for_now():
+def test_tp_and_cp_are_accepted_and_cp_refused_by_recipes_without_it():
     cfg = RunConfig.from_toml(TINY, ["tp.degree=1", "cp.degree=1", "cp.load_balance=none"])
     assert cfg.tp.degree == 1 and cfg.cp.load_balance == "none"
     assert RunConfig.from_toml(TINY, ["tp.degree=2", "tp.sequence_parallel=true"]).tp.degree == 2
-    with pytest.raises(UserError, match=r"cp\.degree = 2: context parallelism is not implemented"):
-        RunConfig.from_toml(TINY, ["cp.degree=2"])
+    assert resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2"]), 2).cp == 2
+    with pytest.raises(UserError, match=r"cp\.degree = 2 does not work with recipe=single"):
+        resolve(RunConfig.from_toml(TINY, ["cp.degree=2"]), 1)
 
 
 def test_build_mesh_names_its_dimensions():
