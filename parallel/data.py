@@ -53,7 +53,10 @@ class Dataset:
         else:
             self.tokens = np.memmap(cfg.data.path, dtype=np.uint8, mode="r")
             self.val_start = int(len(self.tokens) * (1 - cfg.data.val_fraction))
-            for split, size in (("training", self.val_start), ("held-out", len(self.tokens) - self.val_start)):
+            parts = [("training", self.val_start)]
+            if cfg.eval.every:   # the tail is reserved either way; it must hold a window only when read
+                parts.append(("held-out", len(self.tokens) - self.val_start))
+            for split, size in parts:
                 if size < self.seq_len + 1:
                     raise UserError(f"data.path {cfg.data.path}: its {split} part (data.val_fraction = "
                                     f"{cfg.data.val_fraction} of {len(self.tokens)} tokens) holds {size} tokens, "

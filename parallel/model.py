@@ -38,7 +38,7 @@ def kv_heads(cfg: ModelConfig) -> int:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 (Llama's norm: no mean subtraction, no bias)."""
+    """x / rms(x) * weight, computed in fp32 or wider (Llama's norm: no mean subtraction, no bias)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -46,20 +46,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))   # fp32 for 16-bit inputs, float64 kept
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return h.type_as(x) * self.weight
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary position embedding of x (B, H, T, D) at `positions` (T,): dimension pair (2i, 2i+1) of the
-    token at position p turned by the angle p * theta^(-2i/D), in fp32 (the complex-number formulation of
+    token at position p turned by the angle p * theta^(-2i/D), in fp32 or wider (the complex-number formulation of
     RoFormer and Llama, written with real arithmetic so DTensor and torch.compile need no complex dtype)."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = positions.to(torch.float32)[:, None] * freq[None, :]   # (T, D/2)
+    half, dtype = x.shape[-1] // 2, torch.promote_types(x.dtype, torch.float32)   # float64 stays float64
+    freq = theta ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
+    angle = positions.to(dtype)[:, None] * freq[None, :]   # (T, D/2)
     cos, sin = angle.cos(), angle.sin()
-    pairs = x.float().unflatten(-1, (half, 2))
+    pairs = x.to(dtype).unflatten(-1, (half, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return out.flatten(-2).type_as(x)

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check.sh OUT_DIR            # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run [OUT]    # anywhere: verify what the run needs, print its commands
 # Runs the `gpu` kernel tests, `kernels check` on the Triton backend, the AOT compile sweep for this
-# GPU's arch with its own Triton, and `kernels bench`, with the machine's own python, torch and triton
+# GPU's arch with its own Triton, `kernels bench`, and 10 training steps of configs/llama-1b.toml (tokens/s, MFU), with the machine's own python, torch and triton
 # (nothing is installed; PYTHON picks the interpreter). It needs only torch, triton, numpy, typer, rich
 # and pytest: not deepspeed, ray or nvtx (the dry run proves it by blocking those imports). Writes full
 # results into OUT_DIR and prints a short table last. Exit status: non-zero if any step failed.
@@ -24,6 +24,7 @@ STEPS=(
   "kernels check|$KCLI check all --backend triton --json $OUT/check.json > $OUT/check.txt 2>&1"
   "kernels compile|$KCLI compile all --arch $ARCH_OF_GPU --json $OUT/compile.json > $OUT/compile.txt 2>&1"
   "kernels bench|$KCLI bench all --json $OUT/bench.json > $OUT/bench.txt 2>&1"
+  "train llama-1b|$PY -m workbench train --config configs/llama-1b.toml steps=10 progress=false run_dir=$OUT/llama-1b > $OUT/llama-1b.txt 2>&1"
 )
 
 if [[ $DRY == 1 ]]; then

@@ -50,6 +50,12 @@ def main(out: Path) -> None:
         for r in rows:
             metrics = "  ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items())
             print(f"{r['kernel']:<22}{r['case']:<26}{r['dtype']:<10}{r['ms']:>9.4f}  {metrics}")
+    train = out / "llama-1b" / "summary.json"
+    if train.exists():   # tokens/s is the median step's; MFU against the GPU's dense bf16 peak
+        s = json.loads(train.read_text())
+        mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "?"
+        print(f"train llama-1b: {s['n_params'] / 1e9:.2f}B params, {s['tokens_per_s']:.0f} tokens/s, MFU {mfu}, "
+              f"peak {s['peak_memory_bytes_per_rank'] / 2**30:.1f} GiB, final loss {s['final_loss']:.3f}")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
@@ -116,6 +122,15 @@ def _check_cli(report) -> None:
                    + (f": missing {missing}" if missing else ""))
 
 
+def _check_train(report) -> None:
+    from parallel import RunConfig
+    from parallel.recipes import resolve
+
+    cfg = RunConfig.from_toml(ROOT / "configs" / "llama-1b.toml", ["device=cpu"])
+    resolve(cfg, world_size=1)
+    report(cfg.model.arch == "llama", "configs/llama-1b.toml resolves for the single recipe")
+
+
 def _check_tests_collect(report) -> None:
     import pytest
 
@@ -137,7 +152,7 @@ def preflight() -> int:
         if not ok:
             problems.append(what)
 
-    for step in (_check_packages, _check_calls, _check_cli, _check_tests_collect):
+    for step in (_check_packages, _check_calls, _check_cli, _check_train, _check_tests_collect):
         try:
             step(report)
         except Exception as err:  # a missing module or name anywhere in a step is a problem to report

@@ -73,3 +73,21 @@ def test_bytes_dataset_reads_memmap(tmp_path):
     ds = Dataset(_cfg("data.kind=bytes", f"data.path={path}", "model.vocab_size=256"))
     x, y = ds.batch(0, [0, 1])
     assert x.shape == (2, 32) and torch.equal(x[:, 1:] - x[:, :-1], torch.ones(2, 31, dtype=torch.long))
+
+
+def test_the_validation_split_is_held_out(tmp_path):
+    """Bytes: training windows never reach the file's tail, held-out ones lie inside it. Synthetic: the
+    held-out samples come from their own stream, the same task (the hidden permutation)."""
+    path = tmp_path / "d.bin"
+    np.array([1] * 768 + [2] * 256, dtype=np.uint8).tofile(path)   # the last quarter is 2s
+    ds = Dataset(_cfg("data.kind=bytes", f"data.path={path}", "model.vocab_size=256", "eval.every=1",
+                      "data.val_fraction=0.25"))
+    train = np.concatenate([ds.samples(step, range(16), "train") for step in range(8)])
+    held_out = np.concatenate([ds.samples(step, range(16), "val") for step in range(8)])
+    assert (train == 1).all() and (held_out == 2).all()
+    syn = Dataset(_cfg())
+    a, b = syn.samples(3, range(4), "train"), syn.samples(3, range(4), "val")
+    assert not np.array_equal(a, b)
+    assert (syn.perm[b[:, :-1]] == b[:, 1:]).mean() > 0.8   # the held-out data obeys the same rule
+    with pytest.raises(ValueError, match="split"):
+        syn.samples(0, [0], "test")
