@@ -106,11 +106,13 @@ def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
     names = []
     for x_key, xlabel, file in (("step", "optimizer step", "loss_vs_step.png"),
                                 ("elapsed_s", "wall time (s)", "loss_vs_time.png")):
-        fig, ax = _figure(f"training loss against {xlabel}", xlabel, "loss (nats/token)", machine)
+        fig, ax = _figure(f"training (and held-out) loss against {xlabel}", xlabel, "loss (nats/token)", machine)
         for i, run in enumerate(runs):
             points = [(m[x_key], m["loss"]) for m in run.metrics if x_key in m and "loss" in m]
             if points:   # equal losses draw one line over another: a style and marker per run keeps each visible
-                ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.4, **_curve_style(i, len(points)))
+                line, = ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.4,
+                                **_curve_style(i, len(points)))
+                _held_out_curve(ax, run, x_key, line.get_color())
         targets = {r.summary.get("target_loss") for r in runs if r.summary.get("target_loss")}
         for t in targets:
             ax.axhline(t, color="grey", linestyle=":", linewidth=1)
@@ -118,6 +120,15 @@ def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
                   title_fontsize=7)
         names.append(_save(fig, out, file))
     return names
+
+
+def _held_out_curve(ax, run: Run, x_key: str, color) -> None:
+    """The run's evaluations (eval.every) beside its training loss: the same colour, open markers. An
+    evaluation row's step is the last step run before it: plotted at that step's x."""
+    points = [(m[x_key], m["val_loss"]) for m in run.metrics if "val_loss" in m and x_key in m]
+    if points:
+        ax.plot(*zip(*points, strict=True), label=f"{run.label} (held-out)", color=color, linestyle="--",
+                marker="o", markerfacecolor="none", markersize=5, linewidth=1)
 
 
 LINE_STYLES = ("-", "--", "-.", ":")
@@ -185,7 +196,8 @@ def _gantt_figures(runs: list[Run], out: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- tables
 COLUMNS = [  # (header, summary key, format)
     ("recipe", "recipe", "{}"), ("ranks", "world_size", "{}"), ("steps", "steps", "{}"),
-    ("final loss", "final_loss", "{:.6g}"), ("tokens/s", "tokens_per_s", "{:.6g}"),
+    ("final loss", "final_loss", "{:.6g}"), ("final held-out loss", "final_val_loss", "{:.6g}"),
+    ("tokens/s", "tokens_per_s", "{:.6g}"),
     ("time to target (s)", "time_to_target_s", "{:.4g}"),
     ("model state MiB/rank", "model_state_bytes_per_rank", "mib"),
     ("formula MiB/rank", "predicted_model_state_bytes_per_rank", "mib"),
@@ -209,7 +221,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def runs_table(runs: list[Run]) -> list[list[str]]:
-    columns = [c for c in COLUMNS if any(c[1] in r.summary for r in runs)]
+    columns = [c for c in COLUMNS if any(r.summary.get(c[1]) is not None for r in runs)]   # no empty columns
     rows = [[h for h, _, _ in columns]]
     for run in runs:
         rows.append([run.label if key == "recipe" else _cell(run.summary.get(key), fmt) for _, key, fmt in columns])

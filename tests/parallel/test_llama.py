@@ -180,3 +180,14 @@ def test_held_out_loss_falls_on_bytes(tmp_path):
     val = [e["val_loss"] for e in read_evals(tmp_path / "run")]
     # falling at every evaluation, and well below guessing a byte, ln(256) = 5.55 nats
     assert len(val) == 3 and val[0] > val[1] > val[2] and val[-1] < math.log(256) - 2, val
+
+
+def test_report_shows_the_held_out_loss(llama_runs, tmp_path):
+    from workbench.report import build_report, load_run, runs_table
+
+    rows = runs_table([load_run(llama_runs["single"]), load_run(llama_runs["single-no-eval"])])
+    column = rows[0].index("final held-out loss")
+    assert float(rows[1][column]) == pytest.approx(read_evals(llama_runs["single"])[-1]["val_loss"], rel=1e-5)
+    assert rows[2][column] == "—"
+    report = build_report([llama_runs["single"]], tmp_path).read_text()
+    assert "final held-out loss" in report and (tmp_path / "loss_vs_step.png").is_file()
