@@ -94,7 +94,8 @@ class Trainer:
             print(f"wb: {note + '; ' if note else ''}{line}" if line
                   else f"wb: {note}; no checkpoint yet: starting over", file=sys.stderr)
         self.history = self.out.start_metrics(self.start)
-        self.val_loss = next((m["val_loss"] for m in reversed(read_evals(self.run_dir)) if m["step"] < self.start), None)
+        kept_evals = [m["val_loss"] for m in read_evals(self.run_dir) if m["step"] < self.start]
+        self.val_loss = kept_evals[-1] if kept_evals else None   # the summary's until this segment evaluates
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
@@ -263,7 +264,8 @@ class Trainer:
             model_state_bytes_per_rank=max(h["total"] for h in held_all), model_state_bytes_by_rank=held_all,
             predicted_model_state_bytes_per_rank=model.predicted_bytes(counted, self.dims.dp),
             predicted_formula=model.formula, n_params=self.n_params, target_loss=cfg.target_loss or None,
-            time_to_target_s=self.time_to_target, final_val_loss=self.val_loss, elapsed_s=elapsed, micro_batch=cfg.micro_batch,
+            time_to_target_s=self.time_to_target, final_val_loss=self.val_loss, elapsed_s=elapsed,
+            micro_batch=cfg.micro_batch,
             accum_steps=cfg.accum_steps(self.dims.dp), global_batch=cfg.global_batch,
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,

@@ -84,7 +84,10 @@ class StageModule(nn.Module):
             if self.pos_emb is not None:
                 x = x + self.pos_emb(torch.arange(tokens.shape[1], device=x.device))
         for block in self.blocks.values():
-            x = checkpoint(block, x, None, use_reentrant=False) if self.checkpointing and self.training else block(x, None)
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, None, use_reentrant=False)
+            else:
+                x = block(x, None)
         return self.head(self.ln_f(x)) if self.is_last else x
 
 

@@ -58,7 +58,7 @@ def _reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     x = p["tok_emb.weight"][idx]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(cfg.n_layers):
-        w = lambda name: p[f"blocks.{i}.{name}.weight"]   # noqa: E731
+        w = lambda name, i=i: p[f"blocks.{i}.{name}.weight"]   # noqa: E731
         h = rms(x, w("ln1"))
         q = rope((h @ w("attn.q").T).view(B, T, cfg.n_heads, hd)).transpose(1, 2)
         k = rope((h @ w("attn.k").T).view(B, T, cfg.n_kv_heads, hd)).transpose(1, 2).repeat_interleave(rep, 1)
@@ -155,7 +155,8 @@ def test_evaluation_leaves_the_trajectory_unchanged(llama_runs):
     from tests.parallel.runs import summary
 
     assert losses(llama_runs["single"]) == losses(llama_runs["single-no-eval"])   # bitwise
-    assert read_evals(llama_runs["single-no-eval"]) == [] and summary(llama_runs["single-no-eval"])["final_val_loss"] is None
+    assert read_evals(llama_runs["single-no-eval"]) == []
+    assert summary(llama_runs["single-no-eval"])["final_val_loss"] is None
     assert summary(llama_runs["single"])["final_val_loss"] == read_evals(llama_runs["single"])[-1]["val_loss"]
 
 
