@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,8 +105,9 @@ def _save(fig, out: Path, name: str) -> str:
 
 def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
     names = []
-    for x_key, xlabel, file in (("step", "optimizer step", "loss_vs_step.png"),
-                                ("elapsed_s", "wall time (s)", "loss_vs_time.png")):
+    for x_key, xlabel, file in (("tokens", "tokens trained on", "loss_vs_tokens.png"),
+                                ("elapsed_s", "wall time (s)", "loss_vs_time.png"),
+                                ("step", "optimizer step (async: applied update)", "loss_vs_step.png")):
         fig, ax = _figure(f"training (and held-out) loss against {xlabel}", xlabel, "loss (nats/token)", machine)
         for i, run in enumerate(runs):
             points = [(m[x_key], m["loss"]) for m in run.metrics if x_key in m and "loss" in m]
@@ -120,6 +122,27 @@ def _loss_figures(runs: list[Run], out: Path, machine: str) -> list[str]:
                   title_fontsize=7)
         names.append(_save(fig, out, file))
     return names
+
+
+DYNAMICS = (("step_time_s", "step time (s)"), ("grad_norm", "gradient norm (before clipping)"),
+            ("lr", "learning rate"))
+
+
+def _dynamics_figure(runs: list[Run], out: Path, machine: str) -> str:
+    """Step time, gradient norm and learning rate against tokens, one panel each, every run's curve."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(DYNAMICS), 1, figsize=(8, 8), sharex=True)
+    for ax, (key, label) in zip(axes, DYNAMICS, strict=True):
+        for i, run in enumerate(runs):
+            points = [(m["tokens"], m[key]) for m in run.metrics if "tokens" in m and m.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=run.label, linewidth=1.2, **_curve_style(i, len(points)))
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"step time, gradient norm, learning rate\n{machine}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("tokens trained on")
+    return _save(fig, out, "dynamics.png")
 
 
 def _held_out_curve(ax, run: Run, x_key: str, color) -> None:
@@ -142,13 +165,27 @@ def _curve_style(i: int, n_points: int) -> dict:
             "markersize": 4, "markevery": (i % every, every), "alpha": 0.9}
 
 
+def _step_iqr(run: Run) -> tuple[float, float] | None:
+    """The quartiles of a run's per-step tokens/s; None for the asynchronous recipes, whose rows are one
+    worker's updates (their summary's tokens/s counts every worker)."""
+    values = sorted(m["tokens_per_s"] for m in run.metrics if "tokens_per_s" in m and "val_loss" not in m)
+    if not values or any("worker" in m for m in run.metrics):
+        return None
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
 def _bar_figure(runs: list[Run], out: Path, machine: str, file: str, title: str, ylabel: str,
-                series: dict[str, list[float | None]]) -> str:
+                series: dict[str, list[float | None]], spread: list[tuple[float, float] | None] | None = None) -> str:
+    """Bars per run (and series); `spread`: (low, high) whiskers around the first series' bars."""
     fig, ax = _figure(title, "recipe", ylabel, machine)
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(runs))]
         ax.bar(xs, [v or 0 for v in values], width=width, label=label)
+        for x, v, lo_hi in zip(xs, values, spread if spread and i == 0 else [None] * len(xs), strict=True):
+            if v is not None and lo_hi is not None:
+                ax.errorbar(x, v, yerr=[[max(v - lo_hi[0], 0)], [max(lo_hi[1] - v, 0)]], color="black", capsize=4)
     ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=30, ha="right")
     if len(series) > 1:
         ax.legend(fontsize=8)
@@ -316,9 +353,10 @@ def _figures(runs: list[Run], out: Path, machine: str) -> list[str]:
     def each(key: str) -> list:
         return [r.summary.get(key) for r in runs]
 
-    figures = _loss_figures(runs, out, machine)
-    figures.append(_bar_figure(runs, out, machine, "throughput.png", "throughput (median over steps)",
-                               "tokens/s", {"tokens/s": each("tokens_per_s")}))
+    figures = [*_loss_figures(runs, out, machine), _dynamics_figure(runs, out, machine)]
+    figures.append(_bar_figure(runs, out, machine, "throughput.png", "throughput (median over steps; whiskers: "
+                               "interquartile range of the steps)", "tokens/s", {"tokens/s": each("tokens_per_s")},
+                               spread=[_step_iqr(r) for r in runs]))
     figures.append(_bar_figure(
         runs, out, machine, "model_state_memory.png", "model-state bytes per rank: measured vs the recipe's formula",
         "MiB", {"measured": [_mib(v) for v in each("model_state_bytes_per_rank")],

@@ -1,6 +1,6 @@
 """The run directory: where it is (one rule for every recipe and launcher) and its writers:
-config.json, metrics.jsonl (one object per optimizer step, and one {"step", "val_loss", "elapsed_s"} per
-evaluation, after that step), summary.json.
+config.json, metrics.jsonl (one object per optimizer step, and one {"step", "tokens", "val_loss",
+"elapsed_s"} per evaluation, after that step), summary.json.
 
 Where: `run_dir` if the config sets it; else `runs/<name>` if it names the run; else
 `runs/<recipe>-<YYYYmmdd-HHMMSS>`. Whatever launches several processes resolves it once, before they

@@ -161,7 +161,8 @@ class Trainer:
         loss = mean_over_ranks(result.loss_sum / cfg.accum_steps(self.dims.dp))
         dt = time.perf_counter() - t0
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
-        record = {"step": step, "loss": loss, "step_time_s": dt,
+        tokens = (step + 1) * cfg.global_batch * cfg.model.seq_len   # seen by the end of this step
+        record = {"step": step, "tokens": tokens, "loss": loss, "step_time_s": dt,
                   "tokens_per_s": cfg.global_batch * cfg.model.seq_len / dt, "lr": result.lr,
                   "grad_norm": result.grad_norm, "applied": result.applied, "elapsed_s": elapsed}
         self.history.append(record)
@@ -191,7 +192,8 @@ class Trainer:
                     for b in range(cfg.eval.batches))
         self.val_loss = mean_over_ranks(total / (cfg.accum_steps(dims.dp) * cfg.eval.batches))
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
-        self.out.log({"step": record["step"], "val_loss": self.val_loss, "elapsed_s": elapsed})
+        self.out.log({"step": record["step"], "tokens": record["tokens"], "val_loss": self.val_loss,
+                      "elapsed_s": elapsed})
 
     def _next_step(self, record: dict) -> int:
         """The step to run next, as the nan_policy says after a skipped (non-finite) step."""

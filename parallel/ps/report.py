@@ -47,7 +47,8 @@ def _history(cfg: RunConfig, out: RunDir, run: WorkerRun) -> tuple[list[dict], f
         recent.append(r["loss"])
         dt = max(r["t"] - prev_t, 1e-9)
         prev_t = r["t"]
-        m = {"step": i, "loss": r["loss"], "loss_avg": sum(recent) / len(recent), "step_time_s": dt,
+        m = {"step": i, "tokens": round((i + 1) * tokens_per_update),   # every worker's updates so far
+             "loss": r["loss"], "loss_avg": sum(recent) / len(recent), "step_time_s": dt,
              "tokens_per_s": tokens_per_update / dt, "lr": r["lr"], "grad_norm": r["grad_norm"],
              "applied": r["applied"], "elapsed_s": r["t"] - run.t0,
              **{k: r[k] for k in ("worker", "clock", "staleness", "version_lag") if k in r}}

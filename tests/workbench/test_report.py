@@ -32,14 +32,16 @@ def _table(report: str) -> list[dict]:
 def _check_report(out: Path, run_dirs: list[Path]) -> None:
     report = (out / "report.md").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
-    assert {"loss_vs_step.png", "loss_vs_time.png", "throughput.png", "model_state_memory.png",
-            "peak_memory.png"} <= set(figures)
+    assert {"loss_vs_tokens.png", "loss_vs_step.png", "loss_vs_time.png", "dynamics.png", "throughput.png",
+            "model_state_memory.png", "peak_memory.png"} <= set(figures)
     for name in figures:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(out / name).shape[0] > 100
     rows = {r["recipe"]: r for r in _table(report.split("## Runs", 1)[1].split("##", 1)[0])}
     for run_dir in run_dirs:
         summary = RunSummary.load(run_dir / "summary.json").flat()
+        metrics = load_run(run_dir).metrics   # the tokens axis: tokens_per_step per step, counted
+        assert [m["tokens"] for m in metrics] == [(m["step"] + 1) * summary["tokens_per_step"] for m in metrics]
         row = rows[load_run(run_dir).label]
         assert row["recipe"].split()[0] == summary["recipe"]
         for header, key, fmt in COLUMNS:
