@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint, memory, recipes
+from parallel.recipes.base import freeze
 from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
 from parallel.data import Dataset
@@ -83,6 +84,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
         model = GPT(cfg.model)
         self.n_params = count_params(model)
+        freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
         self.start = checkpoint.load(self.engine, begin.path, begin.model_only) if begin.path else 0
