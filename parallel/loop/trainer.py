@@ -99,6 +99,7 @@ class Trainer:
         self.val_loss = next((m["val_loss"] for m in reversed(read_evals(self.run_dir)) if m["step"] < self.start), None)
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
+        self.ckpt_bytes, self.ckpt_blocking_s = 0, 0.0   # this process's saves (a resumed run: since resume)
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         self.time_to_target = next((m["elapsed_s"] for m in self.history if self._reached(m["loss"])), None)
         # held memory is measured during the second step run: after one step Adam's state exists
@@ -179,8 +180,13 @@ class Trainer:
                 self._evaluate(record)
         if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
             with prange("checkpoint", step=done):
-                checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
-                                cfg.checkpoint.keep_every)
+                began = time.perf_counter()
+                path = checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
+                                       cfg.checkpoint.keep_every)
+                self.ckpt_blocking_s += time.perf_counter() - began
+                # measured from the files this save left (rank 0: the shared directory is complete now)
+                if self.ctx.is_main:
+                    self.ckpt_bytes += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         hooks.after_step(record, self.run_dir)   # e.g. ray.train.report, with the checkpoint just saved
 
     def _evaluate(self, record: dict) -> None:
@@ -269,7 +275,8 @@ class Trainer:
             accum_steps=cfg.accum_steps(self.dims.dp), global_batch=cfg.global_batch,
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
-            run_dir=str(self.run_dir),
+            run_dir=str(self.run_dir), checkpoint_bytes_written=self.ckpt_bytes,
+            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)),
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
         self.out.write_summary(summary, provenance.device_name(ctx.device))
         return summary
