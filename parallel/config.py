@@ -70,6 +70,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0       # global-norm clipping; 0 turns it off
+    # parameter-name prefixes kept out of the optimizer ("tok_emb", "blocks.0"): requires_grad False
+    frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -278,6 +280,9 @@ class RunConfig:
         self._check_async()
         self._check_pp()
         self._check_tp_cp()
+        if not isinstance(self.optim.frozen, list) or not all(isinstance(n, str) and n for n in self.optim.frozen):
+            raise UserTypeError(f"optim.frozen must be a list of parameter-name prefixes (e.g. [\"tok_emb\", "
+                                f"\"blocks.0\"]), got {self.optim.frozen!r}")
         return self
 
     def check_layout(self, world_size: int, dp: int) -> None:

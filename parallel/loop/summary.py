@@ -134,6 +134,8 @@ class RunSummary:
     async_sgd: AsyncStats | None = None
     provenance: dict | None = None     # commit, versions, machine, config digest (parallel/loop/provenance.py)
     tp: TensorParallelStats | None = None
+    checkpoint_bytes_written: int = 0     # bytes of the checkpoint files this process's run wrote (from the files)
+    checkpoint_blocking_s: float = 0.0    # seconds the loop blocked in saves (the slowest rank)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint, memory, recipes
+from parallel.recipes.base import freeze
 from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
 from parallel.data import Dataset
@@ -83,6 +84,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
         model = GPT(cfg.model)
         self.n_params = count_params(model)
+        freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
         self.start = checkpoint.load(self.engine, begin.path, begin.model_only) if begin.path else 0
@@ -98,6 +100,7 @@ class Trainer:
         self.val_loss = kept_evals[-1] if kept_evals else None   # the summary's until this segment evaluates
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
+        self.ckpt_bytes, self.ckpt_blocking_s = 0, 0.0   # this process's saves (a resumed run: since resume)
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         self.time_to_target = next((m["elapsed_s"] for m in self.history if self._reached(m["loss"])), None)
         # held memory is measured during the second step run: after one step Adam's state exists
@@ -179,8 +182,13 @@ class Trainer:
                 self._evaluate(record)
         if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
             with prange("checkpoint", step=done):
-                checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
-                                cfg.checkpoint.keep_every)
+                began = time.perf_counter()
+                path = checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
+                                       cfg.checkpoint.keep_every)
+                self.ckpt_blocking_s += time.perf_counter() - began
+                # measured from the files this save left (rank 0: the shared directory is complete now)
+                if self.ctx.is_main:
+                    self.ckpt_bytes += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         hooks.after_step(record, self.run_dir)   # e.g. ray.train.report, with the checkpoint just saved
 
     def _evaluate(self, record: dict) -> None:
@@ -271,7 +279,8 @@ class Trainer:
             accum_steps=cfg.accum_steps(self.dims.dp), global_batch=cfg.global_batch,
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
-            run_dir=str(self.run_dir),
+            run_dir=str(self.run_dir), checkpoint_bytes_written=self.ckpt_bytes,
+            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)),
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
         self.out.write_summary(summary, provenance.device_name(ctx.device))
         return summary

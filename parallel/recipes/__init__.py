@@ -88,6 +88,11 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     recipe = get(cfg.recipe)
     cfg.validate()
     recipe.validate(cfg)
+    # here, not in Recipe.validate: some recipes override that without calling super()
+    if cfg.optim.frozen and not recipe.freezes:
+        raise UserError(f"optim.frozen: recipe {cfg.recipe} does not freeze parameters; use single, ddp or fsdp")
+    if cfg.optim.frozen and cfg.tp.degree > 1:   # untested: tensor-parallel plans with frozen DTensors
+        raise UserError(f"optim.frozen with tp.degree={cfg.tp.degree}: freezing is for tp.degree=1 only")
     if cfg.profiling.timeline and recipe.timeline is not None:
         raise UserError(f"--timeline (profiling.timeline) does not work with recipe={cfg.recipe}: {recipe.timeline}")
     if cfg.eval.every and recipe.evaluation is not None:

@@ -77,6 +77,8 @@ class Recipe:
     checkpoint_format: str = "universal"
     # eval.every > 0: None where the train loop evaluates the held-out split, else why not
     evaluation: str | None = None
+    # whether optim.frozen works here (the model is frozen before setup wraps it; torch AdamW recipes)
+    freezes: bool = False
 
     def validate(self, cfg: RunConfig) -> None:
         """Checks of other sections that only this recipe can judge (no world size yet)."""
@@ -114,10 +116,25 @@ class Recipe:
         raise NotImplementedError(f"recipe {self.name} runs in the shared loop: call setup()")
 
 
+def freeze(model: nn.Module, prefixes: list[str]) -> None:
+    """requires_grad False on the parameters named by optim.frozen (a prefix at a dot boundary, so
+    "blocks.1" is not "blocks.10"); before any wrapper (DDP, FSDP) sees the model."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise UserError(f"optim.frozen: '{prefix}' matches no parameter (names are like {names[0]!r}, "
+                            f"{names[-1]!r})")
+    for n, p in model.named_parameters():
+        if any(n == prefix or n.startswith(prefix + ".") for prefix in prefixes):
+            p.requires_grad_(False)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; not biases or norm weights (the usual GPT split)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """Decay matrices and embeddings; not biases or norm weights (the usual GPT split). Frozen
+    parameters (optim.frozen) are in neither: no moments, never stepped."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

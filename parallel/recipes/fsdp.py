@@ -38,6 +38,7 @@ class FSDPEngine(DCPEngine):
 
 
 class FSDP(Recipe):
+    freezes = True
     data_parallel = "shard"
     tensor_parallel = None   # TP inside each dp_shard group: the 2-D layout
 
