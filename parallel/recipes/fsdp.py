@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from parallel import memory
+from parallel.context_parallel import CPEngineMixin
 from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 from parallel.recipes.ddp import _context_parallel
@@ -44,7 +45,7 @@ class FSDPEngine(DCPEngine):
         (loss / accum).backward()
 
 
-class FSDPCPEngine(FSDPEngine):
+class FSDPCPEngine(CPEngineMixin, FSDPEngine):
     """fsdp over dp_shard x cp: this rank's positions of every sequence, ring attention over its cp group."""
 
     def __init__(self, module: nn.Module, raw: nn.Module, cfg, ctx: Context, positions: torch.Tensor, cp_stats):
@@ -56,6 +57,9 @@ class FSDPCPEngine(FSDPEngine):
 
         p = self.positions
         return self.module(shard_sequence(x, p), shard_sequence(y, p), p)   # the mean over this rank's tokens
+
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
+        return self.cp_summary()
 
 
 def _shard_cp_mesh(ctx: Context):

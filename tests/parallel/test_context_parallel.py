@@ -167,6 +167,18 @@ def test_ddp_cp_matches_single(name, cp_runs):
     s = summary(cp_runs[name])
     world, dp = WORLD[name]
     assert s["parallel_dims"]["cp"] == 2 and s["dp"] == dp and s["world_size"] == world, s["parallel_dims"]
+    _check_cp_part(s, cp_runs[name], "cp.load_balance=none" in overrides)
+
+
+def _check_cp_part(s: dict, run_dir, contiguous: bool) -> None:
+    """One training step's forward blocks per rank: per attention call 2C+1 = 5 (headtail) or cp rank + 1
+    (none, cp rank = rank % 2); the ring bytes measured equal the prediction from the shapes."""
+    cp = s   # flat(): the cp part's fields at the top level
+    n_layers = json.loads((run_dir / "config.json").read_text())["model"]["n_layers"]
+    calls = s["accum_steps"] * n_layers
+    want = [calls * ((r % 2) + 1 if contiguous else 5) for r in range(s["world_size"])]
+    assert cp["cp_attention_blocks_per_rank"] == want, (cp, want)
+    assert cp["cp_ring_bytes_per_step_per_rank_measured"] == cp["cp_ring_bytes_per_step_per_rank_predicted"] > 0, cp
 
 
 CASES = [(c, case) for c, cases in RING_CASES.items() for case in cases]
