@@ -75,6 +75,19 @@ class TensorParallelStats:
 
 
 @dataclass
+class ContextParallelStatsPart:
+    """Context parallelism's ring attention in one training step (the second; eval not counted): forward
+    (q-chunk, kv-chunk) blocks each rank computed, and the bytes one rank passed to isend, measured beside the
+    prediction from the shapes (parallel/context_parallel.py: predicted_bytes)."""
+
+    cp_degree: int
+    cp_load_balance: str
+    cp_attention_blocks_per_rank: list[int] | None
+    cp_ring_bytes_per_step_per_rank_measured: int | None
+    cp_ring_bytes_per_step_per_rank_predicted: int
+
+
+@dataclass
 class AsyncStats:
     """Asynchronous recipes (async-ps, hogwild): one record per update, staleness as measured."""
 
@@ -136,6 +149,7 @@ class RunSummary:
     tp: TensorParallelStats | None = None
     checkpoint_bytes_written: int = 0     # bytes of the checkpoint files this process's run wrote (from the files)
     checkpoint_blocking_s: float = 0.0    # seconds the loop blocked in saves (the slowest rank)
+    cp: ContextParallelStatsPart | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +189,8 @@ class RunSummary:
         return cls.from_dict(raw, str(path))
 
 
-_PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats, "tp": TensorParallelStats}
+_PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats, "tp": TensorParallelStats,
+          "cp": ContextParallelStatsPart}
 
 
 def _build(cls: type, raw: dict[str, Any], source: str):

@@ -69,7 +69,7 @@ class Recipe:
     # tp.degree > 1: None where the recipe composes with tensor parallelism, else why not (one line to the user)
     tensor_parallel: str | None = "tensor parallelism composes only with --recipe ddp and fsdp"
     # cp.degree > 1: None where the recipe composes with context parallelism, else why not (one line to the user)
-    context_parallel: str | None = "context parallelism composes only with --recipe ddp"
+    context_parallel: str | None = "context parallelism composes only with --recipe ddp and fsdp"
     # --timeline (profiling.timeline): None where every rank writes the host timeline, else why not
     timeline: str | None = None
     # the format of its checkpoints; it reads only its own. "universal" (parallel/checkpoint/universal.py,

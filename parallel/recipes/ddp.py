@@ -20,6 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.comm import CommCounter, comm_summary
+from parallel.context_parallel import CPEngineMixin
 from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 from profiling import range as prange
@@ -61,7 +62,7 @@ class DDPEngine(TorchEngine):
             (loss / accum).backward()
 
 
-class DDPCPEngine(DDPEngine):
+class DDPCPEngine(CPEngineMixin, DDPEngine):
     """ddp over dp_replicate x cp: this rank's positions of every sequence, ring attention over its cp group."""
 
     def __init__(self, module: nn.Module, raw: nn.Module, cfg, ctx: Context, positions: torch.Tensor, cp_stats):
@@ -74,6 +75,9 @@ class DDPCPEngine(DDPEngine):
 
         p = self.positions
         return self.module(shard_sequence(x, p), shard_sequence(y, p), p)   # the mean over this rank's tokens
+
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
+        return {**super().summary_parts(run_dir, steps, elapsed_s), **self.cp_summary()}
 
 
 def _context_parallel(model: nn.Module, cfg, ctx: Context) -> tuple[torch.Tensor, object]:

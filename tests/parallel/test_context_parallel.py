@@ -31,7 +31,12 @@ COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_fi
 SINGLE = {"single": [], "single-llama": ["model.arch=llama", "model.n_kv_heads=2", "eval.every=2"]}
 DDP_CP = {"ddp-cp-headtail": (["recipe=ddp", "cp.degree=2"], "single"),
           "ddp-cp-none": (["recipe=ddp", "cp.degree=2", "cp.load_balance=none"], "single"),
-          "ddp-cp-llama": (["recipe=ddp", "cp.degree=2", *SINGLE["single-llama"]], "single-llama")}
+          "ddp-cp-llama": (["recipe=ddp", "cp.degree=2", *SINGLE["single-llama"]], "single-llama"),
+          "fsdp-cp-headtail": (["recipe=fsdp", "cp.degree=2"], "single")}
+# trained in a 4-rank launch (dp 2 x cp 2): (overrides, the single run)
+CP4 = {"fsdp-cp-dp2": (["recipe=fsdp", "cp.degree=2"], "single")}
+# (world size, dp) each run reports
+WORLD = {**{n: (2, 1) for n in DDP_CP}, "fsdp-cp-dp2": (4, 2)}
 
 
 # ---- in-process --------------------------------------------------------------------------------
@@ -91,12 +96,16 @@ def test_cp_groups_are_the_ranks_that_differ_in_cp_alone():
     assert cp.cp_members(ParallelDims(world_size=8, dp_replicate=2, cp=2, tp=2)) == [[0, 2], [1, 3], [4, 6], [5, 7]]
 
 
-def test_config_accepts_cp_for_ddp_only():
+def test_config_accepts_cp_for_ddp_and_fsdp_only():
     dims = resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2"]), 4)
     assert (dims.cp, dims.dp_replicate) == (2, 2)
-    with pytest.raises(UserError, match="cp.degree = 2 does not work with recipe=fsdp: context parallelism composes "
-                                        "only with --recipe ddp"):
-        resolve(RunConfig.from_toml(TINY, ["recipe=fsdp", "cp.degree=2"]), 2)
+    dims = resolve(RunConfig.from_toml(TINY, ["recipe=fsdp", "cp.degree=2"]), 4)
+    assert (dims.cp, dims.dp_shard) == (2, 2)
+    with pytest.raises(UserError, match="cp.degree = 2 does not work with recipe=zero2: context parallelism composes "
+                                        "only with --recipe ddp and fsdp"):
+        resolve(RunConfig.from_toml(TINY, ["recipe=zero2", "cp.degree=2"]), 2)
+    with pytest.raises(UserError, match="cp.degree = 2 with tp.degree = 2: recipe=fsdp composes"):
+        resolve(RunConfig.from_toml(TINY, ["recipe=fsdp", "cp.degree=2", "tp.degree=2"]), 4)
     with pytest.raises(UserError, match="cp.degree = 2 with tp.degree = 2: recipe=ddp composes"):
         resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2", "tp.degree=2"]), 4)
 
@@ -123,12 +132,13 @@ def cp_runs(tmp_path_factory):
     from parallel import train
 
     root = tmp_path_factory.mktemp("cp")
-    dirs = {name: root / name for name in [*SINGLE, *DDP_CP]}
+    dirs = {name: root / name for name in [*SINGLE, *DDP_CP, *CP4]}
     for name, overrides in SINGLE.items():
         train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", *overrides, f"run_dir={dirs[name]}"]))
     runs = [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, (o, _) in DDP_CP.items()]
     checks = _launch(2, root / "c2.json", runs)
     checks.update(_launch(3, root / "c3.json"))
+    _launch(4, root / "c4.json", [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, (o, _) in CP4.items()])
     return {**dirs, "checks": checks}
 
 
@@ -138,11 +148,11 @@ def checks(cp_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", DDP_CP)
+@pytest.mark.parametrize("name", [*DDP_CP, *CP4])
 def test_ddp_cp_matches_single(name, cp_runs):
-    """Per-step losses, clipping norms, held-out losses (llama) and final parameters of ddp with cp.degree = 2
-    equal single's."""
-    single = DDP_CP[name][1]
+    """Per-step losses, clipping norms, held-out losses (llama) and final parameters of ddp and fsdp with
+    cp.degree = 2 equal single's."""
+    overrides, single = {**DDP_CP, **CP4}[name]
     ref, got = losses(cp_runs[single]), losses(cp_runs[name])
     assert len(ref) == len(got) == 5
     worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
@@ -150,12 +160,25 @@ def test_ddp_cp_matches_single(name, cp_runs):
     norms, ref_norms = ([m["grad_norm"] for m in read_metrics(cp_runs[n])] for n in (name, single))
     assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
     val, ref_val = ([m["val_loss"] for m in read_evals(cp_runs[n])] for n in (name, single))
-    assert len(val) == len(ref_val) and bool(val) == ("eval.every=2" in DDP_CP[name][0]), (val, ref_val)
+    assert len(val) == len(ref_val) and bool(val) == ("eval.every=2" in overrides), (val, ref_val)
     assert all(rel(a, b) < 1e-5 for a, b in zip(val, ref_val, strict=True)), (val, ref_val)
     diff = max_rel_diff(final_params(cp_runs[name]), final_params(cp_runs[single]))
     assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
     s = summary(cp_runs[name])
-    assert s["parallel_dims"]["cp"] == 2 and s["dp"] == 1 and s["world_size"] == 2
+    world, dp = WORLD[name]
+    assert s["parallel_dims"]["cp"] == 2 and s["dp"] == dp and s["world_size"] == world, s["parallel_dims"]
+    _check_cp_part(s, cp_runs[name], "cp.load_balance=none" in overrides)
+
+
+def _check_cp_part(s: dict, run_dir, contiguous: bool) -> None:
+    """One training step's forward blocks per rank: per attention call 2C+1 = 5 (headtail) or cp rank + 1
+    (none, cp rank = rank % 2); the ring bytes measured equal the prediction from the shapes."""
+    cp = s   # flat(): the cp part's fields at the top level
+    n_layers = json.loads((run_dir / "config.json").read_text())["model"]["n_layers"]
+    calls = s["accum_steps"] * n_layers
+    want = [calls * ((r % 2) + 1 if contiguous else 5) for r in range(s["world_size"])]
+    assert cp["cp_attention_blocks_per_rank"] == want, (cp, want)
+    assert cp["cp_ring_bytes_per_step_per_rank_measured"] == cp["cp_ring_bytes_per_step_per_rank_predicted"] > 0, cp
 
 
 CASES = [(c, case) for c, cases in RING_CASES.items() for case in cases]
