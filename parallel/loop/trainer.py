@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint, memory, recipes
-from parallel.recipes.base import freeze
 from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
 from parallel.data import Dataset
@@ -35,6 +34,7 @@ from parallel.loop.progress import Progress
 from parallel.loop.rundir import RunDir, median, read_evals, resolve_run_dir
 from parallel.loop.summary import RunSummary
 from parallel.model import GPT, PEAK_BF16_FLOPS, count_params, flops_per_token
+from parallel.recipes.base import freeze
 from profiling import range as prange
 from profiling import timeline
 from profiling.session import ProfileSession

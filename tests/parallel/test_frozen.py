@@ -65,8 +65,8 @@ def test_data_parallel_with_frozen_equals_single_per_step(runs, recipe):
 
 def test_a_prefix_matching_nothing_and_a_recipe_that_cannot_freeze_are_one_line_errors():
     from parallel import recipes
-    from parallel.recipes.base import freeze
     from parallel.model import GPT
+    from parallel.recipes.base import freeze
 
     cfg = _cfg("recipe=single")
     with pytest.raises(UserError, match="optim.frozen: 'blocks.9' matches no parameter"):
