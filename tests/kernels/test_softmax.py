@@ -37,7 +37,7 @@ def _input(shape, dtype, view=None, scale=3.0):
     return x.to(dtype)
 
 
-def _check(fn, ref_fn, x, dim, backend, tol, grad_tol_vs_dy=None):
+def _check(fn, ref_fn, x, dim, backend, tol, grad_tol_vs_dy=None, cancelling_grad_tol=None):
     """Forward and backward relative errors vs float64. With `grad_tol_vs_dy`, the backward error is
     measured against ||dy|| instead: for near one-hot rows (|x| ~ 1e4) the true gradient is ~0, and
     fp32's cancellation in dy - sum(dy * p) (torch's own fp32 softmax has it too) dwarfs it."""
@@ -50,7 +50,10 @@ def _check(fn, ref_fn, x, dim, backend, tol, grad_tol_vs_dy=None):
     y64 = ref_fn(x64, dim)
     (dx64,) = torch.autograd.grad(y64, x64, grad.double())
     assert rel_err(y, y64) < tol, f"forward error {rel_err(y, y64):.2e}"
-    if grad_tol_vs_dy is None:
+    vs_dy = float((dx.double() - dx64).norm() / grad.double().norm())
+    if cancelling_grad_tol is not None and rel_err(dx, dx64) >= tol:   # a draw whose true gradient is small
+        assert vs_dy < cancelling_grad_tol, f"backward error {rel_err(dx, dx64):.2e}, {vs_dy:.2e} of ||dy||"
+    elif grad_tol_vs_dy is None:
         assert rel_err(dx, dx64) < tol, f"backward error {rel_err(dx, dx64):.2e}"
     else:
         finite = torch.isfinite(dx64)
@@ -64,7 +67,11 @@ def _check(fn, ref_fn, x, dim, backend, tol, grad_tol_vs_dy=None):
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("shape,dim,view", CASES, ids=[f"{s}-dim{d}{'-view' if v else ''}" for s, d, v in CASES])
 def test_matches_float64(op, backend, dtype, shape, dim, view):
-    _check(*op, _input(shape, dtype, view), dim, backend, TOLERANCE[dtype])
+    # fp16: dy - sum(dy * p) cancels. On about 1 draw in 150, torch's own fp16 softmax backward is 2.7e-3 to
+    # 3.6e-2 off relative to a small true gradient, yet never above 1.4e-5 of ||dy|| (300 draws of (257,),
+    # measured). Such a draw must then be within 1e-4 of ||dy||: 7x headroom, and a wrong gradient still fails.
+    _check(*op, _input(shape, dtype, view), dim, backend, TOLERANCE[dtype],
+           cancelling_grad_tol=1e-4 if dtype == torch.float16 else None)
 
 
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
