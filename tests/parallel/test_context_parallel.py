@@ -1,11 +1,11 @@
 """Context parallelism: sequence sharding, the log-sum-exp merge and the config checks (in-process); and,
-under two torchrun launches of tests/parallel/cp_checks.py (2 ranks, then 3: an odd C), ring attention's
+under torchrun launches of tests/parallel/cp_checks.py (2 ranks, then 3: an odd C), ring attention's
 forward and backward equal single-process kernels.attention, causal blocks balanced under headtail and not
 under none, bytes sent as counted by hand, a GPT with context_parallel.apply equal to the unsharded GPT,
 and `--recipe ddp cp.degree=2` (trained in the 2-rank launch) equal to `single` per step and in its final
-parameters; a 4-rank launch trains fsdp dp2 x cp2 and ddp cp2 x tp2 (gpt2; llama with sequence
-parallelism), each equal to `single` per step. Budget: about 60 s for the launches on 2 CPU cores.
-"""
+parameters; a third, 4-rank launch trains fsdp dp2 x cp2 and ddp cp2 x tp2 (gpt2; llama with sequence
+parallelism), each equal to `single` per step, their summary's cp and tp parts measured = predicted.
+Budget: about 32 s for the file on 2 CPU cores (2026-12-03; the cp x tp runs add about 10 s of it)."""
 
 from __future__ import annotations
 
