@@ -223,23 +223,24 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
 # ---- applying it to a model ---------------------------------------------------------------------
 def cp_members(dims) -> list[list[int]]:
     """The cp groups' ranks: ranks whose coordinates (parallel/dims.py) differ in cp alone, grouped."""
-    members: dict[tuple, list[int]] = {}
-    for r in range(dims.world_size):
-        coords = dims.coords(r)
-        coords.pop("cp")
-        members.setdefault(tuple(coords.values()), []).append(r)
-    return list(members.values())
+    return dims.groups(("cp",))
+
+
+def own_group(members: list[list[int]], rank: int):
+    """A process group for each member list, made on every rank in the same order (new_group is
+    collective); returns the one `rank` is in."""
+    mine = None
+    for ranks in members:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
 
 
 def cp_group(dims, rank: int):
     """This rank's cp group, a process group of its own, so that the ring's point-to-point traffic never
     shares a group with data parallelism's all-reduce. Collective: every rank makes every group, in order."""
-    mine = None
-    for ranks in cp_members(dims):
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            mine = group
-    return mine
+    return own_group(cp_members(dims), rank)
 
 
 def apply(model: nn.Module, cp_group, cfg, backend: str | None = None) -> ContextParallelStats:
@@ -250,6 +251,15 @@ def apply(model: nn.Module, cp_group, cfg, backend: str | None = None) -> Contex
         if hasattr(module, "attend"):
             module.attend = lambda q, k, v: ring_attention(q, k, v, ring)
     return ring.stats
+
+
+def setup_rank(model: nn.Module, cfg, ctx) -> tuple[torch.Tensor, ContextParallelStats]:
+    """Ring attention in every block over this rank's cp group; (this rank's positions on ctx.device, the
+    ring's stats). What ddp x cp, fsdp x cp and ddp x cp x tp share. Collective (makes the cp groups)."""
+    stats = apply(model, cp_group(ctx.dims, ctx.rank), cfg.cp)
+    c = ctx.dims.coords(ctx.rank)["cp"]
+    positions = shard_positions(cfg.model.seq_len, c, cfg.cp.degree, cfg.cp.load_balance)
+    return positions.to(ctx.device), stats
 
 
 # ---- the engines' summary part ------------------------------------------------------------------

@@ -78,6 +78,15 @@ class ParallelDims:
             stride *= getattr(self, name)
         return {n: out[n] for n in ORDER}
 
+    def groups(self, varying: tuple[str, ...]) -> list[list[int]]:
+        """The ranks that differ in the `varying` dimensions alone, grouped (each group ascending): the
+        members of each of the process groups that communicate along those dimensions."""
+        members: dict[tuple, list[int]] = {}
+        for r in range(self.world_size):
+            fixed = tuple(v for n, v in self.coords(r).items() if n not in varying)
+            members.setdefault(fixed, []).append(r)
+        return list(members.values())
+
     def dp_rank(self, rank: int) -> int:
         c = self.coords(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]

@@ -25,7 +25,17 @@ data parallelism (dp_replicate for ddp, dp_shard for fsdp) runs across TP groups
 TP groups {0, 1} and {2, 3}, data-parallel groups {0, 2} and {1, 3}.
 
 Engines: `DDPTPEngine` (dp_replicate x tp: the data-parallel gradient all-reduce is done by hand, once per
-step, on the local shards) and `FSDPTPEngine` (TP, then fully_shard over dp_shard: the 2-D layout).
+step, on the local shards), `DDPTPCPEngine` (dp_replicate x cp x tp: the same, ring attention over each
+cp group of ranks with one tp coordinate, parallel/context_parallel.py) and `FSDPTPEngine` (TP, then
+fully_shard over dp_shard: the 2-D layout).
+
+Context parallelism beside TP: each rank takes its cp shard's positions, tokens and targets (T/C of
+them); TP then splits heads (and SP the T/C positions) as without it, and ring attention passes this
+rank's heads' K/V around the cp group. The vocabulary-parallel loss is the mean over the T/C tokens, the
+same on the TP ranks of a cp rank; the loop's mean over all ranks is single's mean over every token. The
+gradient all-reduce averages over dp_replicate x cp (the ranks with this rank's tp coordinate): the mean
+over the C cp ranks of each one's gradient of its shard's mean loss is the gradient of the whole
+sequence's mean, as DDP's average over every rank is for ddp x cp.
 Both checkpoint through torch.distributed.checkpoint (parallel/recipes/fsdp.py: DCPEngine).
 """
 
@@ -48,6 +58,7 @@ from torch.distributed.tensor.parallel import (
 
 from parallel import compat, memory
 from parallel.comm import CommCounter, comm_summary
+from parallel.context_parallel import CPEngineMixin, own_group, setup_rank, shard_sequence
 from parallel.errors import UserError
 from parallel.loop.summary import TensorParallelStats
 from parallel.model import d_ff, kv_heads
@@ -70,9 +81,14 @@ def validate(cfg, refusal: str | None) -> None:
                          ("model.vocab_size", m.vocab_size)):
         if value % t:
             raise UserError(f"{field} ({value}) must be divisible by tp.degree ({t}): tensor parallelism splits it")
-    if cfg.tp.sequence_parallel and m.seq_len % t:
+    c = cfg.cp.degree   # under context parallelism SP splits each cp rank's seq_len / cp.degree positions
+    if cfg.tp.sequence_parallel and c == 1 and m.seq_len % t:
         raise UserError(f"model.seq_len ({m.seq_len}) must be divisible by tp.degree ({t}) with "
                         f"tp.sequence_parallel = true (each rank holds seq_len / tp.degree positions)")
+    if cfg.tp.sequence_parallel and c > 1 and (m.seq_len // c) % t:
+        raise UserError(f"model.seq_len / cp.degree ({m.seq_len} / {c} = {m.seq_len // c}) must be divisible by "
+                        f"tp.degree ({t}) with tp.sequence_parallel = true (each rank holds seq_len / cp.degree / "
+                        f"tp.degree positions)")
     if m.fused_head_loss:
         raise UserError("model.fused_head_loss does not work with tp.degree > 1: the head is vocabulary-parallel "
                         "and its loss is loss_parallel's; use model.fused_head_loss=false")
@@ -227,9 +243,9 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
     `stage` = (L, first, last): one pipeline stage's share (docs/ARCHITECTURE.md, Tensor parallelism): its L
     blocks; the embedding's collective only on the first stage, the head's and the loss's only on the last;
     4L+2 becomes 4L+f+l, 2L+1 becomes 2L+l."""
-    m, t = cfg.model, cfg.tp.degree
+    m, t, c = cfg.model, cfg.tp.degree, cfg.cp.degree
     blocks, first, last = stage or (m.n_layers, True, True)
-    tokens = cfg.micro_batch * m.seq_len
+    tokens = cfg.micro_batch * m.seq_len // c   # context parallelism: this rank's cp shard of each sequence
     act, n = tokens * m.d_model * 4, 4 * blocks + int(first) + int(last)
     per_mb = n * act + (3 * tokens * 4 if last else 0)
     per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
@@ -247,8 +263,9 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
     if stage is not None:
         formula = f"stage (L={blocks}, f={int(first)}, l={int(last)}): " + formula.replace("4L+2", "4L+f+l").replace(
             "2L+1", "2L+l").replace("12 tokens", "12 l tokens")
+    seq = "seq_len" if c == 1 else f"seq_len/{c} (cp.degree)"
     return {"bytes": per_mb * micro_batches + per_step,
-            "formula": f"{formula}; M = micro_batch x seq_len x d_model x 4 B, tokens = micro_batch x seq_len"}
+            "formula": f"{formula}; M = micro_batch x {seq} x d_model x 4 B, tokens = micro_batch x {seq}"}
 
 
 def tp_stats(cfg, measured: dict | None, predicted: list[dict]) -> TensorParallelStats:
@@ -290,9 +307,9 @@ class _TPEngineMixin:
     """What both TP engines share: loss_parallel around forward and backward (its backward needs it too),
     the replica-aware clipping norm, one step's TP collectives measured, the TP memory count."""
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         with loss_parallel(), prange("tp.forward"):
-            loss = self.module(x, y)
+            loss = self.module(x, y, positions)
         return loss.to_local() if isinstance(loss, DTensor) else loss   # Replicate: the same scalar on every rank
 
     def tp_backward(self, loss: torch.Tensor, accum: int, last: bool, inner) -> None:
@@ -329,7 +346,10 @@ class _TPEngineMixin:
 
 class DDPTPEngine(_TPEngineMixin, DCPEngine):
     """dp_replicate x tp. DDP does not take DTensor parameters, so the data-parallel average is done here:
-    one all-reduce of the flattened local gradient shards over the dp_replicate group, at the last micro-batch."""
+    one all-reduce of the flattened local gradient shards over `dp_group` (dp_replicate; dp_replicate x cp
+    under context parallelism, module docstring), at the last micro-batch."""
+
+    dp_group_name = "dp_replicate"
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         self.tp_backward(loss, accum, last, super().backward)
@@ -340,7 +360,7 @@ class DDPTPEngine(_TPEngineMixin, DCPEngine):
         grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
         flat = compat.flatten(grads)
         self.comm.add(flat)
-        with prange("allreduce", group="dp_replicate"):
+        with prange("allreduce", group=self.dp_group_name):
             dist.all_reduce(flat, group=self.dp_group)
         flat /= self.dp_group_size
         for g, reduced in zip(grads, compat.unflatten(flat, grads), strict=True):
@@ -351,6 +371,25 @@ class DDPTPEngine(_TPEngineMixin, DCPEngine):
         total = 2 * self.comm.bytes * self.ctx.world_size
         comm = comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops)
         return {"comm": comm, **self.tp_summary()}
+
+
+class DDPTPCPEngine(CPEngineMixin, DDPTPEngine):
+    """dp_replicate x cp x tp: this rank's cp positions of every sequence, ring attention over its cp group,
+    the gradient average over dp_replicate x cp."""
+
+    dp_group_name = "dp_replicate x cp"
+
+    def __init__(self, module: nn.Module, cfg, ctx, positions: torch.Tensor, cp_stats):
+        super().__init__(module, module, cfg, ctx)
+        self.positions = positions   # this rank's positions in every sequence (context_parallel.shard_positions)
+        self.cp_stats = cp_stats     # ring attention's measured blocks and bytes (ContextParallelStats)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p = self.positions   # the mean over this rank's cp tokens
+        return super().forward(shard_sequence(x, p), shard_sequence(y, p), positions=p)
+
+    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
+        return {**super().summary_parts(run_dir, steps, elapsed_s), **self.cp_summary()}
 
 
 class FSDPTPEngine(_TPEngineMixin, FSDPEngine):
@@ -369,11 +408,19 @@ def _init_engine(engine) -> None:
 
 
 def setup_ddp(model: nn.Module, cfg, ctx) -> DDPTPEngine:
+    """dp_replicate x tp, or dp_replicate x cp x tp when cp.degree > 1 (the gradient average's group then
+    spans dp_replicate x cp: the ranks with this rank's tp coordinate)."""
     model.to(ctx.device)
-    mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_replicate", "tp"))
+    cp = cfg.cp.degree > 1
+    mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_replicate", "cp", "tp") if cp else ("dp_replicate", "tp"))
     parallelize(model, mesh["tp"], cfg.tp.sequence_parallel)
-    engine = DDPTPEngine(model, model, cfg, ctx)
-    engine.dp_group, engine.dp_group_size = mesh["dp_replicate"].get_group(), ctx.dims.dp_replicate
+    if cp:
+        engine = DDPTPCPEngine(model, cfg, ctx, *setup_rank(model, cfg, ctx))
+        engine.dp_group = own_group(ctx.dims.groups(("dp_replicate", "cp")), ctx.rank)
+        engine.dp_group_size = ctx.dims.dp_replicate * ctx.dims.cp
+    else:
+        engine = DDPTPEngine(model, model, cfg, ctx)
+        engine.dp_group, engine.dp_group_size = mesh["dp_replicate"].get_group(), ctx.dims.dp_replicate
     engine.comm = CommCounter()
     _init_engine(engine)
     return engine

@@ -20,8 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.comm import CommCounter, comm_summary
-from parallel.context_parallel import CPEngineMixin
-from parallel.errors import UserError
+from parallel.context_parallel import CPEngineMixin, setup_rank
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 from profiling import range as prange
 
@@ -80,27 +79,11 @@ class DDPCPEngine(CPEngineMixin, DDPEngine):
         return {**super().summary_parts(run_dir, steps, elapsed_s), **self.cp_summary()}
 
 
-def _context_parallel(model: nn.Module, cfg, ctx: Context) -> tuple[torch.Tensor, object]:
-    """Ring attention in every block over this rank's cp group; (this rank's positions, the ring's stats)."""
-    from parallel import context_parallel
-
-    stats = context_parallel.apply(model, context_parallel.cp_group(ctx.dims, ctx.rank), cfg.cp)
-    c = ctx.dims.coords(ctx.rank)["cp"]
-    positions = context_parallel.shard_positions(cfg.model.seq_len, c, cfg.cp.degree, cfg.cp.load_balance)
-    return positions.to(ctx.device), stats
-
-
 class DDP(Recipe):
     freezes = True
     data_parallel = "replicate"
     tensor_parallel = None   # dp_replicate x tp (parallel/tensor_parallel.py)
-    context_parallel = None  # dp_replicate x cp (parallel/context_parallel.py)
-
-    def validate(self, cfg) -> None:
-        super().validate(cfg)
-        if cfg.cp.degree > 1 and cfg.tp.degree > 1:
-            raise UserError(f"cp.degree = {cfg.cp.degree} with tp.degree = {cfg.tp.degree}: recipe=ddp composes "
-                            f"context parallelism with data parallelism only; use tp.degree=1")
+    context_parallel = None  # dp_replicate x cp, and dp_replicate x cp x tp (parallel/context_parallel.py)
 
     def memory_model(self, cfg):
         if cfg.tp.degree > 1:
@@ -110,12 +93,12 @@ class DDP(Recipe):
         return super().memory_model(cfg)
 
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
-        if cfg.tp.degree > 1:   # dp_replicate x tp: DDP does not take DTensor parameters
+        if cfg.tp.degree > 1:   # dp_replicate (x cp) x tp: DDP does not take DTensor parameters
             from parallel import tensor_parallel
 
             return tensor_parallel.setup_ddp(model, cfg, ctx)
         model.to(ctx.device)
-        cp = _context_parallel(model, cfg, ctx) if cfg.cp.degree > 1 else None
+        cp = setup_rank(model, cfg, ctx) if cfg.cp.degree > 1 else None
         # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy
         # of the gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
         ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,

@@ -18,10 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from parallel import memory
-from parallel.context_parallel import CPEngineMixin
+from parallel.context_parallel import CPEngineMixin, setup_rank
 from parallel.errors import UserError
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
-from parallel.recipes.ddp import _context_parallel
 
 
 class DCPEngine(TorchEngine):
@@ -81,7 +80,8 @@ class FSDP(Recipe):
         super().validate(cfg)
         if cfg.cp.degree > 1 and cfg.tp.degree > 1:
             raise UserError(f"cp.degree = {cfg.cp.degree} with tp.degree = {cfg.tp.degree}: recipe=fsdp composes "
-                            f"context parallelism with data parallelism only; use tp.degree=1")
+                            f"context parallelism with data parallelism only (sharding over dp_shard x cp beside tp "
+                            f"needs one 2-D mesh of the two, not built); use recipe=ddp or tp.degree=1")
 
     def memory_model(self, cfg) -> memory.MemoryModel:
         if cfg.tp.degree > 1:
@@ -102,7 +102,7 @@ class FSDP(Recipe):
 
             return tensor_parallel.setup_fsdp(model, cfg, ctx, reshard)
         model.to(ctx.device)
-        cp = _context_parallel(model, cfg, ctx) if cfg.cp.degree > 1 else None
+        cp = setup_rank(model, cfg, ctx) if cfg.cp.degree > 1 else None
         mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_shard",)) if cp is None else _shard_cp_mesh(ctx)
         for block in model.blocks:          # one unit per block: gathered one at a time
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)

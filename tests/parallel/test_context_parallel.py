@@ -1,10 +1,11 @@
 """Context parallelism: sequence sharding, the log-sum-exp merge and the config checks (in-process); and,
-under two torchrun launches of tests/parallel/cp_checks.py (2 ranks, then 3: an odd C), ring attention's
+under torchrun launches of tests/parallel/cp_checks.py (2 ranks, then 3: an odd C), ring attention's
 forward and backward equal single-process kernels.attention, causal blocks balanced under headtail and not
 under none, bytes sent as counted by hand, a GPT with context_parallel.apply equal to the unsharded GPT,
 and `--recipe ddp cp.degree=2` (trained in the 2-rank launch) equal to `single` per step and in its final
-parameters. Budget: about 45 s for both launches on 2 CPU cores.
-"""
+parameters; a third, 4-rank launch trains fsdp dp2 x cp2 and ddp cp2 x tp2 (gpt2; llama with sequence
+parallelism), each equal to `single` per step, their summary's cp and tp parts measured = predicted.
+Budget: about 32 s for the file on 2 CPU cores (2026-12-03; the cp x tp runs add about 10 s of it)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,14 @@ DDP_CP = {"ddp-cp-headtail": (["recipe=ddp", "cp.degree=2"], "single"),
           "ddp-cp-none": (["recipe=ddp", "cp.degree=2", "cp.load_balance=none"], "single"),
           "ddp-cp-llama": (["recipe=ddp", "cp.degree=2", *SINGLE["single-llama"]], "single-llama"),
           "fsdp-cp-headtail": (["recipe=fsdp", "cp.degree=2"], "single")}
-# trained in a 4-rank launch (dp 2 x cp 2): (overrides, the single run)
-CP4 = {"fsdp-cp-dp2": (["recipe=fsdp", "cp.degree=2"], "single")}
+# trained in a 4-rank launch (dp 2 x cp 2; dp 1 x cp 2 x tp 2, gpt2, and llama with sequence parallelism):
+# (overrides, the single run)
+CP_TP = ["recipe=ddp", "cp.degree=2", "tp.degree=2"]
+CP4 = {"fsdp-cp-dp2": (["recipe=fsdp", "cp.degree=2"], "single"),
+       "ddp-cp-tp": (CP_TP, "single"),
+       "ddp-cp-tp-sp-llama": ([*CP_TP, "tp.sequence_parallel=true", *SINGLE["single-llama"]], "single-llama")}
 # (world size, dp) each run reports
-WORLD = {**{n: (2, 1) for n in DDP_CP}, "fsdp-cp-dp2": (4, 2)}
+WORLD = {**{n: (2, 1) for n in DDP_CP}, "fsdp-cp-dp2": (4, 2), "ddp-cp-tp": (4, 1), "ddp-cp-tp-sp-llama": (4, 1)}
 
 
 # ---- in-process --------------------------------------------------------------------------------
@@ -94,9 +99,12 @@ def test_cp_groups_are_the_ranks_that_differ_in_cp_alone():
     assert cp.cp_members(ParallelDims(world_size=4, dp_replicate=2, cp=2)) == [[0, 1], [2, 3]]
     assert cp.cp_members(ParallelDims(world_size=6, dp_replicate=2, cp=3)) == [[0, 1, 2], [3, 4, 5]]
     assert cp.cp_members(ParallelDims(world_size=8, dp_replicate=2, cp=2, tp=2)) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    # ddp x cp x tp's gradient average: the ranks with one tp coordinate
+    dims = ParallelDims(world_size=8, dp_replicate=2, cp=2, tp=2)
+    assert dims.groups(("dp_replicate", "cp")) == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
-def test_config_accepts_cp_for_ddp_and_fsdp_only():
+def test_config_accepts_cp_for_ddp_and_fsdp_only_and_cp_tp_for_ddp():
     dims = resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2"]), 4)
     assert (dims.cp, dims.dp_replicate) == (2, 2)
     dims = resolve(RunConfig.from_toml(TINY, ["recipe=fsdp", "cp.degree=2"]), 4)
@@ -104,10 +112,21 @@ def test_config_accepts_cp_for_ddp_and_fsdp_only():
     with pytest.raises(UserError, match="cp.degree = 2 does not work with recipe=zero2: context parallelism composes "
                                         "only with --recipe ddp and fsdp"):
         resolve(RunConfig.from_toml(TINY, ["recipe=zero2", "cp.degree=2"]), 2)
-    with pytest.raises(UserError, match="cp.degree = 2 with tp.degree = 2: recipe=fsdp composes"):
+    with pytest.raises(UserError, match="cp.degree = 2 with tp.degree = 2: recipe=fsdp composes context parallelism "
+                                        r"with data parallelism only \(sharding over dp_shard x cp beside tp"):
         resolve(RunConfig.from_toml(TINY, ["recipe=fsdp", "cp.degree=2", "tp.degree=2"]), 4)
-    with pytest.raises(UserError, match="cp.degree = 2 with tp.degree = 2: recipe=ddp composes"):
-        resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2", "tp.degree=2"]), 4)
+    dims = resolve(RunConfig.from_toml(TINY, ["recipe=ddp", "cp.degree=2", "tp.degree=2"]), 4)
+    assert (dims.dp_replicate, dims.cp, dims.tp) == (1, 2, 2)
+
+
+def test_sequence_parallel_must_split_each_cp_shard():
+    """SP splits a cp rank's seq_len / cp.degree positions: 36 / 2 = 18 does not split over tp.degree 4
+    (36 alone would)."""
+    sp = ["recipe=ddp", "model.seq_len=36", "tp.degree=4", "tp.sequence_parallel=true"]
+    assert resolve(RunConfig.from_toml(TINY, sp), 4).tp == 4
+    with pytest.raises(UserError, match=r"model.seq_len / cp.degree \(36 / 2 = 18\) must be divisible by tp.degree "
+                                        r"\(4\) with tp.sequence_parallel = true"):
+        resolve(RunConfig.from_toml(TINY, [*sp, "cp.degree=2"]), 8)
 
 
 @pytest.mark.parametrize("overrides, chunks", [(["cp.degree=3"], 6), (["cp.degree=3", "cp.load_balance=none"], 3)])
@@ -168,6 +187,18 @@ def test_ddp_cp_matches_single(name, cp_runs):
     world, dp = WORLD[name]
     assert s["parallel_dims"]["cp"] == 2 and s["dp"] == dp and s["world_size"] == world, s["parallel_dims"]
     _check_cp_part(s, cp_runs[name], "cp.load_balance=none" in overrides)
+    if "tp.degree=2" in overrides:
+        _check_tp_part(s, "tp.sequence_parallel=true" in overrides)
+
+
+def _check_tp_part(s: dict, sp: bool) -> None:
+    """ddp x cp x tp: TP's collectives, measured, equal the prediction from the cp shard's shapes, and the
+    gradient average over dp_replicate x cp ran once per step."""
+    ops = s["tp_collectives_per_step_measured"]
+    assert s["tp_bytes_per_step_per_rank_measured"] == s["tp_bytes_per_step_per_rank_predicted"] > 0, ops
+    assert "seq_len/2 (cp.degree)" in s["tp_predicted_formula"] and s["tp_sequence_parallel"] == sp, s
+    assert ("reduce_scatter_tensor" in ops) == sp, ops
+    assert s["comm_ops"] == 5 and s["bytes_communicated"] > 0, s
 
 
 def _check_cp_part(s: dict, run_dir, contiguous: bool) -> None:
@@ -175,8 +206,8 @@ def _check_cp_part(s: dict, run_dir, contiguous: bool) -> None:
     (none, cp rank = rank % 2); the ring bytes measured equal the prediction from the shapes."""
     cp = s   # flat(): the cp part's fields at the top level
     n_layers = json.loads((run_dir / "config.json").read_text())["model"]["n_layers"]
-    calls = s["accum_steps"] * n_layers
-    want = [calls * ((r % 2) + 1 if contiguous else 5) for r in range(s["world_size"])]
+    calls, tp = s["accum_steps"] * n_layers, s["parallel_dims"]["tp"]
+    want = [calls * ((r // tp) % 2 + 1 if contiguous else 5) for r in range(s["world_size"])]   # tp fastest
     assert cp["cp_attention_blocks_per_rank"] == want, (cp, want)
     assert cp["cp_ring_bytes_per_step_per_rank_measured"] == cp["cp_ring_bytes_per_step_per_rank_predicted"] > 0, cp
 
