@@ -10,6 +10,8 @@ parameter server on the same scale: synchronous async-ps (staleness 0) counts ex
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from parallel.loop.summary import CommStats
@@ -19,10 +21,12 @@ class CommCounter:
     def __init__(self) -> None:
         self.bytes = 0
         self.ops = 0
+        self.last_add_ns = None   # perf_counter_ns of the newest add (DDP: when backward issued its last bucket)
 
     def add(self, *tensors: torch.Tensor) -> None:
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         self.ops += 1
+        self.last_add_ns = time.perf_counter_ns()
 
 
 def comm_summary(bytes_total: int, updates: int, samples: int, elapsed_s: float, ops: int | None = None,

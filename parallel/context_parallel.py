@@ -33,6 +33,7 @@ from torch import nn
 
 import kernels
 from parallel.errors import UserError
+from profiling import range as prange
 
 LOAD_BALANCE = ("headtail", "none")
 
@@ -129,7 +130,8 @@ class Ring:
         recvs = [torch.empty_like(t) for t in sends]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in sends]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recvs]
-        return dist.batch_isend_irecv(ops), recvs
+        with prange("cp.issue", bytes=sum(t.numel() * t.element_size() for t in sends)):
+            return dist.batch_isend_irecv(ops), recvs
 
     def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of this rank's queries against every rank's keys; lse fp32 (B, Hq, T_local)."""
@@ -184,8 +186,11 @@ class Ring:
 
 
 def _wait(requests) -> None:
-    for req in requests:
-        req.wait()
+    """Wait for one ring transfer: a `cp.wait` range (gloo's point-to-point works have no future, so the
+    timeline shows the issue and the wait, and the time between them is the transfer's overlap)."""
+    with prange("cp.wait"):
+        for req in requests:
+            req.wait()
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor):

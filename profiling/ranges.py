@@ -24,7 +24,8 @@ KINDS = {
     "bwd": ("compute", 0xC44E52), "optimizer": ("optimizer", 0x8172B2), "checkpoint": ("io", 0xCCB974),
     "allreduce": ("comm", 0x64B5CD), "reduce_scatter": ("comm", 0x64B5CD), "allgather": ("comm", 0x64B5CD),
     "send": ("comm", 0x64B5CD), "recv": ("comm", 0x64B5CD), "push": ("comm", 0x64B5CD),
-    "pull": ("comm", 0x64B5CD), "kernel": ("kernel", 0xDD8452),
+    "pull": ("comm", 0x64B5CD), "broadcast": ("comm", 0x64B5CD),
+    "alltoall": ("comm", 0x64B5CD), "kernel": ("kernel", 0xDD8452),
 }
 _CATEGORY_IDS = {cat: i + 1 for i, cat in enumerate(dict.fromkeys(c for c, _ in KINDS.values()))}
 _CATEGORY_IDS["other"] = len(_CATEGORY_IDS) + 1
@@ -58,7 +59,7 @@ class _Nvtx:
         key = (name, payload)
         attrs = self._attrs.get(key)
         if attrs is None:
-            category, color = KINDS.get(name.split(":")[0], ("other", 0x999999))
+            category, color = KINDS.get(name.split(":")[0].split(".")[0], ("other", 0x999999))   # allreduce.issue
             attrs = self.domain.get_event_attributes(message=name, color=color,
                                                      category=_CATEGORY_IDS[category], payload=payload)
             if len(self._attrs) < 4096:  # payloads are small integers; bound the cache all the same

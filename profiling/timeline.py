@@ -4,6 +4,10 @@ Each process records complete spans (name, start, end, thread, payload) in memor
 is on, and writes them to `<dir>/timeline-rank<R>.json`. `merge()` turns those files into one
 Chrome/Perfetto `trace.json`: one process per rank, threads kept, timestamps on a common clock
 (each rank's offset to rank 0 is measured at start-up by `align_clocks`).
+
+A span may name its own lane instead of the recording thread: the collectives, recorded from issue to
+completion by a callback on whatever thread completes them (parallel/comm_spans.py), go to lane "comm",
+a thread of its own in the trace after the real threads.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ def stop() -> None:
     _state["on"] = False
 
 
-def record(name: str, start_ns: int, end_ns: int, args: dict | None = None) -> None:
-    """One finished span, times from time.perf_counter_ns()."""
+def record(name: str, start_ns: int, end_ns: int, args: dict | None = None, lane: str | None = None) -> None:
+    """One finished span, times from time.perf_counter_ns(); on the calling thread, or on `lane`."""
     with _lock:
-        _spans.append((name, start_ns, end_ns, threading.get_ident(), args))
+        _spans.append((name, start_ns, end_ns, lane or threading.get_ident(), args))
 
 
 def clock_offset_ns(rounds: int = 5) -> int:
@@ -65,8 +69,13 @@ def clock_offset_ns(rounds: int = 5) -> int:
 
 
 def align_clocks(rounds: int = 5) -> int:
-    """Measure and keep this rank's offset to rank 0, applied when the timelines are merged."""
-    _state["offset_ns"] = clock_offset_ns(rounds)
+    """Measure and keep this rank's offset to rank 0, applied when the timelines are merged. Its own
+    collectives are not recorded: they are the measurement, not the run's communication."""
+    on, _state["on"] = _state["on"], False
+    try:
+        _state["offset_ns"] = clock_offset_ns(rounds)
+    finally:
+        _state["on"] = on
     return _state["offset_ns"]
 
 
@@ -86,6 +95,14 @@ def write() -> Path | None:
     return path
 
 
+def _thread_indices(spans: list[dict]) -> dict:
+    """{recorded tid or lane name: trace thread index}: real threads in order of first span (the main thread,
+    which records the first range, is 0), then the named lanes."""
+    tids = list(dict.fromkeys(s["tid"] for s in spans))
+    ordered = [t for t in tids if not isinstance(t, str)] + sorted(t for t in tids if isinstance(t, str))
+    return {tid: i for i, tid in enumerate(ordered)}
+
+
 def merge(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Merge every `timeline-rank*.json` under `directory` into a Chrome trace at `out`."""
     files = sorted(Path(directory).glob("timeline-rank*.json"))
@@ -98,10 +115,10 @@ def merge(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
         rank = r["rank"]
         events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
-        threads = {tid: i for i, tid in enumerate(dict.fromkeys(s["tid"] for s in r["spans"]))}
-        for index in threads.values():
-            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": index,
-                           "args": {"name": "main" if index == 0 else f"thread {index}"}})
+        threads = _thread_indices(r["spans"])
+        for tid, index in threads.items():
+            name = tid if isinstance(tid, str) else "main" if index == 0 else f"thread {index}"
+            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": index, "args": {"name": name}})
         for s in sorted(r["spans"], key=lambda s: (s["start_ns"], -s["end_ns"])):
             events.append({"name": s["name"], "ph": "X", "pid": rank, "tid": threads[s["tid"]],
                            "ts": (s["start_ns"] + r["offset_ns"] - origin) / 1e3,

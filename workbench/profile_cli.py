@@ -145,3 +145,28 @@ def summarize(report: Path = typer.Argument(..., help="a .nsys-rep, or the .sqli
     for r in rows:
         table.add_row(r["range"], str(r["calls"]), f"{r['cpu_ms']:.3f}", f"{r['gpu_kernel_ms']:.3f}", str(r["kernels"]))
     console.print(table)
+
+
+@app.command()
+def analyze(run_dir: Path = typer.Argument(..., help="a run directory trained with --timeline (its trace.json)"),
+            json_out: Path = typer.Option(None, "--json", help="also write the analysis as JSON here")):
+    """Per rank: busy (compute), communication, exposed (non-overlapped) communication and idle time per
+    step, from the run's host timeline; and each step's straggler (profiling/analyze.py)."""
+    import json
+
+    from profiling.analyze import analyze_run
+
+    result = analyze_run(run_dir)
+    table = Table(title=f"{run_dir}: median ms per step, per rank")
+    for col in ("rank", "step", "busy", "comm", "exposed comm", "idle", "straggler in"):
+        table.add_column(col, justify="right")
+    stragglers = [s["straggler"] for s in result["steps"]]
+    for rank, r in result["ranks"].items():
+        table.add_row(str(rank), *(f"{r[k]:.2f}" for k in ("step_ms", "busy_ms", "comm_ms", "exposed_ms", "idle_ms")),
+                      f"{stragglers.count(rank)}/{len(stragglers)} steps")
+    console.print(table)
+    worst = max(result["steps"], key=lambda s: s["waited_ms"])
+    console.print(f"longest wait: step {worst['step']}, the other ranks waited up to {worst['waited_ms']:.2f} ms "
+                  f"for rank {worst['straggler']} (straggler: the rank with the least exposed communication)")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))

@@ -66,6 +66,10 @@ class Trainer:
         self.cfg, self.recipe = cfg, recipes.get(cfg.recipe)
         self.ctx = ctx = init_distributed(cfg, self.recipe.needs_process_group)
         ctx.dims = self.dims = recipes.resolve(cfg, ctx.world_size)
+        if cfg.profiling.timeline:   # collectives from issue to completion; before the engine keeps references
+            from parallel import comm_spans
+
+            comm_spans.install()
         # a run_dir the launcher did not set is named by rank 0's clock, for every rank
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(broadcast(str(resolve_run_dir(cfg))))
         self.lock = RunLock(self.run_dir).acquire() if ctx.is_main else None   # one writer per run directory
@@ -100,6 +104,7 @@ class Trainer:
         self.val_loss = kept_evals[-1] if kept_evals else None   # the summary's until this segment evaluates
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
+        self.compute_s = 0.0   # the last step's train_step time (the straggler's delay is a multiple of it)
         self.ckpt_bytes, self.ckpt_blocking_s = 0, 0.0   # this process's saves (a resumed run: since resume)
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         self.time_to_target = next((m["elapsed_s"] for m in self.history if self._reached(m["loss"])), None)
@@ -158,9 +163,14 @@ class Trainer:
         if self.faults.poisons(step):   # fault.nan_at_step: this rank's gradient turns NaN
             on_backward = self._poison_gradient
         with prange("step", step=step):
+            # a slow worker: F x its compute (the previous step's), before the step's gradient communication,
+            # where a slow GPU or host would delay it
+            with prange("straggle"):
+                self.faults.straggle(self.compute_s)
+            began = time.perf_counter()
             result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
                                             on_backward=on_backward)
-        self.faults.straggle(time.perf_counter() - t0)   # a slow worker: F x its compute
+            self.compute_s = time.perf_counter() - began
         loss = mean_over_ranks(result.loss_sum / cfg.accum_steps(self.dims.dp))
         dt = time.perf_counter() - t0
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start

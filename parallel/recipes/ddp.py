@@ -13,6 +13,7 @@ rank's gradient of its mean / C being the gradient of the whole sequence's mean.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch import nn
@@ -23,12 +24,15 @@ from parallel.comm import CommCounter, comm_summary
 from parallel.context_parallel import CPEngineMixin, setup_rank
 from parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 from profiling import range as prange
+from profiling import timeline
 
 
 def _counting_allreduce(counter: CommCounter, bucket):
     """DDP's own all-reduce (average), after counting the bucket's bytes."""
     counter.add(bucket.buffer())
-    with prange("allreduce", bucket=bucket.index()):   # the launch; the wait happens inside backward
+    # the launch; the reduction completes later, inside backward: with the timeline on, parallel/comm_spans.py
+    # records the "allreduce" itself, from this issue to its completion, on the "comm" lane
+    with prange("allreduce.issue", bucket=bucket.index()):
         return default_hooks.allreduce_hook(None, bucket)
 
 
@@ -59,6 +63,16 @@ class DDPEngine(TorchEngine):
         sync = contextlib.nullcontext() if last else self.module.no_sync()
         with sync:
             (loss / accum).backward()
+        if last and timeline.enabled():
+            self._record_reduction_wait()
+
+    def _record_reduction_wait(self) -> None:
+        """DDP waits for its buckets' all-reduces at the end of backward, inside torch: from the last bucket's
+        issue to backward's return the rank computed (almost) nothing, so that is an `allreduce.wait` span
+        (profiling/analyze.py counts it as exposed communication)."""
+        issued = self.comm.last_add_ns
+        if issued is not None:
+            timeline.record("allreduce.wait", issued, time.perf_counter_ns())
 
 
 class DDPCPEngine(CPEngineMixin, DDPEngine):

@@ -48,7 +48,7 @@ def test_every_rank_emits_the_range_tree(profiled_run):
             assert [p for _, p in chunk][:6] == [p for _, p in per_step][:6]   # the micro-batch payloads
             assert chunk[6][1] == s                                            # optimizer carries the step
         # DDP's gradient all-reduce is launched inside the last micro-batch's backward only (no_sync before)
-        allreduce_depths = {d for d, name, _ in tree if name == "allreduce"}
+        allreduce_depths = {d for d, name, _ in tree if name == "allreduce.issue"}
         assert allreduce_depths == {2}
 
 
