@@ -104,7 +104,7 @@ def analyze(trace: dict) -> dict:
     per_step: dict[int, dict[int, dict]] = {}
     for rank, r in ranks.items():
         periods = sorted(r["steps"], key=lambda s: s[1])
-        for (step, start, _), (_, following, _) in zip(periods, periods[1:]):
+        for (step, start, _), (_, following, _) in zip(periods, periods[1:], strict=False):
             per_step.setdefault(step, {})[rank] = _step_breakdown(r, start, following)
     complete = {s: by_rank for s, by_rank in sorted(per_step.items()) if len(by_rank) == len(ranks)}
     if not complete:
