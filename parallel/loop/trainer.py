@@ -147,7 +147,9 @@ class Trainer:
         finally:
             progress.close()
             session.close()
-        self.finish_pending_save()   # the end of training waits for the last async save
+        began = time.perf_counter()
+        self.finish_pending_save()   # the end of training waits for the last async save: blocking too
+        self.ckpt_blocking_s += time.perf_counter() - began
         if cfg.profiling.timeline:   # every rank has written timeline/timeline-rank<R>.json: merge them
             if dist.is_initialized():
                 dist.barrier()
