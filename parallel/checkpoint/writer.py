@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _GROUP: list = []   # the background writes' own process group, made by the first async save
+_STAGER: list = []  # one host-memory stager for the run: its buffers are reused (a fresh one costs 3-15x more)
 
 
 @dataclass
@@ -46,6 +47,20 @@ def _async_group():
     if not _GROUP:
         _GROUP.append(dist.new_group(backend="gloo"))   # collective: every rank's first async save
     return _GROUP[0]
+
+
+def _stager():
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    if not _STAGER:   # plain host memory, copied before async_save returns (no pinned or shared memory)
+        _STAGER.append(DefaultStager(StagingOptions(False, False, False, False)))
+    return _STAGER[0]
+
+
+def close() -> None:
+    """Free the stager's buffers (the end of training, once no background write is pending)."""
+    while _STAGER:
+        _STAGER.pop().close()
 
 
 def _slow_writer(folder: str, delay_s: float):
@@ -79,5 +94,6 @@ def write(request: dict, folder: Path, background: bool, delay_s: float = 0.0) -
     writer = _slow_writer(str(folder), delay_s) if delay_s > 0 else None
     with _dcp_quiet():
         response = compat.dcp_async_save()(request, checkpoint_id=None if writer else str(folder),
-                                           storage_writer=writer, process_group=_async_group(), no_dist=alone)
+                                           storage_writer=writer, process_group=_async_group(), no_dist=alone,
+                                           async_stager=_stager())
     return compat.async_write_future(response)

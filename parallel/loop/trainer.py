@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint, memory, recipes
+from parallel.checkpoint import writer as checkpoint_writer
 from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
 from parallel.data import Dataset
@@ -150,6 +151,7 @@ class Trainer:
         began = time.perf_counter()
         self.finish_pending_save()   # the end of training waits for the last async save: blocking too
         self.ckpt_blocking_s += time.perf_counter() - began
+        checkpoint_writer.close()
         if cfg.profiling.timeline:   # every rank has written timeline/timeline-rank<R>.json: merge them
             if dist.is_initialized():
                 dist.barrier()
