@@ -117,9 +117,19 @@ def begin_save(engine, run_dir: Path, step: int, rank: int, previous: Path | Non
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    previous_meta = read_meta(previous)[0] if previous is not None and Path(previous).is_dir() else None
+    previous_meta = _previous_meta(previous, rank) if engine.cfg.checkpoint.incremental else None
     written = engine.save(tmp, step, previous_meta)
     return PendingSave(engine, run_dir, step, written, bytes_before)
+
+
+def _previous_meta(previous: Path | None, rank: int) -> dict | None:
+    """Rank 0's reading of the checkpoint an incremental save builds on, on every rank: one decision."""
+    meta = read_meta(previous)[0] if rank == 0 and previous is not None and Path(previous).is_dir() else None
+    if dist.is_initialized():
+        box = [meta]
+        dist.broadcast_object_list(box, src=0)
+        meta = box[0]
+    return meta
 
 
 def save(engine, run_dir: Path, step: int, keep: int, rank: int, keep_every: int = 0, previous: Path | None = None,

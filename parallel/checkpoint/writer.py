@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-_GROUP: list = []   # the background writes' own process group, made by the first async save
+_GROUP: dict = {}   # {the default group: the background writes' own}, made by the first async save
 _STAGER: list = []  # one host-memory stager for the run: its buffers are reused (a fresh one costs 3-15x more)
 
 
@@ -44,9 +44,11 @@ def _async_group():
 
     if not dist.is_initialized():
         return None
-    if not _GROUP:
-        _GROUP.append(dist.new_group(backend="gloo"))   # collective: every rank's first async save
-    return _GROUP[0]
+    world = dist.group.WORLD
+    if world not in _GROUP:   # a new default group (a process that trains twice) gets its own too
+        _GROUP.clear()
+        _GROUP[world] = dist.new_group(backend="gloo")   # collective: every rank's first async save
+    return _GROUP[world]
 
 
 def _stager():

@@ -2,9 +2,10 @@
 a full base every checkpoint.full_every saves, a load reads each tensor from the folder that holds it.
 
 With optim.frozen the frozen weights (no optimizer state) never change, so after the base only the rest is
-written. Launches, once for the module: ddp x2 incremental killed at step 6 (CLI); one torchrun of four runs
-(ddp x2 full checkpoints, the killed run resumed, fsdp x2 incremental to step 6 then on to step 8 in the
-same run dir, a resume from a sharded delta); single in this process for the retention and folder checks.
+written. Launches, once for the module: ddp x2 incremental killed at step 6 (CLI); one torchrun of five runs
+(ddp x2 full checkpoints, the killed run resumed, ddp x2 incremental with async saves, fsdp x2 incremental
+to step 8, an fsdp run started from its step-6 delta); single in this process for the retention and
+folder checks.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def _meta(run, step: int) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("incremental")
-    dirs = {name: root / name for name in ("full", "inc", "fsdp", "fsdp6")}
+    dirs = {name: root / name for name in ("full", "inc", "async", "fsdp", "fsdp6")}
     killed = wb("train", "--recipe", "ddp", "--nproc", "2", "--config", TINY, *BASE, *INCREMENTAL,
                 f"run_dir={dirs['inc']}", "fault.kill_rank=1", "fault.at_step=6")
     assert killed.returncode != 0, killed.stderr[-2000:]
     torchrun(2, [(TINY, [*BASE, "recipe=ddp", f"run_dir={dirs['full']}"]),
                  (TINY, [*BASE, *INCREMENTAL, "recipe=ddp", f"run_dir={dirs['inc']}"]),
+                 (TINY, [*BASE, *INCREMENTAL, "recipe=ddp", "checkpoint.async_save=true", f"run_dir={dirs['async']}"]),
                  (TINY, [*BASE, *INCREMENTAL, "recipe=fsdp", "checkpoint.keep=8", f"run_dir={dirs['fsdp']}"]),
                  (TINY, [*BASE, *INCREMENTAL, "recipe=fsdp", f"run_dir={dirs['fsdp6']}",
                          f"checkpoint.load_from={dirs['fsdp'] / 'checkpoints' / 'step_000006'}"])])
@@ -71,6 +73,16 @@ def test_a_delta_after_the_resume_builds_on_the_chain_before_it(runs):
     assert set(frozen_home.values()) == {"step_000005"}
     # keep=2 keeps 7 and 8, and the base they read from
     assert sorted(p.name for p in (inc / "checkpoints").iterdir()) == ["step_000005", "step_000007", "step_000008"]
+
+
+def test_incremental_and_async_together_on_two_ranks(runs):
+    from parallel.checkpoint.describe import verify_all
+
+    both, full = runs["async"], runs["full"]
+    assert losses(both) == losses(full)
+    assert [problem for _, problem in verify_all(both)] == [None, None, None]
+    assert _meta(both, 8)["chain"] == 3
+    assert summary(both)["checkpoint_bytes_written"] <= 0.8 * summary(full)["checkpoint_bytes_written"]
 
 
 def test_fsdp_incremental_shards_match_ddp_and_a_sharded_delta_loads_back(runs):
