@@ -2,10 +2,10 @@
 a full base every checkpoint.full_every saves, a load reads each tensor from the folder that holds it.
 
 With optim.frozen the frozen weights (no optimizer state) never change, so after the base only the rest is
-written. Launches, once for the module: ddp x2 incremental killed at step 6 (CLI); one torchrun of five runs
+written. Launches, once for the module: ddp x2 incremental killed at step 6 (CLI); one torchrun of six runs
 (ddp x2 full checkpoints, the killed run resumed, ddp x2 incremental with async saves, fsdp x2 incremental
-to step 8, an fsdp run started from its step-6 delta); single in this process for the retention and
-folder checks.
+to step 8, fsdp runs started from its step-6 delta and from ddp's step-7 delta); single in this process
+for the retention and folder checks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _meta(run, step: int) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("incremental")
-    dirs = {name: root / name for name in ("full", "inc", "async", "fsdp", "fsdp6")}
+    dirs = {name: root / name for name in ("full", "inc", "async", "fsdp", "fsdp6", "fsdp7")}
     killed = wb("train", "--recipe", "ddp", "--nproc", "2", "--config", TINY, *BASE, *INCREMENTAL,
                 f"run_dir={dirs['inc']}", "fault.kill_rank=1", "fault.at_step=6")
     assert killed.returncode != 0, killed.stderr[-2000:]
@@ -45,7 +45,9 @@ def runs(tmp_path_factory):
                  (TINY, [*BASE, *INCREMENTAL, "recipe=ddp", "checkpoint.async_save=true", f"run_dir={dirs['async']}"]),
                  (TINY, [*BASE, *INCREMENTAL, "recipe=fsdp", "checkpoint.keep=8", f"run_dir={dirs['fsdp']}"]),
                  (TINY, [*BASE, *INCREMENTAL, "recipe=fsdp", f"run_dir={dirs['fsdp6']}",
-                         f"checkpoint.load_from={dirs['fsdp'] / 'checkpoints' / 'step_000006'}"])])
+                         f"checkpoint.load_from={dirs['fsdp'] / 'checkpoints' / 'step_000006'}"]),
+                 (TINY, [*BASE, *INCREMENTAL, "recipe=fsdp", f"run_dir={dirs['fsdp7']}",
+                         f"checkpoint.load_from={dirs['inc'] / 'checkpoints' / 'step_000007'}"])])
     return dirs
 
 
@@ -96,6 +98,9 @@ def test_fsdp_incremental_shards_match_ddp_and_a_sharded_delta_loads_back(runs):
     assert any(rel.startswith("dcp/__1_") for rel in delta["files"])   # rank 1 wrote its shards
     # started from that delta (its frozen shards in step 5's folder): steps 7 and 8 as the run itself
     assert summary(again)["resumed_from_step"] == 6 and losses(again) == got[6:]
+    # ddp's delta at step 7 (frozen weights in step 5's folder), resharded into fsdp: step 8 as ddp's
+    resharded = losses(runs["fsdp7"])
+    assert len(resharded) == 1 and abs(resharded[0] - want[7]) < 1e-5
 
 
 def test_inspect_and_verify_understand_a_delta_and_its_damaged_base(runs, tmp_path):
