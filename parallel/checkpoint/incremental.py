@@ -78,7 +78,10 @@ def key_hashes(request: dict) -> dict[str, str | None]:
 def plan(hashes: dict[str, str | None], previous: dict | None, folder: str, full: bool) -> tuple[set[str], dict]:
     """(the keys this save writes, its tensor map). `previous`: the last checkpoint's map (None: write all)."""
     old = {} if full or previous is None else previous
-    write = {k for k, h in hashes.items() if h is None or old.get(k, {}).get("sha256") != h}
+    # a key whose bytes live in a folder of this very name is written again: the save replaces that folder
+    # (a step saved anew after a nan_policy rollback)
+    write = {k for k, h in hashes.items() if h is None or old.get(k, {}).get("sha256") != h
+             or old[k]["in"] == folder}
     tensors = {k: {"sha256": h, "in": folder if k in write else old[k]["in"]} for k, h in hashes.items()}
     return write, tensors
 

@@ -166,3 +166,15 @@ def test_deepspeed_recipes_refuse_incremental_and_async_in_one_line():
             resolve(RunConfig.from_toml(TINY, ["recipe=zero2", f"checkpoint.{key}=true"]), 2)
     with pytest.raises(UserError, match="checkpoint.full_every must be >= 1, got 0"):
         resolve(RunConfig.from_toml(TINY, ["checkpoint.full_every=0"]), 1)
+
+
+def test_a_save_writes_what_changed_and_what_lived_in_the_folder_it_replaces():
+    from parallel.checkpoint.incremental import plan
+
+    previous = {"a": {"sha256": "1", "in": "step_000004"}, "b": {"sha256": "2", "in": "step_000006"},
+                "c": {"sha256": "3", "in": "step_000004"}}
+    hashes = {"a": "1", "b": "2", "c": "9", "d": "4", "e": None}
+    write, tensors = plan(hashes, previous, "step_000006", full=False)
+    assert write == {"b", "c", "d", "e"}   # b: unchanged, but its folder is the one being replaced
+    assert tensors["a"] == {"sha256": "1", "in": "step_000004"} and tensors["c"]["in"] == "step_000006"
+    assert plan(hashes, previous, "step_000008", full=True)[0] == set(hashes)
