@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 BASE = ["progress=false", "steps=8", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.save_final=true",
         "optim.warmup_steps=2", "model.d_model=32", "model.n_layers=1"]
-DELAY_S = 3.0
+DELAY_S = 1.5   # step 4 starts writing within milliseconds of step 2 landing; the poll sees it in 10 ms
 
 
 def _train_here(*overrides: str) -> None:
