@@ -14,7 +14,10 @@ directory on shared storage either way. Each time one lands, rank 0 also hands i
 `<run_dir>/ray/` (or the storage path given) and knows the latest. After a lost worker,
 `FailureConfig(max_failures)` restarts the whole group; each worker then asks
 `ray.train.get_checkpoint()` and, if the run directory lacks that checkpoint (a node that did not
-see it), restores Ray's copy into it; `train(cfg)` resumes from the newest good checkpoint. Every
+see it), restores Ray's copy into it; `train(cfg)` resumes from the newest good checkpoint. Ray is handed
+the newest complete checkpoint once, at the first report after it lands (an async save lands after later
+steps). An incremental delta's copy is not self-contained: it restores only where the folders it reads
+from are in the run directory (else resume skips it as damaged, naming the missing folder). Every
 worker calls `ray.train.report` once per optimizer step (only rank 0 attaches a checkpoint), which
 is what Ray Train requires.
 """
@@ -71,6 +74,13 @@ def _restore_from_ray(run_dir: Path, rank: int, trusted: tuple) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _newest_complete(run_dir: Path) -> Path | None:
+    from parallel.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
 def _worker(config: dict) -> None:
     """The Ray Train loop function: runs on every worker."""
     import ray.train
@@ -86,10 +96,13 @@ def _worker(config: dict) -> None:
     run_dir = Path(cfg.run_dir)
     _restore_from_ray(run_dir, rank, recipes.get(cfg.recipe).checkpoint_globals())
 
+    reported = [_newest_complete(run_dir)]   # what Ray holds already (a resume's own checkpoint)
+
     def report(record: dict, run_dir: Path) -> None:
-        done = record["step"] + 1
-        ckpt_dir = run_dir / "checkpoints" / f"step_{done:06d}"
-        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if rank == 0 and ckpt_dir.is_dir() else None
+        # the newest complete checkpoint, once: an async save lands some steps after its own step
+        newest = _newest_complete(run_dir) if rank == 0 else None
+        ckpt = Checkpoint.from_directory(str(newest)) if newest is not None and newest != reported[0] else None
+        reported[0] = newest if ckpt is not None else reported[0]
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, bool))}
         ray.train.report(metrics, checkpoint=ckpt)
 

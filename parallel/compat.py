@@ -122,3 +122,20 @@ def collective_counter(range_factory=None):
                 return func(*args, **(kwargs or {}))
 
     return CollectiveCounter()
+
+
+def dcp_async_save():
+    """torch.distributed.checkpoint.async_save: stage to host memory, write in a background thread; returns a
+    Future (torch 2.11 to 2.13; newer releases may return an AsyncSaveResponse, whose upload_completion is
+    the Future: see async_write_future). Public but marked experimental by torch."""
+    import torch.distributed.checkpoint as dcp
+
+    saver = getattr(dcp, "async_save", None)
+    if saver is None:
+        raise _missing("torch.distributed.checkpoint.async_save (checkpoint.async_save = true)")
+    return saver
+
+
+def async_write_future(response):
+    """The Future that completes when async_save's background write has finished, whatever it returned."""
+    return getattr(response, "upload_completion", response)

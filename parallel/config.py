@@ -96,6 +96,9 @@ class CheckpointConfig:
     load_from: str = ""          # start a new run from another run's state: its run directory (newest good
                                  # checkpoint) or one step_* folder; a checkpoint of this run_dir wins (resume)
     load_model_only: bool = False   # with load_from: the weights alone (fresh optimizer, step 0)
+    incremental: bool = False    # write only the tensors that changed since the last checkpoint (per-tensor hash)
+    full_every: int = 4          # with incremental: every full_every-th save is a full base (1 = all full)
+    async_save: bool = False     # stage to host memory, write in the background; published when written
 
 
 @dataclass
@@ -105,6 +108,7 @@ class FaultConfig:
     hang_rank: int = -1          # this rank sleeps forever at step `at_step` (a stuck worker); -1 = never
     collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long
     nan_at_step: int = -1        # rank 0's gradient becomes NaN at this step, once per run (tests the nan_policy)
+    checkpoint_write_delay_s: float = 0.0   # checkpoint.async_save: each background write waits this long first
 
 
 @dataclass
@@ -302,6 +306,10 @@ class RunConfig:
                             f"keep={c.keep}")
         if c.keep_every < 0:
             raise UserError(f"checkpoint.keep_every must be >= 0, got {c.keep_every}")
+        if c.full_every < 1:
+            raise UserError(f"checkpoint.full_every must be >= 1, got {c.full_every}")
+        if self.fault.checkpoint_write_delay_s < 0:
+            raise UserError(f"fault.checkpoint_write_delay_s must be >= 0, got {self.fault.checkpoint_write_delay_s}")
         if c.load_model_only and not c.load_from:
             raise UserError("checkpoint.load_model_only=true needs checkpoint.load_from=<run dir or step_* folder>")
         if c.load_from and not Path(c.load_from).is_dir():

@@ -18,7 +18,7 @@ PATH_HELP = "a run directory (its checkpoints) or one checkpoints/step_* folder"
 def inspect(path: Path = typer.Argument(..., help=PATH_HELP),
             recipe: str = typer.Option(None, "--recipe", help="say what a resume by this recipe would do"),
             nproc: int = typer.Option(None, "--nproc", help="... on this many ranks (default: the writer's)")):
-    """Steps, the layout that wrote each checkpoint, sizes, soundness, and what a resume would do."""
+    """Steps, the layout that wrote each checkpoint, sizes, incremental base or delta, soundness, a resume."""
     from parallel.checkpoint import describe
 
     if recipe is not None:
@@ -33,7 +33,7 @@ def inspect(path: Path = typer.Argument(..., help=PATH_HELP),
 
 @app.command("verify")
 def verify(path: Path = typer.Argument(..., help=PATH_HELP)):
-    """Check every file against the manifest (sizes, sha256) and that state files load; exit 1 if one is damaged."""
+    """Check every file against the manifest (a delta: its base's too) and that state files load; exit 1 if damaged."""
     from parallel.checkpoint import describe
 
     results = describe.verify_all(path)

@@ -1,6 +1,7 @@
 """What `wb checkpoint inspect|verify|export` say about a checkpoint, read from its files alone (no process
 group, no model built): which step folder a path means, its step, format and the layout that wrote it,
-its sizes, whether it is sound, and what a resume by another layout would do.
+its sizes, whether it is sound (an incremental delta: with the older folders it reads from), what it is
+in an incremental chain, and what a resume by another layout would do.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def _sizes(meta: dict) -> str:
     return f"{len(files)} files, {_mib(total)}" + (f" ({_mib(tensors)} of tensors in dcp/)" if tensors else "")
 
 
+def _chain(meta: dict, name: str) -> str | None:
+    """What an incremental checkpoint is: a base, or a delta and the older folders it reads from."""
+    tensors = meta.get("tensors")
+    if not tensors:
+        return None
+    here = sum(1 for e in tensors.values() if e["in"] == name)
+    others = sorted({e["in"] for e in tensors.values()} - {name})
+    if not meta.get("chain"):
+        return f"  incremental: a full base ({here} tensors)"
+    return (f"  incremental: delta {meta['chain']} after its base; {here} of {len(tensors)} tensors written here, "
+            f"the rest read from {', '.join(others) or 'nothing else'}")
+
+
 def _resume_would(meta: dict, recipe: str | None, nproc: int | None) -> str:
     written = format_of(meta)
     was = layout_text(meta["recipe"], meta["world_size"], meta.get("dims"))
@@ -87,6 +101,7 @@ def inspect(path: Path, recipe: str | None = None, nproc: int | None = None) -> 
                   f"  step {meta['step']} ({meta['step'] * batch} samples seen), format {format_of(meta)}, "
                   f"written by {was}",
                   f"  size: {_sizes(meta)}",
+                  *filter(None, [_chain(meta, folder.name)]),
                   f"  state: {'good' if trouble is None else 'damaged: ' + trouble}",
                   f"  a resume: {_resume_would(meta, recipe, nproc)}"]
     return lines

@@ -1,6 +1,8 @@
 """A checkpoint's manifest (meta.json) and the checks that decide whether a checkpoint can be trusted.
 
-meta.json: {"step", "format", "recipe", "world_size", "dims", "fingerprint", "files": {relative path: {size, sha256}}}.
+meta.json: {"step", "format", "recipe", "world_size", "dims", "fingerprint", "files": {relative path: {size, sha256}},
+"bytes_written", "bytes_written_total"} and, for the universal format's tensors, "tensors": {DCP key: {sha256, in}},
+"chain" (deltas since the base; incremental.py).
 A checkpoint is good when its meta.json is a complete, consistent record (its step is the directory's),
 every listed file has its size and sha256, and every .pt file loads with weights_only=True. One
 without a file list (written before manifests existed) is not trusted: it is verified by loading
@@ -47,7 +49,10 @@ def read_meta(path: Path) -> tuple[dict | None, str | None]:
 
 def verify(path: Path, trusted: tuple = ()) -> str | None:
     """None if the checkpoint can be trusted, else what is wrong with it. `trusted`: the non-tensor classes
-    the recipe's engine pickles into its state files (Recipe.checkpoint_globals)."""
+    the recipe's engine pickles into its state files (Recipe.checkpoint_globals). An incremental
+    checkpoint (incremental.py) is sound when its own files are and so are the older folders it reads from."""
+    from parallel.checkpoint.incremental import check_references
+
     meta, problem = read_meta(path)
     if problem:
         return problem
@@ -56,6 +61,12 @@ def verify(path: Path, trusted: tuple = ()) -> str | None:
         return "meta.json has no file list (a universal checkpoint always has one)"
     if files is None:   # no manifest to check against: load every state file in full
         return _loads(path, trusted, full=True)
+    return verify_files(path, meta) or check_references(path, meta) or _loads(path, trusted, full=False)
+
+
+def verify_files(path: Path, meta: dict) -> str | None:
+    """None if every file of the manifest is there with its size and sha256."""
+    files = meta["files"]
     for rel, want in files.items():
         p = Path(path) / rel
         if not p.is_file():
@@ -67,7 +78,7 @@ def verify(path: Path, trusted: tuple = ()) -> str | None:
     for rel, want in files.items():
         if actual[rel]["sha256"] != want.get("sha256"):   # a dict: the size check passed
             return f"{rel} fails its sha256 check"
-    return _loads(path, trusted, full=False)
+    return None
 
 
 def _loads(path: Path, trusted: tuple, full: bool) -> str | None:

@@ -7,6 +7,9 @@ world size.
                            own (unsharded) names: model.<name>, optimizer.<name>.exp_avg|exp_avg_sq|step
       trainer_rank<r>.pt   per rank: scheduler, learning rates, data position, RNG state
 
+An incremental checkpoint's dcp/ holds only what changed; meta.json's tensor map names the folder of every
+other key (incremental.py), and every read here goes through it.
+
 Each rank hands DCP its local shards (DTensors under fsdp / tp, plain tensors elsewhere) under the GPT's
 names; DCP records global shapes and offsets, so a reader with another layout asks for its own shards and
 gets them resharded. Only the ranks that `writes` (one copy of replicated state) contribute tensors.
@@ -83,15 +86,43 @@ def trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
     return state
 
 
-def save(engine, path: Path, step: int) -> None:
-    """Write this rank's part of the universal checkpoint into `path` (the step_N.tmp directory). Collective."""
-    import torch.distributed.checkpoint as dcp
+def save(engine, path: Path, step: int, previous: dict | None = None):
+    """Write this rank's part of the universal checkpoint into `path` (the step_N.tmp directory). Collective.
+    `previous`: the last checkpoint's meta.json (incremental saves build on its tensor map). Returns the
+    writer.Written that checkpoint.publish completes."""
+    from parallel.checkpoint import incremental, writer
 
+    opts = engine.cfg.checkpoint
     request, _, _ = _state(engine.state_module(), engine.optimizer, engine.cfg.model.tie_embeddings, True)
-    with _dcp_quiet():
-        dcp.save(request if engine.writes_state() else {}, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
+    request = request if engine.writes_state() else {}
+    written = writer.Written()
+    if opts.incremental:   # only what changed since `previous`; a base every full_every saves
+        full = incremental.is_full(previous, opts.full_every)
+        name = Path(path).name.removesuffix(".tmp")
+        keys, written.tensors = incremental.plan(incremental.key_hashes(request), (previous or {}).get("tensors"),
+                                                 name, full)
+        request = incremental.select(request, keys)
+        written.chain = 0 if full else int(previous.get("chain", 0)) + 1
+    delay = engine.cfg.fault.checkpoint_write_delay_s
+    written.pending = writer.write(request, Path(path) / "dcp", opts.async_save, delay)
     extra = trainer_state(engine.scheduler, engine.optimizer, step, engine.cfg.global_batch)
     torch.save(extra, Path(path) / f"trainer_rank{engine.ctx.rank}.pt")
+    return written
+
+
+def read_tensors(request: dict, path: Path, no_dist: bool) -> None:
+    """Fill `request` in place from checkpoint `path`: each key from the folder its tensor map names (the
+    folder itself for a checkpoint without a map), one DCP read per folder."""
+    import torch.distributed.checkpoint as dcp
+
+    from parallel.checkpoint import incremental
+    from parallel.checkpoint.manifest import read_meta
+
+    meta, _ = read_meta(path)
+    for folder, keys in sorted(incremental.folders_of(meta or {}, Path(path)).items()):
+        part = incremental.select(request, keys) if keys else request
+        with _dcp_quiet():   # every rank reads every folder, its part possibly empty: dcp.load is collective
+            dcp.load(part, checkpoint_id=str(folder / "dcp"), no_dist=no_dist)
 
 
 def _trainer_file(path: Path, rank: int) -> Path:
@@ -103,14 +134,12 @@ def _trainer_file(path: Path, rank: int) -> Path:
 def load(engine, path: Path, model_only: bool = False) -> None:
     """Fill the engine's own shards from the universal checkpoint at `path`, whatever layout wrote it.
     model_only: the weights alone (the optimizer and schedule stay fresh). Collective."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     module, optimizer = engine.state_module(), engine.optimizer
     request, model_sd, optim_sd = _state(module, optimizer, engine.cfg.model.tie_embeddings, not model_only)
     # in place: model_sd / optim_sd share the request's tensors
-    with _dcp_quiet():
-        dcp.load(request, checkpoint_id=str(Path(path) / "dcp"), no_dist=_alone())
+    read_tensors(request, Path(path), _alone())
     if engine.cfg.model.tie_embeddings and TIED[0] in model_sd and TIED[1] in model_sd:
         model_sd[TIED[0]] = model_sd[TIED[1]]   # one tensor: a stale head entry must not be loaded after it
     if model_only:
@@ -132,24 +161,28 @@ def restore_trainer_state(path: Path, rank: int, scheduler, optimizer) -> None:
 
 
 def tensor_index(path: Path) -> dict[str, tuple[list[int], torch.dtype]]:
-    """{name in the checkpoint: (global shape, dtype)} from DCP's metadata, without loading anything."""
+    """{name in the checkpoint: (global shape, dtype)} from DCP's metadata (of every folder an incremental
+    checkpoint reads from), without loading anything."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = FileSystemReader(str(Path(path) / "dcp")).read_metadata()
-    return {k: (list(v.size), v.properties.dtype) for k, v in meta.state_dict_metadata.items()
-            if isinstance(v, TensorStorageMetadata)}
+    from parallel.checkpoint import incremental
+    from parallel.checkpoint.manifest import read_meta
+
+    meta, _ = read_meta(path)
+    out = {}
+    for folder, keys in incremental.folders_of(meta or {}, Path(path)).items():
+        saved = FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+        out.update({k: (list(v.size), v.properties.dtype) for k, v in saved.items()
+                    if isinstance(v, TensorStorageMetadata) and (not keys or k in keys)})
+    return out
 
 
 def consolidated_weights(path: Path, tied: bool) -> dict[str, torch.Tensor]:
     """The whole model's weights under the GPT's state-dict names, read on one process (no process group)."""
-    import torch.distributed.checkpoint as dcp
-
     want = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in tensor_index(path).items()
             if k.startswith("model.")}
-    with _dcp_quiet():
-        dcp.load({"model": {k[len("model."):]: v for k, v in want.items()}}, checkpoint_id=str(Path(path) / "dcp"),
-                 no_dist=True)
+    read_tensors({"model": {k[len("model."):]: v for k, v in want.items()}}, Path(path), no_dist=True)
     weights = {k[len("model."):]: v for k, v in want.items()}
     if tied and TIED[1] in weights:   # the GPT's state dict names the tied head too
         weights[TIED[0]] = weights[TIED[1]].clone()

@@ -98,7 +98,6 @@ def _set_weight(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 def load(engine, path: Path, model_only: bool = False) -> None:
     """Read full tensors (any writer's layout) and scatter them into this rank's partitions. Collective."""
-    import torch.distributed.checkpoint as dcp
     from deepspeed.utils import safe_set_full_optimizer_state
 
     shapes = universal.tensor_index(path)
@@ -107,7 +106,7 @@ def load(engine, path: Path, model_only: bool = False) -> None:
     if not model_only:
         request["optimizer"] = {n: {k: torch.empty(shapes[f"optimizer.{n}.{k}"][0]) for k in MOMENTS}
                                 | {"step": torch.zeros(())} for n, _ in named}
-    dcp.load(request, checkpoint_id=str(Path(path) / "dcp"))
+    universal.read_tensors(request, Path(path), no_dist=False)   # each key from the folder that holds it
     for name, p in named:
         _set_weight(engine, p, request["model"][name])
     if model_only:

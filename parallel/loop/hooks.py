@@ -1,7 +1,8 @@
 """Per-step callbacks for launchers that must hear about every step (Ray Train's `ray.train.report`).
 
     with hooks.on_step(fn):        # fn(record: dict, run_dir: Path), on every rank after each step
-        train(cfg)                 # (after that step's checkpoint, if it saved one)
+        train(cfg)                 # (after that step's checkpoint, if it saved one; an async save is
+                                   # published some steps later)
 
 The train loop calls `after_step` once per optimizer step on every rank, so a launcher that needs
 each worker to report the same number of times gets exactly that.

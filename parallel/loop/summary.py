@@ -147,8 +147,8 @@ class RunSummary:
     async_sgd: AsyncStats | None = None
     provenance: dict | None = None     # commit, versions, machine, config digest (parallel/loop/provenance.py)
     tp: TensorParallelStats | None = None
-    checkpoint_bytes_written: int = 0     # bytes of the checkpoint files this process's run wrote (from the files)
-    checkpoint_blocking_s: float = 0.0    # seconds the loop blocked in saves (the slowest rank)
+    checkpoint_bytes_written: int = 0     # bytes of the checkpoint files the run's saves wrote, every segment
+    checkpoint_blocking_s: float = 0.0    # seconds blocked in saves, async staging and waits too (slowest rank)
     cp: ContextParallelStatsPart | None = None
     schema_version: int = SCHEMA_VERSION
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint, memory, recipes
+from parallel.checkpoint import writer as checkpoint_writer
 from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
 from parallel.data import Dataset
@@ -105,7 +106,11 @@ class Trainer:
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
         self.compute_s = 0.0   # the last step's train_step time (the straggler's delay is a multiple of it)
-        self.ckpt_bytes, self.ckpt_blocking_s = 0, 0.0   # this process's saves (a resumed run: since resume)
+        # the newest published checkpoint (what an incremental save builds on) and the bytes the run's saves
+        # wrote up to it, carried over a resume by its meta.json; an async save waiting to be published
+        self.last_ckpt = Path(begin.path) if begin.how == "resume" else None
+        self.ckpt_bytes, self.ckpt_blocking_s = checkpoint.bytes_written_total(self.last_ckpt), 0.0
+        self.pending = None
         self.elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         self.time_to_target = next((m["elapsed_s"] for m in self.history if self._reached(m["loss"])), None)
         # held memory is measured during the second step run: after one step Adam's state exists
@@ -148,6 +153,10 @@ class Trainer:
         finally:
             progress.close()
             session.close()
+        began = time.perf_counter()
+        self.finish_pending_save()   # the end of training waits for the last async save: blocking too
+        self.ckpt_blocking_s += time.perf_counter() - began
+        checkpoint_writer.close()
         if cfg.profiling.timeline:   # every rank has written timeline/timeline-rank<R>.json: merge them
             if dist.is_initialized():
                 dist.barrier()
@@ -193,13 +202,28 @@ class Trainer:
         if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
             with prange("checkpoint", step=done):
                 began = time.perf_counter()
-                path = checkpoint.save(self.engine, self.run_dir, done, cfg.checkpoint.keep, self.ctx.rank,
-                                       cfg.checkpoint.keep_every)
+                self.finish_pending_save()   # the previous async save first: the next builds on it
+                pending = checkpoint.begin_save(self.engine, self.run_dir, done, self.ctx.rank, self.last_ckpt,
+                                                self.ckpt_bytes)
+                if cfg.checkpoint.async_save:
+                    self.pending = pending   # published when every rank's background write is done
+                else:
+                    self._published(pending.publish(cfg.checkpoint.keep, cfg.checkpoint.keep_every))
                 self.ckpt_blocking_s += time.perf_counter() - began
-                # measured from the files this save left (rank 0: the shared directory is complete now)
-                if self.ctx.is_main:
-                    self.ckpt_bytes += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        elif self.pending is not None and self.pending.finished_everywhere():
+            self.finish_pending_save()
         hooks.after_step(record, self.run_dir)   # e.g. ray.train.report, with the checkpoint just saved
+
+    def finish_pending_save(self) -> None:
+        """Wait for an async save's background write and publish it (nothing pending: nothing). Collective."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._published(pending.publish(self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every))
+
+    def _published(self, path: Path) -> None:
+        self.last_ckpt = path
+        if self.ctx.is_main:   # measured from its files when it was published (checkpoint.PendingSave)
+            self.ckpt_bytes = checkpoint.bytes_written_total(path)
 
     def _evaluate(self, record: dict) -> None:
         """The held-out loss of the model after this step: eval.batches global batches of the validation
@@ -236,6 +260,7 @@ class Trainer:
         cfg = self.cfg
         if self.rollbacks >= 3:
             raise FloatingPointError(f"{why}: still diverging after 3 rollbacks")
+        self.finish_pending_save()
         path = checkpoint.find_resumable(self.run_dir, cfg, self.ctx.world_size, self.ctx.is_main,
                                          self.recipe.checkpoint_format, self.recipe.checkpoint_globals())
         if path is None:

@@ -93,6 +93,9 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
         raise UserError(f"optim.frozen: recipe {cfg.recipe} does not freeze parameters; use single, ddp or fsdp")
     if cfg.optim.frozen and cfg.tp.degree > 1:   # untested: tensor-parallel plans with frozen DTensors
         raise UserError(f"optim.frozen with tp.degree={cfg.tp.degree}: freezing is for tp.degree=1 only")
+    for key in ("incremental", "async_save"):
+        if getattr(cfg.checkpoint, key) and recipe.checkpoint_modes is not None:
+            raise UserError(f"checkpoint.{key} does not work with recipe={cfg.recipe}: {recipe.checkpoint_modes}")
     if cfg.profiling.timeline and recipe.timeline is not None:
         raise UserError(f"--timeline (profiling.timeline) does not work with recipe={cfg.recipe}: {recipe.timeline}")
     if cfg.eval.every and recipe.evaluation is not None:

@@ -77,6 +77,8 @@ class Recipe:
     checkpoint_format: str = "universal"
     # eval.every > 0: None where the train loop evaluates the held-out split, else why not
     evaluation: str | None = None
+    # checkpoint.incremental / checkpoint.async_save: None where this recipe's checkpoints do them, else why not
+    checkpoint_modes: str | None = None
     # whether optim.frozen works here (the model is frozen before setup wraps it; torch AdamW recipes)
     freezes: bool = False
 
@@ -227,8 +229,10 @@ class Engine(ABC):
         """The whole model's state dict, unsharded, on CPU (collective for sharded recipes)."""
 
     @abstractmethod
-    def save(self, path: Path, step: int) -> None:
-        """Write this rank's part of the checkpoint after `step` steps into directory `path`. Collective."""
+    def save(self, path: Path, step: int, previous: dict | None = None):
+        """Write this rank's part of the checkpoint after `step` steps into directory `path`. Collective.
+        `previous`: the last checkpoint's meta.json (what an incremental save builds on). Returns a
+        checkpoint.writer.Written (what is left to publish), or None where all is written."""
 
     @abstractmethod
     def load(self, path: Path, model_only: bool = False) -> None:
@@ -342,10 +346,10 @@ class TorchEngine(Engine):
         dims = self.ctx.dims
         return dims is None or dims.coords(self.ctx.rank)["dp_replicate"] == 0
 
-    def save(self, path: Path, step: int) -> None:
+    def save(self, path: Path, step: int, previous: dict | None = None):
         from parallel.checkpoint import universal
 
-        universal.save(self, path, step)
+        return universal.save(self, path, step, previous)
 
     def load(self, path: Path, model_only: bool = False) -> None:
         from parallel.checkpoint import universal

@@ -158,7 +158,8 @@ class DeepSpeedEngine(Engine):
             return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
 
     # Checkpoints: the universal format, consolidated through DeepSpeed's tensor-fragment API
-    def save(self, path: Path, step: int) -> None:
+    def save(self, path: Path, step: int, previous: dict | None = None) -> None:
+        """Always a full checkpoint, written in the foreground (Recipe.checkpoint_modes)."""
         from parallel.checkpoint import zero_universal
 
         zero_universal.save(self, path, step)
@@ -176,6 +177,8 @@ class Zero(Recipe):
     tensor_parallel = ("DeepSpeed's ZeRO partitions flat parameter buffers and cannot hold DTensor shards; "
                        "use --recipe fsdp")
     data_parallel = "shard"
+    checkpoint_modes = ("its state is gathered from DeepSpeed's flat partitions and written whole, in the "
+                        "foreground; use --recipe fsdp for sharded incremental or asynchronous checkpoints")
 
     def validate(self, cfg: RunConfig) -> None:
         if cfg.zero.stage >= 0 and cfg.zero.stage != self.stage:

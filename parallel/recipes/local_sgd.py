@@ -69,16 +69,17 @@ class LocalSGDEngine(TorchEngine):
         for p, g in zip(self.params, self.global_params, strict=True):
             p.copy_(g)
 
-    def save(self, path, step: int) -> None:
+    def save(self, path, step: int, previous: dict | None = None):
         """Rank 0's replica (replicas are equal right after a sync; elsewhere a resume restarts every rank from
         rank 0's), plus the sync phase and, for diloco, the global copy and the outer momentum."""
-        super().save(path, step)
+        written = super().save(path, step, previous)
         if self.ctx.is_main:
             extra = {"local_steps": self.local_steps, "syncs": self.syncs}
             if self.diloco:
                 extra.update(global_params=[g.detach().cpu() for g in self.global_params],
                              outer=self.outer.state_dict())
             torch.save(extra, path / "local_sgd.pt")
+        return written
 
     @torch.no_grad()
     def load(self, path, model_only: bool = False) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -113,3 +115,18 @@ def test_collective_counter_puts_each_collective_and_its_wait_in_a_range(tmp_pat
     assert names.count("tp.all_reduce") == 1 and "tp.wait" in names, names
     assert next(s for s in spans if s["name"] == "tp.all_reduce")["args"] == {"bytes": 48}
     assert not listening()
+
+
+def test_dcp_async_save_stages_then_writes_in_the_background(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    state = {"w": torch.randn(5, 3, dtype=torch.float64)}
+    want = state["w"].clone()
+    with warnings.catch_warnings():   # DCP's "torch.distributed is disabled": one process is the intent
+        warnings.simplefilter("ignore")
+        response = compat.dcp_async_save()(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+        state["w"].add_(1.0)   # staged before async_save returned: the write holds the old values
+        compat.async_write_future(response).result()
+        back = {"w": torch.empty(5, 3, dtype=torch.float64)}
+        dcp.load(back, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert torch.equal(back["w"], want)

@@ -57,7 +57,7 @@ BOOL_WORDS = {"true", "1", "yes", "on", "false", "0", "no", "off"}
 INT_BAD = {**{k: (1, None) for k in ("steps", "global_batch", "micro_batch", "log_every", "model.vocab_size",
                                      "model.seq_len", "model.d_model", "model.n_layers", "model.n_heads",
                                      "checkpoint.keep", "ps.shards", "local_sgd.sync_every", "pp.virtual_stages",
-                                     "tp.degree", "cp.degree")},
+                                     "tp.degree", "cp.degree", "checkpoint.full_every")},
            **{k: (0, None) for k in ("model.d_ff", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep_every",
                                      "ps.staleness", "pp.microbatches", "pp.degree")},
            "zero.stage": (-1, 3), "straggler.rank": (-1, None),
@@ -68,7 +68,7 @@ FLOAT_BAD = {  # (low, high, low_open): bad below low (or at it, when low_open) 
     "optim.min_lr_ratio": (0.0, math.nextafter(1.0, math.inf), False), "data.noise": (0.0, 1.0, False),
     "fault.collective_timeout_s": (0.0, None, True), "target_loss": (0.0, None, False),
     "local_sgd.outer_lr": (0.0, None, True), "local_sgd.outer_momentum": (0.0, 1.0, False),
-    "straggler.factor": (1.0, None, False),
+    "straggler.factor": (1.0, None, False), "fault.checkpoint_write_delay_s": (0.0, None, False),
 }
 HARMLESS = ["progress=false", "seed=7", "name=fuzz", "log_every=2", "checkpoint.every=0"]   # valid fillers
 
