@@ -150,6 +150,7 @@ class RunSummary:
     checkpoint_bytes_written: int = 0     # bytes of the checkpoint files this process's run wrote (from the files)
     checkpoint_blocking_s: float = 0.0    # seconds the loop blocked in saves (the slowest rank)
     cp: ContextParallelStatsPart | None = None
+    qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/qat.py)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

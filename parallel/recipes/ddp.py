@@ -92,6 +92,7 @@ def _context_parallel(model: nn.Module, cfg, ctx: Context) -> tuple[torch.Tensor
 
 class DDP(Recipe):
     freezes = True
+    quant_aware = None   # QATLinear inside the model (parallel/qat.py)
     data_parallel = "replicate"
     tensor_parallel = None   # dp_replicate x tp (parallel/tensor_parallel.py)
     context_parallel = None  # dp_replicate x cp (parallel/context_parallel.py)
