@@ -130,3 +130,17 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
     bare.mkdir()
     shutil.copy(run_dir / "config.json", bare / "config.json")
     one_line(wb("quant", "eval", str(bare)), f"RUN_DIR {bare} has no complete checkpoint", "to evaluate")
+
+
+def test_report_draws_the_quant_figure(run_dir, reports, tmp_path):
+    from workbench.report import build_report
+
+    plain = build_report([run_dir], tmp_path / "plain")
+    assert "quant_eval.png" not in plain.read_text()   # no quant_eval.json yet: no figure
+    (run_dir / "quant_eval.json").write_text(json.dumps(reports[32]))
+    try:
+        text = build_report([run_dir], tmp_path / "with").read_text()
+    finally:
+        (run_dir / "quant_eval.json").unlink()
+    assert "![quant_eval.png](quant_eval.png)" in text
+    assert (tmp_path / "with" / "quant_eval.png").stat().st_size > 10_000
