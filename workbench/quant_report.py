@@ -40,8 +40,10 @@ def figure(runs, out: Path, machine: str) -> str | None:
         losses = [(r["fp"] if mode == "fp" else r["modes"].get(mode, {})).get("loss") for _, r in found]
         loss_ax.bar(xs, [v or 0 for v in losses], width=width, label=mode)
     loss_ax.set_xticks(range(len(found)), [run.path.name for run, _ in found], rotation=30, ha="right")
-    low = min(r["fp"]["loss"] for _, r in found)
-    loss_ax.set_ylim(bottom=low * 0.98)   # the deltas are what matters: start near the best loss
+    every = [r["fp"]["loss"] for _, r in found] + [m["loss"] for _, r in found for m in r["modes"].values()]
+    low, high = min(every), max(every)
+    pad = max(high - low, 1e-4 * high)
+    loss_ax.set_ylim(low - 2 * pad, high + pad)   # the deltas are what matters: zoom onto them
     loss_ax.set_ylabel("held-out loss (nats/token)")
     loss_ax.legend(fontsize=8)
     for run, r in found:
