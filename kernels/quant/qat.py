@@ -45,6 +45,9 @@ class _StraightThrough(torch.autograd.Function):
 def fake_quantize_weight(w: torch.Tensor, mode: str, group_size: int | None) -> torch.Tensor:
     """w (N, K) -> the dequantised weight `quantize` + `dequantize` give, in w's dtype; clipped STE backward."""
     _check_mode(mode)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise TypeError(f"w must be a 2-D floating-point (out_features, in_features) tensor, got "
+                        f"{type(w).__name__} {tuple(getattr(w, 'shape', ()))}")
     return _fake_quantize(w, mode, resolve_group_size(mode, group_size, w.shape[1]))
 
 

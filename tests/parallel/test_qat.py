@@ -15,7 +15,7 @@ import torch
 
 from kernels import quant
 from kernels.quant.format import int_weight, resolve_group_size, weight_grid
-from kernels.quant.qat import QATLinear, fake_quantize_activations, fake_quantize_weight
+from kernels.quant.qat import QATLinear, fake_quantize_activations, fake_quantize_weight, prepare_qat
 from parallel import RunConfig, qat, train
 from parallel.model import GPT
 from parallel.quant_eval import quantised_copy
@@ -195,3 +195,17 @@ def test_bad_qat_settings_are_one_line(overrides, needles, capsys, tmp_path):
                      "progress=false", *overrides)
     assert all(n in err for n in needles), err
     assert not (tmp_path / "run").exists()
+
+
+def test_fake_quantiser_bad_input_names_the_argument():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="mode='w3a16' is not a quantisation mode"):
+        fake_quantize_weight(w, "w3a16", 32)
+    with pytest.raises(ValueError, match="group_size=128 does not divide K=64"):
+        fake_quantize_weight(w, "w4a16", 128)
+    with pytest.raises(TypeError, match="w must be a 2-D floating-point"):
+        fake_quantize_weight(w.long(), "w4a16", 32)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 8))
+    with pytest.raises(ValueError, match="cannot fake-quantise layer '1'"):
+        prepare_qat(model, "w4a16", 64, ["0", "1"])
+    assert not any(isinstance(m, QATLinear) for m in model)   # checked before anything changed
