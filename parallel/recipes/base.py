@@ -78,7 +78,7 @@ class Recipe:
     # eval.every > 0: None where the train loop evaluates the held-out split, else why not
     evaluation: str | None = None
     # quant.qat != none: None where fake-quantised training runs (and is tested against single), else why not
-    quant_aware: str | None = "quant.qat runs under recipes single, ddp and fsdp (each tested to match single per step)"
+    quant_aware: str | None = "quant.qat runs under recipes single, ddp and fsdp (ddp and fsdp tested to match single)"
     # whether optim.frozen works here (the model is frozen before setup wraps it; torch AdamW recipes)
     freezes: bool = False
 
