@@ -2,8 +2,8 @@
 gradient, conversion to QuantLinear, ddp and fsdp against single per step, recovery of the PTQ gap, bad input.
 
 Units run on fresh random weights of odd shapes. End to end: one 2-rank torchrun launch trains ddp (w4a16,
-w8a8) and fsdp (w4a16) with QAT; the single references run in this process. The recovery check fine-tunes
-one small base run twice (with and without QAT) in this process.
+w8a8), fsdp (w4a16) and ddp x cp 2 (w4a16) with QAT; the single references run in this process. The
+recovery check fine-tunes one small base run twice (with and without QAT) in this process.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def test_converted_layer_and_model_equal_the_fake_quantised_forward(mode):
 QAT = ["steps=4", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=1",
        "quant.group_size=32"]
 DISTRIBUTED = {"ddp-w4a16": ["recipe=ddp", "quant.qat=w4a16"], "fsdp-w4a16": ["recipe=fsdp", "quant.qat=w4a16"],
-               "ddp-w8a8": ["recipe=ddp", "quant.qat=w8a8"]}
+               "ddp-w8a8": ["recipe=ddp", "quant.qat=w8a8"],
+               "ddpcp-w4a16": ["recipe=ddp", "cp.degree=2", "quant.qat=w4a16"]}   # ring attention, whole tokens
 
 
 @pytest.fixture(scope="module")
