@@ -160,6 +160,12 @@ class ContextParallelConfig:     # [cp]: the sequence split over ranks (ring att
 
 
 @dataclass
+class QuantConfig:               # [quant]: quantisation-aware training (parallel/qat.py)
+    qat: Literal["none", "w8a16", "w4a16", "w8a8"] = "none"   # fake-quantise every Linear of the blocks
+    group_size: int = 32         # w4a16: 32, 64 or 128 along in_features, or -1 per output channel
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     recipe: str = "single"
@@ -193,6 +199,7 @@ class RunConfig:
     pp: PipelineConfig = field(default_factory=PipelineConfig)
     tp: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     cp: ContextParallelConfig = field(default_factory=ContextParallelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -284,6 +291,7 @@ class RunConfig:
         self._check_async()
         self._check_pp()
         self._check_tp_cp()
+        self._check_quant()
         if not isinstance(self.optim.frozen, list) or not all(isinstance(n, str) and n for n in self.optim.frozen):
             raise UserTypeError(f"optim.frozen must be a list of parameter-name prefixes (e.g. [\"tok_emb\", "
                                 f"\"blocks.0\"]), got {self.optim.frozen!r}")
@@ -399,6 +407,12 @@ class RunConfig:
                                                         != self.model.n_layers):
             raise UserError(f"pp.layers_per_stage {pp.layers_per_stage} must be >= 1 each and sum to "
                             f"model.n_layers ({self.model.n_layers})")
+
+    def _check_quant(self) -> None:
+        # the same sizes kernels.quant.quantize takes (kernels/quant/format.py GROUP_SIZES), without importing torch
+        if self.quant.group_size not in (32, 64, 128, -1):
+            raise UserError(f"quant.group_size must be 32, 64 or 128 (or -1 for per output channel), got "
+                            f"{self.quant.group_size}")
 
     def _check_tp_cp(self) -> None:
         for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree)):

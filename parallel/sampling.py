@@ -32,9 +32,9 @@ def run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(raw)
 
 
-def load_model(run_dir: Path, device: str = "cpu") -> tuple[GPT, RunConfig, str]:
+def load_model(run_dir: Path, device: str = "cpu", purpose: str = "sample from") -> tuple[GPT, RunConfig, str]:
     """The run's model with the weights of its newest good checkpoint (else final_model.pt), in eval mode;
-    also its config and where the weights came from."""
+    also its config and where the weights came from. `purpose` finishes the error line when there are none."""
     from parallel import checkpoint, recipes
     from parallel.checkpoint.universal import consolidated_weights
 
@@ -47,7 +47,7 @@ def load_model(run_dir: Path, device: str = "cpu") -> tuple[GPT, RunConfig, str]
         source = Path(run_dir) / "final_model.pt"
         state = torch.load(source, map_location="cpu", weights_only=True)
     else:
-        raise UserError(f"RUN_DIR {run_dir} has no complete checkpoint and no final_model.pt to sample from")
+        raise UserError(f"RUN_DIR {run_dir} has no complete checkpoint and no final_model.pt to {purpose}")
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, str(source)
 

@@ -10,7 +10,17 @@ import typer
 from parallel.errors import UserError
 from profiling.errors import UsageError
 from profiling.rank_wrap import exec_under_tool_if_asked
-from workbench import checkpoint_cli, cluster_cli, demo, kernels_cli, profile_cli, report_cli, sample_cli, train_cli
+from workbench import (
+    checkpoint_cli,
+    cluster_cli,
+    demo,
+    kernels_cli,
+    profile_cli,
+    quant_cli,
+    report_cli,
+    sample_cli,
+    train_cli,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="gpu-workbench: Triton kernels, parallelism recipes, profiling harnesses.")
@@ -20,6 +30,7 @@ app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
 app.add_typer(train_cli.data_app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
+app.add_typer(quant_cli.app, name="quant")
 app.add_typer(cluster_cli.launch_app, name="launch")
 app.add_typer(cluster_cli.ray_app, name="ray")
 app.add_typer(cluster_cli.slurm_app, name="slurm")

@@ -19,6 +19,7 @@ from pathlib import Path
 from parallel.config import flatten_config
 from parallel.errors import UserError
 from parallel.loop.summary import RunSummary
+from workbench import quant_report
 
 MIB = 1 << 20
 
@@ -365,7 +366,8 @@ def _figures(runs: list[Run], out: Path, machine: str) -> list[str]:
                                "allocated; CPU: process RSS, torch's import included)", "MiB",
                                {"peak": [_mib(v) for v in each("peak_memory_bytes_per_rank")]}))
     staleness = _staleness_figure(runs, out, machine)
-    return figures + ([staleness] if staleness else []) + _gantt_figures(runs, out)
+    quant = quant_report.figure(runs, out, machine)   # runs with a quant_eval.json
+    return figures + [f for f in (staleness, quant) if f] + _gantt_figures(runs, out)
 
 
 def _mib(value):

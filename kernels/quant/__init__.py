@@ -5,6 +5,7 @@
     y  = kernels.quant_matmul(x, qw)                               # == x @ w2.T (w8a8: x quantised per token)
     lin = kernels.quant.QuantLinear.from_linear(linear, mode="w4a16", group_size=128)
     kernels.quant.quantize_model(model, mode="w8a16")              # in place; summary in model.quant_summary
+    qat = kernels.quant.QATLinear.from_linear(linear, "w4a16", 32)  # fake-quantised training (qat.py)
 """
 
 # format first: kernels.quant_matmul (imported by modules) needs it.
@@ -12,14 +13,19 @@ from kernels.quant.format import (
     GROUP_SIZES,
     MODES,
     QuantizedWeight,
+    WeightGrid,
     dequantize,
     dequantize_activations,
     pack_int4,
     quantize,
     quantize_activations,
     unpack_int4,
+    weight_grid,
 )
 from kernels.quant.modules import QuantLinear, linear_weight_bytes, quantize_model
+from kernels.quant.qat import QATLinear, fake_quantize_activations, fake_quantize_weight, prepare_qat
 
-__all__ = ["GROUP_SIZES", "MODES", "QuantLinear", "QuantizedWeight", "dequantize", "dequantize_activations",
-           "linear_weight_bytes", "pack_int4", "quantize", "quantize_activations", "quantize_model", "unpack_int4"]
+__all__ = ["GROUP_SIZES", "MODES", "QATLinear", "QuantLinear", "QuantizedWeight", "WeightGrid", "dequantize",
+           "dequantize_activations", "fake_quantize_activations", "fake_quantize_weight", "linear_weight_bytes",
+           "pack_int4", "prepare_qat", "quantize", "quantize_activations", "quantize_model", "unpack_int4",
+           "weight_grid"]

@@ -112,6 +112,61 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Quantise / dequantise weights
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class WeightGrid:
+    """What `quantize` computes before it packs: the codes (integers held in fp32), each (row, group)'s
+    scale and zero point, and where the clamp moved a weight. Quantisation-aware training
+    (kernels/quant/qat.py) fake-quantises through this very grid, so its integers are the kernel's."""
+
+    codes: torch.Tensor          # (N, K): q in [-127, 127] (8-bit) or [0, 15] (w4a16)
+    scales: torch.Tensor         # (N, G) as stored: fp32 (8-bit) or fp16 (w4a16)
+    zeros: torch.Tensor | None   # (N, G) integers in [0, 15] (fp32), w4a16 only
+    clipped: torch.Tensor        # (N, K) bool: the clamp changed the rounded code
+    group: int
+
+    def integers(self) -> torch.Tensor:
+        """(N, K) fp32 integers the kernel multiplies: q, or q - z for w4a16 (int_weight, as floats)."""
+        if self.zeros is None:
+            return self.codes
+        n, k = self.codes.shape
+        return (self.codes.view(n, k // self.group, self.group) - self.zeros[..., None]).view(n, k)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight, bit for bit `dequantize(quantize(w))`: the same products in the same dtype."""
+        n, k = self.codes.shape
+        return (self.integers().view(n, k // self.group, self.group) * self.scales.float()[..., None]).view(n, k)
+
+
+def weight_grid(w32: torch.Tensor, mode: str, group: int) -> WeightGrid:
+    """The quantisation grid of an fp32 weight (N, K) at an effective group size (resolve_group_size);
+    no input checks: `quantize` makes them, and a training step must not pay for them."""
+    if mode == "w4a16":
+        return _grid_w4(w32, group)
+    amax = w32.abs().amax(1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    rounded = torch.round(w32 / scales[:, None])
+    codes = rounded.clamp(-127, 127)
+    return WeightGrid(codes, scales[:, None], None, codes != rounded, w32.shape[1])
+
+
+def _grid_w4(w32: torch.Tensor, group: int) -> WeightGrid:
+    n, k = w32.shape
+    groups = w32.view(n, k // group, group)
+    wmin, wmax = groups.amin(-1), groups.amax(-1)
+    # Scales are stored in fp16 (bandwidth); quantise with the rounded scale so dequantize is exact.
+    # Round the scale up, never down, so that 15 steps still span the group: then every weight is within
+    # half a step of its dequantised value (a scale rounded down can push the maximum one step out).
+    scale = ((wmax - wmin) / 15).clamp(min=2.0**-24)
+    scales = scale.to(torch.float16)
+    scales = torch.where(scales.float() < scale, torch.nextafter(scales, torch.full_like(scales, float("inf"))),
+                         scales)
+    s = scales.float()
+    zeros = torch.round(-wmin / s).clamp(0, 15)
+    rounded = torch.round(groups / s[..., None]) + zeros[..., None]
+    codes = rounded.clamp(0, 15)
+    return WeightGrid(codes.view(n, k), scales, zeros, (codes != rounded).view(n, k), group)
+
+
 def quantize(w: torch.Tensor, mode: str = "w4a16", group_size: int | None = 128) -> QuantizedWeight:
     """Quantise a float weight (N, K). group_size applies to w4a16 only (None or -1: per output channel)."""
     if not isinstance(w, torch.Tensor):
@@ -124,34 +179,13 @@ def quantize(w: torch.Tensor, mode: str = "w4a16", group_size: int | None = 128)
     if not torch.isfinite(w).all():
         raise ValueError("w has NaN or inf entries; they cannot be quantised")
     n, k = w.shape
-    group = resolve_group_size(mode, group_size, k)
-    w32 = w.detach().float()
-    if mode == "w4a16":
-        return _quantize_w4(w32, group)
-    amax = w32.abs().amax(1)
-    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    q = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return QuantizedWeight(mode, (n, k), k, q.contiguous(), scales.view(1, n).contiguous())
-
-
-def _quantize_w4(w32: torch.Tensor, group: int) -> QuantizedWeight:
-    n, k = w32.shape
-    groups = w32.view(n, k // group, group)
-    wmin, wmax = groups.amin(-1), groups.amax(-1)
-    # Scales are stored in fp16 (bandwidth); quantise with the rounded scale so dequantize is exact.
-    # Round the scale up, never down, so that 15 steps still span the group: then every weight is within
-    # half a step of its dequantised value (a scale rounded down can push the maximum one step out).
-    scale = ((wmax - wmin) / 15).clamp(min=2.0**-24)
-    scales = scale.to(torch.float16)
-    scales = torch.where(scales.float() < scale, torch.nextafter(scales, torch.full_like(scales, float("inf"))),
-                         scales)
-    if not torch.isfinite(scales).all():
+    grid = weight_grid(w.detach().float(), mode, resolve_group_size(mode, group_size, k))
+    if mode != "w4a16":
+        return QuantizedWeight(mode, (n, k), k, grid.codes.to(torch.int8).contiguous(), grid.scales.T.contiguous())
+    if not torch.isfinite(grid.scales).all():
         raise ValueError("w has a group whose range exceeds what fp16 scales can hold (|w| > ~1e6)")
-    s = scales.float()
-    zeros = torch.round(-wmin / s).clamp(0, 15)
-    q = (torch.round(groups / s[..., None]) + zeros[..., None]).clamp(0, 15).view(n, k)
-    return QuantizedWeight("w4a16", (n, k), group, pack_int4(q), scales.T.contiguous(),
-                           zeros.to(torch.uint8).T.contiguous())
+    return QuantizedWeight("w4a16", (n, k), grid.group, pack_int4(grid.codes), grid.scales.T.contiguous(),
+                           grid.zeros.to(torch.uint8).T.contiguous())
 
 
 def int_weight(qw: QuantizedWeight) -> torch.Tensor:

@@ -150,6 +150,7 @@ class RunSummary:
     checkpoint_bytes_written: int = 0     # bytes of the checkpoint files the run's saves wrote, every segment
     checkpoint_blocking_s: float = 0.0    # seconds blocked in saves, async staging and waits too (slowest rank)
     cp: ContextParallelStatsPart | None = None
+    qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/qat.py)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallel import checkpoint, memory, recipes
+from parallel import checkpoint, memory, qat, recipes
 from parallel.checkpoint import writer as checkpoint_writer
 from parallel.checkpoint.start import decide, describe
 from parallel.config import RunConfig
@@ -89,6 +89,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
         model = GPT(cfg.model)
         self.n_params = count_params(model)
+        self.qat = qat.apply(model, cfg)          # quant.qat: fake-quantised block layers (parallel/qat.py)
         freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
@@ -315,7 +316,7 @@ class Trainer:
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
             run_dir=str(self.run_dir), checkpoint_bytes_written=self.ckpt_bytes,
-            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)),
+            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)), qat=self.qat,
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
         self.out.write_summary(summary, provenance.device_name(ctx.device))
         return summary

@@ -104,6 +104,10 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
         from parallel import tensor_parallel
 
         tensor_parallel.validate(cfg, recipe.tensor_parallel)
+    if cfg.quant.qat != "none":   # which recipes run QAT, and quant.group_size against the layers
+        from parallel import qat
+
+        qat.validate(cfg, recipe.quant_aware)
     if cfg.cp.degree > 1 and recipe.context_parallel is not None:
         raise UserError(f"cp.degree = {cfg.cp.degree} does not work with recipe={cfg.recipe}: "
                         f"{recipe.context_parallel}")

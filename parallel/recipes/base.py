@@ -79,6 +79,8 @@ class Recipe:
     evaluation: str | None = None
     # checkpoint.incremental / checkpoint.async_save: None where this recipe's checkpoints do them, else why not
     checkpoint_modes: str | None = None
+    # quant.qat != none: None where fake-quantised training runs (and is tested against single), else why not
+    quant_aware: str | None = "quant.qat runs under recipes single, ddp and fsdp (ddp and fsdp tested to match single)"
     # whether optim.frozen works here (the model is frozen before setup wraps it; torch AdamW recipes)
     freezes: bool = False
 

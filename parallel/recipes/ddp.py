@@ -95,6 +95,7 @@ class DDPCPEngine(CPEngineMixin, DDPEngine):
 
 class DDP(Recipe):
     freezes = True
+    quant_aware = None   # QATLinear inside the model (parallel/qat.py)
     data_parallel = "replicate"
     tensor_parallel = None   # dp_replicate x tp (parallel/tensor_parallel.py)
     context_parallel = None  # dp_replicate x cp, and dp_replicate x cp x tp (parallel/context_parallel.py)

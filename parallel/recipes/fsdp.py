@@ -72,6 +72,7 @@ def _shard_cp_mesh(ctx: Context):
 
 class FSDP(Recipe):
     freezes = True
+    quant_aware = None   # QATLinear inside the model (parallel/qat.py)
     data_parallel = "shard"
     tensor_parallel = None   # TP inside each dp_shard group: the 2-D layout
     context_parallel = None  # dp_shard x cp, sharded over both (module docstring)
