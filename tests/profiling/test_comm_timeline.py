@@ -128,5 +128,6 @@ def test_analyze_counts_overlap_waits_and_idle_exactly():
 def test_analyze_without_a_trace_is_one_line(tmp_path):
     done = wb("profile", "analyze", str(tmp_path))
     assert done.returncode == 2
-    want = f"wb: error: {tmp_path}/trace.json: no trace.json; train with --timeline (profiling.timeline=true) to write one"
+    want = (f"wb: error: {tmp_path}/trace.json: no trace.json; train with --timeline (profiling.timeline=true) "
+            "to write one")
     assert done.stderr.strip().splitlines() == [want]
