@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from profiling import range as prange
+
 MARKER = ".fault_fired"
 KILL_EXIT_CODE = 17
 
@@ -54,5 +56,6 @@ class FaultInjector:
         if s.rank != self.rank or s.factor <= 1:
             return 0.0
         delay = (s.factor - 1) * compute_s
-        time.sleep(delay)
+        with prange("straggle"):   # emulated slow compute (profiling/analyze.py counts it as busy)
+            time.sleep(delay)
         return delay

@@ -175,8 +175,7 @@ class Trainer:
         with prange("step", step=step):
             # a slow worker: F x its compute (the previous step's), before the step's gradient communication,
             # where a slow GPU or host would delay it
-            with prange("straggle"):
-                self.faults.straggle(self.compute_s)
+            self.faults.straggle(self.compute_s)
             began = time.perf_counter()
             result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
                                             on_backward=on_backward)

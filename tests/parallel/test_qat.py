@@ -103,7 +103,10 @@ def test_converted_layer_and_model_equal_the_fake_quantised_forward(mode):
     idx = torch.randint(0, 64, (3, 32), generator=gen)
     with torch.no_grad():
         want, got = model(idx).double(), quantised_copy(model, mode, 32)(idx).double()
-    assert float((got - want).norm() / want.norm()) < 1e-5
+    # w8a8 rounds every activation: where the two paths' fp32 sums differ by an ulp at a .5 boundary, one int8
+    # code flips by one step (~1% of that token's max) and the next layers carry it; measured up to 8e-5
+    tol = 1e-3 if mode == "w8a8" else 1e-5
+    assert float((got - want).norm() / want.norm()) < tol
 
 
 # ---- ddp and fsdp against single, per step ---------------------------------------------------------
