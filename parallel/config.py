@@ -104,6 +104,7 @@ class CheckpointConfig:
 @dataclass
 class FaultConfig:
     kill_rank: int = -1          # this rank exits abruptly (os._exit) at step `at_step`; -1 = never
+    kill_host: bool = False      # with kill_rank under torchrun: its node's agent is SIGKILLed first, a lost host
     at_step: int = 0
     hang_rank: int = -1          # this rank sleeps forever at step `at_step` (a stuck worker); -1 = never
     collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long

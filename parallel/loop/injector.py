@@ -14,6 +14,7 @@ server's workers and Hogwild's processes.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class FaultInjector:
             if self.marker is not None:
                 self.marker.parent.mkdir(parents=True, exist_ok=True)
                 self.marker.write_text(f"rank {self.rank} killed at step {step}\n")
+            if f.kill_host and "TORCHELASTIC_RUN_ID" in os.environ:   # the torchrun agent is our parent
+                os.kill(os.getppid(), signal.SIGKILL)   # no agent left to restart us or to leave the rendezvous
             os._exit(KILL_EXIT_CODE)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
         if f.hang_rank == self.rank and f.at_step == step:
             while True:    # a stuck worker: alive, never reaching the next collective
