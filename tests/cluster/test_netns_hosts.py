@@ -7,7 +7,9 @@ Slurm test cluster), one rank per "host", every run compared with one `single` r
   both agents (`--max-restarts 1`) restart, the group resumes from step 2 and still matches `single`;
 - `wb train --launcher ray --nproc 2`, driver in host A, on a Ray head in host A and a Ray worker node in host B
   (`netns_hosts.sh ray-up`, one CPU each, so one Ray Train worker per host) matches `single`; `ray-down` leaves
-  no process in either namespace.
+  no process in either namespace;
+- `wb slurm render --nodes 2 --nproc-per-node 1 --submit --wait`, run in host A, on a two-node Slurm (slurmctld
+  and slurmd hostA in host A, slurmd hostB in host B: scripts/slurm_hosts.sh) matches `single`.
 
 GLOO_SOCKET_IFNAME is never set here: the launchers pick it per node. WB_NETNS_SUFFIX names a separate pair (the
 names are machine-wide). Skipped with the script's one-line reason where namespaces cannot be made (not root, no
@@ -15,7 +17,9 @@ names are machine-wide). Skipped with the script's one-line reason where namespa
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,15 +31,23 @@ from tests.cluster.common import JOB, ROOT, TINY, final_params, losses, max_rel_
 pytestmark = pytest.mark.slow
 
 SCRIPT = str(ROOT / "scripts" / "netns_hosts.sh")
+SLURM_SCRIPT = str(ROOT / "scripts" / "slurm_hosts.sh")
 SFX = os.environ.get("WB_NETNS_SUFFIX", "")
 HOSTS = {f"wb-hostA{SFX}": ("10.77.0.1", f"wbvA{SFX}"), f"wb-hostB{SFX}": ("10.77.0.2", f"wbvB{SFX}")}
 HEAD_NS, WORKER_NS = HOSTS
 RAY_TOKEN = f"/tmp/wb-netns-ray{SFX}/auth_token"
 
 
-def script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+def script(*args: str, timeout: float = 120, path: str = SCRIPT) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", path, *args], capture_output=True, text=True, timeout=timeout,
                           env=common.env(RAY=f"{common.VENV_BIN}/ray"))
+
+
+def skip_if_cannot(done: subprocess.CompletedProcess) -> None:
+    if done.returncode == 3:
+        reason = done.stderr.strip().splitlines() or ["exit 3: it cannot run here"]
+        pytest.skip(reason[-1])   # the script's one-line reason (not root, no ip / netns / veth / apt-get)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def host_env(**extra: str) -> dict[str, str]:
@@ -55,11 +67,7 @@ def namespace_pids() -> list[str]:
 
 @pytest.fixture(scope="module")
 def hosts():
-    done = script("up", timeout=60)
-    if done.returncode == 3:
-        reason = done.stderr.strip().splitlines() or ["exit 3: it cannot run here"]
-        pytest.skip(reason[-1])   # the script's one-line reason (not root, no ip, no netns / veth)
-    assert done.returncode == 0, done.stdout + done.stderr
+    skip_if_cannot(script("up", timeout=60))
     yield HOSTS
     script("down", timeout=60)
 
@@ -135,5 +143,32 @@ def test_two_host_ray_train_matches_single(ray_hosts, single, tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert "ip=10.77.0.2" in out    # a Ray Train worker ran on host B (its log lines carry the node's address)
+    assert summary(run_dir)["world_size"] == 2
+    assert_matches_single(run_dir, single)
+
+
+@pytest.fixture(scope="module")
+def slurm_hosts(hosts):
+    """The two-node Slurm up (its packages installed if missing): SLURM_CONF for clients in host A."""
+    done = script("up", timeout=900, path=SLURM_SCRIPT)
+    skip_if_cannot(done)
+    yield re.search(r"SLURM_CONF=(\S+)", done.stdout).group(1)
+    script("down", path=SLURM_SCRIPT)
+
+
+@pytest.mark.slurm
+def test_two_node_slurm_job_matches_single(slurm_hosts, single, tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(in_host(HEAD_NS, "-m", "workbench", "slurm", "render", "--nodes", "2", "--nproc-per-node",
+                                  "1", "--gpus-per-node", "0", "--partition", "debug", "--time", "10", "--port",
+                                  str(common.free_port()), "--log-dir", str(tmp_path / "logs"), "--submit", "--wait",
+                                  "--", "wb", "train", "--recipe", "ddp", "--config", TINY, "--run-dir", str(run_dir),
+                                  *JOB),
+                          cwd=ROOT, env=host_env(SLURM_CONF=slurm_hosts), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr + "".join(
+        p.read_text()[-3000:] for p in (tmp_path / "logs").glob("*.out"))
+    start = json.loads((run_dir / "slurm_env.json").read_text())["starts"][0]
+    assert start["hostnames"] == ["hostA", "hostB"] and start["env"]["SLURM_JOB_NUM_NODES"] == "2"
     assert summary(run_dir)["world_size"] == 2
     assert_matches_single(run_dir, single)
