@@ -46,14 +46,14 @@ up() {
 
 ns_pids() { for ns in $A $B; do if exists "$ns"; then ip netns pids "$ns"; fi; done; }
 
-# TERM every process in the namespaces, KILL what is left after 2 s.
+# TERM every process in the namespaces, KILL what is left after 1 s.
 end_processes() {
     local pids sig
     for sig in TERM KILL; do
         pids=$(ns_pids)
         [ -n "$pids" ] || return 0
         kill -s "$sig" $pids 2>/dev/null || true
-        for _ in $(seq 20); do [ -n "$(ns_pids)" ] || return 0; sleep 0.1; done
+        for _ in $(seq 10); do [ -n "$(ns_pids)" ] || return 0; sleep 0.1; done
     done
     echo "netns_hosts: processes left in the namespaces: $(ns_pids | tr '\n' ' ')" >&2
     return 1

@@ -2,24 +2,26 @@
 Slurm test cluster), one rank per "host", every run compared with one `single` run (6 steps, checkpoints every 2):
 
 - each host's gloo interface is the one carrying its address (cluster/netif.py), chosen inside the namespace;
-- `wb launch torchrun --nnodes 2` (c10d on host A) matches `single` per step and in its final parameters;
-- host B's rank dies at step 3 (`fault.kill_rank=1`: c10d orders nodes by address, so rank 1 is host B's);
-  both agents (`--max-restarts 1`) restart, the group resumes from step 2 and still matches `single`;
+- `wb launch torchrun --nnodes 2` (c10d on host A), host B's rank killed at step 3 (`fault.kill_rank=1`: c10d
+  orders nodes by address, so rank 1 is host B's): both agents (`--max-restarts 1`) restart, the group resumes
+  from step 2, and every step's loss (from the first attempt or the restarted one, all two-node) and the final
+  parameters match `single`;
+- `wb slurm render --nodes 2 --nproc-per-node 1 --submit --wait`, run in host A, on a two-node Slurm (slurmctld
+  and slurmd hostA in host A, slurmd hostB in host B: scripts/slurm_hosts.sh) matches `single`;
 - `wb train --launcher ray --nproc 2`, driver in host A, on a Ray head in host A and a Ray worker node in host B
   (`netns_hosts.sh ray-up`, one CPU each, so one Ray Train worker per host) matches `single`; `ray-down` leaves
-  no process in either namespace;
-- `wb slurm render --nodes 2 --nproc-per-node 1 --submit --wait`, run in host A, on a two-node Slurm (slurmctld
-  and slurmd hostA in host A, slurmd hostB in host B: scripts/slurm_hosts.sh) matches `single`.
+  no process in either namespace (it runs last: an idle Ray slows the other runs down).
 
 GLOO_SOCKET_IFNAME is never set here: the launchers pick it per node. WB_NETNS_SUFFIX names a separate pair (the
 names are machine-wide). Skipped with the script's one-line reason where namespaces cannot be made (not root, no
-`ip`, no netns or veth)."""
+`ip`, no netns or veth); the Slurm test also where its packages are missing and there is no apt-get."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -95,55 +97,36 @@ def test_gloo_interface_is_chosen_per_host(hosts):
 
 
 def two_node_torchrun(hosts, run_dir, *extra: str, restarts: int = 0) -> list[str]:
-    """One `wb launch torchrun` agent per host, one rank each; their outputs (host A's, host B's)."""
-    port, head, procs = common.free_port(), hosts[HEAD_NS][0], []
+    """One `wb launch torchrun` agent per host, one rank each; their outputs (host A's, host B's). Outputs go to
+    files, not pipes: a pipe read only after the other agent ends could fill and stall its ranks."""
+    port, head, procs, logs = common.free_port(), hosts[HEAD_NS][0], [], []
     for ns, (addr, _) in hosts.items():
         cmd = in_host(ns, "-m", "workbench", "launch", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
                       "--rdzv-endpoint", f"{head}:{port}", "--rdzv-id", "netns", "--local-addr", addr,
                       "--rdzv-conf", f"is_host={'true' if addr == head else 'false'}", "--max-restarts",
                       str(restarts), "--", "wb", "train", "--recipe", "ddp", "--config", TINY, "--run-dir",
                       str(run_dir), *JOB, *extra)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=host_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+        logs.append(run_dir.parent / f"{ns}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=host_env(), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=180) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+        for p in procs:   # the agent and its ranks: the session each agent leads
+            os.killpg(p.pid, signal.SIGKILL)
+    outs = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(o[-4000:] for o in outs)
     return outs
 
 
-def test_two_node_torchrun_matches_single(hosts, single, tmp_path):
-    two_node_torchrun(hosts, tmp_path / "run")
-    assert_matches_single(tmp_path / "run", single)
-
-
-def test_two_node_torchrun_survives_losing_host_b_rank(hosts, single, tmp_path):
+def test_two_node_torchrun_matches_single_and_survives_losing_host_b(hosts, single, tmp_path):
     run_dir = tmp_path / "run"
     out_a, out_b = two_node_torchrun(hosts, run_dir, "fault.kill_rank=1", "fault.at_step=3", restarts=1)
     assert "exitcode: 17" in out_b and "exitcode: 17" not in out_a   # the death was host B's rank
     assert (run_dir / ".fault_fired").read_text().startswith("rank 1 killed at step 3")
     assert summary(run_dir)["resumed_from_step"] == 2
-    assert_matches_single(run_dir, single)
-
-
-@pytest.fixture(scope="module")
-def ray_hosts(hosts):
-    done = script("ray-up")
-    assert done.returncode == 0, done.stdout + done.stderr
-    yield f"{hosts[HEAD_NS][0]}:6379"
-    done = script("ray-down")
-    assert done.returncode == 0 and namespace_pids() == [], done.stdout + done.stderr
-
-
-def test_two_host_ray_train_matches_single(ray_hosts, single, tmp_path):
-    run_dir = tmp_path / "run"
-    done = subprocess.run(in_host(HEAD_NS, "-m", "workbench", "train", "--launcher", "ray", "--ray-address",
-                                  ray_hosts, "--nproc", "2", "--recipe", "ddp", "--config", TINY, "--run-dir",
-                                  str(run_dir), *JOB),
-                          cwd=ROOT, env=host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=RAY_TOKEN),
-                          capture_output=True, text=True, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
-    assert "ip=10.77.0.2" in out    # a Ray Train worker ran on host B (its log lines carry the node's address)
-    assert summary(run_dir)["world_size"] == 2
     assert_matches_single(run_dir, single)
 
 
@@ -170,5 +153,28 @@ def test_two_node_slurm_job_matches_single(slurm_hosts, single, tmp_path):
         p.read_text()[-3000:] for p in (tmp_path / "logs").glob("*.out"))
     start = json.loads((run_dir / "slurm_env.json").read_text())["starts"][0]
     assert start["hostnames"] == ["hostA", "hostB"] and start["env"]["SLURM_JOB_NUM_NODES"] == "2"
+    assert summary(run_dir)["world_size"] == 2
+    assert_matches_single(run_dir, single)
+
+
+@pytest.fixture(scope="module")
+def ray_hosts(hosts):
+    done = script("ray-up")
+    assert done.returncode == 0, done.stdout + done.stderr
+    yield f"{hosts[HEAD_NS][0]}:6379"
+    done = script("ray-down")
+    assert done.returncode == 0 and namespace_pids() == [], done.stdout + done.stderr
+
+
+def test_two_host_ray_train_matches_single(ray_hosts, single, tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(in_host(HEAD_NS, "-m", "workbench", "train", "--launcher", "ray", "--ray-address",
+                                  ray_hosts, "--nproc", "2", "--recipe", "ddp", "--config", TINY, "--run-dir",
+                                  str(run_dir), *JOB),
+                          cwd=ROOT, env=host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=RAY_TOKEN),
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    assert "ip=10.77.0.2" in out    # a Ray Train worker ran on host B (its log lines carry the node's address)
     assert summary(run_dir)["world_size"] == 2
     assert_matches_single(run_dir, single)
