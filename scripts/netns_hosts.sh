@@ -13,8 +13,9 @@
 # ray-up: one CPU per node (so Ray Train puts one worker on each), no dashboard, each node's own temp dir
 # under /tmp/wb-netns-ray, token authentication with its own token: a driver needs RAY_AUTH_MODE=token
 # RAY_AUTH_TOKEN_PATH=/tmp/wb-netns-ray/auth_token. RAY=/path/to/ray picks the binary (its Python runs the
-# workers). The port is the namespaces' own, so it cannot clash with a Ray on this machine. `ray stop` is not used: it would stop
-# every Ray on the machine; ray-down ends only the processes in the two namespaces (ip netns pids).
+# workers). The port is the namespaces' own, so it cannot clash with a Ray on this machine. `ray stop` is
+# not used: it would stop every Ray on the machine; ray-down ends only the processes in the two namespaces
+# (ip netns pids).
 #
 # Run a command on a host: ip netns exec wb-hostA CMD. Exit 3 (one line) where namespaces cannot be made.
 set -euo pipefail

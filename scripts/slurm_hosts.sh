@@ -97,7 +97,7 @@ wait_idle() {
 }
 
 up() {
-    bash "$HERE/netns_hosts.sh" status >/dev/null || { echo "slurm_hosts: hosts not up (netns_hosts.sh up)" >&2; exit 1; }
+    bash "$HERE/netns_hosts.sh" status >/dev/null || fail "the hosts are not up (scripts/netns_hosts.sh up)"
     bash "$HERE/slurm_local.sh" install
     if status >/dev/null; then wait_idle; say "already up; SLURM_CONF=$CONF"; return 0; fi
     down >/dev/null
