@@ -138,6 +138,19 @@ def quiet_ray_train_logs() -> None:
             logging.getLogger(name).addFilter(_AtLeast(level))
 
 
+def setup_ray_worker() -> None:
+    """Ray's worker_process_setup_hook, run in every worker process before Ray Train's process group: gloo
+    binds to the interface carrying this node's Ray address (cluster/netif.py; per node, as each node's
+    address differs), and Ray Train's chatter is filtered unless WB_DEBUG reached the workers."""
+    import ray
+
+    from cluster import netif
+
+    netif.pin_gloo_interface(ray.util.get_node_ip_address())
+    if not os.environ.get("WB_DEBUG"):
+        quiet_ray_train_logs()
+
+
 def _quiet_logging_config(ray):
     """Ray Train's LoggingConfig at WARNING (where this Ray has one, 2.50+), unless WB_DEBUG asks for all."""
     config = getattr(ray.train, "LoggingConfig", None)
@@ -151,9 +164,11 @@ def _init_ray(address: str | None, nproc: int) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")   # set inside a `ray job submit` job
     root = str(Path(__file__).resolve().parents[1])      # workers import the project from here
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
+    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    if os.environ.get("WB_DEBUG"):
+        env_vars["WB_DEBUG"] = os.environ["WB_DEBUG"]
+    env = {"env_vars": env_vars, "worker_process_setup_hook": "cluster.ray_train.setup_ray_worker"}
     if not os.environ.get("WB_DEBUG"):   # Ray Train's per-step chatter, cut in every worker process
-        env["worker_process_setup_hook"] = "cluster.ray_train.quiet_ray_train_logs"
         print("wb: Ray Train's per-step report lines and its state-API warnings are hidden (WB_DEBUG=1 shows "
               "them)", file=sys.stderr)
     if address:

@@ -11,7 +11,8 @@ Single node: c10d rendezvous on `localhost:0` (the agent picks a free port; this
 group K times after a worker dies (each restart sets TORCHELASTIC_RESTART_COUNT); the train loop then
 resumes from the newest complete checkpoint. `--log-dir D` writes one stdout/stderr file per rank
 (`D/<run id>/attempt_<k>/<local rank>/{stdout,stderr}.log`) and still shows them on the console;
-`--local-ranks-filter 0` shows only rank 0 there.
+`--local-ranks-filter 0` shows only rank 0 there. `--local-addr A` also picks gloo's interface on this
+node: the one carrying A (GLOO_SOCKET_IFNAME, unless set; cluster/netif.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import uuid
 
+from cluster import netif
 from parallel.errors import UserError
 
 
@@ -81,17 +83,19 @@ def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1",
     return cmd + entry_args(command)
 
 
-def worker_env(base: dict | None = None) -> dict:
+def worker_env(base: dict | None = None, local_addr: str = "") -> dict:
+    """The workers' environment; with --local-addr, gloo binds to the interface carrying that address."""
     env = dict(os.environ if base is None else base)
     env.setdefault("OMP_NUM_THREADS", "1")   # torchrun sets 1 itself but warns; ranks share the cores
+    netif.pin_gloo_interface(local_addr, env)
     return env
 
 
-def run(cmd: list[str], echo: bool = False) -> int:
+def run(cmd: list[str], echo: bool = False, local_addr: str = "") -> int:
     """Run a launcher command in the foreground; its exit code (torchrun's: non-zero if the job failed)."""
     if echo:
         print(shlex.join(cmd), flush=True)
-    return subprocess.call(cmd, env=worker_env())
+    return subprocess.call(cmd, env=worker_env(local_addr=local_addr))
 
 
 def inside_torchrun() -> bool:

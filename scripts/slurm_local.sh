@@ -5,6 +5,7 @@
 #   scripts/slurm_local.sh up       # install slurmctld/slurmd/client + munge if missing, start, wait for idle
 #   scripts/slurm_local.sh status   # "up: ..." (exit 0) or "down: ..." (exit 1)
 #   scripts/slurm_local.sh down     # cancel its jobs, stop what it started, remove its state
+#   scripts/slurm_local.sh install  # only the packages (scripts/slurm_hosts.sh uses them)
 #
 # Everything lives under WB_SLURM_DIR (default /tmp/wb-slurm): slurm.conf, the munge key and socket,
 # state, spool, logs, pid files. Clients find the cluster with SLURM_CONF=$WB_SLURM_DIR/slurm.conf
@@ -168,7 +169,8 @@ status() {
 
 case "${1:-}" in
     up) up ;;
+    install) [ "$EUID" = 0 ] || cannot "needs root (apt-get install)"; install_packages ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|install" >&2; exit 2 ;;
 esac

@@ -50,7 +50,7 @@ def launch_torchrun(
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return
-    code = torchrun.run(cmd)
+    code = torchrun.run(cmd, local_addr=local_addr)
     if code:
         raise typer.Exit(code)
 

@@ -42,18 +42,26 @@ def _store():
 
 
 def restart_safe_store() -> dict:
-    """`init_process_group` arguments for a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0).
+    """`init_process_group` arguments that keep each torchrun attempt's gloo addresses apart.
 
     Seen with torch 2.13: after `--max-restarts` restarts the group, the agent's TCPStore still holds
     the previous attempt's gloo addresses under the same keys, and the new ranks connect to the dead
-    ones ("Gloo connectFullMesh failed ... Connection refused"). A key prefix per attempt fixes it."""
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+    ones ("Gloo connectFullMesh failed ... Connection refused"). A key prefix per attempt fixes it.
+    The attempt is counted in that store (every rank adds 1 as it starts), not read from
+    TORCHELASTIC_RESTART_COUNT: with several nodes, an agent that restarts because another node's rank
+    failed keeps its count, so the nodes' counts differ and their ranks would wait under different
+    prefixes (docs/ARCHITECTURE.md, Slurm test cluster: two hosts)."""
+    if "MASTER_ADDR" not in os.environ or "TORCHELASTIC_RUN_ID" not in os.environ:
         return {}
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not agent_store and attempt == 0:
+        return {}   # rank 0 hosts a fresh store each attempt: nothing stale in it
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timedelta(minutes=10))
+    if agent_store:   # the job's store, kept across attempts: the same count on every node
+        attempt = (store.add("wb/ranks_started", 1) - 1) // world
     return {"store": dist.PrefixStore(f"wb/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
