@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,9 +304,11 @@ class RunConfig:
         if self.global_batch % (self.micro_batch * dp):
             raise UserError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
                             f"({self.micro_batch}) x data-parallel degree ({dp})")
+        # a torchrun restart of an elastic job may have fewer ranks than the one its faults were aimed at
+        shrunk = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         for key, rank in (("fault.kill_rank", self.fault.kill_rank), ("fault.hang_rank", self.fault.hang_rank),
                           ("straggler.rank", self.straggler.rank)):
-            if rank >= world_size:
+            if rank >= world_size and not shrunk:
                 raise UserError(f"{key} ({rank}) must be < world size ({world_size})")
 
     def _check_checkpoint(self) -> None:

@@ -3,13 +3,15 @@ that fails the job within the collective timeout, and the command `wb launch tor
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from cluster.torchrun import torchrun_command
-from tests.cluster.common import JOB, KILL, TINY, final_params, free_port, losses, max_rel_diff, summary, wb
+from tests.cluster.common import JOB, KILL, ROOT, TINY, env, final_params, free_port, losses, max_rel_diff, summary, wb
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +46,39 @@ def test_kill_and_resume_under_torchrun(clean_ddp, tmp_path):
     assert max_rel_diff(final_params(run_dir), final_params(clean)) < 1e-6
     assert losses(run_dir) == pytest.approx(losses(clean), rel=1e-6)
     print(f"\nkill + torchrun restart + resume: {seconds:.1f} s (uninterrupted: {clean_ddp[2]:.1f} s)")
+
+
+def _elastic_agent(port: int, run_dir, log: Path) -> subprocess.Popen:
+    """One node's agent of an elastic 1:2-node job on this host; a short last call, so the survivor goes on
+    alone soon after its peer's heartbeats stop."""
+    cmd = [sys.executable, "-m", "workbench", "launch", "torchrun", "--nnodes", "1:2", "--nproc-per-node", "1",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic", "--max-restarts", "1",
+           "--rdzv-conf", "last_call_timeout=8,keep_alive_interval=1,keep_alive_max_attempt=3", "--",
+           "wb", "train", "--recipe", "ddp", "--config", TINY, f"run_dir={run_dir}", *JOB, *KILL,
+           "fault.kill_host=true"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_elastic_job_survives_a_lost_host(clean_ddp, tmp_path):
+    """--nnodes 1:2, one rank per node: rank 1 dies at step 3 with its agent (a host gone for good). The
+    survivor's agent restarts, the rendezvous closes with one node, and it resumes the step-2 checkpoint as ddp
+    on 1 rank (resharded, the same global batch): the 2-rank uninterrupted run's losses and parameters."""
+    port, run_dir = free_port(), tmp_path / "run"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    agents = [_elastic_agent(port, run_dir, log) for log in logs]
+    try:
+        codes = [a.wait(timeout=240) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    out = [log.read_text() for log in logs]
+    survivor = 0 if "resuming step_000002" in out[0] else 1
+    assert codes[survivor] == 0 and codes[1 - survivor] != 0, (codes, out[0][-3000:], out[1][-3000:])
+    assert "written by ddp on 2 ranks as ddp on 1 rank" in out[survivor]
+    s = summary(run_dir)
+    assert s["world_size"] == 1 and s["resumed_from_step"] == 2
+    assert losses(run_dir) == pytest.approx(losses(clean_ddp[0]), rel=1e-5)
+    assert max_rel_diff(final_params(run_dir), final_params(clean_ddp[0])) < 1e-5
 
 
 def test_hung_rank_fails_within_collective_timeout(tmp_path):
