@@ -45,6 +45,7 @@ class ProfileSession:
         self.steps = steps
         self._capturing = False
         self._torch = None
+        self.torch_out = self.run_dir / "torch_profile"
         if use_timeline:
             timeline.start(self.run_dir / "timeline", rank)
             timeline.align_clocks()
@@ -53,15 +54,25 @@ class ProfileSession:
 
     @classmethod
     def from_env(cls, run_dir, rank: int = 0, use_timeline: bool = False) -> ProfileSession:
+        """What `wb profile` set: WB_PROFILE_STEPS (Nsight's capture range), WB_TORCH_PROFILE (the torch
+        profiler's schedule), WB_TORCH_PROFILE_RANKS (the ranks it profiles; all without it) and
+        WB_TORCH_PROFILE_OUT (where its files go; <run dir>/torch_profile without it)."""
         steps = os.environ.get("WB_PROFILE_STEPS")
         schedule = os.environ.get("WB_TORCH_PROFILE")
-        return cls(run_dir, rank, use_timeline=use_timeline, steps=parse_steps(steps) if steps else None,
-                   torch_schedule=parse_schedule(schedule) if schedule else None)
+        ranks = os.environ.get("WB_TORCH_PROFILE_RANKS")
+        if ranks and rank not in {int(r) for r in ranks.split(",")}:
+            schedule = None
+        session = cls(run_dir, rank, use_timeline=use_timeline, steps=parse_steps(steps) if steps else None,
+                      torch_schedule=None)
+        session.torch_out = Path(os.environ.get("WB_TORCH_PROFILE_OUT") or session.run_dir / "torch_profile")
+        if schedule:
+            session._torch = session._start_torch_profiler(*parse_schedule(schedule))
+        return session
 
     def _start_torch_profiler(self, wait: int, warmup: int, active: int):
         import torch
 
-        out = self.run_dir / "torch_profile"
+        out = self.torch_out
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -106,7 +117,7 @@ class ProfileSession:
 
         prof, self._torch = self._torch, None
         prof.stop()
-        out = self.run_dir / "torch_profile"
+        out = self.torch_out
         table = out / f"key_averages-rank{self.rank}.txt"
         if not table.exists():
             out.mkdir(parents=True, exist_ok=True)

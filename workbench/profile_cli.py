@@ -123,12 +123,19 @@ def torch_(ctx: typer.Context,
            wait: int = typer.Option(1, help="steps skipped before profiling"),
            warmup: int = typer.Option(1, help="steps profiled but discarded"),
            active: int = typer.Option(2, help="steps recorded"),
+           ranks: str = typer.Option(None, "--ranks", help="profile only these ranks, e.g. 0,3 (default: all)"),
+           out: Path = typer.Option(None, "--out", help="the traces' folder (default <run dir>/torch_profile)"),
            dry_run: bool = typer.Option(False, "--dry-run", help="print the command, run nothing")):
-    """torch.profiler with a schedule: per-rank traces under <run dir>/torch_profile/."""
+    """torch.profiler with a schedule, one cycle: a trace and a key_averages table per profiled rank."""
     target = _target(ctx)
     schedule = f"{wait},{warmup},{active}"
     parse_schedule(schedule)
     env = {"WB_TORCH_PROFILE": schedule}
+    selected = _ranks(ranks)
+    if selected is not None:
+        env["WB_TORCH_PROFILE_RANKS"] = ",".join(map(str, selected))
+    if out is not None:
+        env["WB_TORCH_PROFILE_OUT"] = str(out.resolve())
     print("command:", " ".join(f"{k}={v}" for k, v in env.items()), shlex.join(target))
     if dry_run:
         return

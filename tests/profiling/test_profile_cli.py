@@ -120,18 +120,37 @@ def test_torch_profiler_writes_a_trace_per_rank(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    run_dir = tmp_path / "run"
-    out = wb("profile", "torch", "--wait", "1", "--warmup", "1", "--active", "1", "--", "wb", "train", "--recipe",
+    run_dir, prof = tmp_path / "run", tmp_path / "prof"
+    out = wb("profile", "torch", "--wait", "1", "--warmup", "1", "--active", "1", "--ranks", "0,1", "--out", str(prof),
+             "--", "wb", "train", "--recipe",
              "ddp", "--nproc", "2", "--config", str(root / "configs" / "tiny.toml"), "--run-dir", str(run_dir),
              "steps=7", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=0",
              env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not (run_dir / "torch_profile").exists()   # --out
     for rank in (0, 1):
-        (trace_file,) = (run_dir / "torch_profile").glob(f"rank{rank}.*.pt.trace.json")
+        (trace_file,) = prof.glob(f"rank{rank}.*.pt.trace.json")
         trace = json.loads(trace_file.read_text())
         assert trace["distributedInfo"]["rank"] == rank and trace["distributedInfo"]["world_size"] == 2
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"fwd", "bwd", "optimizer"} <= names   # one cycle (7 steps hold two of 3), one trace per rank
-        table = (run_dir / "torch_profile" / f"key_averages-rank{rank}.txt").read_text()
+        table = (prof / f"key_averages-rank{rank}.txt").read_text()
         fwd_rows = [ln for ln in table.splitlines() if ln.split() and ln.split()[0] == "fwd"]
         assert len(fwd_rows) == 1 and "mb=" not in table   # the 2 micro-batches' ranges grouped in one row
+
+
+def test_torch_profiler_runs_only_on_the_selected_ranks(tmp_path, monkeypatch):
+    """WB_TORCH_PROFILE_RANKS (`wb profile torch --ranks`): the other ranks start no profiler and write nothing;
+    WB_TORCH_PROFILE_OUT (`--out`) is where the selected one writes."""
+    from profiling.session import ProfileSession
+
+    monkeypatch.setenv("WB_TORCH_PROFILE", "0,0,1")
+    monkeypatch.setenv("WB_TORCH_PROFILE_RANKS", "1")
+    monkeypatch.setenv("WB_TORCH_PROFILE_OUT", str(tmp_path / "prof"))
+    sessions = {rank: ProfileSession.from_env(tmp_path / "run", rank) for rank in (0, 1)}
+    assert sessions[0]._torch is None and sessions[1]._torch is not None
+    for session in sessions.values():
+        session.end_step(0)
+        session.close()
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "prof").glob("*.pt.trace.json")) == ["rank1"]
+    assert not (tmp_path / "run").exists()
