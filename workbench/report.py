@@ -19,7 +19,7 @@ from pathlib import Path
 from parallel.config import flatten_config
 from parallel.errors import UserError
 from parallel.loop.summary import RunSummary
-from workbench import quant_report
+from workbench import quant_report, timeline_report
 
 MIB = 1 << 20
 
@@ -339,6 +339,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path, failures: dict[str
     figures = _figures(runs, out, machine)
     text = [f"# Recipe comparison\n\nMachine: {machine}. Runs: " + ", ".join(f"`{r.path}`" for r in runs) + ".\n",
             *_warning_lines(runs), "## Runs\n", _markdown_table(runs_table(runs)) + "\n", _provenance_section(runs)]
+    breakdown = timeline_report.table(runs)   # runs trained with --timeline
+    if breakdown:
+        text.append("## Where the step time goes (median per step, wb profile analyze)\n\n"
+                    + _markdown_table(breakdown) + "\n")
     if failures:
         text.append("## Failed runs\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in failures.items()) + "\n")
     text.append("## Figures\n")
@@ -367,7 +371,8 @@ def _figures(runs: list[Run], out: Path, machine: str) -> list[str]:
                                {"peak": [_mib(v) for v in each("peak_memory_bytes_per_rank")]}))
     staleness = _staleness_figure(runs, out, machine)
     quant = quant_report.figure(runs, out, machine)   # runs with a quant_eval.json
-    return figures + [f for f in (staleness, quant) if f] + _gantt_figures(runs, out)
+    breakdown = timeline_report.figure(runs, out, machine)   # runs with a trace.json
+    return figures + [f for f in (staleness, quant, breakdown) if f] + _gantt_figures(runs, out)
 
 
 def _mib(value):

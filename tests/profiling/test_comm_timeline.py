@@ -131,3 +131,17 @@ def test_analyze_without_a_trace_is_one_line(tmp_path):
     want = (f"wb: error: {tmp_path}/trace.json: no trace.json; train with --timeline (profiling.timeline=true) "
             "to write one")
     assert done.stderr.strip().splitlines() == [want]
+
+
+def test_report_breaks_the_step_time_down_per_rank(runs, tmp_path):
+    """`wb report` of runs with a timeline: the time-breakdown figure, and its table equal to the analysis."""
+    from profiling.analyze import analyze_run
+
+    done = wb("report", str(runs["ddp"]), str(runs["ddp-straggler"]), "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "time_breakdown.png").stat().st_size > 0
+    text = (tmp_path / "report.md").read_text()
+    assert "![time_breakdown.png](time_breakdown.png)" in text
+    slow = analyze_run(runs["ddp-straggler"])["ranks"][0]
+    row = f"| ddp-straggler | 0 | {slow['step_ms']:.2f} | {slow['busy_ms']:.2f} | {slow['comm_ms']:.2f} |"
+    assert row in text
