@@ -4,10 +4,11 @@ writes and reads on any layout. One chain of runs, each link starting from the p
     single (reference, 8 steps) --step 2--> fsdp x2, killed at step 4 --resumed in its run dir--> single
     fsdp's step 4 --load_from--> pipeline x2 --step 5--> ddp x2 --step 6--> ddp tp=2 --step 7--> single
     ddp x2's step 6 --load_from--> zero2 x2 --step 7--> zero3 x2
+    ddp x2's step 6 --load_from--> ddp cp=2 (context parallel) --step 7--> single
     ddp tp=2's and zero3's step 8 --wb checkpoint export--> safetensors
 
 Every link's per-step losses equal the uninterrupted reference's within 1e-5, and the exported weights its
-final weights. Five launches in all: three in this process, one killed CLI run, one torchrun of five runs
+final weights. Six launches in all: four in this process, one killed CLI run, one torchrun of six runs
 (the `wb checkpoint` commands run in this process too).
 """
 
@@ -48,7 +49,7 @@ def _step(run, n: int) -> str:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
-    runs = {name: root / name for name in ("ref", "fsdp", "pipe", "ddp", "tp", "z2", "z3", "last")}
+    runs = {name: root / name for name in ("ref", "fsdp", "pipe", "ddp", "tp", "z2", "z3", "last", "cp", "cpread")}
     _train_here(f"run_dir={runs['ref']}")
     killed = wb("train", "--recipe", "fsdp", "--nproc", "2", "--config", TINY, *BASE, "checkpoint.every=2",
                 f"run_dir={runs['fsdp']}", f"checkpoint.load_from={_step(runs['ref'], 2)}",
@@ -65,8 +66,11 @@ def chain(tmp_path_factory):
                  (TINY, [*BASE, "recipe=zero2", f"run_dir={runs['z2']}",
                          f"checkpoint.load_from={_step(runs['ddp'], 6)}"]),
                  (TINY, [*BASE, "recipe=zero3", f"run_dir={runs['z3']}",
-                         f"checkpoint.load_from={_step(runs['z2'], 7)}"])])
+                         f"checkpoint.load_from={_step(runs['z2'], 7)}"]),
+                 (TINY, [*BASE, "recipe=ddp", "cp.degree=2", f"run_dir={runs['cp']}",
+                         f"checkpoint.load_from={_step(runs['ddp'], 6)}"])])
     _train_here(f"run_dir={runs['last']}", f"checkpoint.load_from={runs['tp'] / 'checkpoints' / 'step_000007'}")
+    _train_here(f"run_dir={runs['cpread']}", f"checkpoint.load_from={_step(runs['cp'], 7)}")
     return runs, resumed
 
 
@@ -91,13 +95,25 @@ def test_killed_fsdp_run_resumes_as_single(chain):
 
 
 @pytest.mark.parametrize("name, first, writer", [("pipe", 4, "fsdp"), ("ddp", 5, "pipeline"), ("tp", 6, "ddp"),
-                                                 ("last", 7, "ddp"), ("z2", 6, "ddp"), ("z3", 7, "zero2")])
+                                                 ("last", 7, "ddp"), ("z2", 6, "ddp"), ("z3", 7, "zero2"),
+                                                 ("cp", 6, "ddp"), ("cpread", 7, "ddp")])
 def test_load_from_reshards_into_another_layout(chain, name, first, writer):
     runs, _ = chain
     _matches_reference(runs[name], runs["ref"], first)
     (segment,) = _segments(runs[name])
     assert segment["from_step"] == first and segment["checkpoint"]["written_by"]["recipe"] == writer
     assert segment["checkpoint"]["resharded"] and not segment["checkpoint"]["model_only"]
+
+
+def test_context_parallel_writes_and_reads_the_universal_format(chain):
+    """cp=2 reads ddp x2's checkpoint (its ranks hold whole parameters, split sequences), and single reads
+    cp's: the layouts recorded are the ones that ran."""
+    runs, _ = chain
+    (read_by_cp,) = _segments(runs["cp"])
+    (read_from_cp,) = _segments(runs["cpread"])
+    assert read_by_cp["checkpoint"]["written_by"]["dims"]["cp"] == 1
+    assert read_from_cp["checkpoint"]["written_by"]["dims"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2,
+                                                                "tp": 1}
 
 
 def test_every_written_checkpoint_is_universal(chain):
