@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -177,4 +178,50 @@ def test_two_host_ray_train_matches_single(ray_hosts, single, tmp_path):
     assert done.returncode == 0, out[-5000:]
     assert "ip=10.77.0.2" in out    # a Ray Train worker ran on host B (its log lines carry the node's address)
     assert summary(run_dir)["world_size"] == 2
+    assert_matches_single(run_dir, single)
+
+
+def wait_for_checkpoint(run_dir, driver: subprocess.Popen, timeout: float = 120) -> None:
+    from parallel.checkpoint import complete_checkpoints
+
+    deadline = time.monotonic() + timeout
+    while not complete_checkpoints(run_dir):
+        assert driver.poll() is None, "the Ray driver exited before its first checkpoint"
+        assert time.monotonic() < deadline, f"no complete checkpoint in {run_dir} after {timeout} s"
+        time.sleep(0.2)
+
+
+def kill_host(ns: str) -> None:
+    """Host B gone for good: every process in its namespace (its raylet, its Ray Train worker), SIGKILLed."""
+    for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_elastic_ray_train_loses_host_b_and_finishes_on_one_worker(ray_hosts, single, tmp_path):
+    """Last in this module: host B's Ray node does not come back. Rank 1 (host B's) hangs at step 3, so the
+    checkpoint after step 2 is the newest when host B is killed; the survivor resumes it on 1 worker."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(in_host(HEAD_NS, "-m", "workbench", "train", "--launcher", "ray", "--ray-address",
+                                          ray_hosts, "--nproc", "1:2", "--max-failures", "1", "--recipe", "ddp",
+                                          "--config", TINY, "--run-dir", str(run_dir), *JOB, "fault.hang_rank=1",
+                                          "fault.at_step=3"),
+                                  cwd=ROOT, env=host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=RAY_TOKEN),
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_checkpoint(run_dir, driver)
+        kill_host(WORKER_NS)
+        code = driver.wait(timeout=240)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 0, text[-6000:]
+    assert "ddp x1:" in text and "resum" in text.lower(), text[-3000:]
+    result = summary(run_dir)
+    assert result["world_size"] == 1 and result["resumed_from_step"] == 2
     assert_matches_single(run_dir, single)
