@@ -177,13 +177,18 @@ def wait_for_checkpoint(run_dir, driver: subprocess.Popen, timeout: float = 120)
         time.sleep(0.2)
 
 
-def kill_host(ns: str) -> None:
-    """Host B gone for good: every process in its namespace (its raylet, its Ray Train worker), SIGKILLed."""
-    for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def kill_host(ns: str, timeout: float = 10) -> None:
+    """Host B gone for good: every process in its namespace (its raylet, its Ray Train worker), SIGKILLed,
+    again until none is left (one may have been forked after the list was read)."""
+    deadline = time.monotonic() + timeout
+    while pids := subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+        assert time.monotonic() < deadline, f"processes left in {ns}: {pids}"
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 def test_elastic_two_host_ray_train_loses_host_b_and_finishes_on_one_worker(ray_hosts, single, tmp_path):
