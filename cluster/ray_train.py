@@ -2,6 +2,13 @@
 
     summary = train_on_ray(cfg, nproc=2)                                  # an embedded local Ray
     summary = train_on_ray(cfg, nproc=16, gpus_per_worker=1, address="auto", max_failures=3)
+    summary = train_on_ray(cfg, nproc=(2, 8), address="auto", max_failures=3)   # elastic: 2 to 8 workers
+
+Elastic (MIN, MAX): Ray Train v2's ScalingConfig(num_workers=(MIN, MAX)) starts as many workers as the
+cluster has room for; after a lost worker the group restarts at the size that fits (>= MIN), and the loop
+resumes the newest checkpoint resharded with the same global batch (docs/ARCHITECTURE.md, Adding a
+launcher). A restart first asks for the lost node's slot until Ray's worker-group start timeout
+(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) while the node is not yet marked dead.
 
 Ray Train sets up the process group (gloo on CPU, nccl with GPUs) and the RANK/LOCAL_RANK/WORLD_SIZE
 environment before `train(cfg)` runs, so the train loop is the torchrun one, unchanged.

@@ -8,9 +8,11 @@ Slurm test cluster), one rank per "host", every run compared with one `single` r
   parameters match `single`;
 - `wb slurm render --nodes 2 --nproc-per-node 1 --submit --wait`, run in host A, on a two-node Slurm (slurmctld
   and slurmd hostA in host A, slurmd hostB in host B: scripts/slurm_hosts.sh) matches `single`;
-- `wb train --launcher ray --nproc 2`, driver in host A, on a Ray head in host A and a Ray worker node in host B
-  (`netns_hosts.sh ray-up`, one CPU each, so one Ray Train worker per host) matches `single`; `ray-down` leaves
-  no process in either namespace (it runs last: an idle Ray slows the other runs down).
+- `wb train --launcher ray --nproc 1:2` (elastic), driver in host A, on a Ray head in host A and a Ray worker
+  node in host B (`netns_hosts.sh ray-up`, one CPU each, so one Ray Train worker per host) starts on both hosts;
+  host B is then lost for good (every process in it killed) and the survivor resumes resharded on 1 worker,
+  matching `single`; `ray-down` leaves no process in either namespace (it runs last: an idle Ray slows the
+  other runs down, and host B's Ray node is gone).
 
 GLOO_SOCKET_IFNAME is never set here: the launchers pick it per node. WB_NETNS_SUFFIX names a separate pair (the
 names are machine-wide). Skipped with the script's one-line reason where namespaces cannot be made (not root, no
