@@ -2,6 +2,13 @@
 
     summary = train_on_ray(cfg, nproc=2)                                  # an embedded local Ray
     summary = train_on_ray(cfg, nproc=16, gpus_per_worker=1, address="auto", max_failures=3)
+    summary = train_on_ray(cfg, nproc=(2, 8), address="auto", max_failures=3)   # elastic: 2 to 8 workers
+
+Elastic (MIN, MAX): Ray Train v2's ScalingConfig(num_workers=(MIN, MAX)) starts as many workers as the
+cluster has room for; after a lost worker the group restarts at the size that fits (>= MIN), and the loop
+resumes the newest checkpoint resharded with the same global batch (docs/ARCHITECTURE.md, Adding a
+launcher). A restart first asks for the lost node's slot until Ray's worker-group start timeout
+(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) while the node is not yet marked dead.
 
 Ray Train sets up the process group (gloo on CPU, nccl with GPUs) and the RANK/LOCAL_RANK/WORLD_SIZE
 environment before `train(cfg)` runs, so the train loop is the torchrun one, unchanged.
@@ -31,6 +38,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from parallel.config import FAULT_WORLD_ENV
 from parallel.errors import UserError
 from parallel.loop.lock import TOKEN_ENV, RunLock
 from parallel.loop.rundir import resolve_run_dir
@@ -92,6 +100,7 @@ def _worker(config: dict) -> None:
     cfg = RunConfig.from_dict(config["cfg"])
     if config.get("lock_token"):   # the driver's run lock: this job's ranks write under it
         os.environ[TOKEN_ENV] = config["lock_token"]
+    os.environ[FAULT_WORLD_ENV] = str(config["max_workers"])   # a shrunk elastic job's faults aim at MAX
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(cfg.run_dir)
     _restore_from_ray(run_dir, rank, recipes.get(cfg.recipe).checkpoint_globals())
@@ -104,6 +113,7 @@ def _worker(config: dict) -> None:
         ckpt = Checkpoint.from_directory(str(newest)) if newest is not None and newest != reported[0] else None
         reported[0] = newest if ckpt is not None else reported[0]
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, bool))}
+        metrics["world_size"] = ray.train.get_context().get_world_size()   # an elastic job's, as it ran
         ray.train.report(metrics, checkpoint=ckpt)
 
     with hooks.on_step(report):
@@ -178,26 +188,50 @@ def _init_ray(address: str | None, nproc: int) -> None:
                  _node_ip_address="127.0.0.1", configure_logging=False)
 
 
-def train_on_ray(cfg, nproc: int, gpus_per_worker: float = 0, address: str | None = None, max_failures: int = 0,
-                 storage_path: str | None = None) -> RunSummary:
-    """Run `train(cfg)` on `nproc` Ray Train workers; returns the summary (summary.json of the run)."""
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
+def _world_sizes(nproc: int | tuple[int, int]) -> range:
+    """Every world size the job may run at: N, or MIN..MAX for an elastic job."""
+    low, high = nproc if isinstance(nproc, tuple) else (nproc, nproc)
+    if not 1 <= low <= high:
+        raise UserError(f"--nproc must be >= 1 (MIN:MAX with MIN <= MAX), got {nproc}")
+    return range(low, high + 1)
+
+
+def check_elastic_support(nproc: int | tuple[int, int]) -> None:
+    """MIN:MAX needs Ray Train v2's elastic ScalingConfig (a (min, max) num_workers, Ray 2.5x+)."""
+    import ray.train
+
+    if isinstance(nproc, tuple) and not hasattr(ray.train.ScalingConfig, "elastic_resize_monitor_interval_s"):
+        raise UserError(f"--nproc {nproc[0]}:{nproc[1]}: this Ray ({ray.__version__}) has no elastic Ray Train "
+                        "(ScalingConfig num_workers=(MIN, MAX), Train v2); give --nproc N")
+
+
+def train_on_ray(cfg, nproc: int | tuple[int, int], gpus_per_worker: float = 0, address: str | None = None,
+                 max_failures: int = 0, storage_path: str | None = None) -> RunSummary:
+    """Run `train(cfg)` on `nproc` Ray Train workers, or (MIN, MAX) for an elastic job; returns the summary
+    (summary.json of the run)."""
+    sizes = _world_sizes(nproc)
     if gpus_per_worker < 0 or max_failures < 0:
         raise UserError(f"--gpus-per-worker and --max-failures must be >= 0, got {gpus_per_worker} and "
                          f"{max_failures}")
     from parallel import recipes
 
-    recipes.resolve(cfg, nproc)
+    os.environ[FAULT_WORLD_ENV] = str(sizes[-1])   # injected faults aim at MAX workers (here and in workers)
+    try:
+        for world_size in sizes:   # an elastic job may run at any of them: every layout must be valid
+            recipes.resolve(cfg, world_size)
+    finally:
+        os.environ.pop(FAULT_WORLD_ENV)
+    check_elastic_support(nproc)
     _absolute_paths(cfg)
-    _init_ray(address, nproc)
+    _init_ray(address, sizes[-1])
 
     run_dir = Path(cfg.run_dir)
     with RunLock(run_dir) as lock:   # one writer per run directory, the driver for its workers
         return _fit(cfg, nproc, run_dir, gpus_per_worker, max_failures, storage_path, lock.token)
 
 
-def _fit(cfg, nproc: int, run_dir: Path, gpus_per_worker: float, max_failures: int, storage_path: str | None,
+def _fit(cfg, nproc: int | tuple[int, int], run_dir: Path, gpus_per_worker: float, max_failures: int,
+         storage_path: str | None,
          lock_token: str) -> RunSummary:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -206,7 +240,7 @@ def _fit(cfg, nproc: int, run_dir: Path, gpus_per_worker: float, max_failures: i
     resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "lock_token": lock_token},
+        train_loop_config={"cfg": cfg.to_dict(), "lock_token": lock_token, "max_workers": _world_sizes(nproc)[-1]},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -225,15 +259,17 @@ def _fit(cfg, nproc: int, run_dir: Path, gpus_per_worker: float, max_failures: i
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         return RunSummary.load(summary_path)
-    return _summary_from_report(cfg, nproc, result.metrics or {})
+    return _summary_from_report(cfg, result.metrics or {})
 
 
-def _summary_from_report(cfg, nproc: int, m: dict) -> RunSummary:
-    """The run dir is on another node: what the last step's report carries; the rest was not measured here."""
+def _summary_from_report(cfg, m: dict) -> RunSummary:
+    """The run dir is on another node: what the last step's report carries (the world size it really ran
+    at, which an elastic job chooses); the rest was not measured here."""
     from parallel.model import GPT, count_params
 
+    world = int(m["world_size"])
     return RunSummary(
-        recipe=cfg.recipe, world_size=nproc, dp=nproc, steps=cfg.steps, final_loss=m.get("loss"),
+        recipe=cfg.recipe, world_size=world, dp=world, steps=cfg.steps, final_loss=m.get("loss"),
         tokens_per_s=m.get("tokens_per_s"), n_params=count_params(GPT(cfg.model)), elapsed_s=m.get("elapsed_s", 0.0),
         micro_batch=cfg.micro_batch, global_batch=cfg.global_batch,
         tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=None, device="unknown",

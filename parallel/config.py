@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 from parallel.errors import UserError, UserTypeError
 
+# the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
+FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
+
 try:
     import tomllib
 except ModuleNotFoundError:   # Python 3.10
@@ -304,12 +307,14 @@ class RunConfig:
         if self.global_batch % (self.micro_batch * dp):
             raise UserError(f"global_batch ({self.global_batch}) must be divisible by micro_batch "
                             f"({self.micro_batch}) x data-parallel degree ({dp})")
-        # a torchrun restart of an elastic job may have fewer ranks than the one its faults were aimed at
+        # a torchrun restart of an elastic job may have fewer ranks than the one its faults were aimed at;
+        # an elastic Ray Train job aims them at its MAX workers (FAULT_WORLD_ENV, set by cluster/ray_train.py)
         shrunk = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        aimed_at = max(world_size, int(os.environ.get(FAULT_WORLD_ENV, "0")))
         for key, rank in (("fault.kill_rank", self.fault.kill_rank), ("fault.hang_rank", self.fault.hang_rank),
                           ("straggler.rank", self.straggler.rank)):
-            if rank >= world_size and not shrunk:
-                raise UserError(f"{key} ({rank}) must be < world size ({world_size})")
+            if rank >= aimed_at and not shrunk:
+                raise UserError(f"{key} ({rank}) must be < world size ({aimed_at})")
 
     def _check_checkpoint(self) -> None:
         c = self.checkpoint

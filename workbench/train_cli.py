@@ -27,7 +27,8 @@ def _inside_torchrun() -> bool:
 def train(
     overrides: list[str] = typer.Argument(None, help="config overrides: key=value or section.key=value"),
     recipe: str = typer.Option(None, "--recipe", help="single, ddp, zero1-3, fsdp, async-ps, hogwild, local-sgd, ..."),
-    nproc: int = typer.Option(1, "--nproc", help="processes (data-parallel ranks) on this node"),
+    nproc_text: str = typer.Option("1", "--nproc", help="processes (data-parallel ranks) on this node; ray: "
+                                   "MIN:MAX for an elastic job"),
     config: Path = typer.Option(None, "--config", help="TOML config (e.g. configs/tiny.toml)"),
     run_dir: Path = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe>-<time>)"),
     deepspeed: Path = typer.Option(None, "--deepspeed", help="a DeepSpeed JSON config, used as-is (zero recipes)"),
@@ -45,6 +46,7 @@ def train(
 
     items = _overrides(overrides, recipe, deepspeed, run_dir, timeline)
     cfg = _load(config, items)
+    nproc = _nproc(nproc_text, elastic_ok=launcher == "ray" and recipes.get(cfg.recipe).execution == "spmd")
     if recipes.get(cfg.recipe).execution != "spmd":   # async-ps (Ray actors), hogwild: own workers, from here
         if ray_address:
             cfg.set("ps.ray_address", ray_address)
@@ -59,6 +61,21 @@ def train(
         _train_as_rank(cfg, nproc)
     else:
         _train_local(cfg, config, items, nproc, max_restarts, log_dir)
+
+
+def _nproc(text: str, elastic_ok: bool) -> int | tuple[int, int]:
+    """--nproc N, or (ray only) MIN:MAX: an elastic Ray Train job of MIN to MAX workers."""
+    low, sep, high = text.partition(":")
+    try:
+        value = (int(low), int(high)) if sep else int(text)
+    except ValueError:
+        raise UserError(f"--nproc must be an integer N or MIN:MAX, got '{text}'") from None
+    if sep and not elastic_ok:
+        raise UserError(f"--nproc {text}: MIN:MAX (elastic) needs --launcher ray and a Ray Train "
+                        "(spmd) recipe")
+    if sep and not 1 <= value[0] <= value[1]:
+        raise UserError(f"--nproc {text}: needs 1 <= MIN <= MAX")
+    return value
 
 
 def _overrides(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
@@ -78,11 +95,10 @@ def _load(config: Path | None, items: list[str]):
     return RunConfig.from_toml(config, items)
 
 
-def _train_on_ray(cfg, nproc: int, gpus_per_worker: float, address: str | None, max_failures: int) -> None:
+def _train_on_ray(cfg, nproc: int | tuple[int, int], gpus_per_worker: float, address: str | None,
+                  max_failures: int) -> None:
     from cluster.ray_train import RayJobFailed, train_on_ray
-    from parallel import recipes
 
-    recipes.resolve(cfg, nproc)
     try:
         summary = train_on_ray(cfg, nproc, gpus_per_worker=gpus_per_worker, address=address,
                                max_failures=max_failures)

@@ -8,9 +8,11 @@ Slurm test cluster), one rank per "host", every run compared with one `single` r
   parameters match `single`;
 - `wb slurm render --nodes 2 --nproc-per-node 1 --submit --wait`, run in host A, on a two-node Slurm (slurmctld
   and slurmd hostA in host A, slurmd hostB in host B: scripts/slurm_hosts.sh) matches `single`;
-- `wb train --launcher ray --nproc 2`, driver in host A, on a Ray head in host A and a Ray worker node in host B
-  (`netns_hosts.sh ray-up`, one CPU each, so one Ray Train worker per host) matches `single`; `ray-down` leaves
-  no process in either namespace (it runs last: an idle Ray slows the other runs down).
+- `wb train --launcher ray --nproc 1:2` (elastic), driver in host A, on a Ray head in host A and a Ray worker
+  node in host B (`netns_hosts.sh ray-up`, one CPU each, so one Ray Train worker per host) starts on both hosts;
+  host B is then lost for good (every process in it killed) and the survivor resumes resharded on 1 worker,
+  matching `single`; `ray-down` leaves no process in either namespace (it runs last: an idle Ray slows the
+  other runs down, and host B's Ray node is gone).
 
 GLOO_SOCKET_IFNAME is never set here: the launchers pick it per node. WB_NETNS_SUFFIX names a separate pair (the
 names are machine-wide). Skipped with the script's one-line reason where namespaces cannot be made (not root, no
@@ -24,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -166,15 +169,55 @@ def ray_hosts(hosts):
     assert done.returncode == 0 and namespace_pids() == [], done.stdout + done.stderr
 
 
-def test_two_host_ray_train_matches_single(ray_hosts, single, tmp_path):
-    run_dir = tmp_path / "run"
-    done = subprocess.run(in_host(HEAD_NS, "-m", "workbench", "train", "--launcher", "ray", "--ray-address",
-                                  ray_hosts, "--nproc", "2", "--recipe", "ddp", "--config", TINY, "--run-dir",
-                                  str(run_dir), *JOB),
-                          cwd=ROOT, env=host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=RAY_TOKEN),
-                          capture_output=True, text=True, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
-    assert "ip=10.77.0.2" in out    # a Ray Train worker ran on host B (its log lines carry the node's address)
-    assert summary(run_dir)["world_size"] == 2
+def wait_for_checkpoint(run_dir, driver: subprocess.Popen, timeout: float = 120) -> None:
+    from parallel.checkpoint import complete_checkpoints
+
+    deadline = time.monotonic() + timeout
+    while not complete_checkpoints(run_dir):
+        assert driver.poll() is None, "the Ray driver exited before its first checkpoint"
+        assert time.monotonic() < deadline, f"no complete checkpoint in {run_dir} after {timeout} s"
+        time.sleep(0.2)
+
+
+def kill_host(ns: str, timeout: float = 10) -> None:
+    """Host B gone for good: every process in its namespace (its raylet, its Ray Train worker), SIGKILLed,
+    again until none is left (one may have been forked after the list was read)."""
+    deadline = time.monotonic() + timeout
+    while pids := subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+        assert time.monotonic() < deadline, f"processes left in {ns}: {pids}"
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def test_elastic_two_host_ray_train_loses_host_b_and_finishes_on_one_worker(ray_hosts, single, tmp_path):
+    """`--nproc 1:2` starts on both hosts; rank 1 (host B's) hangs at step 3, so the checkpoint after step 2 is
+    the newest when every process of host B is killed (last in this module: host B's Ray node does not come
+    back). The first restart asks for 2 workers (host B is not yet marked dead) and times out after
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s, 15 here); the next has 1 and resumes."""
+    run_dir, log = tmp_path / "run", tmp_path / "driver.log"
+    env = host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=RAY_TOKEN, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15")
+    with open(log, "w") as out:
+        driver = subprocess.Popen(in_host(HEAD_NS, "-m", "workbench", "train", "--launcher", "ray", "--ray-address",
+                                          ray_hosts, "--nproc", "1:2", "--max-failures", "1", "--recipe", "ddp",
+                                          "--config", TINY, "--run-dir", str(run_dir), *JOB, "fault.hang_rank=1",
+                                          "fault.at_step=3"),
+                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_checkpoint(run_dir, driver)
+        kill_host(WORKER_NS)
+        code = driver.wait(timeout=240)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 0, text[-6000:]
+    assert "ip=10.77.0.2" in text    # a Ray Train worker ran on host B (its log lines carry the node's address)
+    assert "resuming step_000002 written by ddp on 2 ranks as ddp on 1 rank: resharding" in text, text[-3000:]
+    assert "ddp x1: 6 steps" in text
+    result = summary(run_dir)
+    assert result["world_size"] == 1 and result["resumed_from_step"] == 2
     assert_matches_single(run_dir, single)

@@ -20,6 +20,12 @@ BAD = [
     (["--recipe", "single", "--nproc", "2"], "recipe 'single' runs on exactly 1 process(es), got world size"),
     (["--recipe", "zero4"], "recipe: unknown recipe 'zero4' (did you mean"),
     (["--nproc", "0", "--recipe", "ddp"], "world size (--nproc) must be >= 1"),
+    # --nproc MIN:MAX: an elastic Ray Train job only; every world size in the range is checked first
+    (["--nproc", "1:2", "--recipe", "ddp"], "--nproc 1:2: MIN:MAX (elastic) needs --launcher ray"),
+    (["--nproc", "two", "--recipe", "ddp"], "--nproc must be an integer N or MIN:MAX, got 'two'"),
+    (["--launcher", "ray", "--nproc", "2:1", "--recipe", "ddp"], "--nproc 2:1: needs 1 <= MIN <= MAX"),
+    (["--launcher", "ray", "--nproc", "1:3", "--recipe", "ddp", "global_batch=8", "micro_batch=2"],
+     "global_batch (8) must be divisible by micro_batch (2) x data-parallel degree (3)"),
     (["model.n_heads=5"], "model.d_model (64) must be divisible by model.n_heads (5)"),
     (["precision=fp8"], "precision must be one of 'fp32' | 'bf16', got 'fp8'"),
     (["steps"], "override 'steps' must look like key=value"),
