@@ -21,6 +21,8 @@ DIR=/tmp/wb-slurm-hosts$SFX
 CONF=$DIR/slurm.conf SOCKET=$DIR/munge/munge.socket
 HERE=$(cd "$(dirname "$0")" && pwd)
 export SLURM_CONF=$CONF
+# shellcheck source=scripts/slurm_shared.sh
+source "$HERE/slurm_shared.sh"
 
 say() { echo "slurm_hosts: $*"; }
 fail() {
@@ -49,19 +51,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SwitchType=switch/none
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=600
+$(slurm_shared_settings)
 NodeName=hostA NodeAddr=10.77.0.1 NodeHostname=hostA CPUs=1 State=UNKNOWN
 NodeName=hostB NodeAddr=10.77.0.2 NodeHostname=hostB CPUs=1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP

@@ -21,6 +21,8 @@ SOCKET=$DIR/munge/munge.socket
 ETC_CONF=/etc/slurm/slurm.conf
 PACKAGES=(slurmctld slurmd slurm-client munge)
 export SLURM_CONF=$CONF
+# shellcheck source=scripts/slurm_shared.sh
+source "$(cd "$(dirname "$0")" && pwd)/slurm_shared.sh"
 
 say() { echo "slurm_local: $*"; }
 cannot() { echo "slurm_local: cannot run: $*" >&2; exit 3; }
@@ -79,19 +81,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SwitchType=switch/none
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=600
+$(slurm_shared_settings)
 $(node_line) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
