@@ -38,13 +38,7 @@ write_conf() {
 # written by scripts/slurm_hosts.sh: nodes hostA (10.77.0.1) and hostB (10.77.0.2); everything under $DIR
 ClusterName=wb-hosts
 SlurmctldHost=hostA(10.77.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$SOCKET,cred_expire=5
-SchedulerParameters=bf_interval=1,sched_interval=1
-MailProg=/bin/true
+$(slurm_shared_auth "$SOCKET")
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid

@@ -66,15 +66,7 @@ ClusterName=wb-local
 SlurmctldHost=$(hostname -s)(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$((CTLD_PORT + 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# a requeued job may start again cred_expire + 1 s after it ended (default 120 s), and the schedulers look
-# for it every second (defaults: backfill 30 s, main 60 s)
-AuthInfo=socket=$SOCKET,cred_expire=5
-SchedulerParameters=bf_interval=1,sched_interval=1
-MailProg=/bin/true
+$(slurm_shared_auth "$SOCKET")
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid

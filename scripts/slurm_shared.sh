@@ -1,6 +1,21 @@
 # Sourced by scripts/slurm_local.sh and scripts/slurm_hosts.sh: the slurm.conf settings both test clusters
-# share (no cgroups or accounting, CPUs as the consumable, requeue on, finished jobs kept 10 min for
-# sacct-less `scontrol show job`).
+# share.
+
+# root daemons, munge on the given socket. A requeued job may start again cred_expire + 1 s after it ended
+# (default 120 s), and the schedulers look for it every second (defaults: backfill 30 s, main 60 s).
+slurm_shared_auth() {
+    cat <<CONF
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$1,cred_expire=5
+SchedulerParameters=bf_interval=1,sched_interval=1
+MailProg=/bin/true
+CONF
+}
+
+# no cgroups or accounting, CPUs as the consumable, requeue on, finished jobs kept 10 min
 slurm_shared_settings() {
     cat <<'CONF'
 ProctrackType=proctrack/linuxproc
