@@ -48,12 +48,18 @@ def test_kill_and_resume_under_torchrun(clean_ddp, tmp_path):
     print(f"\nkill + torchrun restart + resume: {seconds:.1f} s (uninterrupted: {clean_ddp[2]:.1f} s)")
 
 
+# The rendezvous store as a process of its own, as an etcd or a head node that outlives the workers would be: the
+# node hosting torchrun's c10d store cannot be lost (the survivors' agents need it to re-form the group).
+STORE = ("import sys, time, torch.distributed as d; s = d.TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, "
+         "wait_for_workers=False); print('up', flush=True); time.sleep(600)")
+
+
 def _elastic_agent(port: int, run_dir, log: Path) -> subprocess.Popen:
-    """One node's agent of an elastic 1:2-node job on this host; a short last call, so the survivor goes on
-    alone soon after its peer's heartbeats stop."""
+    """One node's agent of an elastic 1:2-node job on this host, a client of the store; a short last call, so
+    the survivor goes on alone soon after its peer's heartbeats stop."""
     cmd = [sys.executable, "-m", "workbench", "launch", "torchrun", "--nnodes", "1:2", "--nproc-per-node", "1",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic", "--max-restarts", "1",
-           "--rdzv-conf", "last_call_timeout=8,keep_alive_interval=1,keep_alive_max_attempt=3", "--",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic", "--max-restarts", "1", "--rdzv-conf",
+           "is_host=false,last_call_timeout=8,keep_alive_interval=1,keep_alive_max_attempt=3", "--",
            "wb", "train", "--recipe", "ddp", "--config", TINY, f"run_dir={run_dir}", *JOB, *KILL,
            "fault.kill_host=true"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -64,13 +70,15 @@ def test_elastic_job_survives_a_lost_host(clean_ddp, tmp_path):
     survivor's agent restarts, the rendezvous closes with one node, and it resumes the step-2 checkpoint as ddp
     on 1 rank (resharded, the same global batch): the 2-rank uninterrupted run's losses and parameters."""
     port, run_dir = free_port(), tmp_path / "run"
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    agents = [_elastic_agent(port, run_dir, log) for log in logs]
+    store = subprocess.Popen([sys.executable, "-c", STORE, str(port)], env=env(), stdout=subprocess.PIPE, text=True)
+    logs, agents = [tmp_path / "a.log", tmp_path / "b.log"], []
     try:
+        assert store.stdout.readline().strip() == "up"
+        agents = [_elastic_agent(port, run_dir, log) for log in logs]
         codes = [a.wait(timeout=240) for a in agents]
     finally:
-        for a in agents:
-            a.kill()
+        for process in (*agents, store):
+            process.kill()
     out = [log.read_text() for log in logs]
     survivor = 0 if "resuming step_000002" in out[0] else 1
     assert codes[survivor] == 0 and codes[1 - survivor] != 0, (codes, out[0][-3000:], out[1][-3000:])
