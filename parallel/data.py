@@ -94,7 +94,9 @@ class Dataset:
 
     def batch(self, step: int, indices: range | list[int], split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         data = torch.from_numpy(self.samples(step, indices, split))
-        return data[:, :-1], data[:, 1:]
+        # Contiguous: torch 2.11's pipeline checks the first stage's input strides against its own
+        # (PipeliningShapeError on a view); 2.13 checks only under TORCH_DISTRIBUTED_DEBUG=DETAIL.
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
 def prepare_bytes(text_file: str | Path, out: str | Path) -> int:

@@ -267,6 +267,7 @@ def test_compiled_kernel_on_gpu(dtype, n, h, v, bias, ignored, smoothing, reduct
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.timing
 def test_gpu_speed_and_memory_targets():
     """bf16, N=8192, H=4096, V=128k, forward + backward: at least as fast as the unfused bf16 path
     (F.linear + F.cross_entropy) and at most 10% of its extra memory."""

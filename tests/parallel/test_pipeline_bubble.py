@@ -1,8 +1,10 @@
-"""The pipeline's bubble measured against the prediction as m grows, and micro-batches in flight (1F1B <= pp,
-GPipe = m), on real torchrun processes.
+"""The pipeline's bubble as m grows, and micro-batches in flight (1F1B <= pp, GPipe = m), on real torchrun
+processes.
 
-These runs time themselves, so the file is marked `serial`: `make test` runs it alone, after the tests it
-runs in parallel, where another test's processes would take the CPU from a stage mid-schedule.
+Only what load cannot change is asserted here: the closed form, the simulator's prediction (on the measured
+stage costs) falling with m, a measured bubble inside [0, 1), and the in-flight counts. How close the
+measured bubble comes to the prediction is a timing: `make bench` judges it
+(tests/bench/test_pipeline_bubble_timing.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import pytest
 from tests.parallel.pipeline_runs import heavy, torchrun
 from tests.parallel.runs import summary
 
-pytestmark = pytest.mark.serial
 BUBBLE_M = [2, 4, 8]
 
 
@@ -31,19 +32,14 @@ def bubble_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_bubble_measured_against_predicted(bubble_runs):
-    """Measured on compute-dominated micro-batches (~10 ms forward per stage); the reported step is the one
-    with the smallest bubble out of 7 (parallel.bubble: on a shared CPU, noise only ever adds idle time)."""
+def test_bubble_predicted_falls_with_microbatches(bubble_runs):
     got = {m: summary(bubble_runs[f"m{m}"]) for m in BUBBLE_M}
-    measured = [got[m]["bubble_fraction_measured"] for m in BUBBLE_M]
-    report = {m: (round(s["bubble_fraction_measured"], 3), round(s["bubble_fraction_predicted"], 3),
-                  s["bubble_fraction_measured_by_step"], s["cpu_stolen_fraction_by_step"]) for m, s in got.items()}
-    assert measured[0] > measured[1] > measured[2], report
+    predicted = [got[m]["bubble_fraction_predicted"] for m in BUBBLE_M]
+    assert predicted[0] > predicted[1] > predicted[2] > 0.0, predicted
     for m, s in got.items():
         assert s["bubble_fraction_closed_form"] == pytest.approx(1 / (m + 1))
-        assert abs(s["bubble_fraction_predicted"] - 1 / (m + 1)) < 0.05, report   # stages about equal
-    assert abs(measured[2] - got[8]["bubble_fraction_predicted"]) <= 0.15, report
-    assert 0.0 < measured[2] < measured[0]
+        assert 0.0 <= s["bubble_fraction_measured"] < 1.0, s["bubble_fraction_measured"]
+        assert len(s["bubble_fraction_measured_by_step"]) == len(s["cpu_stolen_fraction_by_step"]) > 0
 
 
 @pytest.mark.slow
