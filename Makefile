@@ -46,7 +46,7 @@ slurm-up:
 slurm-down:
 	bash scripts/slurm_local.sh down
 
-# The oldest supported Triton (kernels/triton_compat.py) in a venv of its own, built once (stamp file):
+# The oldest supported Triton (gpu_workbench/kernels/triton_compat.py) in a venv of its own, built once (stamp file):
 # the AOT compile sweep of every fp16 spec (a third of `wb kernels compile all`, which takes too long for
 # this lane on 2 cores) for sm_80 and sm_90, the compat and compile tests, and the float64 correctness
 # sweep of every kernel through the interpreter (tests/kernels in full takes ~11 min here). The venv holds
@@ -66,10 +66,10 @@ $(T36_STAMP): $(STAMP) pyproject.toml Makefile
 	touch $(T36_STAMP)
 
 test-triton36: $(T36_STAMP)
-	$(T36_PY) -m workbench.kernels_cli compile all --arch 80,90 --match fp16
+	$(T36_PY) -m gpu_workbench.cli.kernels_cli compile all --arch 80,90 --match fp16
 	$(T36_PY) -m pytest tests/kernels/test_triton_compat.py tests/kernels/test_gpu_compile.py -q -m "not slow" \
 		-p no:cacheprovider
-	$(T36_PY) -m workbench.kernels_cli check all --backend interpret
+	$(T36_PY) -m gpu_workbench.cli.kernels_cli check all --backend interpret
 
 test-fast: $(STAMP)
 	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not slow and not timing"

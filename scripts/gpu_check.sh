@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export WB_AUTOTUNE_CACHE=${WB_AUTOTUNE_CACHE:-/tmp/wb-autotune}
-KCLI="$PY -m workbench.kernels_cli"  # the kernel commands alone: the full `wb` CLI imports more
+KCLI="$PY -m gpu_workbench.cli.kernels_cli"  # the kernel commands alone: the full `wb` CLI imports more
 ARCH_OF_GPU="\$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(90 if c[0] >= 9 else 80)')"
 
 STEPS=(
@@ -24,7 +24,7 @@ STEPS=(
   "kernels check|$KCLI check all --backend triton --json $OUT/check.json > $OUT/check.txt 2>&1"
   "kernels compile|$KCLI compile all --arch $ARCH_OF_GPU --json $OUT/compile.json > $OUT/compile.txt 2>&1"
   "kernels bench|$KCLI bench all --json $OUT/bench.json > $OUT/bench.txt 2>&1"
-  "train llama-1b|$PY -m workbench train --config configs/llama-1b.toml steps=10 progress=false run_dir=$OUT/llama-1b > $OUT/llama-1b.txt 2>&1"
+  "train llama-1b|$PY -m gpu_workbench train --config configs/llama-1b.toml steps=10 progress=false run_dir=$OUT/llama-1b > $OUT/llama-1b.txt 2>&1"
 )
 
 if [[ $DRY == 1 ]]; then

@@ -78,7 +78,7 @@ def _check_packages(report) -> None:
             report(True, f"import {name} {getattr(module, '__version__', '')}")
         except ImportError as err:
             report(False, f"import {name}: {err}")
-    from kernels import triton_compat as tc
+    from gpu_workbench.kernels import triton_compat as tc
 
     report(tc.OLDEST <= tc.version() <= tc.NEWEST,
            f"triton {'.'.join(map(str, tc.version()))} within the supported {tc.OLDEST}..{tc.NEWEST}")
@@ -94,37 +94,36 @@ def _check_calls(report) -> None:
     for name in ("synchronize", "memory_allocated", "reset_peak_memory_stats", "max_memory_allocated",
                  "get_device_name", "get_device_capability", "is_available"):
         report(callable(getattr(torch.cuda, name, None)), f"torch.cuda.{name}")
-    from kernels import suite
+    from gpu_workbench.kernels import suite
 
     for name in suite.KERNELS:
         module = suite.suite(name)
         for fn in ("check", "bench", "compile_specs"):
-            report(callable(getattr(module, fn, None)), f"kernels.suite.{name}.{fn}")
-        report(bool(module.compile_specs()), f"kernels.suite.{name}.compile_specs() lists specs")
-    import profiling
-
+            report(callable(getattr(module, fn, None)), f"gpu_workbench.kernels.suite.{name}.{fn}")
+        report(bool(module.compile_specs()), f"gpu_workbench.kernels.suite.{name}.compile_specs() lists specs")
+    from gpu_workbench import profiling
     report(callable(getattr(profiling, "range", None)), "profiling.range (kernels bench)")
 
 
 def _check_cli(report) -> None:
     import typer
 
-    from workbench import kernels_cli
+    from gpu_workbench.cli import kernels_cli
 
     group = typer.main.get_command(kernels_cli.app)
     for command, options in CLI_USE.items():
         found = group.commands.get(command)
-        report(found is not None, f"workbench.kernels_cli {command}")
+        report(found is not None, f"gpu_workbench.cli.kernels_cli {command}")
         if found is not None:
             flags = {flag for param in found.params for flag in param.opts}
             missing = [o for o in options if o not in flags]
-            report(not missing, f"workbench.kernels_cli {command} {' '.join(options)}"
+            report(not missing, f"gpu_workbench.cli.kernels_cli {command} {' '.join(options)}"
                    + (f": missing {missing}" if missing else ""))
 
 
 def _check_train(report) -> None:
-    from parallel import RunConfig
-    from parallel.recipes import resolve
+    from gpu_workbench.parallel import RunConfig
+    from gpu_workbench.parallel.recipes import resolve
 
     cfg = RunConfig.from_toml(ROOT / "configs" / "llama-1b.toml", ["device=cpu"])
     resolve(cfg, world_size=1)

@@ -1,4 +1,4 @@
-"""The one way tests run the real `wb` CLI: `python -m workbench ...` in a subprocess.
+"""The one way tests run the real `wb` CLI: `python -m gpu_workbench ...` in a subprocess.
 
 `wb(*args, timeout=600, env=None, **extra_env)` runs from the repository root with this checkout on
 PYTHONPATH, one intra-op thread, the interpreter's bin directory first on PATH (for `torchrun`, `ray`
@@ -31,9 +31,9 @@ def env(**extra: str) -> dict[str, str]:
 
 def wb(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
        **extra_env: str) -> subprocess.CompletedProcess:
-    """`python -m workbench *args`, output captured as text; returns the CompletedProcess (no check)."""
+    """`python -m gpu_workbench *args`, output captured as text; returns the CompletedProcess (no check)."""
     overrides = {**(env or {}), **extra_env}
-    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=_env(**overrides),
+    return subprocess.run([sys.executable, "-m", "gpu_workbench", *args], cwd=ROOT, env=_env(**overrides),
                           capture_output=True, text=True, timeout=timeout)
 
 

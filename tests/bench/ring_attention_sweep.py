@@ -43,7 +43,7 @@ def saved_bytes(fn) -> tuple[torch.Tensor, int]:
 
 def measure(attn, q, k, v, do, group) -> dict:
     """ms (median over REPEATS, ranks of `group` in step), saved bytes and peak extra MB of forward + backward."""
-    from kernels.suite.linear_cross_entropy import peak_extra_mb
+    from gpu_workbench.kernels.suite.linear_cross_entropy import peak_extra_mb
 
     def step():
         q.grad = k.grad = v.grad = None
@@ -64,8 +64,8 @@ def measure(attn, q, k, v, do, group) -> dict:
 
 
 def one_length(t: int) -> dict:
-    import kernels
-    from parallel import context_parallel as cp
+    from gpu_workbench import kernels
+    from gpu_workbench.parallel import context_parallel as cp
 
     c, rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator().manual_seed(t)   # the same inputs on every rank
@@ -93,8 +93,7 @@ def one_length(t: int) -> dict:
 def ring_error(out: torch.Tensor, q, k, v, pos: torch.Tensor) -> float:
     """||ring - single|| / ||single|| over the whole sequence: each rank compares its rows with the full
     attention (recomputed here without autograd), the squares summed over the ranks."""
-    import kernels
-
+    from gpu_workbench import kernels
     with torch.no_grad():
         ref = kernels.attention(q, k, v, causal=True, backend="torch")[:, :, pos]
     err = torch.tensor([float((out - ref).double().pow(2).sum()), float(ref.double().pow(2).sum())],

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from parallel import RunConfig, train
+from gpu_workbench.parallel import RunConfig, train
 from tests.parallel.runs import TINY, summary, torchrun
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import io
 
 import pytest
 
-from parallel import RunConfig, train
+from gpu_workbench.parallel import RunConfig, train
 from tests.parallel.runs import TINY
 
 pytestmark = pytest.mark.slow

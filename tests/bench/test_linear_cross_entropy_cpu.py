@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.suite.linear_cross_entropy import peak_extra_mb
+from gpu_workbench import kernels
+from gpu_workbench.kernels.suite.linear_cross_entropy import peak_extra_mb
 
-lce = importlib.import_module("kernels.linear_cross_entropy")
+lce = importlib.import_module("gpu_workbench.kernels.linear_cross_entropy")
 N, H, V = 256, 64, 16384
 IMPLS = {
     "unfused linear + cross_entropy": lambda x, w, t: F.cross_entropy(F.linear(x, w), t),

@@ -20,13 +20,13 @@ import pytest
 import torch
 from torch.autograd import profiler as torch_profiler
 
-from parallel import RunConfig
-from parallel.data import Dataset
-from parallel.model import GPT
-from parallel.recipes import RECIPES
-from parallel.recipes.base import Context
-from profiling import range as prange
-from profiling import timeline
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.data import Dataset
+from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.recipes import RECIPES
+from gpu_workbench.parallel.recipes.base import Context
+from gpu_workbench.profiling import range as prange
+from gpu_workbench.profiling import timeline
 from tests.parallel.runs import TINY
 
 N = 1000

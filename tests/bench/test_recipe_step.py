@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel import RunConfig
-from parallel.data import Dataset
-from parallel.loop.distributed import init_distributed
-from parallel.model import GPT
-from parallel.recipes import RECIPES, resolve
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.data import Dataset
+from gpu_workbench.parallel.loop.distributed import init_distributed
+from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import TINY
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+from gpu_workbench import kernels
 from tests.bench.ring_attention_sweep import B, D, H, saved_bytes
 from tests.cli import ROOT, env
 

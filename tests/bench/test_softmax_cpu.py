@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.suite.common import rel_err
+from gpu_workbench import kernels
+from gpu_workbench.kernels.suite.common import rel_err
 
 IMPLS = {
     "torch.softmax": lambda x: torch.softmax(x, -1),

@@ -11,7 +11,7 @@ from tests.cluster.common import TINY, final_params, max_rel_diff
 
 
 def _train(run_dir, *extra):
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     return train(RunConfig.from_toml(TINY, ["recipe=single", "steps=6", "progress=false", "checkpoint.every=2",
                                             "checkpoint.keep=3", "checkpoint.save_final=true",
@@ -68,7 +68,7 @@ class _Payload:
 def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path, capfd):
     """A newest checkpoint whose trainer_rank0.pt holds a non-tensor pickle (manifest updated to match, so only
     the weights_only check can catch it) is skipped for the previous one, and its payload never runs."""
-    from parallel import checkpoint
+    from gpu_workbench.parallel import checkpoint
 
     run_dir = tmp_path / "run"
     _train(run_dir)

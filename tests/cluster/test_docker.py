@@ -151,7 +151,7 @@ def test_cpu_image_installs_the_project_with_its_test_extra_and_the_makefile_tor
 
 
 def test_gpu_build_imports_real_packages_and_checks_the_nsight_tools():
-    from profiling import nsight
+    from gpu_workbench.profiling import nsight
 
     commands = [words for run in _runs("Dockerfile") for words in _commands(run)]
     imports = [w for words in commands if words[:2] == ["python", "-c"]
@@ -161,7 +161,8 @@ def test_gpu_build_imports_real_packages_and_checks_the_nsight_tools():
     for module in imports:
         if module in dependencies:
             continue
-        assert module in PACKAGES and (ROOT / module / "__init__.py").is_file(), \
+        top = module.split(".")[0]
+        assert top in PACKAGES and (ROOT / module.replace(".", "/") / "__init__.py").is_file(), \
             f"the build imports {module!r}: neither a package of this project nor a declared dependency"
     # the tools `wb profile nsys|ncu` runs must exist in the image: the build fails if the base lacks them
     for tool in (nsight.nsys_prefix("x")[0], nsight.ncu_prefix("x", "fwd")[0]):
@@ -243,7 +244,7 @@ def _parse_wb(args: list[str]) -> None:
     given after `--` (wb profile / launch / ray submit run one) the same way."""
     import typer.main
 
-    from workbench.cli import app
+    from gpu_workbench.cli.app import app
 
     cmd, path = typer.main.get_command(app), ["wb"]
     while hasattr(cmd, "commands"):

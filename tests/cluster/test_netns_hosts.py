@@ -104,7 +104,7 @@ def two_node_torchrun(hosts, run_dir, *extra: str, restarts: int = 0) -> list[st
     files, not pipes: a pipe read only after the other agent ends could fill and stall its ranks."""
     port, head, procs, logs = common.free_port(), hosts[HEAD_NS][0], [], []
     for ns, (addr, _) in hosts.items():
-        cmd = in_host(ns, "-m", "workbench", "launch", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
+        cmd = in_host(ns, "-m", "gpu_workbench", "launch", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
                       "--rdzv-endpoint", f"{head}:{port}", "--rdzv-id", "netns", "--local-addr", addr,
                       "--rdzv-conf", f"is_host={'true' if addr == head else 'false'}", "--max-restarts",
                       str(restarts), "--", "wb", "train", "--recipe", "ddp", "--config", TINY, "--run-dir",
@@ -145,7 +145,7 @@ def slurm_hosts(hosts):
 @pytest.mark.slurm
 def test_two_node_slurm_job_matches_single(slurm_hosts, single, tmp_path):
     run_dir = tmp_path / "run"
-    done = subprocess.run(in_host(HEAD_NS, "-m", "workbench", "slurm", "render", "--nodes", "2", "--nproc-per-node",
+    done = subprocess.run(in_host(HEAD_NS, "-m", "gpu_workbench", "slurm", "render", "--nodes", "2", "--nproc-per-node",
                                   "1", "--gpus-per-node", "0", "--partition", "debug", "--time", "10", "--port",
                                   str(common.free_port()), "--log-dir", str(tmp_path / "logs"), "--submit", "--wait",
                                   "--", "wb", "train", "--recipe", "ddp", "--config", TINY, "--run-dir", str(run_dir),
@@ -170,7 +170,7 @@ def ray_hosts(hosts):
 
 
 def wait_for_checkpoint(run_dir, driver: subprocess.Popen, timeout: float = 120) -> None:
-    from parallel.checkpoint import complete_checkpoints
+    from gpu_workbench.parallel.checkpoint import complete_checkpoints
 
     deadline = time.monotonic() + timeout
     while not complete_checkpoints(run_dir):
@@ -201,7 +201,7 @@ def test_elastic_two_host_ray_train_loses_host_b_and_finishes_on_one_worker(ray_
     run_dir, log = tmp_path / "run", tmp_path / "driver.log"
     env = host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=RAY_TOKEN, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15")
     with open(log, "w") as out:
-        driver = subprocess.Popen(in_host(HEAD_NS, "-m", "workbench", "train", "--launcher", "ray", "--ray-address",
+        driver = subprocess.Popen(in_host(HEAD_NS, "-m", "gpu_workbench", "train", "--launcher", "ray", "--ray-address",
                                           ray_hosts, "--nproc", "1:2", "--max-failures", "1", "--recipe", "ddp",
                                           "--config", TINY, "--run-dir", str(run_dir), *JOB, "fault.hang_rank=1",
                                           "fault.at_step=3"),

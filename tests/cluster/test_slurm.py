@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cluster.slurm import render_sbatch, submit
+from gpu_workbench.cluster.slurm import render_sbatch, submit
 from tests.cluster.common import wb
 
 PAYLOAD = ["name=$(touch PWNED)", "run_dir=`touch PWNED2`", "tag=it's \"quoted\" ; rm -rf /", "x=a b"]
@@ -55,7 +55,7 @@ def test_render_parses_and_runs_torchrun_literally(tmp_path):
     logs = tmp_path / "logs" / "4242"
     assert args == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
                     "--rdzv-endpoint=node7:29500", "--rdzv-id=4242", "--max-restarts=2", f"--log-dir={logs}",
-                    "--redirects=3", "--tee=3", "-m", "workbench", "train", "--recipe", "ddp", *PAYLOAD]
+                    "--redirects=3", "--tee=3", "-m", "gpu_workbench", "train", "--recipe", "ddp", *PAYLOAD]
     assert not list(tmp_path.glob("PWNED*")), "a config value was executed by the shell"
     assert logs.is_dir()
     assert "--ntasks-per-node=1" in (tmp_path / "calls").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.torchrun import torchrun_command
+from gpu_workbench.cluster.torchrun import torchrun_command
 from tests.cluster.common import JOB, KILL, ROOT, TINY, env, final_params, free_port, losses, max_rel_diff, summary, wb
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ STORE = ("import sys, time, torch.distributed as d; s = d.TCPStore('127.0.0.1', 
 def _elastic_agent(port: int, run_dir, log: Path) -> subprocess.Popen:
     """One node's agent of an elastic 1:2-node job on this host, a client of the store; a short last call, so
     the survivor goes on alone soon after its peer's heartbeats stop."""
-    cmd = [sys.executable, "-m", "workbench", "launch", "torchrun", "--nnodes", "1:2", "--nproc-per-node", "1",
+    cmd = [sys.executable, "-m", "gpu_workbench", "launch", "torchrun", "--nnodes", "1:2", "--nproc-per-node", "1",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic", "--max-restarts", "1", "--rdzv-conf",
            "is_host=false,last_call_timeout=8,keep_alive_interval=1,keep_alive_max_attempt=3", "--",
            "wb", "train", "--recipe", "ddp", "--config", TINY, f"run_dir={run_dir}", *JOB, *KILL,
@@ -115,7 +115,7 @@ def test_launch_command_multinode():
                            local_ranks_filter="0", python="python")
     assert cmd == ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                    "--rdzv-endpoint=head:29500", "--rdzv-id=job1", "--max-restarts=3", "--log-dir=logs",
-                   "--redirects=3", "--tee=3", "--local-ranks-filter=0", "-m", "workbench", "train", "--recipe",
+                   "--redirects=3", "--tee=3", "--local-ranks-filter=0", "-m", "gpu_workbench", "train", "--recipe",
                    "fsdp", "name=a b"]
     with pytest.raises(ValueError, match="--rdzv-endpoint HOST:PORT is required"):
         torchrun_command(["wb", "train"], nproc_per_node=8, nnodes="2")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
-import kernels.flash_attention as fa
-from kernels.suite.attention import errors, make_inputs, reference
-from kernels.suite.common import TOLERANCE, rel_err
+import gpu_workbench.kernels.flash_attention as fa
+from gpu_workbench import kernels
+from gpu_workbench.kernels.suite.attention import errors, make_inputs, reference
+from gpu_workbench.kernels.suite.common import TOLERANCE, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -277,7 +277,7 @@ def test_compile_specs_cover_every_config():
 def test_representative_configs_compile_for_sm80_and_sm90():
     """A representative subset (the full set is `wb kernels compile attention`, too slow for CI):
     forward at the largest tile and at a padded head dim, and both backward kernels, in fp16/bf16."""
-    from kernels.aot import compile_all
+    from gpu_workbench.kernels.aot import compile_all
 
     specs = fa.compile_specs()
     wanted = [

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-import kernels
-import kernels.flash_attention as fa
-from kernels.suite.attention import make_inputs, reference
-from kernels.suite.common import rel_err
+import gpu_workbench.kernels.flash_attention as fa
+from gpu_workbench import kernels
+from gpu_workbench.kernels.suite.attention import make_inputs, reference
+from gpu_workbench.kernels.suite.common import rel_err
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kernels.autotune import Autotuner, Config
+from gpu_workbench.kernels.autotune import Autotuner, Config
 
 CONFIGS = [Config({"BLOCK": b}, num_warps=w) for b in (16, 32, 64) for w in (4, 8)]
 

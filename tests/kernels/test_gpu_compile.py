@@ -17,8 +17,15 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import suite
-from kernels.aot import SHARED_MEMORY_LIMIT, CompileResult, CompileSpec, compile_all, compile_spec, resident_warps
+from gpu_workbench.kernels import suite
+from gpu_workbench.kernels.aot import (
+    SHARED_MEMORY_LIMIT,
+    CompileResult,
+    CompileSpec,
+    compile_all,
+    compile_spec,
+    resident_warps,
+)
 
 SWEEPS = [(kernel, 90) for kernel in suite.KERNELS] + [("softmax", 80)]
 
@@ -115,7 +122,7 @@ def _result(**fields) -> CompileResult:
 
 
 def test_every_failure_reason_fails_the_row_and_shows_red_in_the_table():
-    from workbench.kernels_cli import compile_table
+    from gpu_workbench.cli.kernels_cli import compile_table
 
     rows = [_result(), _result(spill_bytes=24), _result(spill_bytes=None),
             _result(shared_bytes=SHARED_MEMORY_LIMIT[90] + 4), _result(warps_per_sm=0),

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.suite.common import TOLERANCE, rel_err
-from kernels.suite.linear_cross_entropy import errors as _errors
-from kernels.suite.linear_cross_entropy import make_inputs
+from gpu_workbench import kernels
+from gpu_workbench.kernels.suite.common import TOLERANCE, rel_err
+from gpu_workbench.kernels.suite.linear_cross_entropy import errors as _errors
+from gpu_workbench.kernels.suite.linear_cross_entropy import make_inputs
 
-lce = importlib.import_module("kernels.linear_cross_entropy")  # `kernels.linear_cross_entropy` is the function
+lce = importlib.import_module("gpu_workbench.kernels.linear_cross_entropy")  # the name is the function
 
 BACKENDS = ["interpret", "torch"]
 DTYPES = [(torch.float32, TOLERANCE[torch.float32]), (torch.float16, TOLERANCE[torch.float16])]
@@ -152,7 +152,7 @@ def test_interpreted_and_compiled_flavours_coexist():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from kernels import jit_loader
+    from gpu_workbench.kernels import jit_loader
 
     assert isinstance(jit_loader.load("linear_cross_entropy", interpret=True).lce_fwd, InterpretedFunction)
     assert isinstance(jit_loader.load("linear_cross_entropy", interpret=False).lce_bwd_logits, JITFunction)
@@ -271,7 +271,7 @@ def test_compiled_kernel_on_gpu(dtype, n, h, v, bias, ignored, smoothing, reduct
 def test_gpu_speed_and_memory_targets():
     """bf16, N=8192, H=4096, V=128k, forward + backward: at least as fast as the unfused bf16 path
     (F.linear + F.cross_entropy) and at most 10% of its extra memory."""
-    from kernels.suite.linear_cross_entropy import fused_vs_unfused
+    from gpu_workbench.kernels.suite.linear_cross_entropy import fused_vs_unfused
 
     ours, unfused = fused_vs_unfused(8192, 4096, 131072, torch.bfloat16, "cuda", "triton")
     assert ours["ms"] <= unfused["ms"], (ours, unfused)

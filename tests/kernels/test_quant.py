@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
-from kernels import jit_loader, quant
-from kernels.autotune import Config
-from kernels.quant.format import int_weight
-from kernels.quant_matmul import SMALL_M_TUNER, act_quant, compile_specs, config_archs, launch, tuner_for
-from kernels.suite.common import TOLERANCE, rel_err
+from gpu_workbench import kernels
+from gpu_workbench.kernels import jit_loader, quant
+from gpu_workbench.kernels.autotune import Config
+from gpu_workbench.kernels.quant.format import int_weight
+from gpu_workbench.kernels.quant_matmul import SMALL_M_TUNER, act_quant, compile_specs, config_archs, launch, tuner_for
+from gpu_workbench.kernels.suite.common import TOLERANCE, rel_err
 
 # (mode, group_size, K): per-group w4a16 at every supported group, per channel with K not a multiple of 8.
 VARIANTS = [("w8a16", None, 136), ("w4a16", 32, 96), ("w4a16", 64, 192), ("w4a16", 128, 256),
@@ -192,7 +192,7 @@ def test_quant_matmul_bad_inputs():
 
 def test_custom_op_opcheck():
     """The Triton path is a torch.library op with a fake implementation, so torch.compile can trace it."""
-    from kernels.quant_matmul import _quant_matmul_op
+    from gpu_workbench.kernels.quant_matmul import _quant_matmul_op
 
     qw = quant.quantize(torch.randn(24, 64), "w4a16", 32)
     x = torch.randn(5, 64)
@@ -313,7 +313,7 @@ def test_compile_specs_cover_every_config():
 
 def test_launcher_never_picks_a_config_outside_the_sweep():
     """The GEMM fits-filter, for a Hopper and an Ampere GPU, admits only configs compiled for that arch."""
-    from kernels.quant_matmul import _fits
+    from gpu_workbench.kernels.quant_matmul import _fits
 
     specs = compile_specs()
     for mode, group in (("w8a16", None), ("w4a16", 128), ("w4a16", None), ("w8a8", None)):
@@ -332,7 +332,7 @@ def test_launcher_never_picks_a_config_outside_the_sweep():
 
 
 def test_aot_compile_sm80_sm90():
-    from kernels.aot import compile_all
+    from gpu_workbench.kernels.aot import compile_all
 
     specs = compile_specs()
     # The first (default) GEMM config of each mode variant, bf16, on Hopper.
@@ -351,8 +351,8 @@ def test_gemm_pipelines_when_aligned():
     """With the 16-divisibility the JIT specialises on for model shapes (pointers, K, N, strides), which
     compile_specs() declares, the GEMM loads become multi-stage async copies feeding wgmma, and still
     fit Hopper's shared memory."""
-    from kernels import triton_compat as tc
-    from kernels.aot import SHARED_MEMORY_LIMIT
+    from gpu_workbench.kernels import triton_compat as tc
+    from gpu_workbench.kernels.aot import SHARED_MEMORY_LIMIT
 
     specs = [s for s in compile_specs() if " gemm " in s.label and "bf16" in s.label
              and s.constexprs["BLOCK_N"] == 256 and s.constexprs["MODE"] in (1, 2) and not s.constexprs["GROUPED"]]

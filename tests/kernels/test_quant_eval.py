@@ -14,13 +14,13 @@ import shutil
 import pytest
 import torch
 
-from kernels import quant
-from parallel import RunConfig, sampling, train
-from parallel.qat import quantised_layers
-from parallel.quant_eval import evaluate, held_out_batches
+from gpu_workbench.cli.app import main
+from gpu_workbench.kernels import quant
+from gpu_workbench.parallel import RunConfig, sampling, train
+from gpu_workbench.parallel.qat import quantised_layers
+from gpu_workbench.parallel.quant_eval import evaluate, held_out_batches
 from tests.parallel.runs import TINY, rel, summary, wb
 from tests.workbench.test_user_errors import main_error, one_line
-from workbench.cli import main
 
 RUN = ["model.d_model=128", "steps=30", "progress=false", "checkpoint.every=30", "eval.every=30", "eval.batches=2",
        "optim.warmup_steps=3"]
@@ -133,7 +133,7 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
 
 
 def test_report_draws_the_quant_figure(run_dir, reports, tmp_path):
-    from workbench.report import build_report
+    from gpu_workbench.cli.report import build_report
 
     plain = build_report([run_dir], tmp_path / "plain")
     assert "quant_eval.png" not in plain.read_text()   # no quant_eval.json yet: no figure

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-import kernels.fused_softmax as fs
-from kernels.suite.common import TOLERANCE, rel_err
+import gpu_workbench.kernels.fused_softmax as fs
+from gpu_workbench import kernels
+from gpu_workbench.kernels.suite.common import TOLERANCE, rel_err
 
 OPS = [(kernels.softmax, torch.softmax), (kernels.log_softmax, torch.log_softmax)]
 OP_IDS = ["softmax", "log_softmax"]
@@ -124,7 +124,7 @@ def test_interpreted_and_compiled_flavours_coexist():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from kernels import jit_loader
+    from gpu_workbench.kernels import jit_loader
 
     assert isinstance(jit_loader.load("softmax", interpret=True).softmax_fwd_block, InterpretedFunction)
     assert isinstance(jit_loader.load("softmax", interpret=False).softmax_fwd_block, JITFunction)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import triton
 
-import kernels
-from kernels import jit_loader
-from kernels import triton_compat as tc
-from kernels.suite.common import rel_err
+from gpu_workbench import kernels
+from gpu_workbench.kernels import jit_loader
+from gpu_workbench.kernels import triton_compat as tc
+from gpu_workbench.kernels.suite.common import rel_err
 
 SOFTMAX_SIG = {"x_ptr": "*fp16", "y_ptr": "*fp16", "n_cols": "i32", "x_row_stride": "i32", "y_row_stride": "i32",
                "LOG": "constexpr", "BLOCK_N": "constexpr"}

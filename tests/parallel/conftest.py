@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """`single`, 10 fp32 steps, in this process."""
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path_factory.mktemp("single")
     train(RunConfig.from_toml(TINY, [*BASE, "recipe=single", f"run_dir={run_dir}"]))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import complete_checkpoints, verify
-from parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.checkpoint import complete_checkpoints, verify
+from gpu_workbench.parallel.loop.rundir import read_metrics
 from tests.cli import ROOT, env
 
 ARGS = ["train", "--config", str(ROOT / "configs" / "tiny.toml"), "progress=false", "steps=10", "model.d_model=32",
@@ -37,7 +37,7 @@ class Trial:
 
 
 def _start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workbench", *ARGS, f"run_dir={run_dir}"], cwd=ROOT, env=env(),
+    return subprocess.Popen([sys.executable, "-m", "gpu_workbench", *ARGS, f"run_dir={run_dir}"], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -59,7 +59,7 @@ def run_trial(root: Path, reference: Path, mode: str, rng: random.Random, timeou
     run_dir = root / f"{mode}-{rng.randrange(10**9)}"
     killed_at, saw_tmp = _kill(_start(run_dir), run_dir, mode, rng, timeout)
     damaged = [str(p) for p in complete_checkpoints(run_dir) if verify(p) is not None]
-    done = subprocess.run([sys.executable, "-m", "workbench", *ARGS, f"run_dir={run_dir}"], cwd=ROOT, env=env(),
+    done = subprocess.run([sys.executable, "-m", "gpu_workbench", *ARGS, f"run_dir={run_dir}"], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
     identical = done.returncode == 0 and _same(run_dir, reference)
     return Trial(mode, killed_at, saw_tmp, damaged, identical)
@@ -67,7 +67,7 @@ def run_trial(root: Path, reference: Path, mode: str, rng: random.Random, timeou
 
 def reference_run(root: Path) -> Path:
     run_dir = root / "reference"
-    subprocess.run([sys.executable, "-m", "workbench", *ARGS, f"run_dir={run_dir}"], cwd=ROOT, env=env(),
+    subprocess.run([sys.executable, "-m", "gpu_workbench", *ARGS, f"run_dir={run_dir}"], cwd=ROOT, env=env(),
                    check=True, capture_output=True, timeout=300)
     return run_dir
 

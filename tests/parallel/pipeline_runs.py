@@ -44,7 +44,7 @@ def _copy_checkpoint(src: str, dst: str, step: int) -> None:
 
 
 if __name__ == "__main__":
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     for item in json.loads(sys.argv[1]):
         if item[0] == "copy":

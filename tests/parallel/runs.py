@@ -31,14 +31,14 @@ def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600) 
 
 
 def losses(run_dir: Path) -> list[float]:
-    from parallel.loop.rundir import read_metrics
+    from gpu_workbench.parallel.loop.rundir import read_metrics
 
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
 def summary(run_dir: Path) -> dict:
     """summary.json through the typed loader (schema checked), every field in one dict."""
-    from parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.loop.summary import RunSummary
 
     return RunSummary.load(Path(run_dir) / "summary.json").flat()
 
@@ -64,8 +64,8 @@ def rel(a: float, b: float) -> float:
 
 
 if __name__ == "__main__":
-    from parallel import RunConfig, train
-    from parallel.loop.distributed import exit_worker
+    from gpu_workbench.parallel import RunConfig, train
+    from gpu_workbench.parallel.loop.distributed import exit_worker
 
     for config, overrides in json.loads(sys.argv[1]):
         train(RunConfig.from_toml(config, overrides))

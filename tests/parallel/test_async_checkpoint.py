@@ -30,7 +30,7 @@ DELAY_S = 1.5   # step 4 starts writing within milliseconds of step 2 landing; t
 
 def _train_here(*overrides: str) -> None:
     """In this process, on one intra-op thread as the CLI run (tests.cli.env): the same float reductions."""
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def _train_here(*overrides: str) -> None:
 
 def _kill_during_the_second_write(run_dir) -> dict:
     """Start the async run; SIGKILL it while step 4's background write is held open; what it left."""
-    cmd = [sys.executable, "-m", "workbench", "train", "--config", TINY, *BASE, "checkpoint.async_save=true",
+    cmd = [sys.executable, "-m", "gpu_workbench", "train", "--config", TINY, *BASE, "checkpoint.async_save=true",
            f"fault.checkpoint_write_delay_s={DELAY_S}", f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts, t0 = run_dir / "checkpoints", time.time()

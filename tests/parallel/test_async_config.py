@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from parallel import RunConfig
-from parallel.recipes import RECIPES, resolve
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import TINY, wb
 
 

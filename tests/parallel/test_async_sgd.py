@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from parallel import RunConfig, train
-from parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.loop.rundir import read_metrics
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def test_killed_worker_is_replaced_and_no_update_is_lost(ps_fault_run):
 
 
 def _shard(staleness: int, workers: int = 2):
-    from parallel.ps.server import ParamShard
+    from gpu_workbench.parallel.ps.server import ParamShard
 
     cfg = RunConfig.from_toml(TINY, [f"ps.staleness={staleness}"])
     return ParamShard(cfg.to_dict(), 0, 1, workers)

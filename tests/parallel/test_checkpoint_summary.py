@@ -10,7 +10,7 @@ from tests.parallel.runs import TINY, summary
 
 
 def test_bytes_written_counts_every_save_and_blocking_time_is_measured(tmp_path):
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     with contextlib.redirect_stderr(io.StringIO()):
         train(RunConfig.from_toml(TINY, ["recipe=single", "progress=false", "steps=3", "checkpoint.every=1",

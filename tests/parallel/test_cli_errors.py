@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from gpu_workbench.cli.app import main
 from tests.parallel.runs import TINY, wb
-from workbench.cli import main
 
 BAD = [
     (["optim.lrr=1e-3"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),

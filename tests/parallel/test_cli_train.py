@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.loop.summary import RunSummary
 from tests.parallel.runs import TINY, wb
 
 SUMMARY_FIELDS = ["recipe", "world_size", "steps", "final_loss", "tokens_per_s", "peak_memory_bytes_per_rank",
@@ -44,7 +44,7 @@ def test_wb_train_zero2_writes_run_dir(tmp_path):
 
 
 def test_data_prepare_and_train_on_bytes(tmp_path):
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel import compat
+from gpu_workbench.parallel import compat
 
 
 def test_this_torch_is_in_the_supported_range():
@@ -94,8 +94,8 @@ def test_collective_counter_puts_each_collective_and_its_wait_in_a_range(tmp_pat
 
     import torch.distributed._functional_collectives as funcol
 
-    from profiling import listening, timeline
-    from profiling import range as prange
+    from gpu_workbench.profiling import listening, timeline
+    from gpu_workbench.profiling import range as prange
 
     started = not dist.is_initialized()
     if started:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from parallel import RunConfig
-from parallel.config import ModelConfig
-from parallel.recipes import RECIPES, resolve
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.config import ModelConfig
+from gpu_workbench.parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import ROOT, TINY
 
 
@@ -18,7 +18,7 @@ def test_tiny_and_125m_load():
     assert big.precision == "bf16"
     import torch
 
-    from parallel.model import GPT, count_params
+    from gpu_workbench.parallel.model import GPT, count_params
 
     with torch.device("meta"):   # shapes only, no memory
         n = count_params(GPT(big.model))

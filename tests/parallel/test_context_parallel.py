@@ -16,12 +16,12 @@ import sys
 import pytest
 import torch
 
-import kernels
-from parallel import RunConfig
-from parallel import context_parallel as cp
-from parallel.errors import UserError
-from parallel.loop.rundir import read_evals, read_metrics
-from parallel.recipes import resolve
+from gpu_workbench import kernels
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel import context_parallel as cp
+from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.loop.rundir import read_evals, read_metrics
+from gpu_workbench.parallel.recipes import resolve
 from tests.cli import ROOT, env
 from tests.parallel.cp_checks import RING_CASES
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary
@@ -94,7 +94,7 @@ def test_merge_of_two_key_blocks_is_the_whole_attention():
 
 
 def test_cp_groups_are_the_ranks_that_differ_in_cp_alone():
-    from parallel.dims import ParallelDims
+    from gpu_workbench.parallel.dims import ParallelDims
 
     assert cp.cp_members(ParallelDims(world_size=4, dp_replicate=2, cp=2)) == [[0, 1], [2, 3]]
     assert cp.cp_members(ParallelDims(world_size=6, dp_replicate=2, cp=3)) == [[0, 1, 2], [3, 4, 5]]
@@ -148,7 +148,7 @@ def _launch(nproc: int, out, runs=()) -> dict:
 @pytest.fixture(scope="module")
 def cp_runs(tmp_path_factory):
     """{"single" and each DDP_CP name: run_dir, "checks": the ring and model checks of both launches}."""
-    from parallel import train
+    from gpu_workbench.parallel import train
 
     root = tmp_path_factory.mktemp("cp")
     dirs = {name: root / name for name in [*SINGLE, *DDP_CP, *CP4]}

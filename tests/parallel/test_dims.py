@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from parallel import RunConfig
-from parallel.dims import ORDER, ParallelDims
-from parallel.errors import UserError
-from parallel.recipes import RECIPES, resolve
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.dims import ORDER, ParallelDims
+from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.recipes import RECIPES, resolve
 from tests.parallel.runs import TINY
 
 

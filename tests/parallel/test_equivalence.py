@@ -24,7 +24,7 @@ def test_recipe_matches_single(recipe, reference, dp_runs):
 
 def test_micro_batching_equals_one_big_batch(reference, tmp_path):
     """micro 4 x accum 4 (the reference) gives the same steps as micro 16 x accum 1."""
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path / "micro16"
     train(RunConfig.from_toml(TINY, [*BASE, "recipe=single", "micro_batch=16", f"run_dir={run_dir}"]))

@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 
-from parallel.errors import UserError
+from gpu_workbench.parallel.errors import UserError
 from tests.parallel.runs import TINY, final_params, losses, torchrun
 
 pytestmark = pytest.mark.slow
@@ -20,13 +20,13 @@ BASE = ["progress=false", "steps=4", "checkpoint.save_final=true", "optim.warmup
 
 
 def _cfg(*overrides: str):
-    from parallel import RunConfig
+    from gpu_workbench.parallel import RunConfig
 
     return RunConfig.from_toml(TINY, [*BASE, *overrides])
 
 
 def _initial(cfg) -> dict[str, torch.Tensor]:
-    from parallel.model import GPT
+    from gpu_workbench.parallel.model import GPT
 
     torch.manual_seed(cfg.seed)   # as the trainer does before building the model
     return {k: v.detach().clone() for k, v in GPT(cfg.model).state_dict().items()}
@@ -38,7 +38,7 @@ def _is_frozen(name: str) -> bool:   # tiny.toml ties the head to tok_emb: one p
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from parallel import train
+    from gpu_workbench.parallel import train
 
     root = tmp_path_factory.mktemp("frozen")
     with contextlib.redirect_stderr(io.StringIO()):
@@ -64,9 +64,9 @@ def test_data_parallel_with_frozen_equals_single_per_step(runs, recipe):
 
 
 def test_a_prefix_matching_nothing_and_a_recipe_that_cannot_freeze_are_one_line_errors():
-    from parallel import recipes
-    from parallel.model import GPT
-    from parallel.recipes.base import freeze
+    from gpu_workbench.parallel import recipes
+    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel.recipes.base import freeze
 
     cfg = _cfg("recipe=single")
     with pytest.raises(UserError, match="optim.frozen: 'blocks.9' matches no parameter"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.config import ModelConfig
-from parallel.model import GPT
+from gpu_workbench.parallel.config import ModelConfig
+from gpu_workbench.parallel.model import GPT
 from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, rel, torchrun
 
 
@@ -53,7 +53,7 @@ def test_fused_head_loss_under_bf16_autocast_matches_the_unfused_head():
 
 @pytest.mark.slow
 def test_single_with_fused_head_loss_matches_unfused(reference, tmp_path):
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path / "fused"
     train(RunConfig.from_toml(TINY, [*BASE, "recipe=single", "model.fused_head_loss=true", f"run_dir={run_dir}"]))

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from parallel.errors import UserError
+from gpu_workbench.parallel.errors import UserError
 from tests.parallel.runs import TINY, final_params, losses, summary, torchrun, wb
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_a_delta_after_the_resume_builds_on_the_chain_before_it(runs):
 
 
 def test_incremental_and_async_together_on_two_ranks(runs):
-    from parallel.checkpoint.describe import verify_all
+    from gpu_workbench.parallel.checkpoint.describe import verify_all
 
     both, full = runs["async"], runs["full"]
     assert losses(both) == losses(full)
@@ -104,7 +104,7 @@ def test_fsdp_incremental_shards_match_ddp_and_a_sharded_delta_loads_back(runs):
 
 
 def test_inspect_and_verify_understand_a_delta_and_its_damaged_base(runs, tmp_path):
-    from parallel.checkpoint.describe import inspect, verify_all
+    from gpu_workbench.parallel.checkpoint.describe import inspect, verify_all
 
     inc = tmp_path / "copy"
     shutil.copytree(runs["inc"], inc)
@@ -123,7 +123,7 @@ def test_inspect_and_verify_understand_a_delta_and_its_damaged_base(runs, tmp_pa
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     run = tmp_path_factory.mktemp("incremental-single") / "run"
     threads = torch.get_num_threads()
@@ -138,7 +138,7 @@ def single_run(tmp_path_factory):
 
 
 def test_retention_keeps_the_base_a_kept_delta_reads_from(single_run):
-    from parallel.checkpoint import prune
+    from gpu_workbench.parallel.checkpoint import prune
 
     folders = lambda: sorted(p.name for p in (single_run / "checkpoints").iterdir())  # noqa: E731
     assert folders() == ["step_000005", "step_000006"]   # keep=1, but step 6 reads the frozen weights from 5
@@ -147,7 +147,7 @@ def test_retention_keeps_the_base_a_kept_delta_reads_from(single_run):
 
 
 def test_a_load_reads_each_tensor_from_the_folder_its_map_names(single_run):
-    from parallel.checkpoint.universal import consolidated_weights
+    from gpu_workbench.parallel.checkpoint.universal import consolidated_weights
 
     step6 = single_run / "checkpoints" / "step_000006"
     meta = json.loads((step6 / "meta.json").read_text())
@@ -158,8 +158,8 @@ def test_a_load_reads_each_tensor_from_the_folder_its_map_names(single_run):
 
 
 def test_deepspeed_recipes_refuse_incremental_and_async_in_one_line():
-    from parallel import RunConfig
-    from parallel.recipes import resolve
+    from gpu_workbench.parallel import RunConfig
+    from gpu_workbench.parallel.recipes import resolve
 
     for key in ("incremental", "async_save"):
         with pytest.raises(UserError, match=f"checkpoint.{key} does not work with recipe=zero2: its state is"):
@@ -169,7 +169,7 @@ def test_deepspeed_recipes_refuse_incremental_and_async_in_one_line():
 
 
 def test_a_save_writes_what_changed_and_what_lived_in_the_folder_it_replaces():
-    from parallel.checkpoint.incremental import plan
+    from gpu_workbench.parallel.checkpoint.incremental import plan
 
     previous = {"a": {"sha256": "1", "in": "step_000004"}, "b": {"sha256": "2", "in": "step_000006"},
                 "c": {"sha256": "3", "in": "step_000004"}}

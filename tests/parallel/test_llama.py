@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel import RunConfig, sampling
-from parallel.loop.rundir import read_evals
-from parallel.model import GPT, rotate
+from gpu_workbench.parallel import RunConfig, sampling
+from gpu_workbench.parallel.loop.rundir import read_evals
+from gpu_workbench.parallel.model import GPT, rotate
 from tests.parallel.runs import ROOT, TINY, losses, rel, torchrun, wb
 
 LLAMA = ["model.arch=llama", "model.n_kv_heads=2", "steps=6", "progress=false", "checkpoint.every=3",
@@ -71,7 +71,7 @@ def _reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 
 def test_llama_forward_equals_an_independent_reference(monkeypatch):
-    import parallel.model as model_module
+    import gpu_workbench.parallel.model as model_module
 
     seen = []
     real = model_module.kernels.attention
@@ -110,7 +110,7 @@ def test_kv_cached_decoding_equals_recomputing(arch):
 
 
 def test_sampling_mistakes_name_the_argument(tmp_path):
-    from parallel.errors import UserError
+    from gpu_workbench.parallel.errors import UserError
 
     with pytest.raises(UserError, match="RUN_DIR .* no config.json"):
         sampling.run_config(tmp_path)
@@ -130,7 +130,7 @@ RECIPES = {"ddp": ["recipe=ddp"], "fsdp": ["recipe=fsdp"], "pipeline": ["recipe=
 
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory):
-    from parallel import train
+    from gpu_workbench.parallel import train
 
     root = tmp_path_factory.mktemp("llama")
     dirs = {name: root / name for name in [*RECIPES, "single", "single-no-eval"]}
@@ -171,7 +171,7 @@ def test_wb_sample_is_the_same_from_single_and_fsdp(llama_runs):
 
 
 def test_held_out_loss_falls_on_bytes(tmp_path):
-    from parallel import train
+    from gpu_workbench.parallel import train
 
     corpus = tmp_path / "corpus.bin"
     assert wb("data", "prepare", str(ROOT / "docs" / "ARCHITECTURE.md"), "--out", str(corpus)).returncode == 0
@@ -184,7 +184,7 @@ def test_held_out_loss_falls_on_bytes(tmp_path):
 
 
 def test_report_shows_the_held_out_loss(llama_runs, tmp_path):
-    from workbench.report import build_report, load_run, runs_table
+    from gpu_workbench.cli.report import build_report, load_run, runs_table
 
     rows = runs_table([load_run(llama_runs["single"]), load_run(llama_runs["single-no-eval"])])
     column = rows[0].index("final held-out loss")

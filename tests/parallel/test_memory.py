@@ -62,8 +62,8 @@ def test_predicted_is_the_formula_by_hand(recipe, precision, dp_runs):
 def test_ddp_ranks_hold_exactly_params_grads_and_two_moments(precision, dp_runs):
     """Unsharded, nothing to round: each rank holds one fp32 value per parameter for the parameters, their
     gradients, and each of Adam's two moments (autocast bf16 too). Ψ counted here, from the model itself."""
-    from parallel import RunConfig
-    from parallel.model import GPT
+    from gpu_workbench.parallel import RunConfig
+    from gpu_workbench.parallel.model import GPT
 
     n = sum(p.numel() for p in GPT(RunConfig.from_toml(TINY, BASE).model).parameters())   # tied weight once
     s = summary(dp_runs["ddp", precision])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from parallel import RunConfig, train
-from parallel.data import Dataset, micro_batches
-from parallel.model import GPT, count_params
+from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.data import Dataset, micro_batches
+from gpu_workbench.parallel.model import GPT, count_params
 from tests.parallel.runs import TINY
 
 

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from parallel.loop.rundir import read_metrics
-from parallel.loop.summary import RunSummary
+from gpu_workbench.cli.app import main
+from gpu_workbench.parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.loop.summary import RunSummary
 from tests.parallel.pipeline_runs import PIPE, torchrun
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
-from workbench.cli import main
 
 PP2 = {   # name -> overrides of the 2-process runs (each 10 fp32 steps of the equivalence config)
     "gpipe": ["pp.schedule=gpipe", "pp.layers_per_stage=[1, 4]"],   # an explicit split

@@ -13,12 +13,12 @@ import random
 import pytest
 import torch
 
-from kernels import quant
-from kernels.quant.format import int_weight, resolve_group_size, weight_grid
-from kernels.quant.qat import QATLinear, fake_quantize_activations, fake_quantize_weight, prepare_qat
-from parallel import RunConfig, qat, train
-from parallel.model import GPT
-from parallel.quant_eval import quantised_copy
+from gpu_workbench.kernels import quant
+from gpu_workbench.kernels.quant.format import int_weight, resolve_group_size, weight_grid
+from gpu_workbench.kernels.quant.qat import QATLinear, fake_quantize_activations, fake_quantize_weight, prepare_qat
+from gpu_workbench.parallel import RunConfig, qat, train
+from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.quant_eval import quantised_copy
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
 from tests.workbench.test_user_errors import main_error
 
@@ -165,7 +165,7 @@ FINE_TUNE = ["steps=80", "eval.every=80", "optim.lr=3e-4", "optim.warmup_steps=0
 
 
 def test_qat_recovers_part_of_the_ptq_gap(tmp_path):
-    from parallel.quant_eval import evaluate
+    from gpu_workbench.parallel.quant_eval import evaluate
 
     base = tmp_path / "base"
     train(RunConfig.from_toml(TINY, [*SMALL, "steps=150", "checkpoint.every=150", f"run_dir={base}"]))

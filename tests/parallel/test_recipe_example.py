@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from parallel import RunConfig, train
-from parallel.recipes import RECIPES
+from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.recipes import RECIPES
 from tests.parallel.runs import ROOT, TINY, losses
 
 DOC = ROOT / "docs" / "ARCHITECTURE.md"

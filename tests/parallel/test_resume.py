@@ -38,7 +38,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, dp_runs):
 def test_resume_single_in_process(tmp_path):
     """`single`: run 8 steps, drop every checkpoint after step 4 (as if the process had died at step
     5), run again: it resumes at 4 and ends bit-identical to the first, uninterrupted run."""
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path / "run"
     cfg = RunConfig.from_toml(TINY, [*BASE, "recipe=single", "steps=8", "checkpoint.every=2", "checkpoint.keep=4",
@@ -57,7 +57,7 @@ def test_resume_single_in_process(tmp_path):
 
 def test_resume_refuses_another_model(tmp_path):
     """Another recipe or world size reshards (test_universal_checkpoint.py); another model shape cannot."""
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     cfg = [*BASE, "steps=2", "checkpoint.every=1", "checkpoint.save_final=false", f"run_dir={tmp_path}",
            "recipe=single"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from parallel.loop.lock import RunLock
-from parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.loop.lock import RunLock
+from gpu_workbench.parallel.loop.summary import RunSummary
 from tests.cli import ROOT, env, wb
 from tests.parallel.runs import TINY, losses
 
@@ -27,7 +27,7 @@ def cli(capfd):
     returns a CompletedProcess-like (returncode, stdout, stderr)."""
     import torch.distributed as dist
 
-    from workbench.cli import main
+    from gpu_workbench.cli.app import main
 
     def run(*args: str) -> subprocess.CompletedProcess:
         capfd.readouterr()
@@ -60,7 +60,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "workbench", "train", *FAST, "--run-dir", str(run_dir),
+    first = subprocess.Popen([sys.executable, "-m", "gpu_workbench", "train", *FAST, "--run-dir", str(run_dir),
                               "steps=100000", "checkpoint.every=0"], cwd=ROOT, env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.loop.rundir import read_metrics
 from tests.cli import ROOT, env
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
 
@@ -50,7 +50,7 @@ def _torchrun(nproc: int, runs: list, results=None) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path_factory.mktemp("tp-single")
     train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", f"run_dir={run_dir}"]))
@@ -109,7 +109,7 @@ def _sharded_by_hand(m) -> int:
 
 
 def test_memory_tp2_at_most_055x_single(single, tp_runs):
-    from parallel import RunConfig
+    from gpu_workbench.parallel import RunConfig
 
     s, ref = summary(tp_runs["ddp-tp"]), summary(single)
     ratio = s["model_state_bytes_per_rank"] / ref["model_state_bytes_per_rank"]
@@ -182,7 +182,7 @@ def test_pipeline_tp_stage_memory_and_resume(tp_runs):
     embeddings on stage 0, ln_f and the tied head's copy on stage 1); the universal checkpoint (every
     (stage-rank, tp-rank) its own shards in one DCP folder, a trainer file per rank); resumed from the step-3
     checkpoint, the same steps 3 and 4 and the same end state."""
-    from parallel import RunConfig
+    from gpu_workbench.parallel import RunConfig
 
     clean, resumed = tp_runs["pp-tp"], tp_runs["pp-tp-resumed"]
     s, m = summary(clean), RunConfig.from_toml(TINY).model

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from parallel import RunConfig, memory
-from parallel.model import GPT
-from parallel.recipes import RECIPES
-from parallel.recipes.base import Context, clip_grad_norm, lr_lambda
+from gpu_workbench.parallel import RunConfig, memory
+from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.recipes import RECIPES
+from gpu_workbench.parallel.recipes.base import Context, clip_grad_norm, lr_lambda
 from tests.parallel.runs import TINY
 
 CTX = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -35,8 +35,8 @@ def test_nan_gradient_skips_the_step():
 
 
 def test_nan_policy_stop(tmp_path, monkeypatch):
-    from parallel import train
-    from parallel.recipes import base
+    from gpu_workbench.parallel import train
+    from gpu_workbench.parallel.recipes import base
 
     monkeypatch.setattr(base.TorchEngine, "step", lambda self: (float("nan"), False))
     with pytest.raises(FloatingPointError, match="nan_policy = 'stop'"):

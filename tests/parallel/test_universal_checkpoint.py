@@ -22,7 +22,7 @@ import shutil
 import pytest
 import torch
 
-from parallel.errors import UserError
+from gpu_workbench.parallel.errors import UserError
 from tests.parallel.runs import TINY, final_params, losses, torchrun, wb
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ TOL = 1e-5
 
 def _train_here(*overrides: str) -> str:
     """Train in this process (single: no process group); what it printed on stderr."""
-    from parallel import RunConfig, train
+    from gpu_workbench.parallel import RunConfig, train
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -126,7 +126,7 @@ def test_every_written_checkpoint_is_universal(chain):
 
 def _wb_here(capsys, *args: str) -> tuple[int, str, str]:
     """`wb *args` through the CLI's entry point in this process: (exit code, stdout, stderr)."""
-    from workbench.cli import main
+    from gpu_workbench.cli.app import main
 
     capsys.readouterr()
     try:
@@ -176,10 +176,10 @@ def test_inspect_and_verify(chain, tmp_path, capsys):
 
 def test_weights_only_start_a_fresh_optimizer(chain, tmp_path):
     """load_model_only: step 0 with a fresh schedule, on the step-4 weights (its first loss is theirs on batch 0)."""
-    from parallel import RunConfig
-    from parallel.checkpoint.universal import consolidated_weights
-    from parallel.data import Dataset
-    from parallel.model import GPT
+    from gpu_workbench.parallel import RunConfig
+    from gpu_workbench.parallel.checkpoint.universal import consolidated_weights
+    from gpu_workbench.parallel.data import Dataset
+    from gpu_workbench.parallel.model import GPT
 
     runs, _ = chain
     source = _step(runs["fsdp"], 4)
@@ -215,9 +215,9 @@ def test_what_cannot_change_is_refused_in_one_line(chain, tmp_path):
     ("ddp", None, "it is in the pre-universal checkpoint format (written by fsdp), which recipe ddp does not"),
 ])
 def test_a_format_the_reader_does_not_speak_is_refused(reader, written, refusal):
-    from parallel import RunConfig, recipes
-    from parallel.checkpoint.fingerprint import fingerprint
-    from parallel.checkpoint.start import _fits
+    from gpu_workbench.parallel import RunConfig, recipes
+    from gpu_workbench.parallel.checkpoint.fingerprint import fingerprint
+    from gpu_workbench.parallel.checkpoint.start import _fits
 
     cfg = RunConfig.from_toml(TINY, [f"recipe={reader}"])
     saved = fingerprint(RunConfig.from_toml(TINY, ["recipe=fsdp"]), 2)
@@ -232,7 +232,7 @@ def test_a_format_the_reader_does_not_speak_is_refused(reader, written, refusal)
     (["checkpoint.load_from=.", "recipe=hogwild"], "checkpoint.load_from: recipe hogwild starts its own workers"),
 ])
 def test_load_from_config_mistakes_name_the_field(overrides, message):
-    from parallel import RunConfig, recipes
+    from gpu_workbench.parallel import RunConfig, recipes
 
     with pytest.raises(UserError, match=message):
         recipes.resolve(RunConfig.from_toml(TINY, overrides).validate(), 2)

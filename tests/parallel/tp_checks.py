@@ -30,8 +30,8 @@ def unit_check(sp: bool) -> dict:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from parallel import RunConfig, tensor_parallel
-    from parallel.model import GPT
+    from gpu_workbench.parallel import RunConfig, tensor_parallel
+    from gpu_workbench.parallel.model import GPT
 
     cfg = RunConfig.from_toml(None, ["model.n_layers=2", "model.d_model=32", "model.seq_len=8", "model.vocab_size=32",
                                      "model.n_heads=4", "model.tie_embeddings=true"]).model
@@ -60,8 +60,8 @@ def unit_check(sp: bool) -> dict:
 
 
 if __name__ == "__main__":
-    from parallel import RunConfig, train
-    from parallel.loop.distributed import exit_worker
+    from gpu_workbench.parallel import RunConfig, train
+    from gpu_workbench.parallel.loop.distributed import exit_worker
 
     for item in json.loads(sys.argv[1]):
         if item[0] == "copy":   # ["copy", src, dst, step]: dst holds only src's checkpoint after `step` steps

@@ -89,7 +89,7 @@ def test_analyze_names_the_straggler_and_its_cost(runs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "exposed comm" in done.stdout and "straggler" in done.stdout
     slow = json.loads(out.read_text())
-    from profiling.analyze import analyze_run
+    from gpu_workbench.profiling.analyze import analyze_run
 
     plain = analyze_run(runs["ddp"])
     stragglers = [s["straggler"] for s in slow["steps"]]
@@ -114,7 +114,7 @@ def test_analyze_counts_overlap_waits_and_idle_exactly():
               _x(0, "allreduce.wait", 60, 10), _x(0, "allreduce", 50, 30, tid=1), _x(0, "step", 100, 10, step=1),
               _x(1, "step", 0, 95, step=0), _x(1, "fwd", 0, 90), _x(1, "allreduce", 88, 4, tid=1),
               _x(1, "step", 100, 10, step=1)]
-    from profiling.analyze import analyze
+    from gpu_workbench.profiling.analyze import analyze
 
     result = analyze({"traceEvents": events})
     ms = 1e-3
@@ -135,7 +135,7 @@ def test_analyze_without_a_trace_is_one_line(tmp_path):
 
 def test_report_breaks_the_step_time_down_per_rank(runs, tmp_path):
     """`wb report` of runs with a timeline: the time-breakdown figure, and its table equal to the analysis."""
-    from profiling.analyze import analyze_run
+    from gpu_workbench.profiling.analyze import analyze_run
 
     done = wb("report", str(runs["ddp"]), str(runs["ddp-straggler"]), "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from profiling import nsight, rank_wrap
+from gpu_workbench.profiling import nsight, rank_wrap
 from tests.cli import wb
 
 
@@ -67,7 +67,7 @@ def test_only_selected_ranks_run_under_the_tool(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
-        from profiling.rank_wrap import exec_under_tool_if_asked
+        from gpu_workbench.profiling.rank_wrap import exec_under_tool_if_asked
         exec_under_tool_if_asked([sys.executable, {str(script)!r}])
         with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"]), "w") as f:
             f.write(os.environ.get("WRAPPED_AS", "plain"))
@@ -142,7 +142,7 @@ def test_torch_profiler_writes_a_trace_per_rank(tmp_path):
 def test_torch_profiler_runs_only_on_the_selected_ranks(tmp_path, monkeypatch):
     """WB_TORCH_PROFILE_RANKS (`wb profile torch --ranks`): the other ranks start no profiler and write nothing;
     WB_TORCH_PROFILE_OUT (`--out`) is where the selected one writes."""
-    from profiling.session import ProfileSession
+    from gpu_workbench.profiling.session import ProfileSession
 
     monkeypatch.setenv("WB_TORCH_PROFILE", "0,0,1")
     monkeypatch.setenv("WB_TORCH_PROFILE_RANKS", "1")

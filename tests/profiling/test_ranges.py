@@ -10,13 +10,13 @@ import textwrap
 
 import torch
 
-import profiling
-from profiling import mark, timeline
-from profiling import range as prange
+from gpu_workbench import profiling
+from gpu_workbench.profiling import mark, timeline
+from gpu_workbench.profiling import range as prange
 from tests.profiling.conftest import nesting, read_nvtx_logs
 
 SCRIPT = textwrap.dedent("""
-    from profiling import range as prange, mark
+    from gpu_workbench.profiling import range as prange, mark
 
     @prange("optimizer")
     def optimizer_step():
@@ -61,7 +61,7 @@ def test_nvtx_disable_and_wb_profiling_turn_it_off(nvtx_recorder, tmp_path):
 def test_nothing_listening_means_no_nvtx_calls(monkeypatch):
     monkeypatch.delenv("NVTX_INJECTION64_PATH", raising=False)
     profiling.refresh_listeners()
-    from profiling.ranges import _nvtx
+    from gpu_workbench.profiling.ranges import _nvtx
 
     assert not _nvtx.on
     with prange("fwd", mb=1) as r:
@@ -106,7 +106,7 @@ def test_kernel_benchmark_launches_sit_in_their_range(nvtx_recorder, tmp_path):
     """What `wb profile ncu --range softmax -- wb kernels bench softmax` relies on."""
     log = tmp_path / "bench"
     env = {**os.environ, "NVTX_INJECTION64_PATH": str(nvtx_recorder), "WB_NVTX_LOG": str(log)}
-    done = subprocess.run([sys.executable, "-m", "workbench", "kernels", "bench", "softmax", "--quick"], env=env,
+    done = subprocess.run([sys.executable, "-m", "gpu_workbench", "kernels", "bench", "softmax", "--quick"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (events,) = read_nvtx_logs(log).values()

@@ -25,7 +25,7 @@ def profiled_run(nvtx_recorder, tmp_path_factory):
     env = {**os.environ, "NVTX_INJECTION64_PATH": str(nvtx_recorder), "WB_NVTX_LOG": str(log),
            "OMP_NUM_THREADS": "1"}
     # global batch 8 = micro 2 x accum 2 x dp 2
-    done = subprocess.run([sys.executable, "-m", "workbench", "train", "--recipe", "ddp", "--nproc", "2",
+    done = subprocess.run([sys.executable, "-m", "gpu_workbench", "train", "--recipe", "ddp", "--nproc", "2",
                            "--config", str(ROOT / "configs" / "tiny.toml"), "--run-dir", str(tmp / "run"),
                            "--timeline", f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false",
                            "checkpoint.every=0"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import typer.main
 
+from gpu_workbench.cli.app import app, main
 from tests.cli import wb
-from workbench.cli import app, main
 
 
 def _commands(cmd, path=()):
@@ -65,11 +65,11 @@ def test_kernels_check_softmax_passes_and_writes_json(tmp_path):
 
 
 def test_kernels_check_exits_1_when_a_row_fails(monkeypatch, capsys):
-    from kernels.suite import common
+    from gpu_workbench.kernels.suite import common
 
     monkeypatch.setattr(common, "TOLERANCE", {k: 0.0 for k in common.TOLERANCE})
     # the suite module imported TOLERANCE by name: patch it there too
-    import kernels.suite.softmax as sm
+    import gpu_workbench.kernels.suite.softmax as sm
 
     monkeypatch.setattr(sm, "TOLERANCE", common.TOLERANCE)
     with pytest.raises(SystemExit) as done:
@@ -116,7 +116,7 @@ def test_bench_prints_cpu_table(tmp_path):
 def test_time_ms_reports_quartiles_of_real_samples():
     import time
 
-    from kernels.suite.common import BenchRow, time_ms
+    from gpu_workbench.kernels.suite.common import BenchRow, time_ms
 
     sleeps = iter([0.0] + [0.001, 0.004] * 100)   # a warm-up call, then alternating 1 ms and 4 ms calls
     timing = time_ms(lambda: time.sleep(next(sleeps)), "cpu")
@@ -128,7 +128,7 @@ def test_time_ms_reports_quartiles_of_real_samples():
 def test_bench_notes_warn_about_a_loaded_machine(monkeypatch):
     import os
 
-    from workbench.kernels_cli import bench_notes
+    from gpu_workbench.cli.kernels_cli import bench_notes
 
     monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.0, 1.0))   # the reading a busy 2-CPU box gives
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -140,13 +140,14 @@ def test_bench_notes_warn_about_a_loaded_machine(monkeypatch):
 
 
 def test_the_cli_starts_without_importing_torch():
-    """A mistake on the command line is answered in a fraction of a second: `workbench.cli` imports no torch,
+    """A mistake on the command line is answered in a fraction of a second: `gpu_workbench.cli.app` imports no torch,
     DeepSpeed, Ray or matplotlib until a command needs them (docs/ARCHITECTURE.md, Testing)."""
     import subprocess
     import sys
 
-    code = ("import sys, workbench.cli; heavy = [m for m in ('torch', 'deepspeed', 'ray', 'matplotlib', 'triton') "
-            "if m in sys.modules]; print(heavy)")
+    code = ("import sys, gpu_workbench.cli.app; "
+            "heavy = [m for m in ('torch', 'deepspeed', 'ray', 'matplotlib', 'triton') if m in sys.modules]; "
+            "print(heavy)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout

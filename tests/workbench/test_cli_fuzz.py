@@ -1,7 +1,7 @@
 """Fuzzing the config and CLI layer: bad `key=value` overrides of every kind (unknown keys, wrong types,
 out-of-range values, malformed items) always end as ONE line on stderr, exit 2, and no run directory.
 
-Most examples run `workbench.cli.main` in this process (`wb train` and `wb compare`); a handful go
+Most examples run `gpu_workbench.cli.app.main` in this process (`wb train` and `wb compare`); a handful go
 through the real CLI in a subprocess. Every generated item is bad on its own, whatever else is set.
 """
 
@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parallel import RunConfig, recipes
-from parallel.errors import UserError
+from gpu_workbench.cli.app import main
+from gpu_workbench.parallel import RunConfig, recipes
+from gpu_workbench.parallel.errors import UserError
 from tests.parallel.runs import TINY, wb
-from workbench.cli import main
 
 try:
     import tomllib

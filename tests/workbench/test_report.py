@@ -9,9 +9,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from parallel.loop.summary import RunSummary
+from gpu_workbench.cli.report import COLUMNS, MIB, load_run
+from gpu_workbench.parallel.loop.summary import RunSummary
 from tests.cli import wb
-from workbench.report import COLUMNS, MIB, load_run
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import socket
 import pytest
 import torch
 
+from gpu_workbench.cli.app import main
 from tests.parallel.runs import TINY, wb
-from workbench.cli import main
 
 
 def one_line(done, *needles: str) -> str:
@@ -147,7 +147,7 @@ def test_report_garbled_run_files_name_the_file(name, text, where, tmp_path, cap
 
 
 def _minimal_summary(run) -> None:
-    from parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.loop.summary import RunSummary
 
     RunSummary(recipe="single", world_size=1, dp=1, steps=2, final_loss=4.0, tokens_per_s=100.0, n_params=10,
                elapsed_s=1.0, micro_batch=4, global_batch=16, tokens_per_step=512, skipped_steps=0, device="cpu",

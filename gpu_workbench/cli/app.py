@@ -1,0 +1,57 @@
+"""`wb`: the workbench's command line. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from gpu_workbench.cli import (
+    checkpoint_cli,
+    cluster_cli,
+    demo,
+    kernels_cli,
+    profile_cli,
+    quant_cli,
+    report_cli,
+    sample_cli,
+    train_cli,
+)
+from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.profiling.errors import UsageError
+from gpu_workbench.profiling.rank_wrap import exec_under_tool_if_asked
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="gpu-workbench: Triton kernels, parallelism recipes, profiling harnesses.")
+app.add_typer(kernels_cli.app, name="kernels")
+app.add_typer(profile_cli.app, name="profile")
+app.command("demo", help=demo.__doc__)(demo.run)
+app.command("train")(train_cli.train)
+app.add_typer(train_cli.data_app, name="data")
+app.add_typer(checkpoint_cli.app, name="checkpoint")
+app.add_typer(quant_cli.app, name="quant")
+app.add_typer(cluster_cli.launch_app, name="launch")
+app.add_typer(cluster_cli.ray_app, name="ray")
+app.add_typer(cluster_cli.slurm_app, name="slurm")
+app.command("compare")(report_cli.compare)
+app.command("report")(report_cli.report)
+app.command("sample")(sample_cli.sample)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a user mistake (UserError, UsageError) is one line on stderr and exit code 2; any
+    other exception is a bug and keeps its traceback (WB_DEBUG=1 shows one for mistakes too)."""
+    exec_under_tool_if_asked()  # a rank that `wb profile nsys|ncu` selected re-runs itself under the tool
+    try:
+        # standalone: usage errors print themselves and exit 2; typer.Exit(n) exits with n.
+        app(args=argv, prog_name="wb")
+    except (UserError, UsageError) as mistake:
+        if os.environ.get("WB_DEBUG"):
+            raise
+        print(f"wb: error: {mistake}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
