@@ -267,39 +267,26 @@ def setup_rank(model: nn.Module, cfg, ctx) -> tuple[torch.Tensor, ContextParalle
     return positions.to(ctx.device), stats
 
 
-# ---- the engines' summary part ------------------------------------------------------------------
-class CPEngineMixin:
-    """What the cp engines share (ddp x cp, fsdp x cp): one training step's ring stats, snapshotted around
-    it (the second step: the first may differ), and the summary's `cp` part."""
+# ---- the summary part ---------------------------------------------------------------------------
+def step_traffic(before: dict, after: dict) -> dict:
+    """One training step's ring traffic: the difference of two ContextParallelStats snapshots."""
+    return {k: after[k] - before[k] for k in ("blocks_forward", "bytes_sent_forward", "bytes_sent_backward")}
 
-    cp_step_measured: dict | None = None
 
-    def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
-        measure = self.cp_step_measured is None and step >= (1 if self.cfg.steps > 1 else 0)
-        before = self.cp_stats.to_dict() if measure else None
-        out = super().train_step(dataset, step, dp_rank, dp, on_backward)
-        if measure:
-            after = self.cp_stats.to_dict()
-            self.cp_step_measured = {k: after[k] - before[k] for k in ("blocks_forward", "bytes_sent_forward",
-                                                                       "bytes_sent_backward")}
-        return out
+def cp_summary(cfg, dims, measured: dict | None):
+    """The summary's `cp` part from one step's measured traffic (None: no step measured) beside the
+    prediction. Collective (gathers every rank's block count)."""
+    from gpu_workbench.parallel.loop.distributed import gather
+    from gpu_workbench.parallel.loop.summary import ContextParallelStatsPart
 
-    def cp_summary(self) -> dict:
-        """The `cp` part; collective (gathers every rank's block count)."""
-        from gpu_workbench.parallel.loop.distributed import gather
-        from gpu_workbench.parallel.loop.summary import ContextParallelStatsPart
-
-        m = self.cp_step_measured
-        blocks = gather(m["blocks_forward"] if m else -1)
-        cfg, c = self.cfg, self.cfg.cp.degree
-        mbs = cfg.accum_steps(self.ctx.dims.dp)
-        m_model = cfg.model
-        kv_heads = getattr(m_model, "n_kv_heads", None) or m_model.n_heads
-        tp = getattr(cfg.tp, "degree", 1)
-        k = torch.empty(cfg.micro_batch, kv_heads // tp, m_model.seq_len // c, m_model.d_model // m_model.n_heads)
-        fwd, bwd = predicted_bytes(k, c)
-        return {"cp": ContextParallelStatsPart(
-            cp_degree=c, cp_load_balance=cfg.cp.load_balance,
-            cp_attention_blocks_per_rank=blocks if m else None,
-            cp_ring_bytes_per_step_per_rank_measured=m["bytes_sent_forward"] + m["bytes_sent_backward"] if m else None,
-            cp_ring_bytes_per_step_per_rank_predicted=mbs * m_model.n_layers * (fwd + bwd))}
+    blocks = gather(measured["blocks_forward"] if measured else -1)
+    c, m = cfg.cp.degree, cfg.model
+    kv = getattr(m, "n_kv_heads", None) or m.n_heads
+    k = torch.empty(cfg.micro_batch, kv // cfg.tp.degree, m.seq_len // c, m.d_model // m.n_heads)
+    fwd, bwd = predicted_bytes(k, c)
+    sent = measured["bytes_sent_forward"] + measured["bytes_sent_backward"] if measured else None
+    return ContextParallelStatsPart(
+        cp_degree=c, cp_load_balance=cfg.cp.load_balance,
+        cp_attention_blocks_per_rank=blocks if measured else None,
+        cp_ring_bytes_per_step_per_rank_measured=sent,
+        cp_ring_bytes_per_step_per_rank_predicted=cfg.accum_steps(dims.dp) * m.n_layers * (fwd + bwd))

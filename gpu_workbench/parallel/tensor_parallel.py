@@ -24,10 +24,11 @@ Rank layout (parallel/dims.py): tp varies fastest, so ranks 2k and 2k+1 form a T
 data parallelism (dp_replicate for ddp, dp_shard for fsdp) runs across TP groups: with 4 ranks and T = 2,
 TP groups {0, 1} and {2, 3}, data-parallel groups {0, 2} and {1, 3}.
 
-Engines: `DDPTPEngine` (dp_replicate x tp: the data-parallel gradient all-reduce is done by hand, once per
-step, on the local shards), `DDPTPCPEngine` (dp_replicate x cp x tp: the same, ring attention over each
-cp group of ranks with one tp coordinate, parallel/context_parallel.py) and `FSDPTPEngine` (TP, then
-fully_shard over dp_shard: the 2-D layout).
+This file holds the maths and the plans; `parallelize` (parallel/parallelize.py) applies them first, before
+context and data parallelism, and the engines (recipes/parallel_engine.py) run the loss under
+loss_parallel and reduce what TP leaves Partial. Under ddp the data-parallel gradient average is done by
+hand, once per step, on the local shards (DDP does not take DTensor parameters); under fsdp, fully_shard
+shards the TP DTensors further (the 2-D layout).
 
 Context parallelism beside TP: each rank takes its cp shard's positions, tokens and targets (T/C of
 them); TP then splits heads (and SP the T/C positions) as without it, and ring attention passes this
@@ -35,8 +36,8 @@ rank's heads' K/V around the cp group. The vocabulary-parallel loss is the mean 
 same on the TP ranks of a cp rank; the loop's mean over all ranks is single's mean over every token. The
 gradient all-reduce averages over dp_replicate x cp (the ranks with this rank's tp coordinate): the mean
 over the C cp ranks of each one's gradient of its shard's mean loss is the gradient of the whole
-sequence's mean, as DDP's average over every rank is for ddp x cp.
-Both checkpoint through torch.distributed.checkpoint (parallel/recipes/fsdp.py: DCPEngine).
+sequence's mean, as DDP's average over every rank is for ddp x cp. fsdp x cp x tp shards over dp_shard x cp
+(one mesh dimension) beside tp.
 """
 
 from __future__ import annotations
@@ -52,18 +53,14 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
-    loss_parallel,
     parallelize_module,
 )
 
 from gpu_workbench.parallel import compat, memory
-from gpu_workbench.parallel.comm import CommCounter, comm_summary
-from gpu_workbench.parallel.context_parallel import CPEngineMixin, own_group, setup_rank, shard_sequence
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.loop.summary import TensorParallelStats
 from gpu_workbench.parallel.model import d_ff, kv_heads
-from gpu_workbench.parallel.recipes.base import clip_, local
-from gpu_workbench.parallel.recipes.fsdp import DCPEngine, FSDPEngine
+from gpu_workbench.parallel.recipes.base import local
 from gpu_workbench.profiling import listening
 from gpu_workbench.profiling import range as prange
 
@@ -131,7 +128,7 @@ def outer_plan(sp: bool) -> dict:
     return plan
 
 
-def parallelize(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
+def apply(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     """Apply the layout in place on the 1-D mesh `tp_mesh`, to a whole GPT or to one pipeline stage
     (parallel/pipeline/stages.py: StageModule, whose submodule names are the GPT's: the outer plan applies to
     what it holds); re-tie a tied head."""
@@ -301,140 +298,3 @@ class CollectiveWatch:
             yield
         if measure:
             self.measured = {"ops": counter.ops, "bytes": counter.bytes}
-
-
-class _TPEngineMixin:
-    """What both TP engines share: loss_parallel around forward and backward (its backward needs it too),
-    the replica-aware clipping norm, one step's TP collectives measured, the TP memory count."""
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        with loss_parallel(), prange("tp.forward"):
-            loss = self.module(x, y, positions)
-        return loss.to_local() if isinstance(loss, DTensor) else loss   # Replicate: the same scalar on every rank
-
-    def tp_backward(self, loss: torch.Tensor, accum: int, last: bool, inner) -> None:
-        with loss_parallel(), prange("tp.backward"):
-            inner(loss, accum, last)
-        if last:
-            reduce_partial_grads(self.module)
-
-    def _update(self, norm: torch.Tensor) -> tuple[float, bool]:
-        out = super()._update(norm)
-        # None, not zeros: a sequence-parallel norm's next gradient arrives Partial, and adding a Partial
-        # into a zeroed Replicate gradient would all-reduce on every micro-batch
-        self.optimizer.zero_grad(set_to_none=True)
-        return out
-
-    def train_step(self, dataset, step: int, dp_rank: int, dp: int, on_backward=None):
-        with self.tp_watch.step(step):
-            return super().train_step(dataset, step, dp_rank, dp, on_backward)
-
-    def step(self) -> tuple[float, bool]:
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        with prange("tp.grad_norm"):
-            norm = global_grad_norm(grads, self.ctx.world_size)
-        clip_([local(g) for g in grads], norm, self.cfg.optim.grad_clip)
-        return self._update(norm)
-
-    def params_on_rank(self, n_params: int) -> int:
-        return params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
-
-    def tp_summary(self) -> dict:
-        mbs = self.cfg.accum_steps(self.ctx.dims.dp)
-        return {"tp": tp_stats(self.cfg, self.tp_watch.measured, [predicted_step_bytes(self.cfg, mbs)])}
-
-
-class DDPTPEngine(_TPEngineMixin, DCPEngine):
-    """dp_replicate x tp. DDP does not take DTensor parameters, so the data-parallel average is done here:
-    one all-reduce of the flattened local gradient shards over `dp_group` (dp_replicate; dp_replicate x cp
-    under context parallelism, module docstring), at the last micro-batch."""
-
-    dp_group_name = "dp_replicate"
-
-    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        self.tp_backward(loss, accum, last, super().backward)
-        if last and self.dp_group_size > 1:
-            self._all_reduce_dp()
-
-    def _all_reduce_dp(self) -> None:
-        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
-        flat = compat.flatten(grads)
-        self.comm.add(flat)
-        with prange("allreduce", group=self.dp_group_name):
-            dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp_group_size
-        for g, reduced in zip(grads, compat.unflatten(flat, grads), strict=True):
-            g.copy_(reduced)
-
-    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
-        """The data-parallel all-reduce on comm.py's ruler (2 x payload x world size), and the TP part."""
-        total = 2 * self.comm.bytes * self.ctx.world_size
-        comm = comm_summary(total, steps, steps * self.cfg.global_batch, elapsed_s, self.comm.ops)
-        return {"comm": comm, **self.tp_summary()}
-
-
-class DDPTPCPEngine(CPEngineMixin, DDPTPEngine):
-    """dp_replicate x cp x tp: this rank's cp positions of every sequence, ring attention over its cp group,
-    the gradient average over dp_replicate x cp."""
-
-    dp_group_name = "dp_replicate x cp"
-
-    def __init__(self, module: nn.Module, cfg, ctx, positions: torch.Tensor, cp_stats):
-        super().__init__(module, module, cfg, ctx)
-        self.positions = positions   # this rank's positions in every sequence (context_parallel.shard_positions)
-        self.cp_stats = cp_stats     # ring attention's measured blocks and bytes (ContextParallelStats)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        p = self.positions   # the mean over this rank's cp tokens
-        return super().forward(shard_sequence(x, p), shard_sequence(y, p), positions=p)
-
-    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
-        return {**super().summary_parts(run_dir, steps, elapsed_s), **self.cp_summary()}
-
-
-class FSDPTPEngine(_TPEngineMixin, FSDPEngine):
-    """dp_shard x tp: TP on mesh["tp"], then fully_shard over mesh["dp_shard"] (FSDP2 sees the TP DTensors
-    and shards them further on dim 0: the 2-D layout)."""
-
-    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        self.tp_backward(loss, accum, last, super().backward)
-
-    def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
-        return self.tp_summary()
-
-
-def _init_engine(engine) -> None:
-    engine.tp_watch = CollectiveWatch(engine.cfg.steps)
-
-
-def setup_ddp(model: nn.Module, cfg, ctx) -> DDPTPEngine:
-    """dp_replicate x tp, or dp_replicate x cp x tp when cp.degree > 1 (the gradient average's group then
-    spans dp_replicate x cp: the ranks with this rank's tp coordinate)."""
-    model.to(ctx.device)
-    cp = cfg.cp.degree > 1
-    mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_replicate", "cp", "tp") if cp else ("dp_replicate", "tp"))
-    parallelize(model, mesh["tp"], cfg.tp.sequence_parallel)
-    if cp:
-        engine = DDPTPCPEngine(model, cfg, ctx, *setup_rank(model, cfg, ctx))
-        engine.dp_group = own_group(ctx.dims.groups(("dp_replicate", "cp")), ctx.rank)
-        engine.dp_group_size = ctx.dims.dp_replicate * ctx.dims.cp
-    else:
-        engine = DDPTPEngine(model, model, cfg, ctx)
-        engine.dp_group, engine.dp_group_size = mesh["dp_replicate"].get_group(), ctx.dims.dp_replicate
-    engine.comm = CommCounter()
-    _init_engine(engine)
-    return engine
-
-
-def setup_fsdp(model: nn.Module, cfg, ctx, reshard: bool) -> FSDPTPEngine:
-    from torch.distributed.fsdp import fully_shard
-
-    model.to(ctx.device)
-    mesh = ctx.dims.build_mesh(ctx.device.type, ("dp_shard", "tp"))
-    parallelize(model, mesh["tp"], cfg.tp.sequence_parallel)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=reshard)
-    engine = FSDPTPEngine(model, model, cfg, ctx)
-    _init_engine(engine)
-    return engine

@@ -94,7 +94,8 @@ def assert_matches_single(run_dir, ref) -> None:
 
 def test_gloo_interface_is_chosen_per_host(hosts):
     for ns, (addr, dev) in hosts.items():
-        done = subprocess.run(in_host(ns, "-c", f"from cluster import netif; print(netif.interface_of('{addr}'))"),
+        code = f"from gpu_workbench.cluster import netif; print(netif.interface_of('{addr}'))"
+        done = subprocess.run(in_host(ns, "-c", code),
                               cwd=ROOT, env=host_env(), capture_output=True, text=True, timeout=60)
         assert done.stdout.strip() == dev, done.stderr[-2000:]
 

@@ -39,7 +39,7 @@ def unit_check(sp: bool) -> dict:
     ref, tp = GPT(cfg), GPT(cfg)
     tp.load_state_dict(ref.state_dict())
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-    tensor_parallel.parallelize(tp, mesh, sp)
+    tensor_parallel.apply(tp, mesh, sp)
     x, y = (torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(s))
             for s in (2, 3))
     ref_loss = ref(x, y)

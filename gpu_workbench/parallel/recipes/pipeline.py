@@ -42,7 +42,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel import compat, memory
+from gpu_workbench.parallel import compat, memory, tensor_parallel
 from gpu_workbench.parallel.data import rank_slice
 from gpu_workbench.parallel.dims import ParallelDims
 from gpu_workbench.parallel.errors import UserError
@@ -73,7 +73,6 @@ from gpu_workbench.parallel.recipes.base import (
 from gpu_workbench.parallel.tensor_parallel import (
     CollectiveWatch,
     global_grad_norm,
-    parallelize,
     predicted_step_bytes,
     stage_params_per_rank,
     tp_stats,
@@ -346,7 +345,7 @@ class Pipeline(Recipe):
         mesh = ctx.dims.build_mesh(ctx.device.type, ("pp", "dp_replicate", "tp"))
         if ctx.dims.tp > 1:   # every stage tensor-parallel over its tp group (docs/ARCHITECTURE.md, Tensor parallelism)
             for stage in stages:
-                parallelize(stage, mesh["tp"], cfg.tp.sequence_parallel)
+                tensor_parallel.apply(stage, mesh["tp"], cfg.tp.sequence_parallel)
         engine = PipelineEngine(stages, cfg, ctx, mesh)
         # gloo's p2p threads abort the process ("terminate called without an active exception") when the
         # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
