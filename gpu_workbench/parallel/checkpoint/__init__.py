@@ -27,7 +27,7 @@ from gpu_workbench.parallel.checkpoint.fingerprint import fingerprint
 from gpu_workbench.parallel.checkpoint.manifest import file_manifest, read_meta, verify
 
 __all__ = ["PendingSave", "begin_save", "bytes_written_total", "complete_checkpoints", "file_manifest",
-           "find_resumable", "load", "newest_good", "prune", "save", "verify"]
+           "find_resumable", "load", "newest_good", "prune", "save", "scan", "verify"]
 
 
 def _barrier() -> None:
@@ -144,14 +144,29 @@ def bytes_written_total(path: Path | None) -> int:
     return int((meta or {}).get("bytes_written_total", 0))
 
 
-def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
-    """The newest complete checkpoint that passes every check; damaged ones are named and skipped."""
+def scan(run_dir: Path, trusted: tuple = ()) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint that passes every check or None, [(newer damaged one, problem)])."""
+    damaged = []
     for path in reversed(complete_checkpoints(run_dir)):
         problem = verify(path, trusted)
         if problem is None:
-            return path
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
+    """The newest complete checkpoint that passes every check; damaged ones before it are named and skipped
+    (when none is good, the caller says so in its own one line)."""
+    good, damaged = scan(run_dir, trusted)
+    if good is not None:
+        say_skipped(damaged)
+    return good
+
+
+def say_skipped(damaged: list[tuple[Path, str]]) -> None:
+    for path, problem in damaged:
         print(f"wb: checkpoint {path} is damaged ({problem}); trying the previous one", file=sys.stderr)
-    return None
 
 
 def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: str = "universal",
