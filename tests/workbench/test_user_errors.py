@@ -213,3 +213,18 @@ def test_export_refuses_to_replace_a_file_without_force(a_file, tmp_path, capsys
     err = main_error(capsys, "checkpoint", "export", str(run), "--out", str(a_file))
     assert f"--out {a_file} exists; pass --force to replace it" in err, err
     assert a_file.read_text() == "precious\n"
+
+
+def test_export_with_force_replaces_the_file(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    trained = wb("train", "--config", TINY, "--run-dir", str(run), "steps=1", "checkpoint.every=1", "progress=false",
+                 "model.d_model=32", "model.n_layers=1")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = tmp_path / "model.safetensors"
+    out.write_text("precious\n")
+    assert "exists; pass --force" in main_error(capsys, "checkpoint", "export", str(run), "--out", str(out))
+    with pytest.raises(SystemExit) as exit_:
+        main(["checkpoint", "export", str(run), "--out", str(out), "--force"])
+    assert not exit_.value.code and "tok_emb.weight" in load_file(str(out))

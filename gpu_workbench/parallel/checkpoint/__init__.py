@@ -5,7 +5,8 @@ Every rank writes its part into step_000010.tmp/ (the torch recipes: the univers
 universal.py; DeepSpeed's recipes: its own), all ranks meet at a barrier, then rank 0 writes meta.json
 (manifest.py: step, format, recipe, world size and parallel degrees, the resume fingerprint, a size and
 sha256 per file) and renames the directory: a directory without `.tmp` is complete. Resume picks the
-newest complete checkpoint that passes every check (a damaged one is reported in one line and skipped),
+newest complete checkpoint that passes every check (a damaged one is reported in one line and skipped; all
+of them damaged is refused, start.py),
 and refuses, before anything is written, one whose fingerprint (fingerprint.py) differs from the run's in
 a field that may not change (start.py: resume, checkpoint.load_from, resharding). Retention
 keeps the last `keep` plus every `keep_every`-th step and the folders their incremental tensor maps read
