@@ -46,12 +46,15 @@ def verify(path: Path = typer.Argument(..., help=PATH_HELP)):
 @app.command("export")
 def export(path: Path = typer.Argument(..., help=PATH_HELP + " (a run directory: its newest good one)"),
            format: str = typer.Option("safetensors", "--format", help="safetensors (the only one so far)"),
-           out: Path = typer.Option(..., "--out", help="the file to write, e.g. model.safetensors")):
+           out: Path = typer.Option(..., "--out", help="the file to write, e.g. model.safetensors"),
+           force: bool = typer.Option(False, "--force", help="replace --out if it exists")):
     """The whole model's weights, consolidated from any layout, under the GPT's parameter names."""
     if format != "safetensors":
         raise UserError(f"--format={format}: only safetensors is supported")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; name a file, e.g. {out}/model.safetensors")
+    if out.exists() and not force:   # an export is cheap to redo, the file it would replace may not be
+        raise UserError(f"--out {out} exists; pass --force to replace it, or name another file")
     from safetensors.torch import save_file
 
     from gpu_workbench.parallel.checkpoint import describe

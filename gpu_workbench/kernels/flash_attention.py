@@ -287,7 +287,7 @@ def _torch_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
     B, Hq, N, D = q.shape
     M = k.shape[2]
     gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
-    if not causal:
+    if not causal or N == 0:   # no query rows: nothing to mask (and no row blocks below)
         return sdpa(q, k, v, scale=scale, **gqa)
     if N >= M:
         # Query i sees keys j <= i - (N - M): the first N - M rows see nothing (output 0, no gradient);
@@ -317,7 +317,7 @@ def _math_dtype(q: torch.Tensor) -> torch.dtype:
 def _row_chunks(q: torch.Tensor, m: int):
     """(start, stop) of each block of query rows, sized so that one block's scores stay bounded."""
     b, hq, n = q.shape[:3]
-    step = max(1, TORCH_MASK_ELEMENTS // (b * hq * m))
+    step = max(1, TORCH_MASK_ELEMENTS // max(1, b * hq * m))   # max(1, ...): an empty batch or no keys
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
@@ -395,9 +395,6 @@ def _check_tensors(q, k, v, chosen: str) -> None:
         raise ValueError(f"{name} has head dim {(k if name == 'k' else v).shape[3]} but q has {D}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); attention needs at least one row")
     if Hq % Hkv:
         raise ValueError(f"k has {Hkv} heads, which does not divide the {Hq} heads of q (GQA needs Hq % Hkv == 0)")
     if D > MAX_HEAD_DIM:
@@ -439,6 +436,8 @@ def _validate(q, k, v, causal, scale, backend) -> tuple[str, float]:
     _check_tensors(q, k, v, chosen)
     if chosen != "torch":
         _check_kernel_limits(q, k, v)
+    if min(q.numel(), k.numel()) == 0:   # nothing to launch: the torch path gives torch's (empty or zero) result
+        chosen = "torch"
     return chosen, _resolve_scale(scale, q.shape[3])
 
 

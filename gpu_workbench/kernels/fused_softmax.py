@@ -9,6 +9,7 @@ registers (SINGLE_BLOCK_MAX_COLS), the looped online kernel otherwise. The Trito
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -120,7 +121,7 @@ def backward_rows(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool
 def _rows_view(t: torch.Tensor, dim: int) -> torch.Tensor:
     """`t` with `dim` moved last, as (rows, cols) with a contiguous last dimension (copies only if needed)."""
     moved = t.movedim(dim, -1) if t.dim() else t.reshape(1)
-    rows = moved.reshape(-1, moved.shape[-1])
+    rows = moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])   # not -1: ambiguous with 0 columns
     return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 
@@ -131,7 +132,7 @@ def _empty_like_moved(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Te
         return out, out.view(1, 1)
     moved_shape = t.movedim(dim, -1).shape
     moved = torch.empty(moved_shape, dtype=t.dtype, device=t.device)
-    return moved.movedim(-1, dim), moved.view(-1, moved_shape[-1])
+    return moved.movedim(-1, dim), moved.view(math.prod(moved_shape[:-1]), moved_shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ equivalence, bf16 for the mixed-precision memory table); the single-process refe
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -55,3 +56,27 @@ def dp_runs(tmp_path_factory):
     runs.append((TINY, [*BASE, "recipe=zero3", f"zero.config_file={ds_json}", f"run_dir={from_json}"]))
     torchrun(2, runs)
     return dirs
+
+
+@pytest.fixture
+def cli(capfd):
+    """`wb ...` through the CLI's own entry point, in this process (no interpreter start per call):
+    returns a CompletedProcess-like (returncode, stdout, stderr)."""
+    import torch.distributed as dist
+
+    from gpu_workbench.cli.app import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        finally:
+            if dist.is_initialized():   # a one-rank group a recipe made in this process
+                dist.destroy_process_group()
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run

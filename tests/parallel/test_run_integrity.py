@@ -21,30 +21,6 @@ from tests.parallel.runs import TINY, losses
 FAST = ["--config", TINY, "progress=false", "model.d_model=32", "model.n_layers=1"]
 
 
-@pytest.fixture
-def cli(capfd):
-    """`wb ...` through the CLI's own entry point, in this process (no interpreter start per call):
-    returns a CompletedProcess-like (returncode, stdout, stderr)."""
-    import torch.distributed as dist
-
-    from gpu_workbench.cli.app import main
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capfd.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-        finally:
-            if dist.is_initialized():   # a one-rank group a recipe made in this process
-                dist.destroy_process_group()
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return run
-
-
 def _one_line(done: subprocess.CompletedProcess, code: int, *words: str) -> str:
     err = done.stderr.strip()
     assert done.returncode == code, done.stdout[-2000:] + done.stderr[-3000:]

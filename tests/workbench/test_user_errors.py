@@ -187,3 +187,44 @@ def test_compare_validates_each_recipe_with_the_nproc_it_gets(tmp_path, capsys):
 def test_profile_a_command_that_does_not_exist(capsys):
     err = main_error(capsys, "profile", "torch", "--", "no-such-command-wb15")
     assert "cannot run the command after --: no-such-command-wb15 (No such file or directory)" in err, err
+
+
+# ------------------------------------------------------------------------- wb sample, wb checkpoint export
+@pytest.mark.parametrize(("option", "needle"), [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-k", "-3"], "--top-k must be >= 1"),
+])
+def test_sample_options_out_of_range(option, needle, tmp_path, capsys):
+    err = main_error(capsys, "sample", str(tmp_path), "--prompt", "3 4", *option)
+    assert needle in err, err
+
+
+def test_sample_empty_prompt_through_the_cli(tmp_path):
+    one_line(wb("sample", str(tmp_path), "--prompt", ""), "--prompt is empty")
+    one_line(wb("sample", str(tmp_path), "--prompt", "3", "--temperature", "nan"), "--temperature")
+
+
+def test_export_refuses_to_replace_a_file_without_force(a_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()   # never read: --out is refused first
+    err = main_error(capsys, "checkpoint", "export", str(run), "--out", str(a_file))
+    assert f"--out {a_file} exists; pass --force to replace it" in err, err
+    assert a_file.read_text() == "precious\n"
+
+
+def test_export_with_force_replaces_the_file(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    trained = wb("train", "--config", TINY, "--run-dir", str(run), "steps=1", "checkpoint.every=1", "progress=false",
+                 "model.d_model=32", "model.n_layers=1")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = tmp_path / "model.safetensors"
+    out.write_text("precious\n")
+    assert "exists; pass --force" in main_error(capsys, "checkpoint", "export", str(run), "--out", str(out))
+    with pytest.raises(SystemExit) as exit_:
+        main(["checkpoint", "export", str(run), "--out", str(out), "--force"])
+    assert not exit_.value.code and "tok_emb.weight" in load_file(str(out))

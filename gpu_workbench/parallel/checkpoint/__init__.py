@@ -5,7 +5,8 @@ Every rank writes its part into step_000010.tmp/ (the torch recipes: the univers
 universal.py; DeepSpeed's recipes: its own), all ranks meet at a barrier, then rank 0 writes meta.json
 (manifest.py: step, format, recipe, world size and parallel degrees, the resume fingerprint, a size and
 sha256 per file) and renames the directory: a directory without `.tmp` is complete. Resume picks the
-newest complete checkpoint that passes every check (a damaged one is reported in one line and skipped),
+newest complete checkpoint that passes every check (a damaged one is reported in one line and skipped; all
+of them damaged is refused, start.py),
 and refuses, before anything is written, one whose fingerprint (fingerprint.py) differs from the run's in
 a field that may not change (start.py: resume, checkpoint.load_from, resharding). Retention
 keeps the last `keep` plus every `keep_every`-th step and the folders their incremental tensor maps read
@@ -27,7 +28,7 @@ from gpu_workbench.parallel.checkpoint.fingerprint import fingerprint
 from gpu_workbench.parallel.checkpoint.manifest import file_manifest, read_meta, verify
 
 __all__ = ["PendingSave", "begin_save", "bytes_written_total", "complete_checkpoints", "file_manifest",
-           "find_resumable", "load", "newest_good", "prune", "save", "verify"]
+           "find_resumable", "load", "newest_good", "prune", "save", "scan", "verify"]
 
 
 def _barrier() -> None:
@@ -144,14 +145,29 @@ def bytes_written_total(path: Path | None) -> int:
     return int((meta or {}).get("bytes_written_total", 0))
 
 
-def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
-    """The newest complete checkpoint that passes every check; damaged ones are named and skipped."""
+def scan(run_dir: Path, trusted: tuple = ()) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint that passes every check or None, [(newer damaged one, problem)])."""
+    damaged = []
     for path in reversed(complete_checkpoints(run_dir)):
         problem = verify(path, trusted)
         if problem is None:
-            return path
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
+    """The newest complete checkpoint that passes every check; damaged ones before it are named and skipped
+    (when none is good, the caller says so in its own one line)."""
+    good, damaged = scan(run_dir, trusted)
+    if good is not None:
+        say_skipped(damaged)
+    return good
+
+
+def say_skipped(damaged: list[tuple[Path, str]]) -> None:
+    for path, problem in damaged:
         print(f"wb: checkpoint {path} is damaged ({problem}); trying the previous one", file=sys.stderr)
-    return None
 
 
 def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: str = "universal",

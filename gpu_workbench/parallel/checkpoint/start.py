@@ -88,12 +88,25 @@ def _source(given: Path, trusted: tuple) -> Path:
     return newest
 
 
+def _resumable(run_dir: Path, trusted: tuple) -> Path | None:
+    """The newest good checkpoint of the run directory (None: it has none). All of them damaged is refused:
+    starting again from step 0 would silently throw the run away."""
+    from gpu_workbench.parallel.checkpoint import say_skipped, scan
+
+    latest, damaged = scan(run_dir, trusted)
+    if latest is None and damaged:
+        newest, problem = damaged[0]
+        raise UserError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({len(damaged)}; the "
+                        f"newest, {newest.name}: {problem}); nothing to resume from: checkpoint.resume=false "
+                        f"starts over and keeps the old run under previous/")
+    say_skipped(damaged)
+    return latest
+
+
 def plan(run_dir: Path, cfg, world_size: int, reader_format: str, trusted: tuple, resume_only: bool = False) -> Start:
     """Where this run starts (rank 0 decides; see `decide` for every rank). A UserError if it cannot."""
-    from gpu_workbench.parallel.checkpoint import newest_good
-
     if cfg.checkpoint.resume or resume_only:
-        latest = newest_good(run_dir, trusted)
+        latest = _resumable(run_dir, trusted)
         if latest is not None:
             return _checked(latest, "resume", cfg, world_size, reader_format)
     if cfg.checkpoint.load_from and not resume_only:

@@ -52,6 +52,9 @@ class RunLock:
             raise UserError(f"run directory {self.path.parent} is in use: wb train (PID {holder.get('pid')} on "
                             f"{holder.get('host')}, since {holder.get('started')}) holds {self.path}; wait for it, "
                             f"or choose another --run-dir")
+        from gpu_workbench.parallel.loop import marker
+
+        marker.check(self.path.parent)   # a folder of the user's own is refused before the lock is written
         if holder is not None:
             print(f"wb: taking over the stale lock of PID {holder.get('pid')} on {holder.get('host')} (no longer "
                   f"running) in {self.path.parent}", file=sys.stderr)

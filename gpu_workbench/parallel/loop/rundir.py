@@ -1,13 +1,15 @@
-"""The run directory: where it is (one rule for every recipe and launcher) and its writers:
-config.json, metrics.jsonl (one object per optimizer step, and one {"step", "tokens", "val_loss",
-"elapsed_s"} per evaluation, after that step), summary.json.
+"""The run directory: where it is (one rule for every recipe and launcher) and its writers: run.json (the
+marker, first: marker.py), config.json, metrics.jsonl (one object per optimizer step, and one {"step",
+"tokens", "val_loss", "elapsed_s"} per evaluation, after that step), summary.json.
 
 Where: `run_dir` if the config sets it; else `runs/<name>` if it names the run; else
 `runs/<recipe>-<YYYYmmdd-HHMMSS>`. Whatever launches several processes resolves it once, before they
 start, so every rank writes into the same directory.
 
 Only rank 0 writes. Writes of JSON files are atomic (tmp file, then rename) so a reader never sees
-half a file; metrics.jsonl is appended line by line and, on resume, cut back to the resumed step.
+half a file; metrics.jsonl is appended line by line and, on resume, cut back to the resumed step (a torn
+last line is dropped: metrics_log.py). A fresh start (checkpoint.resume=false) in a used directory first
+moves the old run into previous/<UTC time>/ (previous.py).
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ def _read_json(path: Path):
 
 
 def _read_rows(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from gpu_workbench.parallel.loop.metrics_log import parse
+
+    return parse(run_dir)[0]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -60,7 +61,10 @@ class RunDir:
     def __init__(self, path: Path, active: bool):
         self.path, self.active = Path(path), active
         if active:
+            from gpu_workbench.parallel.loop import marker
+
             self.path.mkdir(parents=True, exist_ok=True)
+            marker.write(self.path)   # before any other file of the run
 
     def write_config(self, config: dict, resumed_from_step: int = 0, start: dict | None = None) -> None:
         """config.json: the resolved config, and `segments`, one entry per time the run was started
@@ -83,7 +87,7 @@ class RunDir:
     def start_metrics(self, resume_step: int) -> list[dict]:
         """Keep the records of steps before `resume_step` (a resumed run rewrites the rest); return the
         training ones."""
-        kept = [m for m in _read_rows(self.path) if m["step"] < resume_step]
+        kept = [m for m in _read_rows(self.path) if m["step"] < resume_step] if resume_step else []
         if self.active:
             tmp = self.path / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))

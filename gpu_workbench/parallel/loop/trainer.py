@@ -27,7 +27,7 @@ from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.loop import faults, hooks, provenance
+from gpu_workbench.parallel.loop import faults, hooks, previous, provenance, rerun
 from gpu_workbench.parallel.loop.distributed import broadcast, gather, init_distributed, mean_over_ranks
 from gpu_workbench.parallel.loop.injector import FaultInjector
 from gpu_workbench.parallel.loop.lock import RunLock
@@ -50,6 +50,8 @@ def train(cfg: RunConfig, nproc: int | None = None) -> RunSummary:
             return recipe.run(cfg, nproc or 1)
     trainer = Trainer(cfg)
     try:
+        if trainer.finished is not None:   # a finished run rerun with its settings: its summary, unchanged
+            return trainer.finished
         trainer.run_steps()
         summary = trainer.summarise()
     finally:
@@ -74,6 +76,7 @@ class Trainer:
         # a run_dir the launcher did not set is named by rank 0's clock, for every rank
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(broadcast(str(resolve_run_dir(cfg))))
         self.lock = RunLock(self.run_dir).acquire() if ctx.is_main else None   # one writer per run directory
+        self.finished: RunSummary | None = None
         try:
             self._setup(cfg, ctx)
         except BaseException:
@@ -83,6 +86,9 @@ class Trainer:
     def _setup(self, cfg: RunConfig, ctx) -> None:
         begin = decide(self.run_dir, cfg, ctx.world_size, ctx.is_main, self.recipe.checkpoint_format,
                        self.recipe.checkpoint_globals())   # resume, checkpoint.load_from, or fresh
+        if rerun.check(self.run_dir, cfg, begin, ctx.is_main):   # nothing to do; or metrics.jsonl refused
+            self.finished = RunSummary.load(self.run_dir / "summary.json")
+            return
         if cfg.precision == "bf16" and ctx.device.type == "cpu" and ctx.is_main:
             print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
                   "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
@@ -94,6 +100,11 @@ class Trainer:
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
         self.start = checkpoint.load(self.engine, begin.path, begin.model_only) if begin.path else 0
+        if ctx.is_main and not cfg.checkpoint.resume:   # a fresh start keeps the old run, moved aside
+            moved = previous.move_aside(self.run_dir)
+            if moved is not None:
+                print(f"wb: checkpoint.resume=false: the previous run in {self.run_dir} moved to {moved}",
+                      file=sys.stderr)
         self.out = RunDir(self.run_dir, active=ctx.is_main)
         self.out.write_config(cfg.to_dict(), resumed_from_step=self.start if begin.how == "resume" else 0,
                               start=begin.record())
