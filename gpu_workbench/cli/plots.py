@@ -1,24 +1,14 @@
-"""Plot helpers shared by `wb report` and the recipes' run directories.
-
-`pipeline_gantt(run_dir)` draws <run_dir>/gantt.png from <run_dir>/pipeline.json (the pipeline recipe
-writes both itself; this redraws, e.g. for a report). The drawing lives in `parallel.pipeline.gantt` so that a
-pipeline run can draw its chart without importing this package.
-"""
+"""matplotlib for `wb report`'s figures, imported only when a figure is drawn."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.pipeline.gantt import draw_gantt
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, imported when a figure is drawn (a second of import
+    that `wb report --help` and the CLI's one-line mistakes should not pay)."""
+    import matplotlib
 
-__all__ = ["draw_gantt", "pipeline_gantt"]
+    matplotlib.use("Agg")  # files only; no display on CI or a cluster node
+    import matplotlib.pyplot as plt
 
-
-def pipeline_gantt(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    source = run_dir / "pipeline.json"
-    if not source.is_file():
-        raise UserError(f"{source} not found: only pipeline runs have a schedule to draw")
-    return draw_gantt(json.loads(source.read_text()), out or run_dir / "gantt.png")
+    return plt

@@ -26,7 +26,7 @@ def read(run_dir: Path) -> dict | None:
 
 def figure(runs, out: Path, machine: str) -> str | None:
     """quant_eval.png: left, held-out loss (fp and each mode) per run; right, per-layer SQNR per run and mode."""
-    from gpu_workbench.cli.report import pyplot
+    from gpu_workbench.cli.plots import pyplot
 
     found = [(run, report) for run in runs if (report := read(run.path)) is not None]
     if not found:

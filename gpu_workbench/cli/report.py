@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpu_workbench.cli import quant_report, timeline_report
+from gpu_workbench.cli.plots import pyplot
 from gpu_workbench.parallel.config import flatten_config
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.loop.summary import RunSummary
@@ -76,17 +77,6 @@ def machine_label() -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
-def pyplot():
-    """matplotlib.pyplot on the file-only backend, imported when a figure is drawn (a second of import
-    that `wb report --help` and the CLI's one-line mistakes should not pay)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on CI or a cluster node
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figure(title: str, xlabel: str, ylabel: str, machine: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)

@@ -25,7 +25,7 @@ def breakdowns(runs) -> list[tuple[str, int, dict]]:
 
 def figure(runs, out, machine: str) -> str | None:
     """time_breakdown.png: one stacked bar per (run, rank); None where no run has a timeline."""
-    from gpu_workbench.cli.report import pyplot
+    from gpu_workbench.cli.plots import pyplot
 
     rows = breakdowns(runs)
     if not rows:

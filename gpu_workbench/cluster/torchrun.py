@@ -96,7 +96,3 @@ def run(cmd: list[str], echo: bool = False, local_addr: str = "") -> int:
     if echo:
         print(shlex.join(cmd), flush=True)
     return subprocess.call(cmd, env=worker_env(local_addr=local_addr))
-
-
-def inside_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)

@@ -31,6 +31,7 @@ from gpu_workbench.kernels import jit_loader
 from gpu_workbench.kernels.aot import SHARED_MEMORY_LIMIT, CompileSpec, triton_type
 from gpu_workbench.kernels.autotune import Autotuner, Config
 from gpu_workbench.kernels.backend import resolve_backend
+from gpu_workbench.kernels.launch import cdiv, next_pow2, pow2_bucket
 from gpu_workbench.kernels.validate import refuse_interpreter_bf16, require_tensor
 
 # Head dims the configs are tuned and compile-checked for; any D up to MAX_HEAD_DIM runs (a D that is
@@ -86,18 +87,8 @@ def _pick(kind: str, key, run, backend: str, head_dim: int, dtype: torch.dtype, 
     return tuner.pick(key, run, timed=True, fits=_fits(kind, head_dim, dtype, rows))
 
 
-# Plain-Python helpers: triton.cdiv / triton.next_power_of_2 are @jit constexpr functions, microseconds
-# per call from Python, on every launch.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
 def _block_d(head_dim: int) -> int:
-    return max(16, _next_pow2(head_dim))  # tl.dot needs an inner size of at least 16
+    return max(16, next_pow2(head_dim))  # tl.dot needs an inner size of at least 16
 
 
 def _smem_bytes(kind: str, c: Config, head_dim: int, elem: int) -> int:
@@ -143,12 +134,8 @@ def _fits(kind: str, head_dim: int, dtype: torch.dtype, n_rows: int | None = Non
         if _smem_bytes(kind, c, head_dim, elem) > limit:
             return False
         program_rows = bn if kind == "dkdv" else bm
-        return n_rows is None or program_rows <= max(64, _next_pow2(n_rows))
+        return n_rows is None or program_rows <= max(64, next_pow2(n_rows))
     return fits
-
-
-def _bucket(n: int) -> int:
-    return min(_next_pow2(max(n, 1)), 1 << 16)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -175,13 +162,13 @@ def forward(q, k, v, causal: bool, scale: float, backend: str, config: Config | 
     block_d = _block_d(D)
 
     def run(c: Config):
-        grid = (_cdiv(N, c.meta["BLOCK_M"]), B * Hq)
+        grid = (cdiv(N, c.meta["BLOCK_M"]), B * Hq)
         jit.attn_fwd[grid](q, k, v, out, lse, N, M, Hq, Hq // Hkv,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                            scale * math.log2(math.e),
                            CAUSAL=causal, PAD_D=0 if D == block_d else D, BLOCK_D=block_d, **c.launch_options())
 
-    key = ("fwd", _bucket(N), _bucket(M), D, causal, q.dtype)
+    key = ("fwd", pow2_bucket(N, 1 << 16), pow2_bucket(M, 1 << 16), D, causal, q.dtype)
     config = config or _pick("fwd", key, run, backend, D, q.dtype, N)
     run(config)
     return out, lse
@@ -199,7 +186,7 @@ def backward(do, q, k, v, out, lse, causal: bool, scale: float, backend: str,
     qk_scale = scale * math.log2(math.e)
 
     delta = _new((B, Hq, N), q, torch.float32)
-    jit.attn_bwd_preprocess[(_cdiv(N, PREPROCESS_BLOCK_M), B * Hq)](
+    jit.attn_bwd_preprocess[(cdiv(N, PREPROCESS_BLOCK_M), B * Hq)](
         out, do, delta, N, Hq, *_strides(out), *_strides(do),
         PAD_D=pad_d, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4)
 
@@ -208,20 +195,20 @@ def backward(do, q, k, v, out, lse, causal: bool, scale: float, backend: str,
     dv = _new(v.shape, v)
 
     def run_dkdv(c: Config):
-        grid = (_cdiv(M, c.meta["BLOCK_N"]), B * Hkv)
+        grid = (cdiv(M, c.meta["BLOCK_N"]), B * Hkv)
         jit.attn_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, N, M, Hq, Hkv, group,
                                 *_strides(q), *_strides(k), *_strides(v), *_strides(do),
                                 *_strides(dk), *_strides(dv), qk_scale, scale,
                                 CAUSAL=causal, PAD_D=pad_d, BLOCK_D=block_d, **c.launch_options())
 
     def run_dq(c: Config):
-        grid = (_cdiv(N, c.meta["BLOCK_M"]), B * Hq)
+        grid = (cdiv(N, c.meta["BLOCK_M"]), B * Hq)
         jit.attn_bwd_dq[grid](q, k, v, do, dq, lse, delta, N, M, Hq, group,
                               *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                               qk_scale, scale,
                               CAUSAL=causal, PAD_D=pad_d, BLOCK_D=block_d, **c.launch_options())
 
-    key = ("bwd", _bucket(N), _bucket(M), D, causal, q.dtype)
+    key = ("bwd", pow2_bucket(N, 1 << 16), pow2_bucket(M, 1 << 16), D, causal, q.dtype)
     dkdv_config = dkdv_config or _pick("dkdv", key, run_dkdv, backend, D, q.dtype, M)
     dq_config = dq_config or _pick("dq", key, run_dq, backend, D, q.dtype, N)
     run_dkdv(dkdv_config)

@@ -38,6 +38,7 @@ from gpu_workbench.kernels import jit_loader
 from gpu_workbench.kernels.aot import CompileSpec, triton_type
 from gpu_workbench.kernels.autotune import Autotuner, Config
 from gpu_workbench.kernels.backend import resolve_backend
+from gpu_workbench.kernels.launch import cdiv, pow2_bucket
 from gpu_workbench.kernels.validate import refuse_interpreter_bf16, require_tensor
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,17 +65,13 @@ FP32_BWD_TUNER = Autotuner("lce_bwd_logits_fp32", [_cfg(32, 64, 16, 4, 2), _cfg(
 INTERPRET_CONFIG = _cfg(32, 64, 32, 4, 1)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def chunk_cols(n_rows: int, hidden: int, vocab: int) -> int:
     """Vocabulary columns per backward chunk (and per torch-forward chunk): ~as many elements as x."""
-    return min(vocab, _cdiv(max(hidden, MIN_CHUNK_COLS), 128) * 128)
+    return min(vocab, cdiv(max(hidden, MIN_CHUNK_COLS), 128) * 128)
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,10 +89,6 @@ def _pick(tuner: Autotuner, key, run, backend: str, config: Config | None) -> Co
     if backend != "triton":
         return INTERPRET_CONFIG
     return tuner.pick(key, run, timed=True)
-
-
-def _bucket(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,23 +122,23 @@ def _forward_triton(x, w, b, t, backend: str, config: Config | None = None):
     fwd_tuner, _ = _tuners(x.dtype)
 
     def splits_for(c: Config) -> int:
-        blocks_v = _cdiv(V, c.meta["BLOCK_V"])
+        blocks_v = cdiv(V, c.meta["BLOCK_V"])
         if backend != "triton":
             return min(blocks_v, 3)  # several splits, so the tests cover the merge
-        want = _cdiv(PROGRAMS_PER_SM * _sm_count(x.device.index or 0), _cdiv(N, c.meta["BLOCK_M"]))
+        want = cdiv(PROGRAMS_PER_SM * _sm_count(x.device.index or 0), cdiv(N, c.meta["BLOCK_M"]))
         return max(1, min(blocks_v, want))
 
     def run(c: Config):
         bv = c.meta["BLOCK_V"]
-        per_split = _cdiv(_cdiv(V, bv), splits_for(c)) * bv
-        n_splits = _cdiv(V, per_split)
+        per_split = cdiv(cdiv(V, bv), splits_for(c)) * bv
+        n_splits = cdiv(V, per_split)
         parts = torch.empty(5, n_splits, N, dtype=torch.float32, device=x.device)
-        grid = (_cdiv(N, c.meta["BLOCK_M"]), n_splits)
+        grid = (cdiv(N, c.meta["BLOCK_M"]), n_splits)
         jit.lce_fwd[grid](x, w, b if b is not None else x, t, *parts, N, V, H, x.stride(0), w.stride(0), per_split,
                           HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32, **c.launch_options())
         return parts
 
-    key = ("fwd", _bucket(N), _bucket(V), H, x.dtype, b is not None)
+    key = ("fwd", pow2_bucket(N), pow2_bucket(V), H, x.dtype, b is not None)
     return _combine(*run(_pick(fwd_tuner, key, run, backend, config)))
 
 
@@ -193,12 +186,12 @@ def _chunk_grad_triton(dl, x, w, b, t, lse, q, g, v0: int, eps: float, backend: 
     _, bwd_tuner = _tuners(x.dtype)
 
     def run(c: Config):
-        grid = (_cdiv(N, c.meta["BLOCK_M"]), _cdiv(n, c.meta["BLOCK_V"]))
+        grid = (cdiv(N, c.meta["BLOCK_M"]), cdiv(n, c.meta["BLOCK_V"]))
         jit.lce_bwd_logits[grid](x, w, b if b is not None else x, t, lse, q, g, dl, N, H, v0, n,
                                  x.stride(0), w.stride(0), dl.stride(0), eps / V, eps * (1 - 1 / V),
                                  HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32, **c.launch_options())
 
-    key = ("bwd", _bucket(N), _bucket(n), H, x.dtype, b is not None)
+    key = ("bwd", pow2_bucket(N), pow2_bucket(n), H, x.dtype, b is not None)
     run(_pick(bwd_tuner, key, run, backend, config))
 
 

@@ -20,6 +20,7 @@ from gpu_workbench.kernels import jit_loader
 from gpu_workbench.kernels.aot import ARCHS, CompileSpec, sweep_arch, triton_type
 from gpu_workbench.kernels.autotune import Autotuner, Config
 from gpu_workbench.kernels.backend import resolve_backend
+from gpu_workbench.kernels.launch import cdiv, pow2_bucket
 from gpu_workbench.kernels.quant.format import MODES, QuantizedWeight, dequantize, quantize_activations
 from gpu_workbench.kernels.validate import refuse_interpreter_bf16, require_float, require_tensor
 
@@ -99,14 +100,6 @@ def _device_sweep_arch(index: int | None) -> int:
     return sweep_arch(torch.cuda.get_device_capability(index))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a @jit function: microseconds per call from Python
-
-
-def _bucket(m: int) -> int:
-    return min(1 << (max(m, 1) - 1).bit_length(), 8192)  # next power of two
-
-
 def _kernel_meta(config: Config) -> dict:
     meta = {k: v for k, v in config.meta.items() if k != "SPLIT_K"}
     return {**meta, "GROUP_M": GROUP_M, "num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -146,10 +139,10 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
 
     def run(c: Config) -> torch.Tensor:
         block_k = c.meta["BLOCK_K"]
-        k_blocks = _cdiv(k, block_k)
+        k_blocks = cdiv(k, block_k)
         split = min(c.meta["SPLIT_K"], k_blocks)
-        k_per_split = _cdiv(k_blocks, split) * block_k
-        split = _cdiv(k, k_per_split)
+        k_per_split = cdiv(k_blocks, split) * block_k
+        split = cdiv(k, k_per_split)
         # A split-K config stays atomic even where K is too short to split, so that only the kernels
         # that compile_specs() lists are ever compiled.
         atomic = c.meta["SPLIT_K"] > 1
@@ -159,7 +152,7 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
             y = torch.full((m, n), float("nan"), device=x.device, dtype=x.dtype)
         else:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        grid = (_cdiv(m, c.meta["BLOCK_M"]) * _cdiv(n, c.meta["BLOCK_N"]), split)
+        grid = (cdiv(m, c.meta["BLOCK_M"]) * cdiv(n, c.meta["BLOCK_N"]), split)
         kernels.quant_matmul_kernel[grid](
             a, qw.qweight, qw.scales, zeros, sx, y, m, n, k, qw.group_size, k_per_split, a.stride(0), y.stride(0),
             MODE=mode_id, GROUPED=not qw.per_channel, IEEE=x.dtype == torch.float32, ATOMIC=atomic,
@@ -167,7 +160,7 @@ def launch(x: torch.Tensor, qw: QuantizedWeight, backend: str, config: Config | 
         return y.to(x.dtype) if atomic else y
 
     device = x.device.index if x.is_cuda else -1
-    key = ("small" if small else "gemm", device, qw.mode, qw.group_size, n, k, _bucket(m), x.dtype)
+    key = ("small" if small else "gemm", device, qw.mode, qw.group_size, n, k, pow2_bucket(m, 8192), x.dtype)
     arch = _device_sweep_arch(x.device.index) if backend == "triton" else None
     config = config or tuner.pick(key, run, timed=backend == "triton", fits=lambda c: _fits(c, qw, arch))
     return run(config)

@@ -82,10 +82,3 @@ def install() -> None:
             continue
         _installed[name] = fn
         setattr(dist, name, _traced(fn, span_name))
-
-
-def uninstall() -> None:
-    """Put the originals back (tests)."""
-    for name, fn in _installed.items():
-        setattr(dist, name, fn)
-    _installed.clear()

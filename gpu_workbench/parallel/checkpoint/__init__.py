@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 from gpu_workbench.parallel.checkpoint.fingerprint import fingerprint
-from gpu_workbench.parallel.checkpoint.manifest import file_manifest, read_meta, verify
+from gpu_workbench.parallel.checkpoint.listing import complete_checkpoints, newest_good, scan
+from gpu_workbench.parallel.checkpoint.manifest import file_manifest, read_meta, referenced, verify
 
 __all__ = ["PendingSave", "begin_save", "bytes_written_total", "complete_checkpoints", "file_manifest",
            "find_resumable", "load", "newest_good", "prune", "save", "scan", "verify"]
@@ -36,20 +36,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-            and p.name.split("_")[1].isdigit() and (p / "meta.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
 def prune(run_dir: Path, keep: int, keep_every: int = 0) -> None:
     """Delete complete checkpoints but the newest `keep`, those whose step is a multiple of keep_every, and
     every folder a kept incremental checkpoint reads tensors from (incremental.py)."""
-    from gpu_workbench.parallel.checkpoint.incremental import referenced
-
     done = complete_checkpoints(run_dir)
     kept = done[-keep:] + [p for p in done[:-keep] if keep_every and int(p.name.split("_")[1]) % keep_every == 0]
     needed = {p.name for p in kept}
@@ -143,31 +132,6 @@ def bytes_written_total(path: Path | None) -> int:
     """The checkpoint bytes a run had written up to and including checkpoint `path` (0: none recorded)."""
     meta = read_meta(path)[0] if path is not None and Path(path).is_dir() else None
     return int((meta or {}).get("bytes_written_total", 0))
-
-
-def scan(run_dir: Path, trusted: tuple = ()) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """(the newest complete checkpoint that passes every check or None, [(newer damaged one, problem)])."""
-    damaged = []
-    for path in reversed(complete_checkpoints(run_dir)):
-        problem = verify(path, trusted)
-        if problem is None:
-            return path, damaged
-        damaged.append((path, problem))
-    return None, damaged
-
-
-def newest_good(run_dir: Path, trusted: tuple = ()) -> Path | None:
-    """The newest complete checkpoint that passes every check; damaged ones before it are named and skipped
-    (when none is good, the caller says so in its own one line)."""
-    good, damaged = scan(run_dir, trusted)
-    if good is not None:
-        say_skipped(damaged)
-    return good
-
-
-def say_skipped(damaged: list[tuple[Path, str]]) -> None:
-    for path, problem in damaged:
-        print(f"wb: checkpoint {path} is damaged ({problem}); trying the previous one", file=sys.stderr)
 
 
 def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: str = "universal",

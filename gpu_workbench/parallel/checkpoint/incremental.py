@@ -102,29 +102,3 @@ def folders_of(meta: dict, own: Path) -> dict[Path, set[str]]:
     for key, entry in tensors.items():
         out.setdefault(Path(own).parent / entry["in"], set()).add(key)
     return out
-
-
-def referenced(meta: dict) -> set[str]:
-    """The step folder names a checkpoint's map reads from (itself included)."""
-    return {entry["in"] for entry in (meta.get("tensors") or {}).values()}
-
-
-def check_references(path: Path, meta: dict) -> str | None:
-    """None if every older folder a delta reads from is there and holds the bytes its map says."""
-    from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify_files
-
-    for name in sorted(referenced(meta) - {Path(path).name}):
-        other = Path(path).parent / name
-        other_meta, problem = read_meta(other) if other.is_dir() else (None, "missing")
-        if problem:
-            return f"it reads tensors from {name}, which is {problem}"
-        mine = {k for k, e in meta["tensors"].items() if e["in"] == name}
-        theirs = other_meta.get("tensors") or {}
-        wrong = next((k for k in sorted(mine) if theirs.get(k, {}).get("sha256") != meta["tensors"][k]["sha256"]
-                      or theirs[k].get("in") != name), None)
-        if wrong:
-            return f"it reads {wrong} from {name}, which does not hold those bytes"
-        problem = verify_files(other, other_meta)
-        if problem:
-            return f"it reads tensors from {name}, which is damaged ({problem})"
-    return None

@@ -51,8 +51,6 @@ def verify(path: Path, trusted: tuple = ()) -> str | None:
     """None if the checkpoint can be trusted, else what is wrong with it. `trusted`: the non-tensor classes
     the recipe's engine pickles into its state files (Recipe.checkpoint_globals). An incremental
     checkpoint (incremental.py) is sound when its own files are and so are the older folders it reads from."""
-    from gpu_workbench.parallel.checkpoint.incremental import check_references
-
     meta, problem = read_meta(path)
     if problem:
         return problem
@@ -94,4 +92,28 @@ def _loads(path: Path, trusted: tuple, full: bool) -> str | None:
                 torch.load(p, map_location="cpu", weights_only=True, mmap=not full)
         except Exception as e:   # noqa: BLE001 - any failure means: do not load this checkpoint
             return f"{p.relative_to(path)} does not load with weights_only=True ({str(e).splitlines()[0][:200]})"
+    return None
+
+
+def referenced(meta: dict) -> set[str]:
+    """The step folder names a checkpoint's map reads from (itself included)."""
+    return {entry["in"] for entry in (meta.get("tensors") or {}).values()}
+
+
+def check_references(path: Path, meta: dict) -> str | None:
+    """None if every older folder a delta reads from is there and holds the bytes its map says."""
+    for name in sorted(referenced(meta) - {Path(path).name}):
+        other = Path(path).parent / name
+        other_meta, problem = read_meta(other) if other.is_dir() else (None, "missing")
+        if problem:
+            return f"it reads tensors from {name}, which is {problem}"
+        mine = {k for k, e in meta["tensors"].items() if e["in"] == name}
+        theirs = other_meta.get("tensors") or {}
+        wrong = next((k for k in sorted(mine) if theirs.get(k, {}).get("sha256") != meta["tensors"][k]["sha256"]
+                      or theirs[k].get("in") != name), None)
+        if wrong:
+            return f"it reads {wrong} from {name}, which does not hold those bytes"
+        problem = verify_files(other, other_meta)
+        if problem:
+            return f"it reads tensors from {name}, which is damaged ({problem})"
     return None

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpu_workbench.parallel.checkpoint.fingerprint import LAYOUT, MUST_MATCH, STATE, fingerprint, first_difference
+from gpu_workbench.parallel.checkpoint.listing import newest_good, say_skipped, scan
 from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify
 from gpu_workbench.parallel.checkpoint.universal import FORMAT
 from gpu_workbench.parallel.errors import UserError
@@ -73,8 +74,6 @@ def _checked(path: Path, how: str, cfg, world_size: int, reader_format: str) -> 
 
 def _source(given: Path, trusted: tuple) -> Path:
     """checkpoint.load_from: a step_* folder (checked), or a run directory's newest good checkpoint."""
-    from gpu_workbench.parallel.checkpoint import newest_good
-
     if (given / "meta.json").is_file() and given.name.startswith("step_"):
         problem = verify(given, trusted)
         if problem:
@@ -91,8 +90,6 @@ def _source(given: Path, trusted: tuple) -> Path:
 def _resumable(run_dir: Path, trusted: tuple) -> Path | None:
     """The newest good checkpoint of the run directory (None: it has none). All of them damaged is refused:
     starting again from step 0 would silently throw the run away."""
-    from gpu_workbench.parallel.checkpoint import say_skipped, scan
-
     latest, damaged = scan(run_dir, trusted)
     if latest is None and damaged:
         newest, problem = damaged[0]

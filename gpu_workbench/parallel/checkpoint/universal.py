@@ -21,8 +21,6 @@ and reads under tok_emb.weight. Optimizer hyperparameters are not stored: the re
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -67,14 +65,6 @@ def _alone() -> bool:
     return not dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _dcp_quiet():
-    """DCP warns on every call without a process group that it assumes one process: that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
     """What trainer_rank<r>.pt holds: the schedule, the rates, the data position, this rank's RNG."""
     # None: a --deepspeed config's own scheduler, which DeepSpeed steps and this format does not hold
@@ -117,11 +107,12 @@ def read_tensors(request: dict, path: Path, no_dist: bool) -> None:
 
     from gpu_workbench.parallel.checkpoint import incremental
     from gpu_workbench.parallel.checkpoint.manifest import read_meta
+    from gpu_workbench.parallel.checkpoint.writer import dcp_quiet
 
     meta, _ = read_meta(path)
     for folder, keys in sorted(incremental.folders_of(meta or {}, Path(path)).items()):
         part = incremental.select(request, keys) if keys else request
-        with _dcp_quiet():   # every rank reads every folder, its part possibly empty: dcp.load is collective
+        with dcp_quiet():   # every rank reads every folder, its part possibly empty: dcp.load is collective
             dcp.load(part, checkpoint_id=str(folder / "dcp"), no_dist=no_dist)
 
 

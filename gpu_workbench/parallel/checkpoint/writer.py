@@ -11,6 +11,7 @@ window for the tests that kill a run mid-write).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from concurrent.futures import Future
@@ -77,6 +78,14 @@ def _slow_writer(folder: str, delay_s: float):
     return SlowWriter(folder)
 
 
+@contextlib.contextmanager
+def dcp_quiet():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def write(request: dict, folder: Path, background: bool, delay_s: float = 0.0) -> Future | None:
     """Write `request` into `folder` with DCP; background: return the write's Future once the state is
     staged in host memory."""
@@ -84,17 +93,16 @@ def write(request: dict, folder: Path, background: bool, delay_s: float = 0.0) -
     import torch.distributed.checkpoint as dcp
 
     from gpu_workbench.parallel import compat
-    from gpu_workbench.parallel.checkpoint.universal import _dcp_quiet
 
     alone = not dist.is_initialized()
     if alone and background:   # DCP's one-process warning, raised in the background thread: the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     if not background:
-        with _dcp_quiet():
+        with dcp_quiet():
             dcp.save(request, checkpoint_id=str(folder), no_dist=alone)
         return None
     writer = _slow_writer(str(folder), delay_s) if delay_s > 0 else None
-    with _dcp_quiet():
+    with dcp_quiet():
         response = compat.dcp_async_save()(request, checkpoint_id=None if writer else str(folder),
                                            storage_writer=writer, process_group=_async_group(), no_dist=alone,
                                            async_stager=_stager())
