@@ -265,12 +265,12 @@ def _fit(cfg, nproc: int | tuple[int, int], run_dir: Path, gpus_per_worker: floa
 def _summary_from_report(cfg, m: dict) -> RunSummary:
     """The run dir is on another node: what the last step's report carries (the world size it really ran
     at, which an elastic job chooses); the rest was not measured here."""
-    from gpu_workbench.parallel.model import GPT, count_params
+    from gpu_workbench.parallel.model import build, count_params
 
     world = int(m["world_size"])
     return RunSummary(
         recipe=cfg.recipe, world_size=world, dp=world, steps=cfg.steps, final_loss=m.get("loss"),
-        tokens_per_s=m.get("tokens_per_s"), n_params=count_params(GPT(cfg.model)), elapsed_s=m.get("elapsed_s", 0.0),
+        tokens_per_s=m.get("tokens_per_s"), n_params=count_params(build(cfg.model)), elapsed_s=m.get("elapsed_s", 0.0),
         micro_batch=cfg.micro_batch, global_batch=cfg.global_batch,
         tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=None, device="unknown",
         precision=cfg.precision, run_dir=cfg.run_dir)

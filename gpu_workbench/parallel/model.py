@@ -1,5 +1,6 @@
-"""A small decoder-only transformer, GPT-2 or Llama shaped (model.arch): token embedding (+ learned
-positions for gpt2), pre-norm blocks, final norm, linear head.
+"""The decoder every architecture shares: token embedding (+ a learned position table, or rotary positions
+inside attention), pre-norm blocks, final norm, linear head. Which parts an architecture takes is its
+ArchSpec's (parallel/models/, model.arch); this file tests no architecture by name.
 
 The blocks live in `model.blocks` (an nn.ModuleList) so a pipeline recipe can split them by index;
 `embed`, `blocks` and `head_loss` are the three pieces a stage needs.
@@ -16,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from gpu_workbench import kernels
+from gpu_workbench.parallel import models
 from gpu_workbench.parallel.config import ModelConfig
 
 
@@ -26,11 +28,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def d_ff(cfg: ModelConfig) -> int:
-    """The MLP's hidden width: model.d_ff, or the architecture's default (llama: SwiGLU's three matrices
-    hold about as many parameters as gpt2's two at 4 d_model)."""
-    if cfg.d_ff:
-        return cfg.d_ff
-    return 4 * cfg.d_model if cfg.arch == "gpt2" else -(-8 * cfg.d_model // 3 // 8) * 8
+    """The MLP's hidden width: model.d_ff, or the architecture's default."""
+    return models.get(cfg.arch).d_ff(cfg)
 
 
 def kv_heads(cfg: ModelConfig) -> int:
@@ -69,8 +68,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.rope_theta = cfg.rope_theta if cfg.arch == "llama" else None
-        kv, bias = kv_heads(cfg) * self.head_dim, cfg.arch == "gpt2"
+        spec = models.get(cfg.arch)
+        self.rope_theta = cfg.rope_theta if spec.positions == "rotary" else None
+        kv, bias = kv_heads(cfg) * self.head_dim, spec.bias
         # Three projections, not one fused (3C, C): tensor parallelism shards each by rows, i.e. by whole
         # heads (docs/ARCHITECTURE.md, Tensor parallelism). Created in this order, their normal_ init draws
         # the same numbers as one fused weight did. No bias: a key bias gets an exactly-zero gradient
@@ -112,10 +112,13 @@ class LayerCache:
 
 
 class MLP(nn.Module):
+    """down(gelu(up(x))), with biases where the architecture has them (GPT-2's MLP)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, d_ff(cfg))
-        self.down = nn.Linear(d_ff(cfg), cfg.d_model)
+        bias = models.get(cfg.arch).bias
+        self.up = nn.Linear(cfg.d_model, d_ff(cfg), bias=bias)
+        self.down = nn.Linear(d_ff(cfg), cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
@@ -134,8 +137,18 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+MLPS = {"gelu": MLP, "swiglu": SwiGLU}   # ArchSpec.mlp by name; an architecture may bring its own class
+
+
 def norm(cfg: ModelConfig) -> nn.Module:
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+    if models.get(cfg.arch).norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def mlp(cfg: ModelConfig) -> nn.Module:
+    kind = models.get(cfg.arch).mlp
+    return MLPS[kind](cfg) if isinstance(kind, str) else kind(cfg)
 
 
 class Block(nn.Module):
@@ -144,7 +157,7 @@ class Block(nn.Module):
         self.ln1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = norm(cfg)
-        self.mlp = MLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
+        self.mlp = mlp(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -153,14 +166,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The decoder of either architecture (model.arch); parameter names are shared where the parts are."""
+    """The decoder of every architecture (model.arch); parameter names are shared where the parts are."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # llama: no position table, the positions rotate q and k inside attention
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        # rotary positions: no table, the positions rotate q and k inside attention
+        learned = models.get(cfg.arch).positions == "learned"
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if learned else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -225,14 +239,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).mean()
 
 
+def build(cfg: ModelConfig) -> GPT:
+    """The model of architecture model.arch (the one place a model is built), on the CPU, initialised from the
+    current torch seed."""
+    models.get(cfg.arch)   # a UserError naming model.arch for an unknown architecture
+    return GPT(cfg)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())   # parameters() yields a tied weight once
-
-
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus causal attention's
-    scores and weighted sum, 6 * n_layers * seq_len * d_model (the PaLM appendix count, halved for causal)."""
-    return 6.0 * n_params + 6.0 * cfg.n_layers * cfg.seq_len * cfg.d_model
 
 
 # Dense bf16 tensor-core peak per GPU, for MFU; extend as needed.

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from gpu_workbench.parallel import context_parallel, tensor_parallel
+from gpu_workbench.parallel import context_parallel, models, tensor_parallel
 from gpu_workbench.parallel.comm import CommCounter
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
     shard_mesh, tp_mesh = _meshes(dims, data_parallel, ctx.device.type)
     layout = Layout(module=model, model=model, tp=dims.tp > 1)
     if dims.tp > 1:                                                        # 1. tensor parallelism
-        tensor_parallel.apply(model, tp_mesh, cfg.tp.sequence_parallel)
+        tensor_parallel.apply(model, tp_mesh, cfg.tp.sequence_parallel, models.get(cfg.model.arch))
     if dims.cp > 1:                                                        # 2. context parallelism
         layout.positions, layout.cp_stats = context_parallel.setup_rank(model, cfg, ctx)
     # 3. activation checkpointing: the model recomputes its blocks itself (model.activation_checkpointing)

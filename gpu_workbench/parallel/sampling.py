@@ -20,7 +20,7 @@ import torch
 
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.model import GPT, LayerCache
+from gpu_workbench.parallel.model import GPT, LayerCache, build
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -39,7 +39,7 @@ def load_model(run_dir: Path, device: str = "cpu", purpose: str = "sample from")
     from gpu_workbench.parallel.checkpoint.universal import consolidated_weights
 
     cfg = run_config(run_dir)
-    model = GPT(cfg.model)
+    model = build(cfg.model)
     source = checkpoint.newest_good(Path(run_dir), recipes.get(cfg.recipe).checkpoint_globals())
     if source is not None:
         state = consolidated_weights(source, cfg.model.tie_embeddings)

@@ -1,4 +1,5 @@
-"""Tensor parallelism (Megatron) and sequence parallelism for the model of parallel/model.py (either arch).
+"""Tensor parallelism (Megatron) and sequence parallelism for the model of parallel/model.py (any architecture:
+its ArchSpec says how the MLP splits and what the counts are, parallel/models/).
 
 Layout, on the mesh's `tp` dimension of T ranks (docs/ARCHITECTURE.md, Tensor parallelism):
 
@@ -56,7 +57,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from gpu_workbench.parallel import compat, memory
+from gpu_workbench.parallel import compat, memory, models
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.loop.summary import TensorParallelStats
 from gpu_workbench.parallel.model import d_ff, kv_heads
@@ -92,9 +93,11 @@ def validate(cfg, refusal: str | None) -> None:
 
 
 # ---- the layout -------------------------------------------------------------------------------
-def block_plan(sp: bool, gated: bool) -> dict:
-    """One block's plan. Attention and MLP take their input as one DTensor (use_local_output=False), so the
-    three projections' input gradients are summed before one collective, not reduced three times."""
+def block_plan(sp: bool, mlp_plan: dict[str, str]) -> dict:
+    """One block's plan; `mlp_plan` is the architecture's (ArchSpec.mlp_plan: each MLP Linear colwise or
+    rowwise; SwiGLU's gate is split like up, so each rank multiplies its own columns of both). Attention and
+    MLP take their input as one DTensor (use_local_output=False), so the three projections' input gradients
+    are summed before one collective, not reduced three times."""
     seq, rep = Shard(1), Replicate()
     outer = seq if sp else rep   # the residual stream's layout between modules
     plan = {
@@ -103,11 +106,9 @@ def block_plan(sp: bool, gated: bool) -> dict:
         "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
         "attn.proj": RowwiseParallel(output_layouts=outer),
         "mlp": PrepareModuleInput(input_layouts=(outer,), desired_input_layouts=(rep,)),
-        "mlp.up": ColwiseParallel(),
-        "mlp.down": RowwiseParallel(output_layouts=outer),
     }
-    if gated:   # SwiGLU's gate is split like up: each rank multiplies its own columns of both
-        plan["mlp.gate"] = ColwiseParallel()
+    for name, kind in mlp_plan.items():
+        plan[f"mlp.{name}"] = ColwiseParallel() if kind == "colwise" else RowwiseParallel(output_layouts=outer)
     if sp:
         plan.update({"ln1": SequenceParallel(), "ln2": SequenceParallel()})
     return plan
@@ -128,15 +129,15 @@ def outer_plan(sp: bool) -> dict:
     return plan
 
 
-def apply(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
-    """Apply the layout in place on the 1-D mesh `tp_mesh`, to a whole GPT or to one pipeline stage
-    (parallel/pipeline/stages.py: StageModule, whose submodule names are the GPT's: the outer plan applies to
-    what it holds); re-tie a tied head."""
+def apply(model: nn.Module, tp_mesh, sp: bool, arch: models.ArchSpec) -> nn.Module:
+    """Apply the layout of architecture `arch` in place on the 1-D mesh `tp_mesh`, to a whole GPT or to one
+    pipeline stage (parallel/pipeline/stages.py: StageModule, whose submodule names are the GPT's: the outer
+    plan applies to what it holds); re-tie a tied head."""
     head, emb = getattr(model, "head", None), getattr(model, "tok_emb", None)
     tied = head is not None and emb is not None and head.weight is emb.weight
     blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
     for block in blocks:
-        parallelize_module(block, tp_mesh, block_plan(sp, gated=hasattr(block.mlp, "gate")))
+        parallelize_module(block, tp_mesh, block_plan(sp, arch.mlp_plan))
     held = {name for name, _ in model.named_modules()}
     parallelize_module(model, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
     if tied:   # both got their own Shard(0) copy of the same values: make them one parameter again
@@ -178,24 +179,11 @@ def global_grad_norm(grads: list[torch.Tensor], world_size: int) -> torch.Tensor
     return sq.sqrt()
 
 
-def _sharded_per_block(m) -> int:
-    """A block's parameters the layout splits over T: q, k, v, proj and down weights, up's weight and bias
-    (gpt2); q, k, v, proj, gate, up and down weights (llama, k and v n_kv_heads wide)."""
-    c, f = m.d_model, d_ff(m)
-    if m.arch == "gpt2":
-        return 4 * c * c + 2 * c * f + f
-    return 2 * c * c + 2 * c * (c // m.n_heads) * kv_heads(m) + 3 * c * f
-
-
-def _norm_params(m) -> int:
-    """One norm's parameters: LayerNorm's weight and bias (gpt2), RMSNorm's weight (llama)."""
-    return (2 if m.arch == "gpt2" else 1) * m.d_model
-
-
 def tp_sharded_params(m) -> int:
     """Ψs: parameters the layout splits over T (the blocks' share, the vocabulary-parallel embedding and
     head); everything else (Ψr) is replicated. From the shapes alone."""
-    return m.n_layers * _sharded_per_block(m) + m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    vocab = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return m.n_layers * models.get(m.arch).sharded_per_block(m) + vocab
 
 
 def params_per_rank(m, n_params: int, t: int) -> int:
@@ -207,13 +195,12 @@ def params_per_rank(m, n_params: int, t: int) -> int:
 def stage_params_per_rank(m, n_blocks: int, first: bool, last: bool, t: int) -> int:
     """Ψs/T + Ψr of one pipeline stage (docs/ARCHITECTURE.md, Tensor parallelism): its blocks, the embeddings
     on the first stage, ln_f and the head (a tied head is a copy there, sharded as tok_emb) on the last."""
-    c = m.d_model
+    arch = models.get(m.arch)
     vocab = int(first) + int(last) - int(first and last and m.tie_embeddings)   # one tied weight on one stage
-    sharded = n_blocks * _sharded_per_block(m) + vocab * m.vocab_size * c
-    # per block: two norms, and gpt2's proj and down biases; gpt2's position table on the first stage
-    biases = 2 * c if m.arch == "gpt2" else 0
-    positions = m.seq_len * c if first and m.arch == "gpt2" else 0
-    replicated = n_blocks * (2 * _norm_params(m) + biases) + positions + (_norm_params(m) if last else 0)
+    sharded = n_blocks * arch.sharded_per_block(m) + vocab * m.vocab_size * m.d_model
+    # per block: two norms and the row-parallel biases; a learned position table on the first stage
+    positions = arch.position_params(m) if first else 0
+    replicated = n_blocks * arch.replicated_per_block(m) + positions + (arch.norm_params(m) if last else 0)
     return sharded // t + replicated
 
 
@@ -248,13 +235,13 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
     per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
     if sp:
         per_mb += n * act // t
-        per_step = (2 * blocks + int(last)) * _norm_params(m) * 4
+        per_step = (2 * blocks + int(last)) * models.get(m.arch).norm_params(m) * 4
     if recompute:
         per_mb += blocks * (act + (2 * act // t if sp else 0))
     formula = "((4L+2) M + 12 tokens) x micro-batches"
     if sp:
         formula = (f"((4L+2) M + (4L+2) M/T + 12 tokens) x micro-batches + (2L+1) x "
-                   f"{4 * _norm_params(m) // m.d_model} d_model")
+                   f"{4 * models.get(m.arch).norm_params(m) // m.d_model} d_model")
     if recompute:
         formula += " + L (M + 2 M/T) x micro-batches (recomputed)" if sp else " + L M x micro-batches (recomputed)"
     if stage is not None:

@@ -8,6 +8,7 @@ serves several recipes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,14 @@ BASE = ["steps=10", "progress=false", "checkpoint.every=0", "checkpoint.save_fin
         "model.n_layers=5", "global_batch=16", "micro_batch=4", "optim.warmup_steps=3"]
 
 
-def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600) -> None:
-    """Train each (config path, overrides) in order under one `torchrun --standalone` of nproc ranks."""
+def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600, archs: dict | None = None,
+             path: str = "") -> None:
+    """Train each (config path, overrides) in order under one `torchrun --standalone` of nproc ranks. `archs`:
+    architectures each rank registers first (name -> "module:SPEC", importable from `path`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            __file__, json.dumps(runs)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    extra = {"WB_TEST_ARCHS": json.dumps(archs or {}), "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), path) if p)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env(**extra), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
@@ -66,7 +70,10 @@ def rel(a: float, b: float) -> float:
 if __name__ == "__main__":
     from gpu_workbench.parallel import RunConfig, train
     from gpu_workbench.parallel.loop.distributed import exit_worker
+    from gpu_workbench.parallel.models import ARCHS
 
+    for name, where in json.loads(os.environ.get("WB_TEST_ARCHS", "{}")).items():
+        ARCHS.add(name, where)
     for config, overrides in json.loads(sys.argv[1]):
         train(RunConfig.from_toml(config, overrides))
     exit_worker(0)

@@ -30,7 +30,7 @@ def unit_check(sp: bool) -> dict:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from gpu_workbench.parallel import RunConfig, tensor_parallel
+    from gpu_workbench.parallel import RunConfig, models, tensor_parallel
     from gpu_workbench.parallel.model import GPT
 
     cfg = RunConfig.from_toml(None, ["model.n_layers=2", "model.d_model=32", "model.seq_len=8", "model.vocab_size=32",
@@ -39,7 +39,7 @@ def unit_check(sp: bool) -> dict:
     ref, tp = GPT(cfg), GPT(cfg)
     tp.load_state_dict(ref.state_dict())
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-    tensor_parallel.apply(tp, mesh, sp)
+    tensor_parallel.apply(tp, mesh, sp, models.get(cfg.arch))
     x, y = (torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(s))
             for s in (2, 3))
     ref_loss = ref(x, y)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpu_workbench.parallel import checkpoint, memory, qat, recipes
+from gpu_workbench.parallel import checkpoint, memory, models, qat, recipes
 from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
@@ -34,7 +34,7 @@ from gpu_workbench.parallel.loop.lock import RunLock
 from gpu_workbench.parallel.loop.progress import Progress
 from gpu_workbench.parallel.loop.rundir import RunDir, median, read_evals, resolve_run_dir
 from gpu_workbench.parallel.loop.summary import RunSummary
-from gpu_workbench.parallel.model import GPT, PEAK_BF16_FLOPS, count_params, flops_per_token
+from gpu_workbench.parallel.model import PEAK_BF16_FLOPS, build, count_params
 from gpu_workbench.parallel.recipes.base import freeze
 from gpu_workbench.profiling import range as prange
 from gpu_workbench.profiling import timeline
@@ -93,7 +93,7 @@ class Trainer:
             print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
                   "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
-        model = GPT(cfg.model)
+        model = build(cfg.model)
         self.n_params = count_params(model)
         self.qat = qat.apply(model, cfg)          # quant.qat: fake-quantised block layers (parallel/qat.py)
         freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
@@ -309,7 +309,7 @@ class Trainer:
         counted = max(gather(self.engine.params_on_rank(self.n_params)))
         model = self.recipe.memory_model(cfg)
         tokens_per_s = median([m["tokens_per_s"] for m in history])
-        flops = flops_per_token(cfg.model, self.n_params)
+        flops = models.get(cfg.model.arch).flops_per_token(cfg.model)
         per_rank = tokens_per_s * flops / ctx.world_size if tokens_per_s else None
         elapsed = history[-1]["elapsed_s"] if history else 0.0
         summary = RunSummary(

@@ -28,7 +28,7 @@ import time
 import torch
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.model import build
 from gpu_workbench.parallel.recipes.base import lr_lambda
 
 
@@ -61,7 +61,7 @@ class ParamShard:
         torch.set_num_threads(1)
         cfg = self.cfg = RunConfig.from_dict(cfg_dict)
         torch.manual_seed(cfg.seed)               # the same initial weights as every other recipe
-        model = GPT(cfg.model)
+        model = build(cfg.model)
         named = dict(model.named_parameters())
         self.names = shard_names(model, shards)[shard]
         # the shard's parameters are views of one flat tensor: a pull sends it whole, a push one flat gradient

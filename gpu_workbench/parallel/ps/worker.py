@@ -16,7 +16,7 @@ from gpu_workbench.parallel import memory
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset, micro_batches
 from gpu_workbench.parallel.loop.injector import FaultInjector
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.model import build
 from gpu_workbench.parallel.ps.server import flat_views, nbytes, shard_names
 from gpu_workbench.parallel.recipes.base import clip_grad_norm
 from gpu_workbench.profiling import range as prange
@@ -28,7 +28,7 @@ class PSWorker:
         cfg = self.cfg = RunConfig.from_dict(cfg_dict)
         self.w, self.n, self.shards, self.restarted = w, n_workers, shards, restarted
         torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg.model)
+        self.model = build(cfg.model)
         self.named = dict(self.model.named_parameters())
         self.layout = shard_names(self.model, len(shards))
         self.dataset = Dataset(cfg)

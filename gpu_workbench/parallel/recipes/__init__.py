@@ -10,11 +10,10 @@ Ray. Adding a recipe: a file here with a Recipe subclass, and one line below (do
 from __future__ import annotations
 
 import difflib
-import importlib
-from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.registry import LazyRegistry
 
 if TYPE_CHECKING:   # the names are known without importing torch; a recipe's module imports it when loaded
     from gpu_workbench.parallel.config import RunConfig
@@ -37,38 +36,13 @@ _WHERE = {
 }
 
 
-class _Registry(Mapping):
-    def __init__(self, where: dict[str, str]):
-        self._where, self._loaded = where, {}
-
-    def __getitem__(self, name: str) -> Recipe:
-        if name not in self._where:
-            raise KeyError(name)
-        if name not in self._loaded:
-            module, cls = self._where[name].split(":")
-            module = module if "." in module else f"gpu_workbench.parallel.recipes.{module}"   # a dotted path: anywhere
-            recipe = getattr(importlib.import_module(module), cls)()
-            recipe.name = name
-            self._loaded[name] = recipe
-        return self._loaded[name]
-
-    def add(self, name: str, where: str) -> None:
-        """Register `name` as "module:Class" (a plug-in outside this package: a dotted module path)."""
-        self._where[name] = where
-        self._loaded.pop(name, None)
-
-    def remove(self, name: str) -> None:
-        self._where.pop(name, None)
-        self._loaded.pop(name, None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
+def _instance(cls, name: str) -> Recipe:
+    recipe = cls()
+    recipe.name = name
+    return recipe
 
 
-RECIPES = _Registry(dict(_WHERE))
+RECIPES = LazyRegistry(_WHERE, "gpu_workbench.parallel.recipes", make=_instance)
 
 
 def get(name: str) -> Recipe:

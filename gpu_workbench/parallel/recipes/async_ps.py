@@ -32,7 +32,7 @@ from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.loop.rundir import RunDir, resolve_run_dir
 from gpu_workbench.parallel.loop.summary import AsyncStats, RunSummary
-from gpu_workbench.parallel.model import GPT, count_params
+from gpu_workbench.parallel.model import build, count_params
 from gpu_workbench.parallel.ps.report import WorkerRun, write_run
 from gpu_workbench.parallel.ps.server import ParamShard
 from gpu_workbench.parallel.ps.worker import PSWorker
@@ -96,7 +96,7 @@ def _train(cfg: RunConfig, n: int) -> RunSummary:
     if len(versions) != 1:
         raise RuntimeError(f"async-ps: server shards disagree on the number of updates applied: {versions}")
     if cfg.checkpoint.save_final:
-        model = GPT(cfg.model)
+        model = build(cfg.model)
         state = {}
         for part in ray.get([s.state.remote() for s in shards]):
             state.update(part)
@@ -109,7 +109,7 @@ def _train(cfg: RunConfig, n: int) -> RunSummary:
 
     records = reports[0]["records"]
     t0 = min(r["t_first_pull"] for r in reports if r["t_first_pull"] is not None) if records else time.time()
-    n_params = count_params(GPT(cfg.model))
+    n_params = count_params(build(cfg.model))
     per_worker = [stats[w] for w in sorted(stats)]
     async_stats = AsyncStats(
         workers=n, samples_per_update=0.0, tokens_per_s_per_update_median=None, staleness_bound=cfg.ps.staleness,

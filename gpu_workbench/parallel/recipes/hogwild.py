@@ -27,7 +27,7 @@ from gpu_workbench.parallel.data import Dataset, micro_batches
 from gpu_workbench.parallel.loop.injector import FaultInjector
 from gpu_workbench.parallel.loop.rundir import RunDir, resolve_run_dir
 from gpu_workbench.parallel.loop.summary import AsyncStats, RunSummary
-from gpu_workbench.parallel.model import GPT, count_params
+from gpu_workbench.parallel.model import build, count_params
 from gpu_workbench.parallel.ps.report import WorkerRun, write_run
 from gpu_workbench.parallel.recipes.base import Recipe, clip_grad_norm, lr_lambda, param_groups
 
@@ -86,7 +86,7 @@ def _run(cfg: RunConfig, nproc: int) -> RunSummary:
     out.write_config(cfg.to_dict())
     out.start_metrics(0)
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
+    model = build(cfg.model)
     model.share_memory()
     # fork where there is one (Linux): no interpreter + torch start per worker; workers use one thread each
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")

@@ -42,7 +42,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel import compat, memory, tensor_parallel
+from gpu_workbench.parallel import compat, memory, models, tensor_parallel
 from gpu_workbench.parallel.data import rank_slice
 from gpu_workbench.parallel.dims import ParallelDims
 from gpu_workbench.parallel.errors import UserError
@@ -345,7 +345,7 @@ class Pipeline(Recipe):
         mesh = ctx.dims.build_mesh(ctx.device.type, ("pp", "dp_replicate", "tp"))
         if ctx.dims.tp > 1:   # every stage tensor-parallel over its tp group (docs/ARCHITECTURE.md, Tensor parallelism)
             for stage in stages:
-                tensor_parallel.apply(stage, mesh["tp"], cfg.tp.sequence_parallel)
+                tensor_parallel.apply(stage, mesh["tp"], cfg.tp.sequence_parallel, models.get(cfg.model.arch))
         engine = PipelineEngine(stages, cfg, ctx, mesh)
         # gloo's p2p threads abort the process ("terminate called without an active exception") when the
         # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.
