@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from gpu_workbench.cli.paths import output_dir
 from gpu_workbench.parallel.errors import UserError
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
@@ -129,24 +130,45 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     if nproc == 1 and max_restarts == 0 and log_dir is None:
         _run(cfg)
         return
+    if log_dir is not None:
+        output_dir(log_dir, "--log-dir")
     run_dir = resolve_run_dir(cfg)
     if not cfg.run_dir:   # one directory for all ranks, chosen before they start
         items = [*items, f"run_dir={run_dir}"]
     from gpu_workbench.cluster import torchrun
-    from gpu_workbench.parallel.loop.lock import TOKEN_ENV, RunLock
+    from gpu_workbench.parallel.loop.lock import RunLock
+    from gpu_workbench.parallel.loop.preflight import preflight
 
     # no --nproc in the workers' command: torchrun's parser would take it as its own
     worker = ["wb", "train", *([f"--config={config}"] if config is not None else []), *items]
     command = torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
-                                        log_dir=str(log_dir or ""))
+                                        log_dir=str(log_dir or ""), agent="gpu_workbench.cluster.agent")
     with RunLock(run_dir) as lock:   # held by this launcher; its ranks (and their restarts) write under it
-        os.environ[TOKEN_ENV] = lock.token
+        preflight(cfg, nproc)        # a resume that does not fit: one line here, not one per rank
+        code = _run_workers(command, lock.token)
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_workers(command: list[str], lock_token: str) -> int:
+    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/worker_errors.py)."""
+    import tempfile
+
+    from gpu_workbench.cluster import torchrun
+    from gpu_workbench.parallel import worker_errors
+    from gpu_workbench.parallel.loop.lock import TOKEN_ENV
+
+    with tempfile.TemporaryDirectory(prefix="wb-errors-") as folder:
+        os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder})
         try:
             code = torchrun.run(command)
         finally:
             os.environ.pop(TOKEN_ENV, None)
-    if code:
-        raise typer.Exit(code)
+            os.environ.pop(worker_errors.ENV, None)
+        line = worker_errors.first(folder) if code else None
+    if line is not None:
+        raise UserError(line)
+    return code
 
 
 def _run(cfg, nproc: int | None = None) -> None:
