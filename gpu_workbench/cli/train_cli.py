@@ -45,8 +45,8 @@ def train(
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
     from gpu_workbench.parallel import recipes
 
-    items = _overrides(overrides, recipe, deepspeed, run_dir, timeline)
-    cfg = _load(config, items)
+    items = config_items(overrides, recipe, deepspeed, run_dir, timeline)
+    cfg = load_config(config, items)
     nproc = _nproc(nproc_text, elastic_ok=launcher == "ray" and recipes.get(cfg.recipe).execution == "spmd")
     if recipes.get(cfg.recipe).execution != "spmd":   # async-ps (Ray actors), hogwild: own workers, from here
         if ray_address:
@@ -79,7 +79,7 @@ def _nproc(text: str, elastic_ok: bool) -> int | tuple[int, int]:
     return value
 
 
-def _overrides(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
+def config_items(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
     """The options that are config keys, as key=value overrides (after the user's own)."""
     items = list(overrides or [])
     for key, value in (("recipe", recipe), ("zero.config_file", deepspeed), ("run_dir", run_dir)):
@@ -90,7 +90,7 @@ def _overrides(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
     return items
 
 
-def _load(config: Path | None, items: list[str]):
+def load_config(config: Path | None, items: list[str]):
     from gpu_workbench.parallel import RunConfig
 
     return RunConfig.from_toml(config, items)
