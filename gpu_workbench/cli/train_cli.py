@@ -190,7 +190,7 @@ def _print_summary(summary) -> None:
     state_text = f"{state / 2**20:.2f} MiB/rank" if state is not None else "n/a"
     tokens = f"{summary.tokens_per_s:.0f}" if summary.tokens_per_s is not None else "n/a"
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    print(f"{summary.recipe} x{summary.world_size}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
+    print(f"{summary.layout()}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
           f"model state {state_text} -> {summary.run_dir}")
 
 
