@@ -284,6 +284,12 @@ def test_resume_refusal_is_one_line_at_every_nproc(nproc, extra, words, trained,
     assert _snapshot(trained) == before   # nothing written, the lock released
 
 
+def test_resume_refusal_under_ray_is_one_line_before_ray_starts(trained, capfd):
+    err = train_refused(capfd, *FAST, "--launcher", "ray", "--nproc", "2", "--run-dir", str(trained), "steps=3",
+                        "seed=1")
+    assert "cannot resume" in err and "seed is 1 in this run, 0 in the checkpoint" in err, err
+
+
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_load_from_refusals_are_one_line_at_every_nproc(nproc, trained, tmp_path, capfd):
     new = str(tmp_path / "new")
