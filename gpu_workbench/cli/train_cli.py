@@ -1,8 +1,10 @@
 """`wb train` and `wb data prepare`.
 
 `wb train --recipe R --nproc N` validates the config here, then, for N > 1 (or --max-restarts K,
---log-dir D), re-runs itself under torchrun as `cluster.torchrun` builds it (c10d on localhost:0, gloo
-on CPU / nccl on GPU); inside torchrun (or for N = 1) it calls `parallel.train` in this process.
+--log-dir D), checks the run directory once (parallel/loop/preflight.py) and re-runs itself under torchrun
+as `cluster.torchrun` builds it (c10d on localhost:0, gloo on CPU / nccl on GPU; torch's agent through
+cluster/agent.py, so a worker's user mistake is printed here, once);
+inside torchrun (or for N = 1) it calls `parallel.train` in this process.
 `torchrun ... -m gpu_workbench train ...` takes the same path. `--launcher ray` runs the same train(cfg)
 in N Ray Train workers instead (`cluster.ray_train`).
 """
