@@ -313,6 +313,14 @@ def test_config_and_run_dir_refusals_are_one_line_at_every_nproc(nproc, tmp_path
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_log_dir_naming_a_file_is_one_line_before_torchrun(nproc, a_file, tmp_path, capfd):
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--log-dir", str(a_file), "--run-dir",
+                        str(tmp_path / "run"), "steps=1")
+    assert f"--log-dir {a_file} is a file, not a directory" in err, err
+    assert a_file.read_text() == "precious\n" and not (tmp_path / "run").exists()
+
+
 def test_a_refusal_under_torchrun_is_one_line_through_the_real_cli(trained):
     """A real `wb` process at --nproc 2: llama's refusal used to print per rank, then torchrun's traceback
     (one rank dying by SIGABRT), exit 1."""
