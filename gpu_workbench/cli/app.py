@@ -18,6 +18,7 @@ from gpu_workbench.cli import (
     sample_cli,
     train_cli,
 )
+from gpu_workbench.parallel import worker_errors
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.profiling.errors import UsageError
 from gpu_workbench.profiling.rank_wrap import exec_under_tool_if_asked
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, UsageError) as mistake:
         if os.environ.get("WB_DEBUG"):
             raise
+        if worker_errors.record(mistake):   # a rank of `wb train --nproc N`: its launcher prints it, once
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)   # no interpreter teardown: gloo's threads may abort it (distributed.exit_worker)
         print(f"wb: error: {mistake}", file=sys.stderr)
         sys.exit(2)
 

@@ -89,8 +89,8 @@ def slurm_render(
     partition: str = typer.Option("gpu", "--partition", help="Slurm partition"),
     job_name: str = typer.Option("wb-train", "--job-name"),
     account: str = typer.Option("", "--account"),
-    nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="torchrun processes per node (0 = one per GPU, "
-                                                                   "one without GPUs)"),
+    nproc_per_node: int = typer.Option(None, "--nproc-per-node", help="torchrun processes per node (default: one "
+                                                                      "per GPU, one without GPUs)"),
     threads_per_rank: int = typer.Option(1, "--threads-per-rank", help="OMP_NUM_THREADS of each rank"),
     cpus_per_task: int = typer.Option(0, "--cpus-per-task", help="CPUs for each node's torchrun "
                                                                  "(0 = processes per node x threads per rank)"),
@@ -110,10 +110,16 @@ def slurm_render(
     from gpu_workbench.cluster.torchrun import run_dir_of
 
     command = list(command or [])
+    if nproc_per_node is not None and nproc_per_node < 1:   # 0 would silently become one per GPU
+        raise UserError(f"--nproc-per-node must be >= 1 (leave it out for one per GPU), got {nproc_per_node}")
     text = slurm.render_sbatch(command, nodes=nodes, gpus_per_node=gpus_per_node, time=time, partition=partition,
                                job_name=job_name, log_dir=log_dir, max_restarts=max_restarts, port=port,
-                               cpus_per_task=cpus_per_task, account=account, nproc_per_node=nproc_per_node,
+                               cpus_per_task=cpus_per_task, account=account, nproc_per_node=nproc_per_node or 0,
                                threads_per_rank=threads_per_rank, mem=mem, exclusive=exclusive, setup=setup or [])
+    if submit:   # a job that would fail its own checks is refused before anything is queued
+        from gpu_workbench.cli.train_args import check_job
+
+        check_job(command, world_size=nodes * slurm.ranks_per_node(nproc_per_node or 0, gpus_per_node))
     path = output_file(out, "--out") if out else output_file(Path(log_dir) / f"{job_name}.sbatch", "--log-dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

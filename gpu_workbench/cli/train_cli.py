@@ -1,8 +1,10 @@
 """`wb train` and `wb data prepare`.
 
 `wb train --recipe R --nproc N` validates the config here, then, for N > 1 (or --max-restarts K,
---log-dir D), re-runs itself under torchrun as `cluster.torchrun` builds it (c10d on localhost:0, gloo
-on CPU / nccl on GPU); inside torchrun (or for N = 1) it calls `parallel.train` in this process.
+--log-dir D), checks the run directory once (parallel/loop/preflight.py) and re-runs itself under torchrun
+as `cluster.torchrun` builds it (c10d on localhost:0, gloo on CPU / nccl on GPU; torch's agent through
+cluster/agent.py, so a worker's user mistake is printed here, once);
+inside torchrun (or for N = 1) it calls `parallel.train` in this process.
 `torchrun ... -m gpu_workbench train ...` takes the same path. `--launcher ray` runs the same train(cfg)
 in N Ray Train workers instead (`cluster.ray_train`).
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import typer
 
+from gpu_workbench.cli.paths import output_dir
 from gpu_workbench.parallel.errors import UserError
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
@@ -44,8 +47,8 @@ def train(
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
     from gpu_workbench.parallel import recipes
 
-    items = _overrides(overrides, recipe, deepspeed, run_dir, timeline)
-    cfg = _load(config, items)
+    items = config_items(overrides, recipe, deepspeed, run_dir, timeline)
+    cfg = load_config(config, items)
     nproc = _nproc(nproc_text, elastic_ok=launcher == "ray" and recipes.get(cfg.recipe).execution == "spmd")
     if recipes.get(cfg.recipe).execution != "spmd":   # async-ps (Ray actors), hogwild: own workers, from here
         if ray_address:
@@ -78,7 +81,7 @@ def _nproc(text: str, elastic_ok: bool) -> int | tuple[int, int]:
     return value
 
 
-def _overrides(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
+def config_items(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
     """The options that are config keys, as key=value overrides (after the user's own)."""
     items = list(overrides or [])
     for key, value in (("recipe", recipe), ("zero.config_file", deepspeed), ("run_dir", run_dir)):
@@ -89,7 +92,7 @@ def _overrides(overrides, recipe, deepspeed, run_dir, timeline) -> list[str]:
     return items
 
 
-def _load(config: Path | None, items: list[str]):
+def load_config(config: Path | None, items: list[str]):
     from gpu_workbench.parallel import RunConfig
 
     return RunConfig.from_toml(config, items)
@@ -129,24 +132,45 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     if nproc == 1 and max_restarts == 0 and log_dir is None:
         _run(cfg)
         return
+    if log_dir is not None:
+        output_dir(log_dir, "--log-dir")
     run_dir = resolve_run_dir(cfg)
     if not cfg.run_dir:   # one directory for all ranks, chosen before they start
         items = [*items, f"run_dir={run_dir}"]
     from gpu_workbench.cluster import torchrun
-    from gpu_workbench.parallel.loop.lock import TOKEN_ENV, RunLock
+    from gpu_workbench.parallel.loop.lock import RunLock
+    from gpu_workbench.parallel.loop.preflight import preflight
 
     # no --nproc in the workers' command: torchrun's parser would take it as its own
     worker = ["wb", "train", *([f"--config={config}"] if config is not None else []), *items]
     command = torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
-                                        log_dir=str(log_dir or ""))
+                                        log_dir=str(log_dir or ""), agent="gpu_workbench.cluster.agent")
     with RunLock(run_dir) as lock:   # held by this launcher; its ranks (and their restarts) write under it
-        os.environ[TOKEN_ENV] = lock.token
+        preflight(cfg, nproc)        # a resume that does not fit: one line here, not one per rank
+        code = _run_workers(command, lock.token)
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_workers(command: list[str], lock_token: str) -> int:
+    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/worker_errors.py)."""
+    import tempfile
+
+    from gpu_workbench.cluster import torchrun
+    from gpu_workbench.parallel import worker_errors
+    from gpu_workbench.parallel.loop.lock import TOKEN_ENV
+
+    with tempfile.TemporaryDirectory(prefix="wb-errors-") as folder:
+        os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder})
         try:
             code = torchrun.run(command)
         finally:
             os.environ.pop(TOKEN_ENV, None)
-    if code:
-        raise typer.Exit(code)
+            os.environ.pop(worker_errors.ENV, None)
+        line = worker_errors.first(folder) if code else None
+    if line is not None:
+        raise UserError(line)
+    return code
 
 
 def _run(cfg, nproc: int | None = None) -> None:
@@ -168,7 +192,7 @@ def _print_summary(summary) -> None:
     state_text = f"{state / 2**20:.2f} MiB/rank" if state is not None else "n/a"
     tokens = f"{summary.tokens_per_s:.0f}" if summary.tokens_per_s is not None else "n/a"
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    print(f"{summary.recipe} x{summary.world_size}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
+    print(f"{summary.layout()}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
           f"model state {state_text} -> {summary.run_dir}")
 
 

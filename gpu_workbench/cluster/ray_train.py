@@ -41,6 +41,7 @@ from pathlib import Path
 from gpu_workbench.parallel.config import FAULT_WORLD_ENV
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.loop.lock import TOKEN_ENV, RunLock
+from gpu_workbench.parallel.loop.preflight import preflight
 from gpu_workbench.parallel.loop.rundir import resolve_run_dir
 from gpu_workbench.parallel.loop.summary import RunSummary
 
@@ -223,10 +224,11 @@ def train_on_ray(cfg, nproc: int | tuple[int, int], gpus_per_worker: float = 0, 
         os.environ.pop(FAULT_WORLD_ENV)
     check_elastic_support(nproc)
     _absolute_paths(cfg)
-    _init_ray(address, sizes[-1])
-
     run_dir = Path(cfg.run_dir)
     with RunLock(run_dir) as lock:   # one writer per run directory, the driver for its workers
+        if isinstance(nproc, int):   # an elastic job's world size (its layout) is known only in the workers
+            preflight(cfg, nproc)    # a resume that does not fit: one line, before Ray starts
+        _init_ray(address, sizes[-1])
         return _fit(cfg, nproc, run_dir, gpus_per_worker, max_failures, storage_path, lock.token)
 
 

@@ -45,7 +45,7 @@ def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str,
     ranks per node x `threads_per_rank`; `setup`: shell lines run before srun (e.g. `source .venv/bin/activate`)."""
     _check_args(nodes, gpus_per_node, time, partition, job_name, account, port)
     _check_resources(nproc_per_node, threads_per_rank, cpus_per_task, mem, setup)
-    per_node = nproc_per_node or max(gpus_per_node, 1)
+    per_node = ranks_per_node(nproc_per_node, gpus_per_node)
     cpus = cpus_per_task or per_node * threads_per_rank
     srun_args = _srun_args(command, nodes, per_node, port, max_restarts)
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time}",
@@ -64,6 +64,11 @@ def render_sbatch(command: list[str], nodes: int, gpus_per_node: int, time: str,
     header = ["#!/bin/bash", f"# rendered by `wb slurm render`: {shlex.join(command)}"[:1000].replace("\n", " ")]
     body = _body(log_dir, run_dir_of(command), threads_per_rank, list(setup), cpus, srun_args)
     return "\n".join([*header, *(f"#SBATCH {d}" for d in directives), *body])
+
+
+def ranks_per_node(nproc_per_node: int, gpus_per_node: int) -> int:
+    """torchrun's processes on each node: as asked, else one per GPU (one on a node without GPUs)."""
+    return nproc_per_node or max(gpus_per_node, 1)
 
 
 def _check_args(nodes: int, gpus_per_node: int, time: str, partition: str, job_name: str, account: str,

@@ -55,8 +55,9 @@ def run_dir_of(command: list[str]) -> str:
 def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: str = "",
                      rdzv_id: str = "", max_restarts: int = 0, local_ranks_filter: str = "", log_dir: str = "",
                      node_rank: int | None = None, python: str = sys.executable, local_addr: str = "",
-                     rdzv_conf: str = "") -> list[str]:
-    """The exact torchrun command line (as `python -m torch.distributed.run`, so the venv's torch runs)."""
+                     rdzv_conf: str = "", agent: str = "torch.distributed.run") -> list[str]:
+    """The exact torchrun command line (as `python -m torch.distributed.run`, so the venv's torch runs;
+    `agent`: a module that takes torchrun's arguments, e.g. gpu_workbench.cluster.agent)."""
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
     if max_restarts < 0:
@@ -66,7 +67,7 @@ def torchrun_command(command: list[str], nproc_per_node: int, nnodes: str = "1",
         raise UserError(f"--rdzv-endpoint HOST:PORT is required with --nnodes {nnodes} (the head node's address)")
     if rdzv_endpoint and ":" not in rdzv_endpoint:
         raise UserError(f"--rdzv-endpoint must be HOST:PORT, got '{rdzv_endpoint}'")
-    cmd = [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+    cmd = [python, "-m", agent, f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or 'localhost:0'}",
            f"--rdzv-id={rdzv_id or ('wb-job' if multi else uuid.uuid4().hex[:12])}",
            f"--max-restarts={max_restarts}"]

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from gpu_workbench.cluster.slurm import render_sbatch, submit
-from tests.cluster.common import wb
+from tests.cluster.common import TINY, wb
 
 PAYLOAD = ["name=$(touch PWNED)", "run_dir=`touch PWNED2`", "tag=it's \"quoted\" ; rm -rf /", "x=a b"]
 
@@ -26,11 +26,11 @@ export -f scontrol srun python
 """
 
 
-def _render(tmp_path, *extra, **env):
+def _render(tmp_path, *extra, job=("--recipe", "ddp", *PAYLOAD), **env):
     script = tmp_path / "job.sbatch"
     done = wb("slurm", "render", "--nodes", "2", "--gpus-per-node", "4", "--time", "02:00:00", "--partition", "gpu",
               "--max-restarts", "2", "--log-dir", str(tmp_path / "logs"), "--out", str(script), *extra,
-              "--", "wb", "train", "--recipe", "ddp", *PAYLOAD, timeout=120, **env)
+              "--", "wb", "train", *job, timeout=120, **env)
     return script, done
 
 
@@ -90,7 +90,9 @@ def test_submit(tmp_path, monkeypatch):
     fake.mkdir()
     (fake / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/submitted\necho "Submitted batch job 1"\n')
     (fake / "sbatch").chmod(0o755)
-    _, done = _render(tmp_path, "--submit", PATH=f"{fake}:{os.environ['PATH']}")
+    # --submit checks the job's config first: only real keys (PAYLOAD's tag= and x= are not)
+    job = ("--recipe", "ddp", "global_batch=32", "micro_batch=4", *PAYLOAD[:2])
+    _, done = _render(tmp_path, "--submit", job=job, PATH=f"{fake}:{os.environ['PATH']}")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "submitted").read_text().strip() == str(tmp_path / "job.sbatch")
 
@@ -130,3 +132,45 @@ def test_bad_values_are_one_line(args, message):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert message in line
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An sbatch first on PATH that records each submission in <tmp_path>/submitted."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/submitted\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    return tmp_path / "submitted"
+
+
+@pytest.mark.parametrize("render, job, message", [
+    (["--submit"], ["stepz=5"], "the job's wb train on 8 rank(s): unknown config key 'stepz' (did you mean 'steps'?)"),
+    (["--submit", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "3"], ["--recipe", "ddp"],
+     "the job's wb train on 6 rank(s): global_batch (16) must be divisible by micro_batch (4) x data-parallel"),
+    (["--submit"], ["--recipz", "ddp"], "the job's wb train: No such option: --recipz"),
+    (["--nproc-per-node", "0"], [], "--nproc-per-node must be >= 1 (leave it out for one per GPU), got 0"),
+])
+def test_the_job_is_checked_before_anything_is_queued(render, job, message, tmp_path, fake_sbatch, capsys):
+    from gpu_workbench.cli.app import main
+
+    script = tmp_path / "job.sbatch"
+    with pytest.raises(SystemExit) as exit_:
+        main(["slurm", "render", "--out", str(script), *render, "--", "wb", "train", "--config", TINY, *job])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("wb: error: "), err
+    assert message in err, err
+    assert not script.exists() and not fake_sbatch.exists()
+
+
+def test_a_job_that_passes_its_checks_is_queued(tmp_path, fake_sbatch, capsys):
+    from gpu_workbench.cli.app import main
+
+    script = tmp_path / "job.sbatch"
+    with pytest.raises(SystemExit) as exit_:
+        main(["slurm", "render", "--submit", "--nodes", "2", "--gpus-per-node", "2", "--out", str(script), "--",
+              "wb", "train", "--config", TINY, "--recipe", "ddp", f"run_dir={tmp_path / 'run'}"])
+    assert not exit_.value.code, capsys.readouterr().err
+    assert fake_sbatch.read_text().strip() == str(script)
+    assert "--nproc-per-node=2" in script.read_text()

@@ -55,3 +55,40 @@ def test_data_prepare_and_train_on_bytes(tmp_path):
     s = train(RunConfig.from_toml(TINY, ["data.kind=bytes", f"data.path={out}", "model.vocab_size=256", "steps=15",
                                          "progress=false", "checkpoint.every=0", f"run_dir={tmp_path / 'run'}"]))
     assert s.final_loss < 0.6 * np.log(256)
+
+
+def test_the_end_line_shows_the_layout_and_each_evaluation_prints_val_loss(tmp_path):
+    """Two ranks of tensor parallelism with sequence parallelism: the end-of-run line says so, and rank 0
+    alone prints one val_loss line per evaluation (progress=false too)."""
+    done = wb("train", "--recipe", "ddp", "--nproc", "2", "--config", TINY, "--run-dir", str(tmp_path / "run"),
+              "steps=2", "eval.every=1", "eval.batches=1", "progress=false", "checkpoint.every=0",
+              "tp.degree=2", "tp.sequence_parallel=true", "model.d_model=32", "model.n_layers=1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    evals = [line for line in lines if "val_loss" in line]
+    assert [line.split(":")[0] for line in evals] == ["step 1/2", "step 2/2"], done.stdout
+    assert all(float(line.rsplit(" ", 1)[1]) > 0 for line in evals), evals
+    assert lines[-1].startswith("ddp x2 (tp 2, sp): 2 steps, final loss "), done.stdout
+
+
+@pytest.mark.parametrize(("recipe", "world", "dims", "sp", "text"), [
+    ("ddp", 2, {"dp_replicate": 2}, False, "ddp x2"),
+    ("ddp", 2, {"tp": 2}, True, "ddp x2 (tp 2, sp)"),
+    ("fsdp", 4, {"dp_shard": 2, "tp": 2}, False, "fsdp x4 (dp_shard 2 x tp 2)"),
+    ("ddp", 4, {"cp": 2, "tp": 2}, False, "ddp x4 (cp 2 x tp 2)"),
+    ("fsdp", 4, {"dp_replicate": 2, "dp_shard": 2}, False, "fsdp x4 (dp_replicate 2 x dp_shard 2)"),
+    ("hogwild", 2, None, False, "hogwild x2"),   # its own workers: no parallel_dims
+])
+def test_layout_text(recipe, world, dims, sp, text):
+    from gpu_workbench.parallel.dims import ORDER
+    from gpu_workbench.parallel.loop.summary import TensorParallelStats
+
+    full = {n: (dims or {}).get(n, 1) for n in ORDER} if dims is not None else None
+    summary = RunSummary(recipe=recipe, world_size=world, dp=1, steps=1, final_loss=None, tokens_per_s=None,
+                         n_params=1, elapsed_s=0.0, micro_batch=1, global_batch=1, tokens_per_step=1, skipped_steps=0,
+                         device="cpu", precision="fp32", run_dir=".", parallel_dims=full)
+    if sp:
+        summary.tp = TensorParallelStats(tp_degree=2, tp_sequence_parallel=True, tp_collectives_per_step_measured=None,
+                                         tp_bytes_per_step_per_rank_measured=None,
+                                         tp_bytes_per_step_per_rank_predicted=0, tp_predicted_formula="")
+    assert summary.layout() == text

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpu_workbench.cli.app import main
-from tests.parallel.runs import TINY, wb
+from tests.parallel.runs import ROOT, TINY, wb
 
 
 def one_line(done, *needles: str) -> str:
@@ -228,3 +228,118 @@ def test_export_with_force_replaces_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["checkpoint", "export", str(run), "--out", str(out), "--force"])
     assert not exit_.value.code and "tok_emb.weight" in load_file(str(out))
+
+
+# ------------------------------------------------- wb train refusals: one line at every process count
+# Each is checked in the launching process, before torchrun starts workers: the same one line and exit 2
+# under --nproc 1 (in this process) and --nproc 2 (which would otherwise print it per rank, then torchrun's
+# report). In-process through the CLI's entry point; capfd also sees what a torchrun child would print.
+FAST = ["--config", TINY, "--recipe", "ddp", "progress=false", "model.d_model=32", "model.n_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step ddp run with a checkpoint after each step: the run every refusal below resumes."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    done = wb("train", *FAST, "--run-dir", str(run_dir), "steps=2", "checkpoint.every=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def train_refused(capfd, *args: str) -> str:
+    """`wb train ARGS` in this process: exit 2, and one `wb: error:` line (no traceback) on fd 2."""
+    import torch.distributed as dist
+
+    capfd.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", *args])
+    finally:
+        if dist.is_initialized():   # the one-rank group of an --nproc 1 ddp run in this process
+            dist.destroy_process_group()
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    assert err.count("wb: error:") == 1 and "Traceback" not in err and err.count("\n") == 1, err[-3000:]
+    return err.strip()
+
+
+def _snapshot(run_dir) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+RESUME_REFUSALS = [
+    (["seed=1"], "seed is 1 in this run, 0 in the checkpoint"),
+    (["model.d_model=16"], "model.d_model is 16 in this run, 32 in the checkpoint"),
+    (["model.arch=llama"], "model.arch is 'llama' in this run, 'gpt2' in the checkpoint"),   # a gpt2 run into llama
+    (["steps=1"], "it holds 2 steps, more than steps=1"),
+]
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+@pytest.mark.parametrize(("extra", "words"), RESUME_REFUSALS, ids=[e[0] for e, _ in RESUME_REFUSALS])
+def test_resume_refusal_is_one_line_at_every_nproc(nproc, extra, words, trained, capfd):
+    before = _snapshot(trained)
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", str(trained), "steps=3", *extra)
+    assert err.startswith(f"wb: error: cannot resume {trained / 'checkpoints'}") and words in err, err
+    assert _snapshot(trained) == before   # nothing written, the lock released
+
+
+def test_resume_refusal_under_ray_is_one_line_before_ray_starts(trained, capfd):
+    err = train_refused(capfd, *FAST, "--launcher", "ray", "--nproc", "2", "--run-dir", str(trained), "steps=3",
+                        "seed=1")
+    assert "cannot resume" in err and "seed is 1 in this run, 0 in the checkpoint" in err, err
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_load_from_refusals_are_one_line_at_every_nproc(nproc, trained, tmp_path, capfd):
+    new = str(tmp_path / "new")
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", new, f"checkpoint.load_from={trained}",
+                        "model.d_model=16")
+    assert f"cannot start from checkpoint.load_from={trained / 'checkpoints' / 'step_000002'}: model.d_model is " \
+           "16 in this run, 32 in the checkpoint" in err, err
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", new, f"checkpoint.load_from={tmp_path}")
+    assert f"checkpoint.load_from={tmp_path} is neither a run directory nor a step_* checkpoint folder" in err, err
+    assert not (tmp_path / "new" / "config.json").exists()
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_config_and_run_dir_refusals_are_one_line_at_every_nproc(nproc, tmp_path, capfd):
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", str(tmp_path / "run"), "stepz=5")
+    assert "unknown config key 'stepz' (did you mean 'steps'?)" in err, err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious\n")   # a folder of the user's own
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", str(tmp_path / "mine"), "steps=1")
+    assert "is not empty and is not a wb run directory" in err, err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_log_dir_naming_a_file_is_one_line_before_torchrun(nproc, a_file, tmp_path, capfd):
+    err = train_refused(capfd, *FAST, "--nproc", nproc, "--log-dir", str(a_file), "--run-dir",
+                        str(tmp_path / "run"), "steps=1")
+    assert f"--log-dir {a_file} is a file, not a directory" in err, err
+    assert a_file.read_text() == "precious\n" and not (tmp_path / "run").exists()
+
+
+def test_a_refusal_under_torchrun_is_one_line_through_the_real_cli(trained):
+    """A real `wb` process at --nproc 2: llama's refusal used to print per rank, then torchrun's traceback
+    (one rank dying by SIGABRT), exit 1."""
+    one_line(wb("train", *FAST, "--nproc", "2", "--run-dir", str(trained), "steps=3", "model.arch=llama"),
+             "cannot resume", "model.arch is 'llama' in this run, 'gpt2' in the checkpoint")
+
+
+def test_a_workers_user_error_is_printed_once_by_the_launcher(capfd, monkeypatch):
+    """A mistake only the workers find (here: a config the launcher never checked) reaches the user as
+    rank 0's one line, exit 2, without torchrun's failure report."""
+    from gpu_workbench.cli.train_cli import _run_workers
+    from gpu_workbench.cluster.torchrun import torchrun_command
+    from gpu_workbench.parallel.errors import UserError
+
+    command = torchrun_command(["wb", "train", "--config", TINY, "stepz=5"], nproc_per_node=2,
+                               agent="gpu_workbench.cluster.agent")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))   # the workers import this checkout
+    capfd.readouterr()
+    with pytest.raises(UserError, match=r"^unknown config key 'stepz' \(did you mean 'steps'\?\)$"):
+        _run_workers(command, lock_token="unused")
+    out, err = capfd.readouterr()
+    assert err == "" and "Traceback" not in out, err[-3000:]

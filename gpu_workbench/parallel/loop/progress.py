@@ -1,4 +1,5 @@
-"""A rich progress bar on rank 0 (none elsewhere, or with progress = false)."""
+"""A rich progress bar on rank 0 (none elsewhere, or with progress = false), and the lines printed
+between its updates (an evaluation's val_loss)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ class Progress:
     def update(self, info: str) -> None:
         if self.bar:
             self.bar.update(self.task, advance=1, info=info)
+
+    def say(self, line: str) -> None:
+        """One line on stdout, above the bar when there is one (a bare print would tear it)."""
+        if self.bar:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar:

@@ -156,6 +156,16 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def layout(self) -> str:
+        """'ddp x2', 'ddp x2 (tp 2, sp)', 'fsdp x4 (dp_shard 2 x tp 2)', 'ddp x4 (cp 2 x tp 2)': the recipe on
+        its ranks, and how they split whenever that is more than one data-parallel dimension."""
+        used = {k: v for k, v in (self.parallel_dims or {}).items() if v > 1}
+        split = " x ".join(f"{k} {v}" for k, v in used.items())
+        if self.tp is not None and self.tp.tp_sequence_parallel:
+            split += ", sp"
+        plain = len(used) <= 1 and not used.keys() & {"pp", "cp", "tp"}
+        return f"{self.recipe} x{self.world_size}" + ("" if plain else f" ({split})")
+
     def flat(self) -> dict[str, Any]:
         """Every field in one dict, the parts present merged in (one row of a report's table)."""
         out = self.to_dict()

@@ -140,7 +140,7 @@ class Trainer:
     def run_steps(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         memory.reset_peak(ctx.device)
-        progress = Progress(cfg.progress and ctx.is_main, cfg.steps, self.start, cfg.recipe)
+        self.progress = progress = Progress(cfg.progress and ctx.is_main, cfg.steps, self.start, cfg.recipe)
         # Nsight capture range / torch.profiler / host timeline, as `wb profile` and --timeline ask
         session = ProfileSession.from_env(self.run_dir, ctx.rank, use_timeline=cfg.profiling.timeline)
         faults.arm(cfg)   # fault.collective_timeout_s for the loop's collectives (after a possibly slow setup)
@@ -247,6 +247,8 @@ class Trainer:
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
         self.out.log({"step": record["step"], "tokens": record["tokens"], "val_loss": self.val_loss,
                       "elapsed_s": elapsed})
+        if self.ctx.is_main:   # with progress=false too: an evaluation is rare and worth seeing
+            self.progress.say(f"step {record['step'] + 1}/{cfg.steps}: val_loss {self.val_loss:.4f}")
 
     def _next_step(self, record: dict) -> int:
         """The step to run next, as the nan_policy says after a skipped (non-finite) step."""
