@@ -38,3 +38,16 @@ def wb(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
 
 
 _env = env   # `wb`'s `env` parameter shadows the function inside it
+
+
+def one_line(done: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """The one assertion of a one-line answer: exit `code`, stderr exactly one line holding every needle, no
+    traceback; a refusal (code 2) is a `wb: error:` line. Returns the line."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert code != 2 or lines[0].startswith("wb: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+

@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.cli import one_line
 from tests.parallel.runs import TINY
 
 FAST = ["train", "--config", TINY, "progress=false", "model.d_model=32", "model.n_layers=1"]
 FINISHED = [*FAST, "steps=4", "checkpoint.every=2"]
-
-
-def one_line(done: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    err = done.stderr.strip()
-    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def snapshot(folder: Path, mtimes: bool = False) -> dict:
@@ -71,7 +62,7 @@ def test_a_fresh_start_moves_the_old_run_aside(tmp_path, cli):
     old = snapshot(run_dir)
     assert {"run.json", "config.json", "metrics.jsonl", "summary.json", "checkpoints/step_000006/meta.json"} <= set(old)
     fresh = cli(*FAST, "--run-dir", str(run_dir), "steps=3", "checkpoint.every=3", "seed=1", "checkpoint.resume=false")
-    err = one_line(fresh, 0, "checkpoint.resume=false: the previous run in", "moved to")
+    err = one_line(fresh, "checkpoint.resume=false: the previous run in", "moved to", code=0)
     (slot,) = (run_dir / "previous").iterdir()
     assert err.endswith(str(slot)) and snapshot(slot) == old   # everything of the old run, byte for byte
     assert steps_in(run_dir) == [0, 1, 2]
@@ -96,7 +87,7 @@ def test_a_folder_that_is_no_run_directory_is_refused(tmp_path, cli):
     before = snapshot(mine, mtimes=True)
     for extra in ([], ["checkpoint.resume=false"]):
         refused = cli(*FAST, "--run-dir", str(mine), "steps=1", *extra)
-        one_line(refused, 2, f"{mine} is not empty and is not a wb run directory")
+        one_line(refused, f"{mine} is not empty and is not a wb run directory")
         assert snapshot(mine, mtimes=True) == before and sorted(p.name for p in mine.iterdir()) == sorted(before)
 
 
@@ -141,7 +132,7 @@ def test_a_damaged_metrics_line_is_refused(run_copy, cli, damage):
     (run_copy / "metrics.jsonl").write_text("".join(lines))
     before = snapshot(run_copy, mtimes=True)
     refused = cli(*FINISHED, "--run-dir", str(run_copy), "steps=5")
-    one_line(refused, 2, f"{run_copy / 'metrics.jsonl'}:2: damaged line")
+    one_line(refused, f"{run_copy / 'metrics.jsonl'}:2: damaged line")
     assert snapshot(run_copy, mtimes=True) == before
 
 
@@ -151,13 +142,13 @@ def test_every_checkpoint_damaged_is_refused_not_restarted(run_copy, cli):
             state.write_bytes(bytes(b ^ 0xFF for b in state.read_bytes()))
     before = snapshot(run_copy, mtimes=True)
     refused = cli(*FINISHED, "--run-dir", str(run_copy), "steps=5")
-    one_line(refused, 2, "every checkpoint in", "is damaged (2;", "checkpoint.resume=false")
+    one_line(refused, "every checkpoint in", "is damaged (2;", "checkpoint.resume=false")
     assert snapshot(run_copy, mtimes=True) == before
 
 
 def test_a_finished_run_rerun_as_it_was_changes_nothing(run_copy, cli):
     before = snapshot(run_copy, mtimes=True)
     done = cli(*FINISHED, "--run-dir", str(run_copy))
-    one_line(done, 0, "already finished its 4 steps with these settings: nothing to do")
+    one_line(done, "already finished its 4 steps with these settings: nothing to do", code=0)
     assert snapshot(run_copy, mtimes=True) == before
     assert sorted(p.name for p in run_copy.iterdir()) == sorted({k.split("/")[0] for k in before})

@@ -15,19 +15,10 @@ import pytest
 
 from gpu_workbench.parallel.loop.lock import RunLock
 from gpu_workbench.parallel.loop.summary import RunSummary
-from tests.cli import ROOT, env, wb
+from tests.cli import ROOT, env, one_line, wb
 from tests.parallel.runs import TINY, losses
 
 FAST = ["--config", TINY, "progress=false", "model.d_model=32", "model.n_layers=1"]
-
-
-def _one_line(done: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    err = done.stderr.strip()
-    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -45,7 +36,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
             assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.stderr else ""
             time.sleep(0.2)
         second = wb("train", *FAST, "--run-dir", str(run_dir), "steps=3", "checkpoint.every=0")
-        _one_line(second, 2, "is in use", f"PID {first.pid}")
+        one_line(second, "is in use", f"PID {first.pid}")
         steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(len(steps))), "the refused run appended to the holder's metrics"
     finally:
@@ -78,7 +69,7 @@ def test_resume_mismatches_are_refused_before_anything_is_written(tmp_path, cli)
                          (["steps=2"], ["holds 4 steps, more than steps=2"]),
                          (["seed=1"], ["seed is 1 in this run, 0 in the checkpoint"])):   # a recipe reshards
         refused = cli("train", *FAST, "--run-dir", str(run_dir), "steps=6", *extra)
-        _one_line(refused, 2, "cannot resume", *words)
+        one_line(refused, "cannot resume", *words)
         assert _snapshot(run_dir) == before, f"{extra} changed the run directory"
     resumed = cli("train", *FAST, "--run-dir", str(run_dir), "steps=6", "checkpoint.every=2")
     assert resumed.returncode == 0 and "resumed from step 4" in resumed.stderr, resumed.stderr[-3000:]
@@ -89,13 +80,13 @@ def test_resume_mismatches_are_refused_before_anything_is_written(tmp_path, cli)
 
 
 def test_divergence_never_exits_zero(tmp_path, cli):
-    _one_line(cli("train", *FAST, "--run-dir", str(tmp_path / "inf"), "optim.lr=inf"), 2, "optim.lr", "finite")
-    _one_line(cli("train", *FAST, "--run-dir", str(tmp_path / "nan"), "optim.lr=nan"), 2, "optim.lr", "finite")
+    one_line(cli("train", *FAST, "--run-dir", str(tmp_path / "inf"), "optim.lr=inf"), "optim.lr", "finite")
+    one_line(cli("train", *FAST, "--run-dir", str(tmp_path / "nan"), "optim.lr=nan"), "optim.lr", "finite")
     exploded = cli("train", *FAST, "--run-dir", str(tmp_path / "big"), "optim.lr=1e6", "steps=20", "checkpoint.every=0")
-    _one_line(exploded, 1, "in a row skipped", "nan_skip_limit = 5", "diverged")
+    one_line(exploded, "in a row skipped", "nan_skip_limit = 5", "diverged", code=1)
     stopped = cli("train", *FAST, "--run-dir", str(tmp_path / "stop"), "steps=6", "nan_policy=stop",
                  "fault.nan_at_step=3", "checkpoint.every=0")
-    _one_line(stopped, 1, "step 3: non-finite", "nan_policy = 'stop'")
+    one_line(stopped, "step 3: non-finite", "nan_policy = 'stop'", code=1)
 
 
 def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path, cli):

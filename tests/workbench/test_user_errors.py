@@ -9,17 +9,8 @@ import pytest
 import torch
 
 from gpu_workbench.cli.app import main
+from tests.cli import one_line
 from tests.parallel.runs import ROOT, TINY, wb
-
-
-def one_line(done, *needles: str) -> str:
-    """A subprocess's stderr is exactly one `wb: error:` line holding every needle; exit 2."""
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("wb: error: "), done.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def main_error(capsys, *args: str) -> str:
