@@ -67,6 +67,24 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
+def assert_matches_single(run_dir: Path, single_dir: Path, steps: int, norms: bool = True, tol: float = 1e-5) -> None:
+    """The one "matches single" assertion (docs/ARCHITECTURE.md, Testing): per-step losses, clipping norms (where
+    the recipe reports the same global norm), held-out losses and final parameters equal `single`'s."""
+    from gpu_workbench.parallel.loop.rundir import read_evals, read_metrics
+
+    ref, got = losses(single_dir), losses(run_dir)
+    assert len(ref) == len(got) == steps, (len(got), len(ref), steps)
+    worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+    assert worst < tol, f"{run_dir}: per-step losses {got} vs single {ref} (worst rel {worst:.2e})"
+    if norms:
+        got_norms, ref_norms = ([m["grad_norm"] for m in read_metrics(d)] for d in (run_dir, single_dir))
+        assert max(rel(a, b) for a, b in zip(got_norms, ref_norms, strict=True)) < tol, (got_norms, ref_norms)
+    val, ref_val = ([m["val_loss"] for m in read_evals(d)] for d in (run_dir, single_dir))
+    assert len(val) == len(ref_val) and all(rel(a, b) < tol for a, b in zip(val, ref_val, strict=True)), (val, ref_val)
+    diff = max_rel_diff(final_params(run_dir), final_params(single_dir))
+    assert diff < tol, f"{run_dir}: final parameters differ from single by {diff:.2e} (relative)"
+
+
 if __name__ == "__main__":
     from gpu_workbench.parallel import RunConfig, train
     from gpu_workbench.parallel.loop.distributed import exit_worker

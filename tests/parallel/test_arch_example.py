@@ -10,9 +10,8 @@ import re
 import pytest
 
 from gpu_workbench.parallel import RunConfig, models, train
-from gpu_workbench.parallel.loop.rundir import read_metrics
 from gpu_workbench.parallel.model import build, count_params
-from tests.parallel.runs import ROOT, TINY, final_params, losses, max_rel_diff, rel, torchrun
+from tests.parallel.runs import ROOT, TINY, assert_matches_single, torchrun
 
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
 BASE = ["steps=4", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=1",
@@ -63,9 +62,4 @@ def test_the_counts_from_the_shapes_are_the_model_built(toy):
 @pytest.mark.parametrize("run", RUNS)
 def test_the_documented_architecture_trains_like_single(toy, run):
     _, dirs = toy
-    ref, got = losses(dirs["single"]), losses(dirs[run])
-    assert len(ref) == len(got) == 4
-    assert max(rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, (got, ref)
-    norms, ref_norms = ([m["grad_norm"] for m in read_metrics(dirs[n])] for n in (run, "single"))
-    assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
-    assert max_rel_diff(final_params(dirs[run]), final_params(dirs["single"])) < 1e-5
+    assert_matches_single(dirs[run], dirs["single"], steps=4)

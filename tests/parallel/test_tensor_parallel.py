@@ -19,7 +19,7 @@ import pytest
 
 from gpu_workbench.parallel.loop.rundir import read_metrics
 from tests.cli import ROOT, env
-from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, wb
+from tests.parallel.runs import TINY, assert_matches_single, final_params, losses, max_rel_diff, rel, summary, wb
 
 pytestmark = pytest.mark.slow
 
@@ -78,15 +78,7 @@ def tp_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", EQUIVALENT)
 def test_matches_single(name, single, tp_runs):
-    ref, got = losses(single), losses(tp_runs[name])
-    assert len(ref) == len(got) == 5
-    worst = max(rel(a, b) for a, b in zip(got, ref, strict=True))
-    assert worst < 1e-5, f"{name}: per-step losses {got} vs single {ref} (worst rel {worst:.2e})"
-    norms = [m["grad_norm"] for m in read_metrics(tp_runs[name])]   # the clipping norm over every shard
-    ref_norms = [m["grad_norm"] for m in read_metrics(single)]
-    assert max(rel(a, b) for a, b in zip(norms, ref_norms, strict=True)) < 1e-5, (norms, ref_norms)
-    diff = max_rel_diff(final_params(tp_runs[name]), final_params(single))   # same names and shapes as single's
-    assert diff < 1e-5, f"{name}: final parameters differ from single by {diff:.2e} (relative)"
+    assert_matches_single(tp_runs[name], single, steps=5)   # the clipping norm over every shard too
     s = summary(tp_runs[name])
     assert s["parallel_dims"]["tp"] == 2 and s["dp"] == s["world_size"] // (2 * s["parallel_dims"]["pp"])
 
