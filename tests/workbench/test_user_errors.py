@@ -4,12 +4,14 @@ and nothing written: each through the real CLI in a subprocess, the variants in-
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from gpu_workbench.cli.app import main
-from tests.parallel.runs import ROOT, TINY, wb
+from tests.parallel.runs import ROOT, TINY, env, wb
 
 
 def one_line(done, *needles: str) -> str:
@@ -101,6 +103,22 @@ def test_kernels_check_triton_without_cuda():
 def test_kernels_check_unknown_backend(backend, capsys):
     err = main_error(capsys, "kernels", "check", "softmax", "--backend", backend)
     assert f"--backend={backend!r} is not a kernel backend; choose one of triton, interpret, torch" in err, err
+
+
+def kernels_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m gpu_workbench.cli.kernels_cli ARGS`: the kernel commands alone (scripts/gpu_check.sh, the
+    triton36 lane of the Makefile), which must end a mistake as `wb` does."""
+    return subprocess.run([sys.executable, "-m", "gpu_workbench.cli.kernels_cli", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("check", "nosuchkernel"), ("nosuchkernel",)),
+    (("check", "softmax", "--backend", "cuda"), ("--backend='cuda' is not a kernel backend",)),
+    (("compile", "softmax", "--arch", "75"), ("--arch 75 is not supported",)),
+])
+def test_standalone_kernels_cli_mistake_is_one_line(args, needles):
+    one_line(kernels_cli(*args), *needles)
 
 
 # ------------------------------------------------------------------------- config, summary.json
