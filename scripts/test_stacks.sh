@@ -3,6 +3,7 @@
 #
 #   scripts/test_stacks.sh                  # every stack: gpu-image, newest, oldest
 #   scripts/test_stacks.sh gpu-image        # one stack (or several, by name)
+#   scripts/test_stacks.sh --install [...]  # build the venvs only (downloads and installs, no tests)
 #
 # Stacks (README.md, "Supported stacks"):
 #   gpu-image  the GPU machine's image: Python 3.12, torch 2.11, Triton 3.6, transformers, no deepspeed/ray/nvtx
@@ -79,14 +80,17 @@ install_stack() {
     echo "$spec" > "$venv/.installed"
 }
 
+stack_python() {   # the interpreter a stack's venv is built from
+    case $1 in
+        oldest) echo "${PY310:-$(find_python 3.10)}" ;;
+        *) echo "${PY312:-$(find_python 3.12)}" ;;
+    esac
+}
+
 # run_stack NAME: install, run the fast tier, append the summary line to SUMMARY.
 run_stack() {
-    local name=$1 python
-    case $name in
-        oldest) python=${PY310:-$(find_python 3.10)} ;;
-        *) python=${PY312:-$(find_python 3.12)} ;;
-    esac
-    install_stack "$name" "$python"
+    local name=$1
+    install_stack "$name" "$(stack_python "$name")"
     local venv=$ROOT/.venv-stack-$name log=$LOG_DIR/$name.log
     local versions
     versions=$("$venv/bin/python" -c 'import platform, torch, triton
@@ -107,6 +111,11 @@ print(f"python {platform.python_version()}  torch {torch.__version__}  triton {t
 }
 
 main() {
+    local install_only=0
+    if [[ ${1:-} == --install ]]; then
+        install_only=1
+        shift
+    fi
     local stacks=("$@")
     [[ ${#stacks[@]} -gt 0 ]] || stacks=("${ALL_STACKS[@]}")
     mkdir -p "$LOG_DIR"
@@ -114,8 +123,15 @@ main() {
     OVERALL=0
     local name
     for name in "${stacks[@]}"; do
-        run_stack "$name"
+        if (( install_only )); then
+            local start=$SECONDS
+            install_stack "$name" "$(stack_python "$name")"
+            echo "== $name: venv ready ($(( SECONDS - start )) s)"
+        else
+            run_stack "$name"
+        fi
     done
+    (( ! install_only )) || return 0
     echo
     echo "== stacks ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs)"
     printf '%s\n' "${SUMMARY[@]}"
