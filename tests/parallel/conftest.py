@@ -3,33 +3,21 @@ equivalence, bf16 for the mixed-precision memory table); the single-process refe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 
 import pytest
 import torch
 
-from tests.parallel.runs import BASE, TINY, torchrun
+from tests.parallel.runs import BASE, HAS_DEEPSPEED, TINY, runnable, skip_unless_runnable, torchrun
 
 DP_RECIPES = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
 MEMORY_RECIPES = ["ddp", "zero1", "zero2", "zero3"]
-# The GPU image has no DeepSpeed (README.md, Supported stacks): there the ZeRO recipes cannot run, and what
-# needs them skips with this reason while the other recipes' runs and checks go on.
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-NO_DEEPSPEED = "deepspeed is not installed: the ZeRO recipes (zero1/2/3) cannot run here"
-
-
-def needs_deepspeed(recipe: str) -> bool:
-    return recipe.startswith("zero")
-
-
 class Runs(dict):
     """{(recipe, precision): run_dir}; a ZeRO run left out for want of DeepSpeed skips the test asking for it."""
 
     def __missing__(self, key):
-        if needs_deepspeed(key[0]) and not HAS_DEEPSPEED:
-            pytest.skip(NO_DEEPSPEED)
+        skip_unless_runnable(key[0])
         raise KeyError(key)
 
 
@@ -58,7 +46,7 @@ def dp_runs(tmp_path_factory):
     the runs of the other recipes: a test that asks for a ZeRO run then skips, see Runs)."""
     root = tmp_path_factory.mktemp("dp")
     runs, dirs = [], Runs()
-    available = [r for r in DP_RECIPES if HAS_DEEPSPEED or not needs_deepspeed(r)]
+    available = [r for r in DP_RECIPES if runnable(r)]
     for recipe in available:
         dirs[recipe, "fp32"] = root / f"{recipe}-fp32"
         runs.append((TINY, [*BASE, f"recipe={recipe}", f"run_dir={dirs[recipe, 'fp32']}"]))

@@ -7,8 +7,18 @@ import shutil
 
 import pytest
 
-from tests.parallel.conftest import HAS_DEEPSPEED, NO_DEEPSPEED, needs_deepspeed
-from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, summary, torchrun, wb
+from tests.parallel.runs import (
+    BASE,
+    NO_DEEPSPEED,
+    TINY,
+    final_params,
+    losses,
+    max_rel_diff,
+    runnable,
+    summary,
+    torchrun,
+    wb,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +28,7 @@ RESUMED = ["zero2", "fsdp"]   # DeepSpeed's own checkpoints, and torch.distribut
 def test_kill_and_resume_equals_uninterrupted(tmp_path, dp_runs):
     """The uninterrupted runs are the equivalence tests' (same config, checkpoints do not change the numbers).
     Without DeepSpeed, fsdp alone is checked, then the test skips for zero2."""
-    resumed = [r for r in RESUMED if HAS_DEEPSPEED or not needs_deepspeed(r)]
+    resumed = [r for r in RESUMED if runnable(r)]
     for recipe in resumed:
         # rank 1 dies at step 5: the checkpoint after 3 steps is complete, the one after 6 never starts
         run_dir = tmp_path / recipe
