@@ -81,7 +81,8 @@ def test_ray_commands_without_ray_are_one_line(capsys):
     """The GPU image has no Ray: `wb ray submit` and `wb train --launcher ray` say so, one line, exit 2."""
     err = main_error(capsys, "ray", "submit", "--", "echo", "hi")
     assert "wb ray submit needs Ray, which is not installed here" in err, err
-    err = main_error(capsys, "train", "--launcher", "ray", "--nproc", "2", "--config", TINY, "steps=1")
+    err = main_error(capsys, "train", "--launcher", "ray", "--recipe", "ddp", "--nproc", "2", "--config", TINY,
+                     "steps=1")
     assert "--launcher ray needs Ray, which is not installed here" in err, err
 
 
