@@ -104,9 +104,10 @@ print(f"python {platform.python_version()}  torch {torch.__version__}  triton {t
     last=$(tail -n 1 "$log")
     tail -n 3 "$log"
     count() { grep -oE "[0-9]+ $1" <<< "$last" | grep -oE '^[0-9]+' || echo 0; }
-    local failed=$(( $(count failed) + $(count error) ))   # "3 errors" matches "error" too
-    SUMMARY+=("$(printf '%-10s %s  passed %s  failed %s  skipped %s  %s min  (pytest exit %s)' \
-        "$name" "$versions" "$(count passed)" "$failed" "$(count skipped)" "$minutes" "$status")")
+    # "3 errors" matches "error" too
+    SUMMARY+=("$(printf '%-10s %s  passed %s  failed %s  errors %s  skipped %s  %s min  (pytest exit %s)' \
+        "$name" "$versions" "$(count passed)" "$(count failed)" "$(count error)" "$(count skipped)" "$minutes" \
+        "$status")")
     [[ $status -eq 0 ]] || OVERALL=1
 }
 
