@@ -8,7 +8,7 @@ CPU_TORCH ?= 2.13.0
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST    := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-fast test-triton36 bench lint gpu-check clean slurm-up slurm-down
+.PHONY: install demo test test-fast test-triton36 test-stacks bench lint gpu-check clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -74,6 +74,10 @@ test-triton36: $(T36_STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not slow and not timing"
 
+# The fast tier on each supported stack (gpu-image, newest, oldest: README.md), in cached side venvs; not in `test`.
+test-stacks:
+	bash scripts/test_stacks.sh $(STACKS)
+
 bench: $(STAMP)
 	$(PYTEST) tests/bench -q --benchmark-enable --benchmark-only --benchmark-columns=median,iqr,ops
 	$(BIN)/wb kernels bench all
@@ -85,4 +89,4 @@ gpu-check: $(STAMP)
 	bash scripts/gpu_check.sh results/gpu
 
 clean:
-	rm -rf $(VENV) $(T36_VENV) .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(T36_VENV) .venv-stack-* .pytest_cache .ruff_cache .benchmarks

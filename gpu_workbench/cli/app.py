@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import typer
 
 from gpu_workbench.cli import (
     checkpoint_cli,
     cluster_cli,
     demo,
+    entry,
     kernels_cli,
     profile_cli,
     quant_cli,
@@ -18,9 +16,6 @@ from gpu_workbench.cli import (
     sample_cli,
     train_cli,
 )
-from gpu_workbench.parallel import worker_errors
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.profiling.errors import UsageError
 from gpu_workbench.profiling.rank_wrap import exec_under_tool_if_asked
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -42,20 +37,9 @@ app.command("sample")(sample_cli.sample)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a user mistake (UserError, UsageError) is one line on stderr and exit code 2; any
-    other exception is a bug and keeps its traceback (WB_DEBUG=1 shows one for mistakes too)."""
+    other exception is a bug and keeps its traceback (WB_DEBUG=1 shows one for mistakes too): cli/entry.py."""
     exec_under_tool_if_asked()  # a rank that `wb profile nsys|ncu` selected re-runs itself under the tool
-    try:
-        # standalone: usage errors print themselves and exit 2; typer.Exit(n) exits with n.
-        app(args=argv, prog_name="wb")
-    except (UserError, UsageError) as mistake:
-        if os.environ.get("WB_DEBUG"):
-            raise
-        if worker_errors.record(mistake):   # a rank of `wb train --nproc N`: its launcher prints it, once
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)   # no interpreter teardown: gloo's threads may abort it (distributed.exit_worker)
-        print(f"wb: error: {mistake}", file=sys.stderr)
-        sys.exit(2)
+    entry.run(app, argv, prog_name="wb")
 
 
 if __name__ == "__main__":

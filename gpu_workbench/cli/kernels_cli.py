@@ -13,7 +13,8 @@ from rich.table import Table
 from gpu_workbench.cli.paths import output_file
 from gpu_workbench.parallel.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, help="Check, time and ahead-of-time compile the Triton kernels.")
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Check, time and ahead-of-time compile the Triton kernels.")
 # Wide enough for the tables when output is piped (CI logs), as on a terminal.
 console = Console(width=None if Console().is_terminal else 160)
 
@@ -215,4 +216,6 @@ def compile_(kernel: str = typer.Argument("all", help="softmax | attention | qua
 
 
 if __name__ == "__main__":  # `python -m gpu_workbench.cli.kernels_cli`: the kernel commands without the rest of the CLI
-    app()
+    from gpu_workbench.cli import entry
+
+    entry.run(app, prog_name="wb kernels")   # a user mistake: one line, exit 2, as under `wb kernels`

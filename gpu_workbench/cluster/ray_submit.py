@@ -52,8 +52,11 @@ def submit_job(command: list[str], address: str | None = None, working_dir: str 
         raise UserError("no command to submit: put it after `--`, e.g. wb ray submit -- wb train --launcher ray")
     if not Path(working_dir).is_dir():
         raise UserError(f"--working-dir: not a directory: {working_dir}")
-    from ray.exceptions import RpcError
-    from ray.job_submission import JobSubmissionClient
+    try:
+        from ray.exceptions import RpcError
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        raise UserError("wb ray submit needs Ray, which is not installed here: pip install 'ray[default]'") from None
 
     given = address
     address = resolve_address(address)

@@ -198,8 +198,13 @@ def _world_sizes(nproc: int | tuple[int, int]) -> range:
 
 
 def check_elastic_support(nproc: int | tuple[int, int]) -> None:
-    """MIN:MAX needs Ray Train v2's elastic ScalingConfig (a (min, max) num_workers, Ray 2.5x+)."""
-    import ray.train
+    """MIN:MAX needs Ray Train v2's elastic ScalingConfig (a (min, max) num_workers, Ray 2.5x+); any run on
+    Ray needs Ray installed (the GPU image has none): a user's mistake, one line."""
+    try:
+        import ray.train
+    except ImportError:
+        raise UserError("--launcher ray needs Ray, which is not installed here: pip install 'ray[default,train]'"
+                        ) from None
 
     if isinstance(nproc, tuple) and not hasattr(ray.train.ScalingConfig, "elastic_resize_monitor_interval_s"):
         raise UserError(f"--nproc {nproc[0]}:{nproc[1]}: this Ray ({ray.__version__}) has no elastic Ray Train "

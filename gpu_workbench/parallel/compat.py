@@ -21,6 +21,13 @@ def torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def torch_build_version() -> str:
+    """torch's version with its build tag, e.g. `2.11.0+cu130` or `2.13.0+cpu`. The CUDA wheels on PyPI (torch
+    2.11 to 2.13) carry the tag in `torch.__version__` only: their distribution metadata says `2.11.0`, which
+    would hide whether a run used the CUDA or the CPU build; the CPU wheels carry `+cpu` in both."""
+    return torch.__version__
+
+
 def _missing(what: str) -> RuntimeError:
     return RuntimeError(f"torch {torch.__version__} lacks {what}, which gpu-workbench needs (tested on torch "
                         f"{SUPPORTED_TORCH[0]} to {SUPPORTED_TORCH[1]}): see parallel/compat.py")

@@ -13,7 +13,7 @@ from gpu_workbench.parallel.data import Dataset
 from gpu_workbench.parallel.loop.distributed import init_distributed
 from gpu_workbench.parallel.model import GPT
 from gpu_workbench.parallel.recipes import RECIPES, resolve
-from tests.parallel.runs import TINY
+from tests.parallel.runs import TINY, skip_unless_runnable
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def one_rank_group():
 
 @pytest.mark.parametrize("recipe", ["single", "ddp", "zero1", "zero2", "zero3", "fsdp"])
 def test_recipe_step(benchmark, recipe, one_rank_group):
+    skip_unless_runnable(recipe)
     cfg = RunConfig.from_toml(TINY, [f"recipe={recipe}", "progress=false"])
     torch.manual_seed(0)
     one_rank_group.dims = resolve(cfg, world_size=1)

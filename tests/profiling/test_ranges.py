@@ -8,12 +8,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from gpu_workbench import profiling
 from gpu_workbench.profiling import mark, timeline
 from gpu_workbench.profiling import range as prange
-from tests.profiling.conftest import nesting, read_nvtx_logs
+from tests.profiling.conftest import NO_NVTX, nesting, read_nvtx_logs
 
 SCRIPT = textwrap.dedent("""
     from gpu_workbench.profiling import range as prange, mark
@@ -38,6 +39,7 @@ def _run(env_extra: dict, tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_nvtx_ranges_reach_an_attached_tool(nvtx_recorder, tmp_path):
+    pytest.importorskip("nvtx", reason=NO_NVTX)
     log = tmp_path / "nvtx"
     out = _run({"NVTX_INJECTION64_PATH": str(nvtx_recorder), "WB_NVTX_LOG": str(log)}, tmp_path)
     assert out.returncode == 0, out.stderr
@@ -104,6 +106,7 @@ def test_torch_profiler_sees_the_ranges():
 
 def test_kernel_benchmark_launches_sit_in_their_range(nvtx_recorder, tmp_path):
     """What `wb profile ncu --range softmax -- wb kernels bench softmax` relies on."""
+    pytest.importorskip("nvtx", reason=NO_NVTX)
     log = tmp_path / "bench"
     env = {**os.environ, "NVTX_INJECTION64_PATH": str(nvtx_recorder), "WB_NVTX_LOG": str(log)}
     done = subprocess.run([sys.executable, "-m", "gpu_workbench", "kernels", "bench", "softmax", "--quick"], env=env,

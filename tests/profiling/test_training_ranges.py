@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.profiling.conftest import nesting, read_nvtx_logs
+from tests.profiling.conftest import NO_NVTX, nesting, read_nvtx_logs
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, MICRO_BATCHES = 2, 2
@@ -34,6 +34,7 @@ def profiled_run(nvtx_recorder, tmp_path_factory):
 
 
 def test_every_rank_emits_the_range_tree(profiled_run):
+    pytest.importorskip("nvtx", reason=NO_NVTX)
     logs, _ = profiled_run
     trees = [nesting(events) for events in logs.values() if any(" wb " in line for line in events)]
     assert len(trees) == 2, f"expected NVTX events from 2 ranks, got {len(trees)}"

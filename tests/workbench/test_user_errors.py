@@ -3,14 +3,17 @@ and nothing written: each through the real CLI in a subprocess, the variants in-
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from gpu_workbench.cli.app import main
 from tests.cli import one_line
-from tests.parallel.runs import ROOT, TINY, wb
+from tests.parallel.runs import ROOT, TINY, env, wb
 
 
 def main_error(capsys, *args: str) -> str:
@@ -56,11 +59,30 @@ def test_train_run_dir_naming_a_file(a_file, capsys):
 
 # ---------------------------------------------------------------------------------- wb ray submit
 def test_ray_submit_where_nothing_listens():
+    pytest.importorskip("ray", reason="Ray is not installed (the GPU image has none): see the test below")
     with socket.socket() as s:   # a free loopback port: bound, then released, so nothing listens there
         s.bind(("127.0.0.1", 0))
         address = f"http://127.0.0.1:{s.getsockname()[1]}"
     done = wb("ray", "submit", "--address", address, "--", "echo", "hi", timeout=300)
     one_line(done, f"--address {address}: no Ray cluster answers there")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed here")
+def test_ray_commands_without_ray_are_one_line(capsys):
+    """The GPU image has no Ray: `wb ray submit` and `wb train --launcher ray` say so, one line, exit 2."""
+    err = main_error(capsys, "ray", "submit", "--", "echo", "hi")
+    assert "wb ray submit needs Ray, which is not installed here" in err, err
+    err = main_error(capsys, "train", "--launcher", "ray", "--recipe", "ddp", "--nproc", "2", "--config", TINY,
+                     "steps=1")
+    assert "--launcher ray needs Ray, which is not installed here" in err, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed here")
+def test_zero_recipe_without_deepspeed_is_one_line(tmp_path):
+    """The GPU image has no DeepSpeed: a ZeRO recipe says so, one line from the launcher, exit 2."""
+    done = wb("train", "--recipe", "zero2", "--nproc", "2", "--config", TINY, "--run-dir", str(tmp_path / "run"),
+              "steps=1", "progress=false")
+    one_line(done, "the ZeRO recipes (zero1/zero2/zero3) need DeepSpeed, which is not installed here")
 
 
 # ------------------------------------------------------------------------- wb kernels ... --json
@@ -92,6 +114,22 @@ def test_kernels_check_triton_without_cuda():
 def test_kernels_check_unknown_backend(backend, capsys):
     err = main_error(capsys, "kernels", "check", "softmax", "--backend", backend)
     assert f"--backend={backend!r} is not a kernel backend; choose one of triton, interpret, torch" in err, err
+
+
+def kernels_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m gpu_workbench.cli.kernels_cli ARGS`: the kernel commands alone (scripts/gpu_check.sh, the
+    triton36 lane of the Makefile), which must end a mistake as `wb` does."""
+    return subprocess.run([sys.executable, "-m", "gpu_workbench.cli.kernels_cli", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("check", "nosuchkernel"), ("nosuchkernel",)),
+    (("check", "softmax", "--backend", "cuda"), ("--backend='cuda' is not a kernel backend",)),
+    (("compile", "softmax", "--arch", "75"), ("--arch 75 is not supported",)),
+])
+def test_standalone_kernels_cli_mistake_is_one_line(args, needles):
+    one_line(kernels_cli(*args), *needles)
 
 
 # ------------------------------------------------------------------------- config, summary.json
@@ -276,6 +314,7 @@ def test_resume_refusal_is_one_line_at_every_nproc(nproc, extra, words, trained,
 
 
 def test_resume_refusal_under_ray_is_one_line_before_ray_starts(trained, capfd):
+    pytest.importorskip("ray", reason="Ray is not installed (the GPU image has none): --launcher ray refuses first")
     err = train_refused(capfd, *FAST, "--launcher", "ray", "--nproc", "2", "--run-dir", str(trained), "steps=3",
                         "seed=1")
     assert "cannot resume" in err and "seed is 1 in this run, 0 in the checkpoint" in err, err

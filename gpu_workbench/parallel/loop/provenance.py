@@ -2,7 +2,8 @@
 the machine, and a digest of the resolved config. Recorded in every summary.json (`provenance`) and
 printed by `wb report`, so a figure can always be traced back to the code and settings behind it.
 
-Versions are read from the installed distributions' metadata, so nothing here imports DeepSpeed or Ray.
+Versions are read from the installed distributions' metadata, so nothing here imports DeepSpeed or Ray;
+torch's, once torch is imported, from torch itself, with its build tag (parallel/compat.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -48,6 +50,10 @@ def config_digest(config: dict) -> str:
 
 
 def _version(distribution: str) -> str | None:
+    if distribution == "torch" and "torch" in sys.modules:   # `2.11.0+cu130`, not the metadata's `2.11.0`
+        from gpu_workbench.parallel import compat
+
+        return compat.torch_build_version()
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -38,7 +38,11 @@ def import_deepspeed(device_type: str):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
     if not os.environ.get("WB_DEBUG"):
         warnings.filterwarnings("ignore", message=DEPRECATED_CALLS, category=FutureWarning)
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError:   # the GPU image has no DeepSpeed: a user's choice of recipe, one line
+        raise UserError("the ZeRO recipes (zero1/zero2/zero3) need DeepSpeed, which is not installed here: "
+                        "pip install deepspeed") from None
 
     if device_type == "cpu":
         compat.skip_deepspeed_shm_comm()   # an inference-only op whose build costs ~40 s per environment
