@@ -505,7 +505,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{key} must be a finite number, got {value}")
-    ok = isinstance(value, hint) if isinstance(hint, type) else True
+    # A parameterized generic (list[str]) is no class for isinstance; Python 3.10 still says it is a type.
+    plain_class = isinstance(hint, type) and typing.get_origin(hint) is None
+    ok = isinstance(value, hint) if plain_class else True
     if hint in (int, float) and isinstance(value, bool):   # TOML true is not a number
         ok = False
     if not ok:

@@ -22,7 +22,14 @@ TINY = str(ROOT / "configs" / "tiny.toml")
 # A tiny model of >= 1M parameters (the memory targets ask for it), 10 steps, no progress bar.
 # The GPU image has no DeepSpeed (README.md, Supported stacks): there the ZeRO recipes cannot run, and what
 # needs them skips with this reason while the other recipes' runs and checks go on.
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+def installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:   # a blocker on sys.meta_path (scripts/gpu_summary.py's preflight): not here
+        return False
+
+
+HAS_DEEPSPEED = installed("deepspeed")
 NO_DEEPSPEED = "deepspeed is not installed: the ZeRO recipes (zero1/2/3) cannot run here"
 
 

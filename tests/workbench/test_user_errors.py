@@ -3,7 +3,6 @@ and nothing written: each through the real CLI in a subprocess, the variants in-
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 
 from gpu_workbench.cli.app import main
 from tests.cli import one_line
-from tests.parallel.runs import ROOT, TINY, env, wb
+from tests.parallel.runs import ROOT, TINY, env, installed, wb
 
 
 def main_error(capsys, *args: str) -> str:
@@ -67,7 +66,7 @@ def test_ray_submit_where_nothing_listens():
     one_line(done, f"--address {address}: no Ray cluster answers there")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed here")
+@pytest.mark.skipif(installed("ray"), reason="Ray is installed here")
 def test_ray_commands_without_ray_are_one_line(capsys):
     """The GPU image has no Ray: `wb ray submit` and `wb train --launcher ray` say so, one line, exit 2."""
     err = main_error(capsys, "ray", "submit", "--", "echo", "hi")
@@ -77,7 +76,7 @@ def test_ray_commands_without_ray_are_one_line(capsys):
     assert "--launcher ray needs Ray, which is not installed here" in err, err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed here")
+@pytest.mark.skipif(installed("deepspeed"), reason="DeepSpeed is installed here")
 def test_zero_recipe_without_deepspeed_is_one_line(tmp_path):
     """The GPU image has no DeepSpeed: a ZeRO recipe says so, one line from the launcher, exit 2."""
     done = wb("train", "--recipe", "zero2", "--nproc", "2", "--config", TINY, "--run-dir", str(tmp_path / "run"),
