@@ -5,6 +5,9 @@
     kernels.attention(q, k, v, causal=False, scale=None, backend=None)
     kernels.attention_forward(q, k, v, ...) -> (out, lse); kernels.attention_backward(do, q, k, v, out, lse, ...)
     kernels.linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, reduction="mean", ...)
+    kernels.rms_norm(x, weight, eps=1e-6, backend=None)
+    kernels.rope(q, k, positions, theta=10000.0, *, convention="interleaved", inplace=False, backend=None)
+    kernels.swiglu(gate, up, backend=None)
 
 `backend`: None/"auto" (Triton on CUDA tensors, torch on CPU tensors; WB_KERNEL_BACKEND overrides),
 "triton", "interpret" (the same Triton source through Triton's interpreter, on CPU tensors), "torch".
@@ -16,6 +19,9 @@ from gpu_workbench.kernels.flash_attention import attention, attention_backward,
 from gpu_workbench.kernels.fused_softmax import log_softmax, softmax
 from gpu_workbench.kernels.linear_cross_entropy import linear_cross_entropy
 from gpu_workbench.kernels.quant_matmul import quant_matmul
+from gpu_workbench.kernels.rms_norm import rms_norm
+from gpu_workbench.kernels.rope import rope
+from gpu_workbench.kernels.swiglu import swiglu
 
 __all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "linear_cross_entropy", "log_softmax",
-           "quant", "quant_matmul", "resolve_backend", "softmax"]
+           "quant", "quant_matmul", "resolve_backend", "rms_norm", "rope", "softmax", "swiglu"]
