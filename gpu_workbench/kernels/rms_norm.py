@@ -27,10 +27,13 @@ from gpu_workbench.kernels.launch import cdiv, next_pow2, pow2_bucket
 from gpu_workbench.kernels.validate import KERNEL_DTYPES, require_float, require_tensor
 
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
-MAX_COLS = 16384  # one row is held by one program; wider rows take backend='torch'
-# Values of one tensor each thread holds: 32 keeps the forward (x, w) and the backward (x, dy, w, dW)
-# in registers on sm_80 and sm_90 (the AOT sweep, `wb kernels compile rms_norm`).
+MAX_COLS = 8192  # one row is held by one program; wider rows take backend='torch'
+# Values of one tensor each thread holds. The forward keeps x and w: 32 stays in registers on sm_80 and
+# sm_90. The backward keeps x, dy, w and the dW partial: at 32 it took ~215 registers (8 warps per SM)
+# and spilled at 16 warps (16384 columns); 16 takes ~120, 16 warps per SM, no spill up to 8192 columns
+# (a 16384-column row spilled 104-160 B even on 32 warps). The AOT sweep: `wb kernels compile rms_norm`.
 MAX_VALUES_PER_THREAD = 32
+BWD_VALUES_PER_THREAD = 16
 PROGRAMS_PER_SM = 2  # backward: programs (dW partials) per SM
 INTERPRET_PROGRAMS = 3  # backward under the interpreter: several partials, so tests cover their sum
 
@@ -40,8 +43,10 @@ BWD_TUNER = Autotuner("rms_norm_bwd", [Config({}, num_warps=w, num_stages=1) for
 
 
 def cols_limit(config: Config) -> int:
-    """The widest row (a power of two) a config serves."""
-    return min(MAX_COLS, MAX_VALUES_PER_THREAD * 32 * config.num_warps // config.meta.get("BLOCK_M", 1))
+    """The widest row (a power of two) a config serves: forward configs have BLOCK_M, backward ones not."""
+    if "BLOCK_M" in config.meta:
+        return min(MAX_COLS, MAX_VALUES_PER_THREAD * 32 * config.num_warps // config.meta["BLOCK_M"])
+    return min(MAX_COLS, BWD_VALUES_PER_THREAD * 32 * config.num_warps)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ parallel/model.py: rotate) or "half" pairs (x[i], x[i + D/2]) (rotate-half, Hugg
 tables are computed once per call in fp32 (float64 for float64 inputs) by the same torch formula as the
 model's, and read by the kernel; the rotation itself runs in fp32 and is stored in the inputs' dtype.
 
-The backward of a rotation is the rotation back: one kernel does both (INVERSE). `inplace=True` writes
+The backward of a rotation is the rotation back: one kernel does both (a run-time sign of sin). `inplace=True` writes
 into q and k (no autograd: for inference, where the extra copies would be waste); otherwise new tensors.
 """
 
@@ -52,8 +52,8 @@ def rotate_rows(x, y, cos, sin, interleaved: bool, inverse: bool, backend: str, 
 
     def run(c: Config):
         grid = (B * T, cdiv(H, c.meta["BLOCK_H"]))
-        jit.rope_fwd[grid](x, cos, sin, y, H, T, D // 2, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                           y.stride(1), y.stride(2), INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_D=block_d,
+        jit.rope_fwd[grid](x, cos, sin, y, H, T, D // 2, -1.0 if inverse else 1.0, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
+                           y.stride(1), y.stride(2), INTERLEAVED=interleaved, BLOCK_D=block_d,
                            **c.launch_options())
 
     def fits(c: Config) -> bool:
@@ -183,23 +183,21 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Each config per dtype and convention, forward and inverse, at head dims 64 and 128 (the model's);
-    head dims and strides a multiple of 16."""
+    """Each config per dtype and convention at head dim 128 (the widest the model uses: the most registers);
+    head dims and strides a multiple of 16. Forward and backward are the same compiled kernel."""
     specs = []
     for dtype in KERNEL_DTYPES:
         ptr = triton_type(dtype)
         sig = {"x_ptr": ptr, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "y_ptr": ptr,
-               **dict.fromkeys(("n_heads", "seq_len", "half", "x_stride_b", "x_stride_h", "x_stride_t",
-                                "y_stride_b", "y_stride_h", "y_stride_t"), "i32"),
-               **dict.fromkeys(("INTERLEAVED", "INVERSE", "BLOCK_H", "BLOCK_D"), "constexpr")}
+               **dict.fromkeys(("n_heads", "seq_len", "half"), "i32"), "sin_sign": "fp32",
+               **dict.fromkeys(("x_stride_b", "x_stride_h", "x_stride_t", "y_stride_b", "y_stride_h", "y_stride_t"),
+                               "i32"),
+               **dict.fromkeys(("INTERLEAVED", "BLOCK_H", "BLOCK_D"), "constexpr")}
         aligned = ("half", "x_stride_b", "x_stride_h", "x_stride_t", "y_stride_b", "y_stride_h", "y_stride_t")
         for c in TUNER.configs:
             for convention in CONVENTIONS:
-                for head_dim in (64, 128):
-                    for inverse in (False, True):
-                        consts = {"INTERLEAVED": convention == "interleaved", "INVERSE": inverse,
-                                  "BLOCK_D": head_dim // 2, **c.meta}
-                        label = f"rope {'bwd' if inverse else 'fwd'} {convention} {ptr[1:]} D={head_dim} {c.label()}"
-                        specs.append(CompileSpec("rope", "rope_fwd", sig, consts, c.num_warps, c.num_stages, label,
-                                                 aligned=aligned))
+                consts = {"INTERLEAVED": convention == "interleaved", "BLOCK_D": 64, **c.meta}
+                label = f"rope {convention} {ptr[1:]} D=128 {c.label()}"
+                specs.append(CompileSpec("rope", "rope_fwd", sig, consts, c.num_warps, c.num_stages, label,
+                                         aligned=aligned))
     return specs

@@ -15,6 +15,9 @@ KERNELS = {
     "quant": "gpu_workbench.kernels.suite.quant",
     "attention": "gpu_workbench.kernels.suite.attention",
     "linear_cross_entropy": "gpu_workbench.kernels.suite.linear_cross_entropy",
+    "rms_norm": "gpu_workbench.kernels.suite.rms_norm",
+    "rope": "gpu_workbench.kernels.suite.rope",
+    "swiglu": "gpu_workbench.kernels.suite.swiglu",
 }
 
 
