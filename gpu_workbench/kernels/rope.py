@@ -29,10 +29,11 @@ from gpu_workbench.kernels.validate import KERNEL_DTYPES, require_float, require
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 CONVENTIONS = ("interleaved", "half")
 MAX_HEAD_DIM = 512
-# BLOCK_H heads of one token per program. The first config is the interpreter's: 2 heads, so test
-# head counts span several programs and a masked tail.
-TUNER = Autotuner("rope", [Config({"BLOCK_H": h}, num_warps=w, num_stages=1)
-                           for h, w in ((2, 1), (4, 2), (8, 4), (16, 4), (32, 8))])
+# BLOCK_T tokens x BLOCK_H heads per program, about 16 pairs (32 values) per thread. The interpreter runs
+# INTERPRET_CONFIG: few, large programs (its cost is per program), still several over the test shapes.
+TUNER = Autotuner("rope", [Config({"BLOCK_T": t, "BLOCK_H": h}, num_warps=w, num_stages=1)
+                           for t, h, w in ((1, 8, 1), (1, 32, 4), (2, 16, 4), (4, 8, 4), (4, 32, 8))])
+INTERPRET_CONFIG = Config({"BLOCK_T": 16, "BLOCK_H": 4}, num_warps=4, num_stages=1)
 
 
 def tables(positions: torch.Tensor, theta: float, head_dim: int, dtype: torch.dtype):
@@ -51,17 +52,20 @@ def rotate_rows(x, y, cos, sin, interleaved: bool, inverse: bool, backend: str, 
     block_d = next_pow2(D // 2)
 
     def run(c: Config):
-        grid = (B * T, cdiv(H, c.meta["BLOCK_H"]))
-        jit.rope_fwd[grid](x, cos, sin, y, H, T, D // 2, -1.0 if inverse else 1.0, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                           y.stride(1), y.stride(2), INTERLEAVED=interleaved, BLOCK_D=block_d,
-                           **c.launch_options())
+        grid = (B * cdiv(T, c.meta["BLOCK_T"]), cdiv(H, c.meta["BLOCK_H"]))
+        jit.rope_fwd[grid](x, cos, sin, y, H, T, D // 2, -1.0 if inverse else 1.0, x.stride(0), x.stride(1),
+                           x.stride(2), y.stride(0), y.stride(1), y.stride(2), INTERLEAVED=interleaved,
+                           BLOCK_D=block_d, **c.launch_options())
 
-    def fits(c: Config) -> bool:
-        return c.meta["BLOCK_H"] <= max(next_pow2(H), 2)
+    def fits(c: Config) -> bool:   # no block of heads more than twice as wide as the heads there are
+        return c.meta["BLOCK_H"] <= max(next_pow2(H), 8)
 
+    if config is None and backend != "triton":
+        config = INTERPRET_CONFIG
     if config is None:
-        timed = backend == "triton" and x.data_ptr() != y.data_ptr()  # timing in place would rotate x repeatedly
-        config = TUNER.pick(("rope", next_pow2(H), block_d, x.dtype, interleaved), run, timed=timed, fits=fits)
+        timed = x.data_ptr() != y.data_ptr()  # timing in place would rotate x repeatedly
+        key = ("rope", next_pow2(H), block_d, min(next_pow2(T), 64), x.dtype, interleaved)
+        config = TUNER.pick(key, run, timed=timed, fits=fits)
     run(config)
     return y
 

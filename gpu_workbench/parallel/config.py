@@ -49,6 +49,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
+    fused_kernels: bool = False    # llama: RMSNorm, rotary embedding, SwiGLU through kernels.rms_norm/rope/swiglu
 
 
 @dataclass

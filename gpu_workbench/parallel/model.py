@@ -36,15 +36,24 @@ def kv_heads(cfg: ModelConfig) -> int:
     return cfg.n_kv_heads or cfg.n_heads
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 or wider (Llama's norm: no mean subtraction, no bias)."""
+def fusable(*tensors: torch.Tensor) -> bool:
+    """model.fused_kernels applies to plain tensors of one dtype; a DTensor (sequence parallelism's norms
+    see sequence shards) or mixed dtypes take the eager formula, which is the same function."""
+    return not any(isinstance(t, DTensor) for t in tensors) and len({t.dtype for t in tensors}) == 1
 
-    def __init__(self, dim: int, eps: float):
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 or wider (Llama's norm: no mean subtraction, no bias). `fused`:
+    through kernels.rms_norm (model.fused_kernels)."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and fusable(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         h = x.to(torch.promote_types(x.dtype, torch.float32))   # fp32 for 16-bit inputs, float64 kept
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return h.type_as(x) * self.weight
@@ -70,6 +79,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         spec = models.get(cfg.arch)
         self.rope_theta = cfg.rope_theta if spec.positions == "rotary" else None
+        self.fused = cfg.fused_kernels   # rotary embedding through kernels.rope
         kv, bias = kv_heads(cfg) * self.head_dim, spec.bias
         # Three projections, not one fused (3C, C): tensor parallelism shards each by rows, i.e. by whole
         # heads (docs/ARCHITECTURE.md, Tensor parallelism). Created in this order, their normal_ init draws
@@ -91,7 +101,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
         if self.rope_theta is not None:
             pos = torch.arange(T, device=x.device) if positions is None else positions
-            q, k = rotate(q, pos, self.rope_theta), rotate(k, pos, self.rope_theta)
+            if self.fused and fusable(q, k):
+                q, k = kernels.rope(q, k, pos, self.rope_theta)   # interleaved pairs, as rotate
+            else:
+                q, k = rotate(q, pos, self.rope_theta), rotate(k, pos, self.rope_theta)
         if cache is not None:
             k, v = cache.extend(k, v)
         y = self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
@@ -125,16 +138,19 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases (Llama's MLP)."""
+    """down(silu(gate(x)) * up(x)), no biases (Llama's MLP); the product through kernels.swiglu with
+    model.fused_kernels."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.fused = cfg.fused_kernels
         self.gate = nn.Linear(cfg.d_model, d_ff(cfg), bias=False)
         self.up = nn.Linear(cfg.d_model, d_ff(cfg), bias=False)
         self.down = nn.Linear(d_ff(cfg), cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate(x), self.up(x)
+        return self.down(kernels.swiglu(gate, up) if self.fused and fusable(gate, up) else F.silu(gate) * up)
 
 
 MLPS = {"gelu": MLP, "swiglu": SwiGLU}   # ArchSpec.mlp by name; an architecture may bring its own class
@@ -143,7 +159,7 @@ MLPS = {"gelu": MLP, "swiglu": SwiGLU}   # ArchSpec.mlp by name; an architecture
 def norm(cfg: ModelConfig) -> nn.Module:
     if models.get(cfg.arch).norm == "layernorm":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-    return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_kernels)
 
 
 def mlp(cfg: ModelConfig) -> nn.Module:

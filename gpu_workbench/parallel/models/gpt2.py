@@ -9,6 +9,9 @@ from gpu_workbench.parallel.models.spec import ArchSpec
 def _check(m) -> None:
     if m.n_kv_heads and m.n_kv_heads != m.n_heads:
         raise UserError("model.n_kv_heads needs model.arch = 'llama' (gpt2 has full multi-head attention)")
+    if m.fused_kernels:
+        raise UserError("model.fused_kernels needs model.arch = 'llama': its kernels are RMSNorm, rotary "
+                        "embedding and SwiGLU, and gpt2 has LayerNorm, learned positions and a GELU MLP")
 
 
 SPEC = ArchSpec(name="gpt2", positions="learned", norm="layernorm", mlp="gelu", bias=True,
