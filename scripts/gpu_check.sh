@@ -7,6 +7,8 @@
 # (nothing is installed; PYTHON picks the interpreter). It needs only torch, triton, numpy, typer, rich
 # and pytest: not deepspeed, ray or nvtx (the dry run proves it by blocking those imports). Writes full
 # results into OUT_DIR and prints a short table last. Exit status: non-zero if any step failed.
+# Liger-Kernel (pure Python + Triton), which the GPU image lacks, joins the rms_norm/rope/swiglu benchmark
+# rows when its wheel is carried along: LIGER_WHEEL=PATH, or wheels/liger_kernel-*.whl (unpacked into OUT_DIR).
 set -uo pipefail
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export WB_AUTOTUNE_CACHE=${WB_AUTOTUNE_CACHE:-/tmp/wb-autotune}
+LIGER_WHEEL=${LIGER_WHEEL:-$(ls wheels/liger_kernel-*.whl 2>/dev/null | head -n 1)}
 KCLI="$PY -m gpu_workbench.cli.kernels_cli"  # the kernel commands alone: the full `wb` CLI imports more
 ARCH_OF_GPU="\$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(90 if c[0] >= 9 else 80)')"
 
@@ -31,12 +34,16 @@ if [[ $DRY == 1 ]]; then
   echo "== dry run: the commands a GPU run executes (OUT=$OUT)"
   for step in "${STEPS[@]}"; do echo "  ${step#*|}"; done
   echo "  $PY scripts/gpu_summary.py $OUT"
+  echo "  Liger-Kernel wheel: ${LIGER_WHEEL:-none (the benchmark rows go without Liger)}"
   echo "== dry run: checking that everything those commands import and call exists"
   exec $PY scripts/gpu_summary.py --preflight
 fi
 
 mkdir -p "$OUT"
 status=0
+if [[ -n "$LIGER_WHEEL" ]]; then
+  $PY -m zipfile -e "$LIGER_WHEEL" "$OUT/liger" && export PYTHONPATH="$OUT/liger:$PYTHONPATH"
+fi
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -46,10 +46,10 @@ def main(out: Path) -> None:
             print("  FAIL", r["spec"]["label"], f"sm_{r['arch']}", r["failure"])
     if (out / "bench.json").exists():
         rows = json.loads((out / "bench.json").read_text())
-        print(f"{'kernel':<22}{'case':<26}{'dtype':<10}{'ms':>9}  metrics")
+        print(f"{'kernel':<34}{'case':<26}{'dtype':<10}{'ms':>9}  metrics")
         for r in rows:
             metrics = "  ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items())
-            print(f"{r['kernel']:<22}{r['case']:<26}{r['dtype']:<10}{r['ms']:>9.4f}  {metrics}")
+            print(f"{r['kernel']:<34}{r['case']:<26}{r['dtype']:<10}{r['ms']:>9.4f}  {metrics}")
     train = out / "llama-1b" / "summary.json"
     if train.exists():   # tokens/s is the median step's; MFU against the GPU's dense bf16 peak
         s = json.loads(train.read_text())

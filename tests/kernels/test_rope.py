@@ -3,6 +3,8 @@ and backward, in place; the interleaved convention is the model's own rotate; ba
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from gpu_workbench import kernels
 from gpu_workbench.kernels.suite.common import TOLERANCE, rel_err
 from gpu_workbench.kernels.suite.rope import SMALL_CASES, THETA, errors, make_inputs, reference
 from gpu_workbench.parallel.model import rotate
+
+rope_mod = importlib.import_module("gpu_workbench.kernels.rope")  # the package attribute is the function
 
 BACKENDS = ["interpret", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -62,3 +66,23 @@ def test_bad_input_names_the_argument(call, match):
     q, k, pos = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.arange(3)
     with pytest.raises((TypeError, ValueError), match=match):
         call(q, k, pos)
+
+
+@pytest.mark.parametrize("config", rope_mod.TUNER.configs, ids=lambda c: c.label())
+@pytest.mark.parametrize("convention", ["interleaved", "half"])
+def test_every_gpu_config_through_the_interpreter(config, convention):
+    q, k, pos = make_inputs(2, 9, 3, 5, 16, True, torch.float32, "cpu", torch.Generator().manual_seed(4))
+    cos, sin = rope_mod.tables(pos, THETA, 16, torch.float32)
+    for inverse in (False, True):
+        got = rope_mod.rotate_rows(q, torch.empty_like(q), cos, sin, convention == "interleaved", inverse, "interpret",
+                                   config)
+        want = rope_mod._rotate_torch(q, cos, sin, convention == "interleaved", inverse)
+        assert rel_err(got, want) < 1e-7
+
+
+@pytest.mark.gpu
+def test_conformance_on_gpu():
+    from gpu_workbench.kernels.suite.rope import check
+
+    failed = [r for r in check("triton") if not r.passed]
+    assert not failed, failed
