@@ -107,8 +107,8 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_parser_sees_the_imports():
     """The checks below mean something only if the graph is real: known arrows are found."""
     assert len(MODULES) > 80
-    assert "gpu_workbench.parallel.parallelize" in GRAPH["gpu_workbench.parallel.recipes.ddp"]
-    assert "gpu_workbench.kernels" in GRAPH["gpu_workbench.parallel.model"]
+    assert "gpu_workbench.parallel.primitives.parallelize" in GRAPH["gpu_workbench.parallel.recipes.ddp"]
+    assert "gpu_workbench.kernels" in GRAPH["gpu_workbench.parallel.models.transformer"]
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -11,7 +11,7 @@ something needs it (`train`), so the CLI answers a mistake without the seconds t
 """
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 __all__ = ["RunConfig", "RunSummary", "UserError", "train"]
 
@@ -21,6 +21,6 @@ def __getattr__(name: str):
         from gpu_workbench.parallel.loop.trainer import train
         return train
     if name == "RunSummary":
-        from gpu_workbench.parallel.loop.summary import RunSummary
+        from gpu_workbench.parallel.runtime.summary import RunSummary
         return RunSummary
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.errors import UserError, UserTypeError
+from gpu_workbench.parallel.runtime.errors import UserError, UserTypeError
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
@@ -166,7 +166,7 @@ class ContextParallelConfig:     # [cp]: the sequence split over ranks (ring att
 
 
 @dataclass
-class QuantConfig:               # [quant]: quantisation-aware training (parallel/qat.py)
+class QuantConfig:               # [quant]: quantisation-aware training (parallel/models/qat.py)
     qat: Literal["none", "w8a16", "w4a16", "w8a8"] = "none"   # fake-quantise every Linear of the blocks
     group_size: int = 32         # w4a16: 32, 64 or 128 along in_features, or -1 per output channel
 
@@ -427,7 +427,7 @@ class RunConfig:
         c, chunks = self.cp.degree, 2 * self.cp.degree if self.cp.load_balance == "headtail" else self.cp.degree
         if c > 1 and self.model.seq_len % chunks:   # ring attention cuts the sequence into equal chunks
             raise UserError(f"model.seq_len ({self.model.seq_len}) must be divisible by {chunks} with cp.degree = {c} "
-                            f"and cp.load_balance = {self.cp.load_balance} (parallel/context_parallel.py)")
+                            f"and cp.load_balance = {self.cp.load_balance} (parallel/primitives/context_parallel.py)")
         if self.tp.sequence_parallel and self.tp.degree == 1:
             raise UserError("tp.sequence_parallel = true needs tp.degree > 1")
 

@@ -22,7 +22,7 @@ from torch.autograd import profiler as torch_profiler
 
 from gpu_workbench.parallel import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.recipes import RECIPES
 from gpu_workbench.parallel.recipes.base import Context
 from gpu_workbench.profiling import range as prange

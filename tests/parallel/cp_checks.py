@@ -44,7 +44,7 @@ def _global_rel(pairs, group) -> list[float]:
 
 def ring_check(group, case) -> dict:
     from gpu_workbench import kernels
-    from gpu_workbench.parallel import context_parallel as cp
+    from gpu_workbench.parallel.primitives import context_parallel as cp
 
     _, b, hq, hkv, t, d, causal, balance, backend = case
     c, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -71,9 +71,9 @@ def model_check(group, balance: str) -> dict:
     """GPT loss and gradients with ring attention over the cp group vs the unsharded GPT: the loss averaged
     over the group (equal shards: the full mean), the gradients summed over it and divided by C."""
     from gpu_workbench.parallel import RunConfig
-    from gpu_workbench.parallel import context_parallel as cp
     from gpu_workbench.parallel.config import ContextParallelConfig
-    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel.models.transformer import GPT
+    from gpu_workbench.parallel.primitives import context_parallel as cp
 
     cfg = RunConfig.from_toml(None, ["model.n_layers=2", "model.d_model=32", "model.seq_len=12",
                                      "model.vocab_size=32", "model.n_heads=4"]).model
@@ -101,7 +101,7 @@ def model_check(group, balance: str) -> dict:
 
 if __name__ == "__main__":
     from gpu_workbench.parallel import RunConfig, train
-    from gpu_workbench.parallel.loop.distributed import exit_worker
+    from gpu_workbench.parallel.runtime.distributed import exit_worker
 
     for config, overrides in json.loads(sys.argv[2]) if len(sys.argv) > 2 else []:
         train(RunConfig.from_toml(config, overrides))   # initialises the process group on its first run

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gpu_workbench.parallel.checkpoint import complete_checkpoints, verify
-from gpu_workbench.parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.runtime.rundir import read_metrics
 from tests.cli import ROOT, env
 
 ARGS = ["train", "--config", str(ROOT / "configs" / "tiny.toml"), "progress=false", "steps=10", "model.d_model=32",

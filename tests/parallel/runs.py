@@ -66,14 +66,14 @@ def torchrun(nproc: int, runs: list[tuple[str, list[str]]], timeout: int = 600, 
 
 
 def losses(run_dir: Path) -> list[float]:
-    from gpu_workbench.parallel.loop.rundir import read_metrics
+    from gpu_workbench.parallel.runtime.rundir import read_metrics
 
     return [m["loss"] for m in read_metrics(run_dir)]
 
 
 def summary(run_dir: Path) -> dict:
     """summary.json through the typed loader (schema checked), every field in one dict."""
-    from gpu_workbench.parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.runtime.summary import RunSummary
 
     return RunSummary.load(Path(run_dir) / "summary.json").flat()
 
@@ -101,7 +101,7 @@ def rel(a: float, b: float) -> float:
 def assert_matches_single(run_dir: Path, single_dir: Path, steps: int, norms: bool = True, tol: float = 1e-5) -> None:
     """The one "matches single" assertion (docs/ARCHITECTURE.md, Testing): per-step losses, clipping norms (where
     the recipe reports the same global norm), held-out losses and final parameters equal `single`'s."""
-    from gpu_workbench.parallel.loop.rundir import read_evals, read_metrics
+    from gpu_workbench.parallel.runtime.rundir import read_evals, read_metrics
 
     ref, got = losses(single_dir), losses(run_dir)
     assert len(ref) == len(got) == steps, (len(got), len(ref), steps)
@@ -118,8 +118,8 @@ def assert_matches_single(run_dir: Path, single_dir: Path, steps: int, norms: bo
 
 if __name__ == "__main__":
     from gpu_workbench.parallel import RunConfig, train
-    from gpu_workbench.parallel.loop.distributed import exit_worker
     from gpu_workbench.parallel.models import ARCHS
+    from gpu_workbench.parallel.runtime.distributed import exit_worker
 
     for name, where in json.loads(os.environ.get("WB_TEST_ARCHS", "{}")).items():
         ARCHS.add(name, where)

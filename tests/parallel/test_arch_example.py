@@ -10,7 +10,7 @@ import re
 import pytest
 
 from gpu_workbench.parallel import RunConfig, models, train
-from gpu_workbench.parallel.model import build, count_params
+from gpu_workbench.parallel.models.transformer import build, count_params
 from tests.parallel.runs import ROOT, TINY, assert_matches_single, torchrun
 
 DOC = ROOT / "docs" / "ARCHITECTURE.md"

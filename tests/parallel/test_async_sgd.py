@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpu_workbench.parallel import RunConfig, train
-from gpu_workbench.parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.runtime.rundir import read_metrics
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def test_killed_worker_is_replaced_and_no_update_is_lost(ps_fault_run):
 
 
 def _shard(staleness: int, workers: int = 2):
-    from gpu_workbench.parallel.ps.server import ParamShard
+    from gpu_workbench.parallel.recipes.ps.server import ParamShard
 
     cfg = RunConfig.from_toml(TINY, [f"ps.staleness={staleness}"])
     return ParamShard(cfg.to_dict(), 0, 1, workers)

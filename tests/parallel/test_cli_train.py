@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.runtime.summary import RunSummary
 from tests.parallel.runs import TINY, wb
 
 SUMMARY_FIELDS = ["recipe", "world_size", "steps", "final_loss", "tokens_per_s", "peak_memory_bytes_per_rank",
@@ -80,8 +80,8 @@ def test_the_end_line_shows_the_layout_and_each_evaluation_prints_val_loss(tmp_p
     ("hogwild", 2, None, False, "hogwild x2"),   # its own workers: no parallel_dims
 ])
 def test_layout_text(recipe, world, dims, sp, text):
-    from gpu_workbench.parallel.dims import ORDER
-    from gpu_workbench.parallel.loop.summary import TensorParallelStats
+    from gpu_workbench.parallel.runtime.dims import ORDER
+    from gpu_workbench.parallel.runtime.summary import TensorParallelStats
 
     full = {n: (dims or {}).get(n, 1) for n in ORDER} if dims is not None else None
     summary = RunSummary(recipe=recipe, world_size=world, dp=1, steps=1, final_loss=None, tokens_per_s=None,

@@ -1,4 +1,4 @@
-"""parallel/compat.py: every private torch API the project uses exists on this torch and does its job."""
+"""parallel/runtime/compat.py: every private torch API the project uses exists on this torch and does its job."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gpu_workbench.parallel import compat
+from gpu_workbench.parallel.runtime import compat
 
 
 def test_this_torch_is_in_the_supported_range():

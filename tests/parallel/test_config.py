@@ -18,7 +18,7 @@ def test_tiny_and_125m_load():
     assert big.precision == "bf16"
     import torch
 
-    from gpu_workbench.parallel.model import GPT, count_params
+    from gpu_workbench.parallel.models.transformer import GPT, count_params
 
     with torch.device("meta"):   # shapes only, no memory
         n = count_params(GPT(big.model))

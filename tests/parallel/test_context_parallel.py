@@ -19,10 +19,10 @@ import torch
 
 from gpu_workbench import kernels
 from gpu_workbench.parallel import RunConfig
-from gpu_workbench.parallel import context_parallel as cp
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop.rundir import read_evals
+from gpu_workbench.parallel.primitives import context_parallel as cp
 from gpu_workbench.parallel.recipes import resolve
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.rundir import read_evals
 from tests.cli import ROOT, env
 from tests.parallel.cp_checks import RING_CASES
 from tests.parallel.runs import TINY, assert_matches_single, summary
@@ -99,7 +99,7 @@ def test_merge_of_two_key_blocks_is_the_whole_attention():
 
 
 def test_cp_groups_are_the_ranks_that_differ_in_cp_alone():
-    from gpu_workbench.parallel.dims import ParallelDims
+    from gpu_workbench.parallel.runtime.dims import ParallelDims
 
     assert cp.cp_members(ParallelDims(world_size=4, dp_replicate=2, cp=2)) == [[0, 1], [2, 3]]
     assert cp.cp_members(ParallelDims(world_size=6, dp_replicate=2, cp=3)) == [[0, 1, 2], [3, 4, 5]]

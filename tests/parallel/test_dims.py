@@ -6,9 +6,9 @@ import pytest
 import torch.distributed as dist
 
 from gpu_workbench.parallel import RunConfig
-from gpu_workbench.parallel.dims import ORDER, ParallelDims
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.recipes import RECIPES, resolve
+from gpu_workbench.parallel.runtime.dims import ORDER, ParallelDims
+from gpu_workbench.parallel.runtime.errors import UserError
 from tests.parallel.runs import TINY
 
 

@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from tests.parallel.runs import TINY, final_params, losses, torchrun
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _cfg(*overrides: str):
 
 
 def _initial(cfg) -> dict[str, torch.Tensor]:
-    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel.models.transformer import GPT
 
     torch.manual_seed(cfg.seed)   # as the trainer does before building the model
     return {k: v.detach().clone() for k, v in GPT(cfg.model).state_dict().items()}
@@ -65,7 +65,7 @@ def test_data_parallel_with_frozen_equals_single_per_step(runs, recipe):
 
 def test_a_prefix_matching_nothing_and_a_recipe_that_cannot_freeze_are_one_line_errors():
     from gpu_workbench.parallel import recipes
-    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel.models.transformer import GPT
     from gpu_workbench.parallel.recipes.base import freeze
 
     cfg = _cfg("recipe=single")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpu_workbench.parallel.config import ModelConfig
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.models.transformer import GPT
 from tests.parallel.runs import BASE, TINY, final_params, losses, max_rel_diff, rel, torchrun
 
 

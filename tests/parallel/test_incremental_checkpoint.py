@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from tests.parallel.runs import TINY, final_params, losses, summary, torchrun, wb
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_a_delta_after_the_resume_builds_on_the_chain_before_it(runs):
 
 
 def test_incremental_and_async_together_on_two_ranks(runs):
-    from gpu_workbench.parallel.checkpoint.describe import verify_all
+    from gpu_workbench.parallel.tools.describe_checkpoint import verify_all
 
     both, full = runs["async"], runs["full"]
     assert losses(both) == losses(full)
@@ -104,7 +104,7 @@ def test_fsdp_incremental_shards_match_ddp_and_a_sharded_delta_loads_back(runs):
 
 
 def test_inspect_and_verify_understand_a_delta_and_its_damaged_base(runs, tmp_path):
-    from gpu_workbench.parallel.checkpoint.describe import inspect, verify_all
+    from gpu_workbench.parallel.tools.describe_checkpoint import inspect, verify_all
 
     inc = tmp_path / "copy"
     shutil.copytree(runs["inc"], inc)

@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_workbench.parallel import RunConfig, sampling
-from gpu_workbench.parallel.loop.rundir import read_evals
-from gpu_workbench.parallel.model import GPT, rotate
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.models.transformer import GPT, rotate
+from gpu_workbench.parallel.runtime.rundir import read_evals
+from gpu_workbench.parallel.tools import sampling
 from tests.parallel.runs import ROOT, TINY, losses, rel, torchrun, wb
 
 LLAMA = ["model.arch=llama", "model.n_kv_heads=2", "steps=6", "progress=false", "checkpoint.every=3",
@@ -71,7 +72,7 @@ def _reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 
 def test_llama_forward_equals_an_independent_reference(monkeypatch):
-    import gpu_workbench.parallel.model as model_module
+    import gpu_workbench.parallel.models.transformer as model_module
 
     seen = []
     real = model_module.kernels.attention
@@ -110,7 +111,7 @@ def test_kv_cached_decoding_equals_recomputing(arch):
 
 
 def test_sampling_mistakes_name_the_argument(tmp_path):
-    from gpu_workbench.parallel.errors import UserError
+    from gpu_workbench.parallel.runtime.errors import UserError
 
     with pytest.raises(UserError, match="RUN_DIR .* no config.json"):
         sampling.run_config(tmp_path)

@@ -63,7 +63,7 @@ def test_ddp_ranks_hold_exactly_params_grads_and_two_moments(precision, dp_runs)
     """Unsharded, nothing to round: each rank holds one fp32 value per parameter for the parameters, their
     gradients, and each of Adam's two moments (autocast bf16 too). Ψ counted here, from the model itself."""
     from gpu_workbench.parallel import RunConfig
-    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel.models.transformer import GPT
 
     n = sum(p.numel() for p in GPT(RunConfig.from_toml(TINY, BASE).model).parameters())   # tied weight once
     s = summary(dp_runs["ddp", precision])

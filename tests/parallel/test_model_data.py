@@ -11,7 +11,7 @@ import torch
 
 from gpu_workbench.parallel import RunConfig, train
 from gpu_workbench.parallel.data import Dataset, micro_batches
-from gpu_workbench.parallel.model import GPT, count_params
+from gpu_workbench.parallel.models.transformer import GPT, count_params
 from tests.parallel.runs import TINY
 
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from gpu_workbench.cli.app import main
-from gpu_workbench.parallel.loop.rundir import read_metrics
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.runtime.rundir import read_metrics
+from gpu_workbench.parallel.runtime.summary import RunSummary
 from tests.parallel.pipeline_runs import PIPE, torchrun
 from tests.parallel.runs import TINY, assert_matches_single, final_params, losses, max_rel_diff, summary, wb
 

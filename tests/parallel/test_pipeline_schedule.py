@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_workbench.parallel.pipeline.bubble import measure, step_bubble
-from gpu_workbench.parallel.pipeline.schedule import closed_form_bubble, rank_order, simulate
-from gpu_workbench.parallel.pipeline.stages import split_layers
+from gpu_workbench.parallel.primitives.pipeline.bubble import measure, step_bubble
+from gpu_workbench.parallel.primitives.pipeline.schedule import closed_form_bubble, rank_order, simulate
+from gpu_workbench.parallel.primitives.pipeline.stages import split_layers
 
 CASES = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8)]
 

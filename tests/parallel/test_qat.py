@@ -16,9 +16,10 @@ import torch
 from gpu_workbench.kernels import quant
 from gpu_workbench.kernels.quant.format import int_weight, resolve_group_size, weight_grid
 from gpu_workbench.kernels.quant.qat import QATLinear, fake_quantize_activations, fake_quantize_weight, prepare_qat
-from gpu_workbench.parallel import RunConfig, qat, train
-from gpu_workbench.parallel.model import GPT
-from gpu_workbench.parallel.quant_eval import quantised_copy
+from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.models import qat
+from gpu_workbench.parallel.models.transformer import GPT
+from gpu_workbench.parallel.tools.quant_eval import quantised_copy
 from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
 from tests.workbench.test_user_errors import main_error
 
@@ -165,7 +166,7 @@ FINE_TUNE = ["steps=80", "eval.every=80", "optim.lr=3e-4", "optim.warmup_steps=0
 
 
 def test_qat_recovers_part_of_the_ptq_gap(tmp_path):
-    from gpu_workbench.parallel.quant_eval import evaluate
+    from gpu_workbench.parallel.tools.quant_eval import evaluate
 
     base = tmp_path / "base"
     train(RunConfig.from_toml(TINY, [*SMALL, "steps=150", "checkpoint.every=150", f"run_dir={base}"]))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_workbench.parallel.loop.lock import RunLock
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.runtime.lock import RunLock
+from gpu_workbench.parallel.runtime.summary import RunSummary
 from tests.cli import ROOT, env, one_line, wb
 from tests.parallel.runs import TINY, losses
 

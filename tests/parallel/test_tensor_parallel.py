@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from gpu_workbench.parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.runtime.rundir import read_metrics
 from tests.cli import ROOT, env
 from tests.parallel.runs import TINY, assert_matches_single, final_params, losses, max_rel_diff, rel, summary, wb
 

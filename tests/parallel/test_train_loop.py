@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from gpu_workbench.parallel import RunConfig, memory
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.recipes import RECIPES
 from gpu_workbench.parallel.recipes.base import Context, clip_grad_norm, lr_lambda
+from gpu_workbench.parallel.runtime import memory
 from tests.parallel.runs import TINY
 
 CTX = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

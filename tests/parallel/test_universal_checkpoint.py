@@ -22,7 +22,7 @@ import shutil
 import pytest
 import torch
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from tests.parallel.runs import TINY, final_params, losses, torchrun, wb
 
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ def test_weights_only_start_a_fresh_optimizer(chain, tmp_path):
     from gpu_workbench.parallel import RunConfig
     from gpu_workbench.parallel.checkpoint.universal import consolidated_weights
     from gpu_workbench.parallel.data import Dataset
-    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel.models.transformer import GPT
 
     runs, _ = chain
     source = _step(runs["fsdp"], 4)

@@ -30,8 +30,9 @@ def unit_check(sp: bool) -> dict:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from gpu_workbench.parallel import RunConfig, models, tensor_parallel
-    from gpu_workbench.parallel.model import GPT
+    from gpu_workbench.parallel import RunConfig, models
+    from gpu_workbench.parallel.models.transformer import GPT
+    from gpu_workbench.parallel.primitives import tensor_parallel
 
     cfg = RunConfig.from_toml(None, ["model.n_layers=2", "model.d_model=32", "model.seq_len=8", "model.vocab_size=32",
                                      "model.n_heads=4", "model.tie_embeddings=true"]).model
@@ -61,7 +62,7 @@ def unit_check(sp: bool) -> dict:
 
 if __name__ == "__main__":
     from gpu_workbench.parallel import RunConfig, train
-    from gpu_workbench.parallel.loop.distributed import exit_worker
+    from gpu_workbench.parallel.runtime.distributed import exit_worker
 
     for item in json.loads(sys.argv[1]):
         if item[0] == "copy":   # ["copy", src, dst, step]: dst holds only src's checkpoint after `step` steps

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from gpu_workbench.cli.report import COLUMNS, MIB, load_run
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.runtime.summary import RunSummary
 from tests.cli import wb
 
 

@@ -20,16 +20,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from gpu_workbench.parallel import memory
 from gpu_workbench.parallel.data import micro_batches
-from gpu_workbench.parallel.dims import ParallelDims
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime import memory
+from gpu_workbench.parallel.runtime.dims import ParallelDims
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import range as prange
 
 if TYPE_CHECKING:
     from gpu_workbench.parallel.config import RunConfig
     from gpu_workbench.parallel.data import Dataset
-    from gpu_workbench.parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.runtime.summary import RunSummary
 
 # "spmd": one process per rank running the shared loop (under torchrun, or in Ray Train workers).
 # "ray-actors" / "processes": the recipe starts its own workers from one driver process (`run`).

@@ -3,7 +3,7 @@
     model, cfg, source = load_model(run_dir)            # any recipe's checkpoint: the universal format
     ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=20, seed=0)
 
-The prompt runs through the model once, filling one LayerCache per block (parallel/model.py); each new
+The prompt runs through the model once, filling one LayerCache per block (parallel/models/transformer.py); each new
 token then runs alone, its query attending to every cached key (the kernel's bottom-right causal mask).
 Positions continue the cached ones, so gpt2's learned table and llama's rotary angles see the same
 positions as a full forward pass of the whole sequence would: cached decoding equals recomputing.
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.model import GPT, LayerCache, build
+from gpu_workbench.parallel.models.transformer import GPT, LayerCache, build
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def run_config(run_dir: Path) -> RunConfig:

@@ -18,8 +18,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.utils.checkpoint import checkpoint
 
-from gpu_workbench.parallel import compat
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.models.transformer import GPT
+from gpu_workbench.parallel.runtime import compat
 from gpu_workbench.profiling import range as prange
 
 

@@ -28,7 +28,7 @@ import time
 import torch
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.model import build
+from gpu_workbench.parallel.models.transformer import build
 from gpu_workbench.parallel.recipes.base import lr_lambda
 
 

@@ -79,12 +79,13 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(cfg.d_model, kv, bias=False)
         self.v = nn.Linear(cfg.d_model, kv, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
-        # (q, k, v) -> out, causal; context parallelism swaps in ring attention (parallel/context_parallel.py)
+        # (q, k, v) -> out, causal; context parallelism swaps in ring attention
+        # (parallel/primitives/context_parallel.py)
         self.attend = attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        """`cache`: the keys and values of the tokens before these (decoding, parallel/sampling.py); the
+        """`cache`: the keys and values of the tokens before these (decoding, parallel/tools/sampling.py); the
         new ones are appended, and the bottom-right causal mask lets each new query see all of them."""
         B, T, _ = x.shape
         # -1 heads: all of them, or this rank's share under tensor parallelism (q/k/v column-sharded)
@@ -231,7 +232,7 @@ class GPT(nn.Module):
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood, the log-softmax through the project's kernel (fp32 under autocast).
-    Vocabulary-parallel logits (a DTensor sharded on the vocabulary, parallel/tensor_parallel.py) go through
+    Vocabulary-parallel logits (a DTensor sharded on the vocabulary, parallel/primitives/tensor_parallel.py) go through
     torch's cross-entropy, which the caller's loss_parallel() turns into a sharded one."""
     if isinstance(logits, DTensor):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 SCHEMA_VERSION = 2
 
@@ -47,7 +47,7 @@ class PipelineStats:
 
 @dataclass
 class CommStats:
-    """Bytes handed to the network by all workers together (parallel/comm.py's ruler)."""
+    """Bytes handed to the network by all workers together (parallel/primitives/comm.py's ruler)."""
 
     updates: int
     updates_per_s: float | None
@@ -63,8 +63,8 @@ class CommStats:
 @dataclass
 class TensorParallelStats:
     """Tensor parallelism's own collectives (activations, not gradients) in one step, one rank's payload:
-    measured by counting the collectives DTensor issued during one step (parallel/compat.py), predicted from
-    the shapes (parallel/tensor_parallel.py: predicted_step_bytes)."""
+    measured by counting the collectives DTensor issued during one step (parallel/runtime/compat.py), predicted from
+    the shapes (parallel/primitives/tensor_parallel.py: predicted_step_bytes)."""
 
     tp_degree: int
     tp_sequence_parallel: bool
@@ -78,7 +78,7 @@ class TensorParallelStats:
 class ContextParallelStatsPart:
     """Context parallelism's ring attention in one training step (the second; eval not counted): forward
     (q-chunk, kv-chunk) blocks each rank computed, and the bytes one rank passed to isend, measured beside the
-    prediction from the shapes (parallel/context_parallel.py: predicted_bytes)."""
+    prediction from the shapes (parallel/primitives/context_parallel.py: predicted_bytes)."""
 
     cp_degree: int
     cp_load_balance: str
@@ -145,12 +145,12 @@ class RunSummary:
     pipeline: PipelineStats | None = None
     comm: CommStats | None = None
     async_sgd: AsyncStats | None = None
-    provenance: dict | None = None     # commit, versions, machine, config digest (parallel/loop/provenance.py)
+    provenance: dict | None = None     # commit, versions, machine, config digest (parallel/runtime/provenance.py)
     tp: TensorParallelStats | None = None
     checkpoint_bytes_written: int = 0     # bytes of the checkpoint files the run's saves wrote, every segment
     checkpoint_blocking_s: float = 0.0    # seconds blocked in saves, async staging and waits too (slowest rank)
     cp: ContextParallelStatsPart | None = None
-    qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/qat.py)
+    qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/models/qat.py)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class RunSummary:
         return _build(cls, raw, source)
 
     def write(self, path: Path) -> None:
-        from gpu_workbench.parallel.loop.rundir import write_json
+        from gpu_workbench.parallel.runtime.rundir import write_json
 
         write_json(Path(path), self.to_dict())
 

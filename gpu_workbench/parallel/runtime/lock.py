@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 TOKEN_ENV = "WB_RUN_LOCK_TOKEN"
 
@@ -52,7 +52,7 @@ class RunLock:
             raise UserError(f"run directory {self.path.parent} is in use: wb train (PID {holder.get('pid')} on "
                             f"{holder.get('host')}, since {holder.get('started')}) holds {self.path}; wait for it, "
                             f"or choose another --run-dir")
-        from gpu_workbench.parallel.loop import marker
+        from gpu_workbench.parallel.runtime import marker
 
         marker.check(self.path.parent)   # a folder of the user's own is refused before the lock is written
         if holder is not None:

@@ -4,7 +4,7 @@ and QAT). Which layers, where it runs, and what the run summary records.
     names = quantised_layers(model)     # every nn.Linear of the blocks; the head stays float
     record = apply(model, cfg)          # QATLinear in their place (kernels/quant/qat.py), before any wrapper
 
-The head is left in float both here and in `wb quant eval` (parallel/quant_eval.py reads this list): it
+The head is left in float both here and in `wb quant eval` (parallel/tools/quant_eval.py reads this list): it
 shares its weight with the token embedding (model.tie_embeddings), a table that is looked up, not multiplied.
 The layers keep nn.Linear's parameters, so every recipe's wrapping, checkpointing and the universal
 format see the same model; the per-row scales need the whole weight, which is why it stops at tensor
@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from gpu_workbench.kernels.quant.qat import prepare_qat
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 # Why tp.degree > 1 is refused, per mode: row-parallel layers (attn.proj, mlp.down) hold a K-slice of each row.
 TP_REASONS = {
@@ -37,7 +37,7 @@ def quantised_layers(model: nn.Module) -> list[str]:
 def validate(cfg, refusal: str | None) -> None:
     """quant.qat != none: the recipe runs it (`refusal`, its Recipe.quant_aware, is None), tensor parallelism
     is off, and quant.group_size divides every quantised layer's in_features."""
-    from gpu_workbench.parallel.model import d_ff
+    from gpu_workbench.parallel.models.transformer import d_ff
 
     mode, q = cfg.quant.qat, cfg.quant
     if refusal is not None:

@@ -3,7 +3,7 @@ the machine, and a digest of the resolved config. Recorded in every summary.json
 printed by `wb report`, so a figure can always be traced back to the code and settings behind it.
 
 Versions are read from the installed distributions' metadata, so nothing here imports DeepSpeed or Ray;
-torch's, once torch is imported, from torch itself, with its build tag (parallel/compat.py).
+torch's, once torch is imported, from torch itself, with its build tag (parallel/runtime/compat.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def config_digest(config: dict) -> str:
 
 def _version(distribution: str) -> str | None:
     if distribution == "torch" and "torch" in sys.modules:   # `2.11.0+cu130`, not the metadata's `2.11.0`
-        from gpu_workbench.parallel import compat
+        from gpu_workbench.parallel.runtime import compat
 
         return compat.torch_build_version()
     try:

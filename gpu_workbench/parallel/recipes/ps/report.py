@@ -11,10 +11,10 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from gpu_workbench.parallel.comm import comm_summary
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.loop.rundir import RunDir, median
-from gpu_workbench.parallel.loop.summary import AsyncStats, RunSummary
+from gpu_workbench.parallel.primitives.comm import comm_summary
+from gpu_workbench.parallel.runtime.rundir import RunDir, median
+from gpu_workbench.parallel.runtime.summary import AsyncStats, RunSummary
 
 
 def histogram(values) -> dict[str, int]:

@@ -30,7 +30,7 @@ def torch_build_version() -> str:
 
 def _missing(what: str) -> RuntimeError:
     return RuntimeError(f"torch {torch.__version__} lacks {what}, which gpu-workbench needs (tested on torch "
-                        f"{SUPPORTED_TORCH[0]} to {SUPPORTED_TORCH[1]}): see parallel/compat.py")
+                        f"{SUPPORTED_TORCH[0]} to {SUPPORTED_TORCH[1]}): see parallel/runtime/compat.py")
 
 
 def default_store():

@@ -12,13 +12,13 @@ import time
 
 import torch
 
-from gpu_workbench.parallel import memory
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset, micro_batches
-from gpu_workbench.parallel.loop.injector import FaultInjector
-from gpu_workbench.parallel.model import build
-from gpu_workbench.parallel.ps.server import flat_views, nbytes, shard_names
+from gpu_workbench.parallel.models.transformer import build
 from gpu_workbench.parallel.recipes.base import clip_grad_norm
+from gpu_workbench.parallel.recipes.ps.server import flat_views, nbytes, shard_names
+from gpu_workbench.parallel.runtime import memory
+from gpu_workbench.parallel.runtime.injector import FaultInjector
 from gpu_workbench.profiling import range as prange
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # the config field each dimension comes from, for error messages

@@ -1,5 +1,6 @@
-"""Tensor parallelism (Megatron) and sequence parallelism for the model of parallel/model.py (any architecture:
-its ArchSpec says how the MLP splits and what the counts are, parallel/models/).
+"""Tensor parallelism (Megatron) and sequence parallelism for the model of
+parallel/models/transformer.py (any architecture: its ArchSpec says how the MLP splits and what the counts
+are, parallel/models/).
 
 Layout, on the mesh's `tp` dimension of T ranks (docs/ARCHITECTURE.md, Tensor parallelism):
 
@@ -21,11 +22,11 @@ block's input is then cut to this rank's slice (Replicate -> Shard(1), whose bac
 Attention and MLP inputs are all-gathered (Shard(1) -> Replicate), their row-parallel outputs
 reduce-scattered back to Shard(1).
 
-Rank layout (parallel/dims.py): tp varies fastest, so ranks 2k and 2k+1 form a TP group at T = 2, and
+Rank layout (parallel/runtime/dims.py): tp varies fastest, so ranks 2k and 2k+1 form a TP group at T = 2, and
 data parallelism (dp_replicate for ddp, dp_shard for fsdp) runs across TP groups: with 4 ranks and T = 2,
 TP groups {0, 1} and {2, 3}, data-parallel groups {0, 2} and {1, 3}.
 
-This file holds the maths and the plans; `parallelize` (parallel/parallelize.py) applies them first, before
+This file holds the maths and the plans; `parallelize` (parallel/primitives/parallelize.py) applies them first, before
 context and data parallelism, and the engines (recipes/parallel_engine.py) run the loss under
 loss_parallel and reduce what TP leaves Partial. Under ddp the data-parallel gradient average is done by
 hand, once per step, on the local shards (DDP does not take DTensor parameters); under fsdp, fully_shard
@@ -57,11 +58,12 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from gpu_workbench.parallel import compat, memory, models
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop.summary import TensorParallelStats
-from gpu_workbench.parallel.model import d_ff, kv_heads
+from gpu_workbench.parallel import models
+from gpu_workbench.parallel.models.transformer import d_ff, kv_heads
 from gpu_workbench.parallel.recipes.base import local
+from gpu_workbench.parallel.runtime import compat, memory
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.summary import TensorParallelStats
 from gpu_workbench.profiling import listening
 from gpu_workbench.profiling import range as prange
 
@@ -131,7 +133,7 @@ def outer_plan(sp: bool) -> dict:
 
 def apply(model: nn.Module, tp_mesh, sp: bool, arch: models.ArchSpec) -> nn.Module:
     """Apply the layout of architecture `arch` in place on the 1-D mesh `tp_mesh`, to a whole GPT or to one
-    pipeline stage (parallel/pipeline/stages.py: StageModule, whose submodule names are the GPT's: the outer
+    pipeline stage (parallel/primitives/pipeline/stages.py: StageModule, whose submodule names are the GPT's: the outer
     plan applies to what it holds); re-tie a tied head."""
     head, emb = getattr(model, "head", None), getattr(model, "tok_emb", None)
     tied = head is not None and emb is not None and head.weight is emb.weight

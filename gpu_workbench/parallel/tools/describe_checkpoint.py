@@ -11,7 +11,7 @@ from pathlib import Path
 from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify
 from gpu_workbench.parallel.checkpoint.start import format_of, layout_text
 from gpu_workbench.parallel.checkpoint.universal import FORMAT
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def step_folders(path: Path, argument: str = "PATH") -> list[Path]:

@@ -8,9 +8,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop import faults
 from gpu_workbench.parallel.recipes.base import Context
+from gpu_workbench.parallel.runtime import faults
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def init_distributed(cfg, needs_group: bool = True) -> Context:

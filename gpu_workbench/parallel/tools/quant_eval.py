@@ -4,7 +4,7 @@ Quantisation accuracy and QAT).
     report = evaluate(run_dir, ["w8a16", "w4a16"], group_size=32, batches=4)
     report["modes"]["w4a16"]["sqnr_db_median"], report["fp"]["loss"]
 
-The newest checkpoint's consolidated weights (parallel/sampling.py: load_model) on the run's held-out split
+The newest checkpoint's consolidated weights (parallel/tools/sampling.py: load_model) on the run's held-out split
 (parallel/data.py, "val"), micro-batch by micro-batch as the train loop's evaluation runs it, so the fp
 loss is the run's own held-out loss. Per mode:
   - per layer, the SQNR of its OUTPUT on the float model's activations: each quantised layer gets the very
@@ -12,7 +12,7 @@ loss is the run's own held-out loss. Per mode:
     SQNR = 10 log10(sum ||y||^2 / sum ||y - y_q||^2) over every held-out token.
   - the held-out loss of the whole quantised model (errors compounding), its perplexity, and its bytes
     (every parameter and buffer, a tied weight once; quantised layers as packed integers + scales + zeros).
-The layers are those QAT fake-quantises (parallel/qat.py: every Linear of the blocks, the head in float).
+The layers are those QAT fake-quantises (parallel/models/qat.py: every Linear of the blocks, the head in float).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from gpu_workbench.kernels.quant import MODES, QuantLinear
-from gpu_workbench.parallel import sampling
 from gpu_workbench.parallel.data import Dataset, micro_batches
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.qat import quantised_layers
+from gpu_workbench.parallel.models.qat import quantised_layers
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.tools import sampling
 
 
 def check_modes(modes: list[str]) -> list[str]:

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from gpu_workbench.parallel import context_parallel, models, tensor_parallel
-from gpu_workbench.parallel.comm import CommCounter
+from gpu_workbench.parallel import models
+from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives.comm import CommCounter
 
 if TYPE_CHECKING:
     from gpu_workbench.parallel.recipes.base import Context

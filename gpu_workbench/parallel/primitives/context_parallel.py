@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpu_workbench import kernels
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import range as prange
 
 LOAD_BALANCE = ("headtail", "none")
@@ -227,7 +227,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
 
 # ---- applying it to a model ---------------------------------------------------------------------
 def cp_members(dims) -> list[list[int]]:
-    """The cp groups' ranks: ranks whose coordinates (parallel/dims.py) differ in cp alone, grouped."""
+    """The cp groups' ranks: ranks whose coordinates (parallel/runtime/dims.py) differ in cp alone, grouped."""
     return dims.groups(("cp",))
 
 
@@ -276,8 +276,8 @@ def step_traffic(before: dict, after: dict) -> dict:
 def cp_summary(cfg, dims, measured: dict | None):
     """The summary's `cp` part from one step's measured traffic (None: no step measured) beside the
     prediction. Collective (gathers every rank's block count)."""
-    from gpu_workbench.parallel.loop.distributed import gather
-    from gpu_workbench.parallel.loop.summary import ContextParallelStatsPart
+    from gpu_workbench.parallel.runtime.distributed import gather
+    from gpu_workbench.parallel.runtime.summary import ContextParallelStatsPart
 
     blocks = gather(measured["blocks_forward"] if measured else -1)
     c, m = cfg.cp.degree, cfg.model

@@ -42,7 +42,7 @@ def _read_json(path: Path):
 
 
 def _read_rows(run_dir: str | Path) -> list[dict]:
-    from gpu_workbench.parallel.loop.metrics_log import parse
+    from gpu_workbench.parallel.runtime.metrics_log import parse
 
     return parse(run_dir)[0]
 
@@ -61,7 +61,7 @@ class RunDir:
     def __init__(self, path: Path, active: bool):
         self.path, self.active = Path(path), active
         if active:
-            from gpu_workbench.parallel.loop import marker
+            from gpu_workbench.parallel.runtime import marker
 
             self.path.mkdir(parents=True, exist_ok=True)
             marker.write(self.path)   # before any other file of the run
@@ -100,12 +100,12 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
 
     def write_summary(self, summary, device_name: str | None = None) -> None:
-        """`summary`: a RunSummary (parallel/loop/summary.py). Its provenance is recorded here, for every
+        """`summary`: a RunSummary (parallel/runtime/summary.py). Its provenance is recorded here, for every
         recipe: the commit, versions and machine that produced it, and the digest of config.json."""
         if not self.active:
             return
         if summary.provenance is None:
-            from gpu_workbench.parallel.loop import provenance
+            from gpu_workbench.parallel.runtime import provenance
 
             config = _read_json(self.path / "config.json")
             summary.provenance = provenance.collect(config if isinstance(config, dict) else {}, device_name)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from gpu_workbench.parallel.loop.summary import CommStats
+from gpu_workbench.parallel.runtime.summary import CommStats
 
 
 class CommCounter:

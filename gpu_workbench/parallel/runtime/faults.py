@@ -3,7 +3,7 @@
 - `fault.collective_timeout_s`: the process group's timeout inside the training loop (set after setup,
   so a slow start-up does not trip it). A collective that times out raises `CollectiveTimeout` naming
   the ranks that never reached this step, read from per-rank heartbeats in the c10d store.
-Injected kills, hangs and stragglers: parallel/loop/injector.py.
+Injected kills, hangs and stragglers: parallel/runtime/injector.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from gpu_workbench.parallel import compat
-from gpu_workbench.parallel.loop.injector import MARKER
+from gpu_workbench.parallel.runtime import compat
+from gpu_workbench.parallel.runtime.injector import MARKER
 
 _KEY = "wb/heartbeat/{}"
 
