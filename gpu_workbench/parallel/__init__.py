@@ -4,8 +4,8 @@
     cfg = RunConfig.from_toml("configs/tiny.toml", overrides=["recipe=zero2", "steps=20"])
     summary = train(cfg)    # a RunSummary, also written to <run_dir>/summary.json
 
-Rooms: loop/ (trainer, run directory, summary, faults), recipes/ (one file per parallelism),
-pipeline/ (stages, schedule simulator, bubble, Gantt), checkpoint/, ps/ (parameter server).
+Layers, bottom up (docs/ARCHITECTURE.md, Layers): runtime/, models/ + config.py, checkpoint/ + data.py,
+primitives/ (parallelize, tensor/context/pipeline parallelism), recipes/, loop/ (the trainer), tools/.
 DeepSpeed and Ray are imported only by the recipes that use them, when they run; torch only when
 something needs it (`train`), so the CLI answers a mistake without the seconds torch's import takes.
 """

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from gpu_workbench.parallel import models
 from gpu_workbench.parallel.runtime.errors import UserError, UserTypeError
+from gpu_workbench.parallel.runtime.flat_config import flatten_config
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
@@ -232,7 +233,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         cfg = cls()
-        for key, value in _flatten(raw):
+        for key, value in flatten_config(raw).items():
             cfg.set(key, value, from_text=False)
         return cfg
 
@@ -456,16 +457,6 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _flatten(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
 def _split_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
@@ -519,14 +510,3 @@ def _positive(obj: Any, *names: str, prefix: str = "") -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise UserError(f"{prefix}{name} must be > 0, got {getattr(obj, name)}")
-
-
-def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a config's values under their dotted keys."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -216,8 +216,8 @@ class Trainer:
             with prange("checkpoint", step=done):
                 began = time.perf_counter()
                 self.finish_pending_save()   # the previous async save first: the next builds on it
-                pending = checkpoint.begin_save(self.engine, self.run_dir, done, self.ctx.rank, self.last_ckpt,
-                                                self.ckpt_bytes)
+                pending = checkpoint.begin_save(self.engine, self.run_dir, done, self.ctx.rank,
+                                                self.recipe.checkpoint_format, self.last_ckpt, self.ckpt_bytes)
                 if cfg.checkpoint.async_save:
                     self.pending = pending   # published when every rank's background write is done
                 else:

@@ -30,7 +30,7 @@ from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
 from gpu_workbench.parallel.primitives.comm import CommCounter
 
 if TYPE_CHECKING:
-    from gpu_workbench.parallel.recipes.base import Context
+    from gpu_workbench.parallel.runtime.distributed import Context
 
 DataParallel = Literal["ddp", "fsdp", "none"]
 # Step 4: functions (model, cfg, ctx) -> None applied in this order after activation checkpointing and before

@@ -60,7 +60,6 @@ from torch.distributed.tensor.parallel import (
 
 from gpu_workbench.parallel import models
 from gpu_workbench.parallel.models.transformer import d_ff, kv_heads
-from gpu_workbench.parallel.recipes.base import local
 from gpu_workbench.parallel.runtime import compat, memory
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.runtime.summary import TensorParallelStats
@@ -69,6 +68,10 @@ from gpu_workbench.profiling import range as prange
 
 
 # ---- checks (before any process starts) -----------------------------------------------------
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t   # this rank's shard
+
+
 def validate(cfg, refusal: str | None) -> None:
     """tp.degree > 1: the recipe composes (`refusal`, its Recipe.tensor_parallel, is None), and the model's
     sharded sizes divide by T (one line each)."""

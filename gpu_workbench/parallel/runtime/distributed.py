@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from gpu_workbench.parallel.recipes.base import Context
 from gpu_workbench.parallel.runtime import faults
+from gpu_workbench.parallel.runtime.dims import ParallelDims
 from gpu_workbench.parallel.runtime.errors import UserError
+
+
+@dataclass  # this rank's place: what every recipe and the loop are handed
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dims: ParallelDims | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def init_distributed(cfg, needs_group: bool = True) -> Context:

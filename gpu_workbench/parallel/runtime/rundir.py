@@ -73,7 +73,7 @@ class RunDir:
         layout that wrote it, whether it was resharded or only its weights taken)."""
         if not self.active:
             return
-        from gpu_workbench.parallel.checkpoint.fingerprint import changes
+        from gpu_workbench.parallel.runtime.flat_config import changes
 
         old = _read_json(self.path / "config.json") if resumed_from_step else None
         segments = list(old.get("segments", [])) if isinstance(old, dict) else []
