@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import ROOT, env
+from tests.helpers.cli import ROOT, env
 
 pytest.importorskip("transformers", reason="transformers is a test dependency (pyproject [test])")
 

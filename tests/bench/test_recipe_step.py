@@ -13,7 +13,7 @@ from gpu_workbench.parallel.data import Dataset
 from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.recipes import RECIPES, resolve
 from gpu_workbench.parallel.runtime.distributed import init_distributed
-from tests.parallel.runs import TINY, skip_unless_runnable
+from tests.helpers.runs import TINY, skip_unless_runnable
 
 
 @pytest.fixture(scope="module")

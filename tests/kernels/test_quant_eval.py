@@ -20,7 +20,7 @@ from gpu_workbench.parallel import RunConfig, train
 from gpu_workbench.parallel.models.qat import quantised_layers
 from gpu_workbench.parallel.tools import sampling
 from gpu_workbench.parallel.tools.quant_eval import evaluate, held_out_batches
-from tests.parallel.runs import TINY, rel, summary, wb
+from tests.helpers.runs import TINY, rel, summary, wb
 from tests.workbench.test_user_errors import main_error, one_line
 
 RUN = ["model.d_model=128", "steps=30", "progress=false", "checkpoint.every=30", "eval.every=30", "eval.batches=2",

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from gpu_workbench.cli.app import main
 from gpu_workbench.parallel import RunConfig, recipes
 from gpu_workbench.parallel.runtime.errors import UserError
-from tests.parallel.runs import TINY, wb
+from tests.helpers.runs import TINY, wb
 
 try:
     import tomllib

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from gpu_workbench.cli.app import main
-from tests.cli import one_line
-from tests.parallel.runs import ROOT, TINY, env, installed, wb
+from tests.helpers.cli import one_line
+from tests.helpers.runs import ROOT, TINY, env, installed, wb
 
 
 def main_error(capsys, *args: str) -> str:

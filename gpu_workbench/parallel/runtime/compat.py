@@ -3,7 +3,7 @@
 torch does not promise these names across releases. Each helper checks for what it needs and, where
 it is missing, fails (or degrades, where the feature is optional) with a message naming the torch
 version, so a torch upgrade breaks here, visibly, and not deep inside a training run. Tested on the
-supported range below (tests/parallel/test_compat.py exercises every helper).
+supported range below (tests/parallel/runtime/test_compat.py exercises every helper).
 """
 
 from __future__ import annotations
