@@ -4,7 +4,7 @@
 
 q (B, Hq, T, D), k (B, Hk, T, D), positions (T,) integers: pair i of the token at position p is turned by
 the angle p * theta^(-2i/D). `convention`: "interleaved" pairs (x[2i], x[2i+1]) (Meta's, the model's, see
-parallel/model.py: rotate) or "half" pairs (x[i], x[i + D/2]) (rotate-half, Hugging Face's). The cos/sin
+parallel/models/transformer.py: rotate) or "half" pairs (x[i], x[i + D/2]) (rotate-half, Hugging Face's). The cos/sin
 tables are computed once per call in fp32 (float64 for float64 inputs) by the same torch formula as the
 model's, and read by the kernel; the rotation itself runs in fp32 and is stored in the inputs' dtype.
 

@@ -11,7 +11,7 @@ import torch
 from gpu_workbench import kernels
 from gpu_workbench.kernels.suite.common import TOLERANCE, rel_err
 from gpu_workbench.kernels.suite.rope import SMALL_CASES, THETA, errors, make_inputs, reference
-from gpu_workbench.parallel.model import rotate
+from gpu_workbench.parallel.models.transformer import rotate
 
 rope_mod = importlib.import_module("gpu_workbench.kernels.rope")  # the package attribute is the function
 

@@ -18,7 +18,7 @@ EPS = 1e-5
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """The model's RMSNorm (parallel/model.py) in the input's precision: the eager baseline."""
+    """The model's RMSNorm (parallel/models/transformer.py) in the input's precision: the eager baseline."""
     h = x.to(torch.promote_types(x.dtype, torch.float32))
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 

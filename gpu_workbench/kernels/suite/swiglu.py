@@ -17,7 +17,7 @@ GPU_CASES = SMALL_CASES + [((8192, 4096), False), ((4096, 14336), False), ((1001
 
 
 def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The model's SwiGLU product (parallel/model.py): the eager baseline."""
+    """The model's SwiGLU product (parallel/models/transformer.py): the eager baseline."""
     return F.silu(gate) * up
 
 
