@@ -14,7 +14,7 @@ import torch
 
 from gpu_workbench import kernels
 from gpu_workbench.parallel import RunConfig, train
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.models.transformer import GPT
 from tests.helpers.runs import ROOT, assert_matches_single, torchrun, train_single
 
