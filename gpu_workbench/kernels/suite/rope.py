@@ -23,8 +23,8 @@ def angles(positions: torch.Tensor, head_dim: int, theta: float = THETA) -> torc
 
 
 def reference(x: torch.Tensor, positions: torch.Tensor, convention: str, theta: float = THETA) -> torch.Tensor:
-    """Interleaved pairs as the model's rotate (parallel/models/transformer.py), halves as Hugging Face's rotate_half, in
-    the input's precision."""
+    """Interleaved pairs as the model's rotate (parallel/models/transformer.py), halves as Hugging Face's
+    rotate_half, in the input's precision."""
     angle = angles(positions, x.shape[-1], theta).to(torch.promote_types(x.dtype, torch.float32))
     cos, sin = angle.cos(), angle.sin()
     h = x.to(cos.dtype)

@@ -14,8 +14,8 @@ import torch
 
 from gpu_workbench import kernels
 from gpu_workbench.parallel import RunConfig, train
-from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.models.transformer import GPT
+from gpu_workbench.parallel.runtime.errors import UserError
 from tests.helpers.runs import ROOT, assert_matches_single, torchrun, train_single
 
 LLAMA_TINY = str(ROOT / "configs" / "llama-tiny.toml")

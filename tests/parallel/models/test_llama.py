@@ -127,7 +127,7 @@ def test_sampling_mistakes_name_the_argument(tmp_path):
 # ---- end to end ----------------------------------------------------------------------------------
 RECIPES = {"ddp": ["recipe=ddp"], "fsdp": ["recipe=fsdp"], "pipeline": ["recipe=pipeline", "pp.schedule=1f1b"],
            "ddp-tp": ["recipe=ddp", "tp.degree=2"],
-           # model.fused_kernels (tests/parallel/models/test_fused_kernels.py): kernels.rms_norm/rope/swiglu on each rank's shard
+           # model.fused_kernels: kernels.rms_norm/rope/swiglu on each rank's shard (test_fused_kernels.py)
            "ddp-tp-fused": ["recipe=ddp", "tp.degree=2", "model.fused_kernels=true"]}
 
 
