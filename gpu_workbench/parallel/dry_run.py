@@ -13,9 +13,11 @@ The meta device cannot run FSDP2's forward, so one step's collectives and the ac
 layout and the formulas (parallel/dry_collectives.py, parallel/activations.py).
 
 Which ranks: one per distinct stage, tensor and shard coordinate would be thousands of model builds at 512
-ranks. Ranks with the same pipeline coordinate hold the same bytes (TP shards evenly, its divisibility is
-checked; FSDP2 pads every shard to the same size), so the dry run lays out the first and the last rank of
-each stage, checks that they agree, and falls back to every rank of a stage where they do not.
+ranks. Ranks with the same pipeline coordinate hold the same bytes when the shards divide evenly (TP's
+divisibility is checked up front), so the dry run lays out the first and the last rank of each stage and
+gives the ranks between the first one's figures. Where FSDP2's dim-0 shards do not divide evenly (a
+128256-row embedding over 64 ranks) the last ranks hold less: the stage is listed in `uneven_stages` and the
+ranks between the two laid out are the first's (at most one shard row per tensor more than theirs).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class DryRun:
     collectives: list[list[dict]]             # per rank: one step's collectives
     extra: list[dict] = field(default_factory=list)   # per rank: activations, checkpoint, tp/comm parts
     laid_out: list[int] = field(default_factory=list)  # the ranks actually laid out
+    uneven_stages: list[int] = field(default_factory=list)   # stages whose first and last rank differ
     elapsed_s: float = 0.0
 
 
@@ -71,23 +74,20 @@ def dry_run(cfg, world_size: int) -> DryRun:
     if dist.is_initialized():
         raise RuntimeError("dry_run needs this process without a process group (it starts fake ones)")
     results: dict[int, dict] = {}
+    uneven: list[int] = []
     for stage in range(dims.pp):
         members = [r for r in range(world_size) if dims.coords(r)["pp"] == stage]
-        for rank in (members[0], members[-1]):
-            results.setdefault(rank, lay_out(cfg, dims, rank))
-        if _state(results[members[0]]) != _state(results[members[-1]]):   # uneven: lay out every rank
-            for rank in members:
-                results.setdefault(rank, lay_out(cfg, dims, rank))
+        for rank in dict.fromkeys((members[0], members[-1])):
+            results[rank] = lay_out(cfg, dims, rank)
+        if results[members[0]]["state"] != results[members[-1]]["state"]:
+            uneven.append(stage)   # a shard that does not divide evenly: the ranks between are estimated
     laid_out = sorted(results)
     stage_rep = {dims.coords(r)["pp"]: r for r in reversed(laid_out)}   # the first laid-out rank of each stage
     per_rank = [results.get(r) or results[stage_rep[dims.coords(r)["pp"]]] for r in range(world_size)]
     return DryRun(cfg=cfg, dims=dims, n_params=per_rank[0]["n_params"],
                   by_rank=[p["state"] for p in per_rank], collectives=[p["collectives"] for p in per_rank],
-                  extra=[p["extra"] for p in per_rank], laid_out=laid_out, elapsed_s=time.perf_counter() - began)
-
-
-def _state(result: dict) -> dict:
-    return result["state"]
+                  extra=[p["extra"] for p in per_rank], laid_out=laid_out, uneven_stages=uneven,
+                  elapsed_s=time.perf_counter() - began)
 
 
 def lay_out(cfg, dims, rank: int) -> dict:
