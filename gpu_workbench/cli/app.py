@@ -10,6 +10,7 @@ from gpu_workbench.cli import (
     demo,
     entry,
     kernels_cli,
+    plan_cli,
     profile_cli,
     quant_cli,
     report_cli,
@@ -24,6 +25,7 @@ app.add_typer(kernels_cli.app, name="kernels")
 app.add_typer(profile_cli.app, name="profile")
 app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
+app.command("plan")(plan_cli.plan)
 app.add_typer(train_cli.data_app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
 app.add_typer(quant_cli.app, name="quant")

@@ -36,7 +36,7 @@ def activation_bytes(cfg, dims, rank: int, engine=None) -> int:
     m = cfg.model
     tokens = cfg.micro_batch * m.seq_len // dims.cp
     block, block_input = per_block_token(cfg, dims.tp, cfg.tp.sequence_parallel)
-    layers, first, last = _layers(engine, m.n_layers, cfg)
+    layers, first, last = _layers(engine, m.n_layers, dims.pp)
     if m.activation_checkpointing:
         per_mb = tokens * block_input * layers
         recompute = tokens * block
@@ -46,11 +46,12 @@ def activation_bytes(cfg, dims, rank: int, engine=None) -> int:
     return int(per_mb * inflight(cfg, dims, rank) + recompute + head)
 
 
-def _layers(engine, n_layers: int, cfg) -> tuple[int, bool, bool]:
-    """(blocks on this rank, holds the first stage, holds the last): a pipeline's stages, else the model."""
+def _layers(engine, n_layers: int, pp: int) -> tuple[int, bool, bool]:
+    """(blocks on this rank, holds the first stage, holds the last): a laid-out pipeline's stages; without an
+    engine (wb plan) the biggest even stage, counted with the head (the most any stage-rank can hold)."""
     stages = getattr(engine, "stages", None)
     if not stages:
-        return n_layers, True, True
+        return -(-n_layers // pp), True, True
     return sum(len(s.blocks) for s in stages), any(s.is_first for s in stages), any(s.is_last for s in stages)
 
 

@@ -13,7 +13,7 @@ import pytest
 from tests.parallel.dry_checks import assert_dry_run_matches
 from tests.parallel.runs import TINY, torchrun
 
-SMALL = ["steps=2", "progress=false", "checkpoint.every=0", "model.d_model=64", "model.n_layers=3",
+SMALL = ["steps=2", "progress=false", "checkpoint.every=0", "model.d_model=64", "model.n_layers=4",
          "global_batch=8", "micro_batch=2", "optim.warmup_steps=1", "pp.gantt=false"]
 FOUR = {"ddp": ["recipe=ddp"], "fsdp": ["recipe=fsdp"], "ddp-tp": ["recipe=ddp", "tp.degree=2"],
         "fsdp-tp": ["recipe=fsdp", "tp.degree=2"], "pipeline": ["recipe=pipeline", "pp.schedule=1f1b"],
