@@ -19,6 +19,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.utils.checkpoint import checkpoint
 
 from gpu_workbench.parallel import compat
+from gpu_workbench.parallel.flight import recorder as flight
 from gpu_workbench.parallel.model import GPT
 from gpu_workbench.profiling import range as prange
 
@@ -167,6 +168,7 @@ class TimedStage(PipelineStage):
 
 _active: list[SpanRecorder] = []   # the recorder of the running pipeline step (one per process)
 _kinds: dict[int, str] = {}        # id(work) -> "S" / "R"
+_entries: dict[int, list] = {}     # id(work) -> the flight recorder's entries of its batch
 
 
 def instrument_p2p() -> None:
@@ -178,18 +180,26 @@ def instrument_p2p() -> None:
     schedules, post, wait = hooks
 
     def batch_p2p(p2p_ops, desc=None):
+        entries = [flight.record("recv" if op.op is torch.distributed.irecv else "send", op.group, [op.tensor],
+                                 peer=op.peer) for op in p2p_ops]   # the flight recorder's (None when off)
         works = post(p2p_ops, desc=desc) if desc is not None else post(p2p_ops)
         kind = "R" if any(getattr(op, "op", None) is torch.distributed.irecv for op in p2p_ops) else "S"
         for w in works:
             _kinds[id(w)] = kind
+            _entries[id(w)] = entries
         return works
 
     def wait_batch_p2p(works):
         kind = "R" if "R" in [_kinds.pop(id(w), "S") for w in works] else "S"
+        entries = [e for w in works for e in _entries.pop(id(w), [])]
         if not _active:
-            return wait(works)
-        with _active[-1].span(kind, -1, -1):
-            return wait(works)
+            out = wait(works)
+        else:
+            with _active[-1].span(kind, -1, -1):
+                out = wait(works)
+        for e in entries:
+            flight.completed(e)
+        return out
 
     schedules._batch_p2p, schedules._wait_batch_p2p = batch_p2p, wait_batch_p2p
     schedules._wb_instrumented = True
