@@ -23,7 +23,8 @@ def dump(run_dir: Path = typer.Argument(..., help="a run directory whose ranks a
     from gpu_workbench.parallel.flight.recorder import FOLDER, REQUEST
 
     folder = run_dir / FOLDER
-    pids = {int(p.stem.removeprefix("rank")): int(p.read_text()) for p in folder.glob("rank*.pid")} if folder.is_dir() else {}
+    files = folder.glob("rank*.pid") if folder.is_dir() else []
+    pids = {int(p.stem.removeprefix("rank")): int(p.read_text()) for p in files}
     if not pids:
         raise UserError(f"{run_dir}: no running ranks recorded in {folder} (is it a run of the shared loop?)")
     asked = time.time()

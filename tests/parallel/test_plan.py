@@ -38,7 +38,8 @@ def test_plan_ranks_layouts_that_fit_with_their_commands(cli):
     assert lines[0].startswith(f"plan: {LLAMA_8B} on 8 x H100 (80 GB):") and "layouts fit" in lines[0]
     commands = [line.strip() for line in lines if line.strip().startswith("wb train --nproc 8")]
     assert len(commands) == 2 and all("recipe=" in c for c in commands)
-    rates = [float(line.split(": ")[1].split(" tokens")[0].replace(",", "")) for line in lines if "tokens/s/GPU" in line]
+    rates = [float(line.split(": ")[1].split(" tokens")[0].replace(",", "")) for line in lines
+             if "tokens/s/GPU" in line]
     assert rates == sorted(rates, reverse=True)
 
 

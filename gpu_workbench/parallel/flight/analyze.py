@@ -128,14 +128,16 @@ def report(run_dir: Path) -> list[str]:
     lines = []
     for rank, body in sorted(dumps.items()):
         last = body["entries"][-1] if body["entries"] else None
-        lines.append(f"rank {rank}: dumped on '{body['reason'][:100]}' at step {'?' if body['step'] is None else body['step']}; last: "
+        step = "?" if body["step"] is None else body["step"]
+        lines.append(f"rank {rank}: dumped on '{body['reason'][:100]}' at step {step}; last: "
                      + (f"{_label(last)} {last['state']} at {_where(last)}" if last else "nothing recorded"))
     missing = sorted(set(range(max(d["world_size"] for d in dumps.values()))) - set(dumps))
     if missing:
         lines.append(f"no dump from rank {','.join(map(str, missing))} (killed before it could write one)")
     found = find(dumps)
     if found["kind"] != "none":
-        lines.append(f"first disagreement: group {found['group']} (ranks {found['members']}), operation #{found['seq']}:")
+        lines.append(f"first disagreement: group {found['group']} (ranks {found['members']}), "
+                     f"operation #{found['seq']}:")
         for r in found["members"]:
             e = found["entries"].get(r)
             lines.append(f"  rank {r}: " + (f"{_label(e)} {e['state']} at {_where(e)}" if e else "never issued it"))

@@ -12,7 +12,8 @@ call site: the innermost frame outside torch and this wrapper (the project's, or
 innermost torch frame (which of torch's machinery issued it: FSDP2, DDP's reducer, DTensor, the pipeline).
 
 Dumps are written on a collective timeout or any error in the loop, when an injected hang starts, on
-SIGUSR1, on SIGTERM (torchrun stopping the other ranks after one failed), and when `wb debug dump RUN_DIR` asks (a request file a watcher thread reads: a rank blocked in
+SIGUSR1, on SIGTERM (torchrun stopping the other ranks after one failed), and when `wb debug dump RUN_DIR`
+asks (a request file a watcher thread reads: a rank blocked in
 a C++ collective runs no Python signal handler until it returns).
 """
 

@@ -75,7 +75,7 @@ class Trainer:
         self.ctx = ctx = init_distributed(cfg, self.recipe.needs_process_group)
         ctx.dims = self.dims = recipes.resolve(cfg, ctx.world_size)
         if cfg.profiling.timeline or cfg.fault.flight_records:   # collectives wrapped for the timeline and the
-            from gpu_workbench.parallel import comm_spans             # flight recorder; before the engine keeps
+            from gpu_workbench.parallel import comm_spans  # flight recorder; before the engine keeps
                                                                       # references
             comm_spans.install()
         # a run_dir the launcher did not set is named by rank 0's clock, for every rank

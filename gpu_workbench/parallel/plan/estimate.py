@@ -58,7 +58,8 @@ def compute_seconds(cfg, dims, hw) -> tuple[float, float]:
     m = cfg.model
     spec = models.get(m.arch)
     per_token = spec.flops_per_token(m)
-    block_fwd = 2 * m.n_layers * (spec.sharded_per_block(m) + spec.replicated_per_block(m)) + 2 * m.n_layers * m.seq_len * m.d_model
+    block_params = spec.sharded_per_block(m) + spec.replicated_per_block(m)
+    block_fwd = 2 * m.n_layers * block_params + 2 * m.n_layers * m.seq_len * m.d_model
     work = per_token + (block_fwd if m.activation_checkpointing else 0)
     tokens_per_gpu = cfg.global_batch * m.seq_len / dims.world_size
     return tokens_per_gpu * work / (hw.peak_bf16_flops * EFFICIENCY), per_token
@@ -90,7 +91,8 @@ def estimate(cfg, dims, hw) -> Estimate:
     tp_bytes = 0.0
     if dims.tp > 1:
         stage = None if dims.pp == 1 else (layers, True, True)
-        tp_bytes = tensor_parallel.predicted_step_bytes(cfg, mbs if dims.pp == 1 else cfg.pp.microbatches, stage)["bytes"]
+        micro = mbs if dims.pp == 1 else cfg.pp.microbatches
+        tp_bytes = tensor_parallel.predicted_step_bytes(cfg, micro, stage)["bytes"]
     parts["tp"] = _ring(dims.tp, tp_bytes * e / 4, _bandwidth(dims, "tp", hw), all_reduce=True)
     parts["cp"] = _cp_seconds(cfg, dims, hw, compute)
     parts["dp"] = _dp_seconds(cfg, dims, hw, held * 4, compute, mbs)
@@ -100,7 +102,8 @@ def estimate(cfg, dims, hw) -> Estimate:
         from gpu_workbench.parallel.pipeline.schedule import simulate
 
         bwd = 3.0 if m.activation_checkpointing else 2.0
-        bubble = simulate(cfg.pp.schedule, dims.pp, cfg.pp.microbatches, cfg.pp.virtual_stages, 1.0, bwd).bubble_fraction
+        sim = simulate(cfg.pp.schedule, dims.pp, cfg.pp.microbatches, cfg.pp.virtual_stages, 1.0, bwd)
+        bubble = sim.bubble_fraction
         act = tokens * m.d_model * e
         parts["pp_p2p"] = 2 * cfg.pp.microbatches * cfg.pp.virtual_stages * act / _bandwidth(dims, "pp", hw)
     busy = parts["compute"] + parts["memory"] + parts["tp"] + parts["cp"]

@@ -5,9 +5,10 @@ its node and across nodes (one direction, bytes/s), and GPUs per node. Presets f
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+import tomllib
 
 from gpu_workbench.parallel.errors import UserError
 

@@ -45,7 +45,7 @@ def _choices(n_layers: int, gpus: int):
         for pp in (2, 4, 8, 16):
             for schedule, v in SCHEDULES.items():
                 if pp * v <= n_layers and pp * tp <= gpus:
-                    yield [f"recipe=pipeline", f"tp.degree={tp}", f"pp.degree={pp}", f"pp.schedule={schedule}",
+                    yield ["recipe=pipeline", f"tp.degree={tp}", f"pp.degree={pp}", f"pp.schedule={schedule}",
                            f"pp.virtual_stages={v}", "pp.microbatches=0", f"micro_batch={mb}",
                            f"model.activation_checkpointing={str(ac).lower()}", "pp.gantt=false"]
 
