@@ -53,6 +53,18 @@ def set_default_group_timeout(seconds: float) -> None:
     setter(timedelta(seconds=seconds))
 
 
+def set_every_group_timeout(seconds: float) -> None:
+    """The collective timeout of every process group this process has made (the default one, and the mesh's,
+    the pipeline's and the tied pairs' groups, whose own default is 30 minutes). Private:
+    `distributed_c10d._world.pg_map` and `_set_pg_timeout(timeout, group)` (torch 2.2 to 2.13)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    world = getattr(dist.distributed_c10d, "_world", None)
+    if setter is None or world is None or not hasattr(world, "pg_map"):
+        raise _missing("torch.distributed.distributed_c10d._world.pg_map / _set_pg_timeout")
+    for group in list(world.pg_map):
+        setter(timedelta(seconds=seconds), group)
+
+
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One contiguous buffer holding `tensors` (for one all-reduce instead of many).
     Private: `torch._utils._flatten_dense_tensors` (stable since torch 1.0)."""

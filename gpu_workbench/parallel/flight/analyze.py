@@ -54,7 +54,7 @@ def _from_log(path: Path, rank: int, world_size: int) -> dict:
 
 def _label(e: dict) -> str:
     size = f"{e['bytes']} B" + (f" {e['dtype'].removeprefix('torch.')}" if e.get("dtype") else "")
-    peer = f" with rank {e['peer']}" if e.get("peer") is not None else ""
+    peer = f" {e['ranks'][0]}->{e['ranks'][1]}" if e.get("peer") is not None else ""
     return f"{e['op']} #{e['seq']}{peer} ({size}, step {e['step']})"
 
 
@@ -92,7 +92,7 @@ def find(dumps: dict[int, dict]) -> dict:
 def _disagreement(issued: dict[int, dict], members: list[int]) -> str | None:
     if any(r not in issued for r in members):
         return "missing"
-    shapes = {(e["op"], e["bytes"]) for e in issued.values()}
+    shapes = {("p2p" if e["op"] in ("send", "recv") else e["op"], e["bytes"]) for e in issued.values()}
     if len(shapes) > 1:
         return "desync"
     if any(e["state"] != "completed" for e in issued.values()):

@@ -33,7 +33,9 @@ import torch
 FOLDER = "flight"
 REQUEST = "dump_request"
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_HERE = {os.path.abspath(__file__), os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "comm_spans.py"))}
+# the wrappers that call record(): not the call site (comm_spans' collectives, the pipeline's batched p2p)
+_HERE = {os.path.abspath(__file__)} | {os.path.abspath(os.path.join(os.path.dirname(__file__), "..", name))
+                                       for name in ("comm_spans.py", os.path.join("pipeline", "stages.py"))}
 
 
 class _State:
@@ -133,9 +135,9 @@ def record(op: str, group, tensors: list[torch.Tensor], peer: int | None = None)
     group = group or dist.group.WORLD
     name = getattr(group, "group_name", None) or str(id(group))
     ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
-    if peer is not None:   # a point-to-point pair: its own sequence, the sender's n-th send is the n-th recv
-        pair = sorted((_state.rank, peer))
-        name, ranks = f"{name}:p2p:{pair[0]}-{pair[1]}", pair
+    if peer is not None:   # one direction of a point-to-point pair: the sender's n-th send is the receiver's n-th recv
+        src, dst = (_state.rank, peer) if op == "send" else (peer, _state.rank)
+        name, ranks = f"{name}:p2p:{src}->{dst}", [src, dst]
     ours, theirs = _call_sites()
     with _state.lock:
         seq = _state.seq[name] = _state.seq.get(name, -1) + 1
