@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Why a run hangs: the flight recorder's dumps.")
 
@@ -20,7 +20,7 @@ app = typer.Typer(no_args_is_help=True, help="Why a run hangs: the flight record
 def dump(run_dir: Path = typer.Argument(..., help="a run directory whose ranks are running"),
          wait_s: float = typer.Option(10.0, "--wait", help="seconds to wait for the ranks' dumps")) -> None:
     """Ask every rank of a running job to dump its flight recorder (SIGUSR1 and a request file)."""
-    from gpu_workbench.parallel.flight.recorder import FOLDER, REQUEST
+    from gpu_workbench.parallel.runtime.flight_recorder import FOLDER, REQUEST
 
     folder = run_dir / FOLDER
     files = folder.glob("rank*.pid") if folder.is_dir() else []
@@ -50,7 +50,7 @@ def dump(run_dir: Path = typer.Argument(..., help="a run directory whose ranks a
 @app.command("hang")
 def hang(run_dir: Path = typer.Argument(..., help="a run directory with flight/rank<R>.json dumps")) -> None:
     """Line the ranks' dumps up and name the first operation they disagree on."""
-    from gpu_workbench.parallel.flight.analyze import report
+    from gpu_workbench.parallel.tools.flight_analysis import report
 
     for line in report(run_dir):
         print(line)

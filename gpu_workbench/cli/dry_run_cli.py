@@ -1,5 +1,5 @@
 """`wb train --dry-run --nproc N ... [--json F]`: the layout laid out on N fake ranks in this process
-(parallel/dry_run.py); prints per rank what it holds and one step's collectives, and writes them as JSON
+(parallel/tools/dry_run.py); prints per rank what it holds and one step's collectives, and writes them as JSON
 with the keys the real run's summary.json uses (model_state_bytes_by_rank, comm.bytes_per_update,
 tp.tp_bytes_per_step_per_rank_measured)."""
 
@@ -59,7 +59,7 @@ def print_report(result, out) -> None:
 def run(cfg, nproc: int, json_path: Path | None) -> None:
     import sys
 
-    from gpu_workbench.parallel.dry_run import dry_run
+    from gpu_workbench.parallel.tools.dry_run import dry_run
 
     if json_path is not None:
         output_file(json_path, "--json")

@@ -1,6 +1,6 @@
 """`wb plan --config C --gpus N --gpu-memory 80GB [--hardware H100|H200|A100|FILE] [--validate]`: the layouts
 of a model that fit N GPUs, best first by estimated tokens/s/GPU, each with the command that runs it
-(gpu_workbench/parallel/plan/). `--validate` prints the estimate of published runs beside their figures."""
+(gpu_workbench/parallel/tools/plan/). `--validate` prints the estimate of published runs beside their figures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def _memory(text: str) -> float:
@@ -31,7 +31,7 @@ def plan(
     validate: bool = typer.Option(False, "--validate", help="print the estimate beside published runs' figures"),
 ) -> None:
     """Which layouts fit, and their estimated tokens/s/GPU and MFU."""
-    from gpu_workbench.parallel.plan import hardware
+    from gpu_workbench.parallel.tools.plan import hardware
 
     hw = hardware.load(hardware_spec)
     if validate:
@@ -46,8 +46,8 @@ def plan(
 
 
 def _print_plan(config: str, extra: list[str], gpus: int, memory: float, hw, top: int) -> None:
-    from gpu_workbench.parallel.plan.estimate import estimate
-    from gpu_workbench.parallel.plan.layouts import candidates
+    from gpu_workbench.parallel.tools.plan.estimate import estimate
+    from gpu_workbench.parallel.tools.plan.layouts import candidates
 
     fits, refused, too_big = candidates(config, extra, gpus, memory)
     ranked = sorted(((estimate(c.cfg, c.dims, hw), c) for c in fits), key=lambda ec: -ec[0].tokens_per_s_per_gpu)
@@ -69,7 +69,7 @@ def _print_plan(config: str, extra: list[str], gpus: int, memory: float, hw, top
 
 
 def _print_validation() -> None:
-    from gpu_workbench.parallel.plan.validate import rows
+    from gpu_workbench.parallel.tools.plan.validate import rows
 
     print(f"{'published run':<62} {'estimate':>10} {'published':>10} {'ratio':>6}  unit")
     for r in rows():

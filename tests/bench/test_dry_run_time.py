@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cli import ROOT
+from tests.helpers.cli import ROOT
 
 
 @pytest.mark.timing
 def test_dry_run_llama_70b_on_512_ranks(benchmark):
     from gpu_workbench.parallel import RunConfig
-    from gpu_workbench.parallel.dry_run import dry_run
+    from gpu_workbench.parallel.tools.dry_run import dry_run
 
     cfg = RunConfig.from_toml(ROOT / "configs" / "llama-70b.toml", ["recipe=fsdp", "tp.degree=8"])
     result = benchmark.pedantic(lambda: dry_run(cfg, 512), rounds=1, iterations=1)
