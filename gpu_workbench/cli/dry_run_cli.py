@@ -6,9 +6,14 @@ tp.tp_bytes_per_step_per_rank_measured)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from gpu_workbench.cli.paths import output_file
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _gib(n: float) -> str:
@@ -39,7 +44,7 @@ def print_report(result, out) -> None:
     data = to_json(result)
     print(f"dry run: {result.cfg.recipe} x{result.dims.world_size} "
           f"({' x '.join(f'{k} {v}' for k, v in result.dims.degrees().items() if v > 1) or 'one rank'}), "
-          f"{result.n_params / 1e9:.2f}B parameters, {len(result.laid_out)} rank(s) laid out in "
+          f"{_count(result.n_params)} parameters, {len(result.laid_out)} rank(s) laid out in "
           f"{result.elapsed_s:.1f} s", file=out)
     rows: dict[tuple, list[int]] = {}
     for r, (s, act) in enumerate(zip(result.by_rank, data["activation_bytes_by_rank"], strict=True)):
@@ -51,9 +56,13 @@ def print_report(result, out) -> None:
         print(f"{name:>14}  {_gib(p):>11}  {_gib(g):>11}  {_gib(o):>11}  {_gib(a):>11}  {_gib(p + g + o + a):>11}",
               file=out)
     print("one step's collectives on rank 0:", file=out)
+    rows_ops: dict[tuple, list[dict]] = {}   # the same collective of many FSDP units: one line
     for op in result.collectives[0]["ops"]:
-        print(f"  {op['op']:<15} over {op['group']} ({op['group_size']}) x{op['count']}: {_gib(op['bytes'])} "
-              f"each  [{op['what']}]", file=out)
+        key = (op["op"], op["group"], op["group_size"], op["count"], op["bytes"], re.sub(r"\d+", "N", op["what"]))
+        rows_ops.setdefault(key, []).append(op)
+    for (kind, group, size, count, nbytes, what), ops in rows_ops.items():
+        label = ops[0]["what"] if len(ops) == 1 else f"{what.replace('N', '*')}, {len(ops)} of them"
+        print(f"  {kind:<15} over {group} ({size}) x{count}: {_gib(nbytes)} each  [{label}]", file=out)
 
 
 def run(cfg, nproc: int, json_path: Path | None) -> None:

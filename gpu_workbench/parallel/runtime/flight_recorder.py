@@ -135,7 +135,10 @@ def record(op: str, group, tensors: list[torch.Tensor], peer: int | None = None)
 
     group = group or dist.group.WORLD
     name = getattr(group, "group_name", None) or str(id(group))
-    ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
+    try:
+        ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
+    except (ValueError, RuntimeError, AttributeError, TypeError):   # a library's own group object: unnamed ranks
+        ranks = []
     if peer is not None:   # one direction of a point-to-point pair: the sender's n-th send is the receiver's n-th recv
         src, dst = (_state.rank, peer) if op == "send" else (peer, _state.rank)
         name, ranks = f"{name}:p2p:{src}->{dst}", [src, dst]
