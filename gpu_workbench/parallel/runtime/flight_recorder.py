@@ -1,4 +1,5 @@
-"""Each rank's ring buffer of its last collectives and point-to-point operations, and its dump.
+"""Each rank's ring buffer of its last collectives and point-to-point operations, and its dump
+(docs/ARCHITECTURE.md, Flight recorder; `wb debug hang` reads the dumps: tools/flight_analysis.py).
 
     flight.start(run_dir, rank, world_size, size=cfg.fault.flight_records)   # the train loop, at setup
     flight.record(...)        # parallel/comm_spans.py's wrapper, for every torch.distributed collective
