@@ -7,9 +7,11 @@ import typer
 from gpu_workbench.cli import (
     checkpoint_cli,
     cluster_cli,
+    debug_cli,
     demo,
     entry,
     kernels_cli,
+    plan_cli,
     profile_cli,
     quant_cli,
     report_cli,
@@ -24,6 +26,8 @@ app.add_typer(kernels_cli.app, name="kernels")
 app.add_typer(profile_cli.app, name="profile")
 app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
+app.command("plan")(plan_cli.plan)
+app.add_typer(debug_cli.app, name="debug")
 app.add_typer(train_cli.data_app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
 app.add_typer(quant_cli.app, name="quant")

@@ -43,6 +43,9 @@ def train(
     ray_address: str = typer.Option(None, "--ray-address", help="ray, async-ps: an existing Ray cluster (default: "
                                     "a local Ray)"),
     max_failures: int = typer.Option(0, "--max-failures", help="ray: restarts of the worker group after a failure"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="lay the layout out on --nproc fake ranks in this process "
+                                 "(meta device): per-rank memory and one step's collectives, no training"),
+    json_out: Path = typer.Option(None, "--json", help="--dry-run: write its per-rank result here"),
 ) -> None:
     """Train the model under a recipe; writes config.json, metrics.jsonl, summary.json, checkpoints/."""
     from gpu_workbench.parallel import recipes
@@ -50,6 +53,13 @@ def train(
     items = config_items(overrides, recipe, deepspeed, run_dir, timeline)
     cfg = load_config(config, items)
     nproc = _nproc(nproc_text, elastic_ok=launcher == "ray" and recipes.get(cfg.recipe).execution == "spmd")
+    if dry_run or json_out is not None:
+        if not dry_run:
+            raise UserError("--json goes with --dry-run (a real run writes <run_dir>/summary.json)")
+        from gpu_workbench.cli import dry_run_cli
+
+        dry_run_cli.run(cfg, nproc, json_out)
+        return
     if recipes.get(cfg.recipe).execution != "spmd":   # async-ps (Ray actors), hogwild: own workers, from here
         if ray_address:
             cfg.set("ps.ray_address", ray_address)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import typing
@@ -117,6 +118,11 @@ class FaultConfig:
     collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long
     nan_at_step: int = -1        # rank 0's gradient becomes NaN at this step, once per run (tests the nan_policy)
     checkpoint_write_delay_s: float = 0.0   # checkpoint.async_save: each background write waits this long first
+    flight_records: int = 1000   # last collectives kept per rank (parallel/runtime/flight_recorder.py); 0 = off
+    flight_write_through: bool = False   # also append each record to flight/rank<R>.jsonl at once (a rank that
+                                         # dies inside a C++ library, e.g. gloo's abort on a desync, leaves it)
+    skip_collective_at_step: int = -1   # rank skip_collective_rank skips its first blocking collective of this
+    skip_collective_rank: int = -1      # step (a desync on purpose, for `wb debug hang`); -1 = never
 
 
 @dataclass
@@ -284,9 +290,13 @@ class RunConfig:
         if self.zero.config_file and not Path(self.zero.config_file).is_file():
             raise UserError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
         self._check_checkpoint()
-        for key in ("kill_rank", "hang_rank"):
+        for key in ("kill_rank", "hang_rank", "skip_collective_rank", "skip_collective_at_step"):
             if getattr(self.fault, key) < -1:
                 raise UserError(f"fault.{key} must be >= 0 (or -1 for none), got {getattr(self.fault, key)}")
+        if self.fault.flight_records < 0:
+            raise UserError(f"fault.flight_records must be >= 0 (0 = off), got {self.fault.flight_records}")
+        if (self.fault.skip_collective_at_step >= 0) != (self.fault.skip_collective_rank >= 0):
+            raise UserError("fault.skip_collective_at_step and fault.skip_collective_rank go together (both >= 0)")
         if self.fault.collective_timeout_s <= 0:
             raise UserError(f"fault.collective_timeout_s must be > 0, got {self.fault.collective_timeout_s}")
         if self.target_loss < 0:
@@ -315,7 +325,8 @@ class RunConfig:
         shrunk = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         aimed_at = max(world_size, int(os.environ.get(FAULT_WORLD_ENV, "0")))
         for key, rank in (("fault.kill_rank", self.fault.kill_rank), ("fault.hang_rank", self.fault.hang_rank),
-                          ("straggler.rank", self.straggler.rank)):
+                          ("straggler.rank", self.straggler.rank),
+                          ("fault.skip_collective_rank", self.fault.skip_collective_rank)):
             if rank >= aimed_at and not shrunk:
                 raise UserError(f"{key} ({rank}) must be < world size ({aimed_at})")
 
@@ -435,7 +446,8 @@ class RunConfig:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _field_types(cls: type) -> dict[str, Any]:
+@functools.cache   # get_type_hints evaluates every annotation string each call (~2 ms a class): wb plan sets
+def _field_types(cls: type) -> dict[str, Any]:   # thousands of keys
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

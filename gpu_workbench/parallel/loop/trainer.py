@@ -33,6 +33,7 @@ from gpu_workbench.parallel.models import qat
 from gpu_workbench.parallel.models.transformer import PEAK_BF16_FLOPS, build, count_params
 from gpu_workbench.parallel.recipes.base import freeze
 from gpu_workbench.parallel.runtime import faults, memory, previous, provenance
+from gpu_workbench.parallel.runtime import flight_recorder as flight
 from gpu_workbench.parallel.runtime.distributed import broadcast, gather, init_distributed, mean_over_ranks
 from gpu_workbench.parallel.runtime.injector import FaultInjector
 from gpu_workbench.parallel.runtime.lock import RunLock
@@ -56,7 +57,11 @@ def train(cfg: RunConfig, nproc: int | None = None) -> RunSummary:
             return trainer.finished
         trainer.run_steps()
         summary = trainer.summarise()
+    except BaseException as error:   # what each rank's last collectives were (parallel/runtime/flight_recorder.py)
+        flight.dump(f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}")
+        raise
     finally:
+        flight.stop()
         trainer.close()
     if summary.final_loss is not None and not math.isfinite(summary.final_loss):
         raise FloatingPointError(f"the run ended with a non-finite loss ({summary.final_loss}) after "
@@ -71,9 +76,9 @@ class Trainer:
         self.cfg, self.recipe = cfg, recipes.get(cfg.recipe)
         self.ctx = ctx = init_distributed(cfg, self.recipe.needs_process_group)
         ctx.dims = self.dims = recipes.resolve(cfg, ctx.world_size)
-        if cfg.profiling.timeline:   # collectives from issue to completion; before the engine keeps references
-            from gpu_workbench.parallel.primitives import comm_spans
-
+        if cfg.profiling.timeline or cfg.fault.flight_records:   # collectives wrapped for the timeline and the
+            from gpu_workbench.parallel.primitives import comm_spans  # flight recorder, before the engine keeps
+                                                                      # references
             comm_spans.install()
         # a run_dir the launcher did not set is named by rank 0's clock, for every rank
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(broadcast(str(resolve_run_dir(cfg))))
@@ -118,6 +123,10 @@ class Trainer:
         kept_evals = [m["val_loss"] for m in read_evals(self.run_dir) if m["step"] < self.start]
         self.val_loss = kept_evals[-1] if kept_evals else None   # the summary's until this segment evaluates
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
+        skip = (cfg.fault.skip_collective_rank, cfg.fault.skip_collective_at_step)
+        flight.start(self.run_dir, ctx.rank, ctx.world_size, cfg.fault.flight_records if ctx.world_size > 1 else 0,
+                     skip if cfg.fault.skip_collective_at_step >= 0 else None,
+                     write_through=cfg.fault.flight_write_through)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
         self.compute_s = 0.0   # the last step's train_step time (the straggler's delay is a multiple of it)
         # the newest published checkpoint (what an incremental save builds on) and the bytes the run's saves
@@ -179,6 +188,7 @@ class Trainer:
 
     def _one_step(self, step: int) -> dict:
         cfg, ctx = self.cfg, self.ctx
+        flight.set_step(step)
         self.faults.before_step(step)   # injected kill/hang (once per run)
         faults.heartbeat(ctx.rank, step)
         t0 = time.perf_counter()

@@ -5,7 +5,9 @@ hook returns at once and the reduction finishes later, inside backward. So while
 collectives that the recipes and their engines (DDP, FSDP2, DeepSpeed, local-sgd) call through
 `torch.distributed` are wrapped: each becomes a span on the rank's "comm" lane that starts when the rank
 issues it and ends when its work completes (a callback on the work's future; on return for a blocking call),
-so no rank's span can end before the last rank issued the collective. Its args: the bytes this rank hands
+so no rank's span can end before the last rank issued the collective. The same wrappers feed the flight
+recorder (parallel/runtime/flight_recorder.py), which is on by default (fault.flight_records), so they are
+installed for every run of the shared loop. Its args: the bytes this rank hands
 in, and whether the call was async. Point-to-point transfers have no future on gloo; their code records
 its own wait spans (context parallelism's `cp.wait`, the pipeline's send/recv).
 
@@ -22,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from gpu_workbench.parallel.runtime import flight_recorder as flight
 from gpu_workbench.profiling import timeline
 
 LANE = "comm"
@@ -55,19 +58,43 @@ def _future(work):
         return None
 
 
-def _traced(fn, span_name: str):
+def _flight_entry(name: str, args, kwargs):
+    """The flight recorder's entry for this call (parallel/runtime/flight_recorder.py), or None when it is off."""
+    if not flight.enabled():
+        return None
+    group = kwargs.get("group") or next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+    tensors = [t for v in (*args, *kwargs.values()) for t in (v if isinstance(v, (list, tuple)) else (v,))
+               if isinstance(t, torch.Tensor)]
+    return flight.record(name, group, tensors)
+
+
+def _traced(fn, span_name: str, name: str = ""):
+    name = name or fn.__name__
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        blocking = not kwargs.get("async_op")
+        if flight.enabled() and flight.skips_now(blocking):   # fault.skip_collective_at_step: a desync
+            return None
+        entry = _flight_entry(name, args, kwargs)
         if not timeline.enabled():
-            return fn(*args, **kwargs)
-        payload = {"bytes": _nbytes(args, kwargs), "async": int(bool(kwargs.get("async_op")))}
+            work = fn(*args, **kwargs)
+            future = _future(work)
+            if future is None:
+                flight.completed(entry)
+            elif entry is not None:
+                future.then(lambda _: flight.completed(entry))
+            return work
+        payload = {"bytes": _nbytes(args, kwargs), "async": int(not blocking)}
         began = time.perf_counter_ns()
         work = fn(*args, **kwargs)
         future = _future(work)
         if future is None:   # a blocking call: complete on return
+            flight.completed(entry)
             timeline.record(span_name, began, time.perf_counter_ns(), payload, lane=LANE)
         else:
-            future.then(lambda _: timeline.record(span_name, began, time.perf_counter_ns(), payload, lane=LANE))
+            future.then(lambda _: (flight.completed(entry), timeline.record(span_name, began, time.perf_counter_ns(),
+                                                                            payload, lane=LANE)))
         return work
 
     wrapper.__wrapped_collective__ = True
@@ -81,4 +108,4 @@ def install() -> None:
         if fn is None or getattr(fn, "__wrapped_collective__", False):
             continue
         _installed[name] = fn
-        setattr(dist, name, _traced(fn, span_name))
+        setattr(dist, name, _traced(fn, span_name, name))

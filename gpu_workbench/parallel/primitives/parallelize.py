@@ -60,7 +60,7 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
     the same order."""
     dims = ctx.dims
     model.to(ctx.device)
-    shard_mesh, tp_mesh = _meshes(dims, data_parallel, ctx.device.type)
+    shard_mesh, tp_mesh = _meshes(dims, data_parallel, mesh_device_type(ctx.device))
     layout = Layout(module=model, model=model, tp=dims.tp > 1)
     if dims.tp > 1:                                                        # 1. tensor parallelism
         tensor_parallel.apply(model, tp_mesh, cfg.tp.sequence_parallel, models.get(cfg.model.arch))
@@ -75,6 +75,12 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
         _shard(model, shard_mesh, reshard)
         layout.sharded = True
     return layout
+
+
+def mesh_device_type(device: torch.device) -> str:
+    """The meshes' device type: a dry run's meta-device model lays out over a CPU mesh of the fake process
+    group (parallel/tools/dry_run.py), as FSDP takes its device from the mesh."""
+    return "cpu" if device.type == "meta" else device.type
 
 
 def _meshes(dims, data_parallel: DataParallel, device_type: str):
@@ -114,6 +120,8 @@ def _replicate(layout: Layout, dims, ctx: Context, mesh) -> None:
             layout.grad_group = mesh["dp_replicate"].get_group()
             layout.grad_group_name, layout.grad_group_size = "dp_replicate", dims.dp_replicate
         return
+    if ctx.device.type == "meta":   # a dry run: DDP checks shapes across ranks with .item(), which meta
+        return                      # tensors refuse; its buckets hold what the plain gradients hold
     # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy of the
     # gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
     layout.module = DistributedDataParallel(layout.model, gradient_as_bucket_view=True,

@@ -105,7 +105,7 @@ class PipelineEngine(TorchEngine):
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
         self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
-        instrument_p2p()
+        instrument_p2p(cfg.fault.collective_timeout_s)
         n_stages = self.pp * self.v
         pipe = [TimedStage(mod, self.pp_rank + k * self.pp, n_stages, ctx.device, group=self.pp_group,
                            recorder=self.recorder) for k, mod in enumerate(stages)]

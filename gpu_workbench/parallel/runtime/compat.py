@@ -53,6 +53,18 @@ def set_default_group_timeout(seconds: float) -> None:
     setter(timedelta(seconds=seconds))
 
 
+def set_every_group_timeout(seconds: float) -> None:
+    """The collective timeout of every process group this process has made (the default one, and the mesh's,
+    the pipeline's and the tied pairs' groups, whose own default is 30 minutes). Private:
+    `distributed_c10d._world.pg_map` and `_set_pg_timeout(timeout, group)` (torch 2.2 to 2.13)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    world = getattr(dist.distributed_c10d, "_world", None)
+    if setter is None or world is None or not hasattr(world, "pg_map"):
+        raise _missing("torch.distributed.distributed_c10d._world.pg_map / _set_pg_timeout")
+    for group in list(world.pg_map):
+        setter(timedelta(seconds=seconds), group)
+
+
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One contiguous buffer holding `tensors` (for one all-reduce instead of many).
     Private: `torch._utils._flatten_dense_tensors` (stable since torch 1.0)."""
@@ -146,3 +158,22 @@ def dcp_async_save():
 def async_write_future(response):
     """The Future that completes when async_save's background write has finished, whatever it returned."""
     return getattr(response, "upload_completion", response)
+
+
+def fake_process_group(rank: int, world_size: int) -> None:
+    """Start torch's fake process group: rank `rank` of `world_size` in this one process, every collective a
+    no-op that returns at once (a dry run lays a model out on it, parallel/tools/dry_run.py). Private:
+    `torch.testing._internal.distributed.fake_pg.FakeStore` and the "fake" backend it registers (torch 2.1
+    to 2.13)."""
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as e:
+        raise _missing("torch.testing._internal.distributed.fake_pg (the fake process group)") from e
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """An identity of the storage behind `t` that also tells meta tensors apart (their data_ptr is 0 for all):
+    the address of its StorageImpl. Private: `UntypedStorage._cdata` (torch 1.x to 2.13)."""
+    storage = t.untyped_storage()
+    return storage._cdata if t.device.type == "meta" else storage.data_ptr()

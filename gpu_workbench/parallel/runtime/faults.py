@@ -66,9 +66,10 @@ def restart_safe_store() -> dict:
 
 
 def arm(cfg) -> None:
-    """Apply the loop's collective timeout to the default process group."""
+    """Apply the loop's collective timeout to every process group (a pipeline's stage-ranks wait on their own
+    group, whose timeout would otherwise stay at torch's 30 minutes)."""
     if dist.is_initialized():
-        compat.set_default_group_timeout(cfg.fault.collective_timeout_s)
+        compat.set_every_group_timeout(cfg.fault.collective_timeout_s)
 
 
 def heartbeat(rank: int, step: int) -> None:

@@ -43,6 +43,9 @@ class FaultInjector:
                 os.kill(os.getppid(), signal.SIGKILL)   # no agent left to restart us or to leave the rendezvous
             os._exit(KILL_EXIT_CODE)   # an abrupt death, as a killed worker: no cleanup, no checkpoint
         if f.hang_rank == self.rank and f.at_step == step:
+            from gpu_workbench.parallel.runtime import flight_recorder as recorder
+
+            recorder.dump(f"injected hang (fault.hang_rank) at step {step}")
             while True:    # a stuck worker: alive, never reaching the next collective
                 time.sleep(3600)
 

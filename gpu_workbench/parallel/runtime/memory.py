@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_workbench.parallel.runtime import compat
+
 SHARDINGS = ("none", "os", "os+g", "os+g+p")   # what a data-parallel rank keeps 1/N of
 
 
@@ -71,10 +73,10 @@ def held_bytes(held: dict[str, list[torch.Tensor]]) -> dict[str, int]:
         for t in tensors:
             if t is None or t.numel() == 0:
                 continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() in seen:
+            storage, key = t.untyped_storage(), compat.storage_key(t)   # meta tensors too (a dry run)
+            if key in seen:
                 continue
-            seen.add(storage.data_ptr())
+            seen.add(key)
             total += storage.nbytes()
         out[category] = total
     out["total"] = sum(out.values())

@@ -130,3 +130,25 @@ def test_dcp_async_save_stages_then_writes_in_the_background(tmp_path):
         back = {"w": torch.empty(5, 3, dtype=torch.float64)}
         dcp.load(back, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     assert torch.equal(back["w"], want)
+
+
+def test_fake_process_group_builds_a_big_mesh_in_this_process():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert not dist.is_initialized()
+    compat.fake_process_group(rank=37, world_size=128)
+    try:
+        mesh = init_device_mesh("cpu", (8, 4, 4), mesh_dim_names=("dp", "cp", "tp"))
+        assert dist.get_rank() == 37 and dist.get_world_size() == 128
+        assert mesh["tp"].size() == 4 and list(mesh.get_coordinate()) == [2, 1, 1]
+        compat.set_every_group_timeout(5.0)   # every group the mesh made, without error
+    finally:
+        dist.destroy_process_group()
+
+
+def test_storage_key_tells_meta_storages_apart_and_views_together():
+    a, b = torch.empty(4, device="meta"), torch.empty(4, device="meta")
+    assert compat.storage_key(a) != compat.storage_key(b)
+    assert compat.storage_key(a) == compat.storage_key(a[1:])
+    c = torch.zeros(3)
+    assert compat.storage_key(c) == c.untyped_storage().data_ptr() == compat.storage_key(c[1:])

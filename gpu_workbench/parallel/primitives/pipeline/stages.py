@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.runtime import compat
+from gpu_workbench.parallel.runtime import flight_recorder as flight
 from gpu_workbench.profiling import range as prange
 
 
@@ -167,29 +170,39 @@ class TimedStage(PipelineStage):
 
 _active: list[SpanRecorder] = []   # the recorder of the running pipeline step (one per process)
 _kinds: dict[int, str] = {}        # id(work) -> "S" / "R"
+_entries: dict[int, list] = {}     # id(work) -> the flight recorder's entries of its batch
+_timeout: list[timedelta] = []     # the bound on each p2p wait (instrument_p2p)
 
 
-def instrument_p2p() -> None:
-    """Record the schedules' waits on sends and receives as "send" / "recv" spans (once per process).
+def instrument_p2p(timeout_s: float | None = None) -> None:
+    """Record the schedules' waits on sends and receives as "send" / "recv" spans (once per process), and bound
+    each wait by `timeout_s` (fault.collective_timeout_s: gloo's p2p works do not take the group's timeout).
     These are torch-private helpers: where a torch version lacks them, the waits just go unrecorded."""
+    if timeout_s is not None:
+        _timeout[:] = [timedelta(seconds=timeout_s)]
     hooks = compat.pipeline_p2p_hooks()
     if hooks is None or getattr(hooks[0], "_wb_instrumented", False):
         return
     schedules, post, wait = hooks
 
     def batch_p2p(p2p_ops, desc=None):
+        entries = [flight.record("recv" if op.op is torch.distributed.irecv else "send", op.group, [op.tensor],
+                                 peer=op.peer) for op in p2p_ops]   # the flight recorder's (None when off)
         works = post(p2p_ops, desc=desc) if desc is not None else post(p2p_ops)
         kind = "R" if any(getattr(op, "op", None) is torch.distributed.irecv for op in p2p_ops) else "S"
         for w in works:
             _kinds[id(w)] = kind
+            _entries[id(w)] = entries
         return works
 
     def wait_batch_p2p(works):
         kind = "R" if "R" in [_kinds.pop(id(w), "S") for w in works] else "S"
-        if not _active:
-            return wait(works)
-        with _active[-1].span(kind, -1, -1):
-            return wait(works)
+        entries = [e for w in works for e in _entries.pop(id(w), [])]
+        with _active[-1].span(kind, -1, -1) if _active else contextlib.nullcontext():
+            out = wait(works) if not _timeout else [w.wait(_timeout[0]) for w in works]   # torch: w.wait() each
+        for e in entries:
+            flight.completed(e)
+        return out
 
     schedules._batch_p2p, schedules._wait_batch_p2p = batch_p2p, wait_batch_p2p
     schedules._wb_instrumented = True

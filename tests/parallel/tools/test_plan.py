@@ -1,0 +1,67 @@
+"""`wb plan`: hardware presets and files (a missing field named), layouts that fit ranked with their commands,
+the memory check (a smaller GPU drops layouts), and --validate's rows beside the published figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpu_workbench.parallel.tools.plan import hardware
+from tests.helpers.cli import ROOT
+
+LLAMA_8B = str(ROOT / "configs" / "llama-8b.toml")
+
+
+def test_hardware_file_missing_a_field_is_named(tmp_path, cli):
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"peak_bf16_flops": 1e15, "hbm_gb_s": 3000, "intra_node_gb_s": 400}))
+    done = cli("plan", "--config", LLAMA_8B, "--gpus", "8", "--hardware", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"wb: error: --hardware {path}: missing field inter_node_gb_s (needs " \
+                                  "peak_bf16_flops, hbm_gb_s, intra_node_gb_s, inter_node_gb_s)"
+
+
+def test_hardware_file_loads(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("peak_bf16_flops = 5e14\nhbm_gb_s = 2000\nintra_node_gb_s = 200\ninter_node_gb_s = 25\n"
+                    "gpus_per_node = 4\n")
+    hw = hardware.load(str(path))
+    assert (hw.name, hw.gpus_per_node, hw.peak_bf16_flops) == ("mine", 4, 5e14)
+    assert hardware.load("h100") is hardware.PRESETS["H100"]
+
+
+def test_plan_ranks_layouts_that_fit_with_their_commands(cli):
+    done = cli("plan", "--config", LLAMA_8B, "--gpus", "8", "--gpu-memory", "80GB", "--top", "2")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"plan: {LLAMA_8B} on 8 x H100 (80 GB):") and "layouts fit" in lines[0]
+    commands = [line.strip() for line in lines if line.strip().startswith("wb train --nproc 8")]
+    assert len(commands) == 2 and all("recipe=" in c for c in commands)
+    rates = [float(line.split(": ")[1].split(" tokens")[0].replace(",", "")) for line in lines
+             if "tokens/s/GPU" in line]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_less_memory_fits_fewer_layouts():
+    from gpu_workbench.parallel.tools.plan.layouts import candidates
+
+    big, _, _ = candidates(LLAMA_8B, [], 8, 80e9)
+    small, _, too_big = candidates(LLAMA_8B, [], 8, 24e9)
+    assert 0 < len(small) < len(big) and too_big > 0
+    assert all(c.memory_bytes <= 24e9 * 0.9 for c in small)
+
+
+def test_validate_prints_each_published_run(cli):
+    done = cli("plan", "--validate")
+    assert done.returncode == 0, done.stderr
+    for name in ("Llama 3.1 8B, 8 x H100", "405B", "GPT 18B"):
+        assert name in done.stdout
+    assert "6,667" in done.stdout and "ratio" in done.stdout
+
+
+@pytest.mark.parametrize("text", ["80", "80GB", "80 GiB"])
+def test_gpu_memory_parses(text):
+    from gpu_workbench.cli.plan_cli import _memory
+
+    assert _memory(text) in (80e9, 80 * 2**30)
