@@ -72,12 +72,10 @@ def apply(cfg, explicit: set[str]) -> None:
     command line (`explicit`) or left different from the default, that disagrees, is refused in one line."""
     from dataclasses import fields
 
-    from gpu_workbench.parallel.config import ModelConfig
-
     hf_dir = hf_path(cfg.checkpoint.load_from)
     _, values = model_values(hf_dir)
-    default = ModelConfig()
-    for f in fields(ModelConfig):
+    default = type(cfg.model)()
+    for f in fields(cfg.model):
         if f.name not in values:
             continue
         have, want = getattr(cfg.model, f.name), values[f.name]
