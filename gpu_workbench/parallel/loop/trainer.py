@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from gpu_workbench.parallel import checkpoint, memory, models, qat, recipes
+from gpu_workbench.parallel.checkpoint import hf_files
 from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
@@ -106,6 +107,8 @@ class Trainer:
                 print(f"wb: checkpoint.resume=false: the previous run in {self.run_dir} moved to {moved}",
                       file=sys.stderr)
         self.out = RunDir(self.run_dir, active=ctx.is_main)
+        if ctx.is_main and begin.path and begin.path.startswith("hf:"):   # its tokenizer, for sample and export
+            hf_files.keep(Path(begin.path[3:]), self.run_dir)
         self.out.write_config(cfg.to_dict(), resumed_from_step=self.start if begin.how == "resume" else 0,
                               start=begin.record())
         note, line = faults.restart_note(self.run_dir), describe(begin, cfg, ctx.world_size, self.dims.degrees())
