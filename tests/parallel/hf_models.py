@@ -14,27 +14,29 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 16, "rope_theta": 10000.0}
 
 
-def config(arch: str):
+def config(arch: str, vocab_size: int = 97):
     import transformers as T
 
+
+    tiny = {**TINY, "vocab_size": vocab_size}   # tensor parallelism needs an even one
     if arch == "llama":   # grouped-query, llama3 rope scaling, untied head
-        return T.LlamaConfig(**TINY, num_attention_heads=6, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE,
+        return T.LlamaConfig(**tiny, num_attention_heads=6, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE,
                              tie_word_embeddings=False)
     if arch == "qwen2":   # q/k/v biases, tied head
-        return T.Qwen2Config(**TINY, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+        return T.Qwen2Config(**tiny, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
     if arch == "qwen3":   # q/k norms, head_dim 10 (not 48 / 4)
-        return T.Qwen3Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=10,
+        return T.Qwen3Config(**tiny, num_attention_heads=4, num_key_value_heads=2, head_dim=10,
                              tie_word_embeddings=False)
-    return T.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=6, n_positions=64, bos_token_id=None,
+    return T.GPT2Config(vocab_size=vocab_size, n_embd=48, n_layer=2, n_head=6, n_positions=64, bos_token_id=None,
                         eos_token_id=None)
 
 
-def save(arch: str, out: Path, seed: int = 0, dtype=torch.float32) -> Path:
+def save(arch: str, out: Path, seed: int = 0, dtype=torch.float32, vocab_size: int = 97) -> Path:
     """A random `arch` model saved into `out`; returns `out`."""
     import transformers as T
 
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(config(arch))
+    model = T.AutoModelForCausalLM.from_config(config(arch, vocab_size))
     with torch.no_grad():
         for name, p in model.named_parameters():   # norm weights about 1, everything else about 0
             norm = p.ndim == 1 and ("norm" in name or ".ln_" in name)

@@ -1,0 +1,56 @@
+"""Hugging Face in, train, Hugging Face out: a tiny random LlamaForCausalLM (save_pretrained, no download)
+starts `fsdp` x2 and `ddp` x2 with tp.degree=2 (one torchrun launch), 5 steps each, equal to `single` started
+from it; `wb checkpoint export --format hf` of each is loaded by transformers' from_pretrained with no
+missing, unexpected or mismatched keys, and gives the project's logits of the final checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cli import wb
+from tests.parallel.hf_models import save
+from tests.parallel.runs import assert_matches_single, torchrun
+
+pytest.importorskip("transformers")
+STEPS = 5
+LAYOUTS = {"fsdp": ["recipe=fsdp"], "ddp_tp": ["recipe=ddp", "tp.degree=2"]}
+
+
+def overrides(hf_dir, run_dir) -> list[str]:
+    return [f"checkpoint.load_from=hf:{hf_dir}", f"steps={STEPS}", f"checkpoint.every={STEPS}", "progress=false",
+            "checkpoint.save_final=true", f"run_dir={run_dir}", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from gpu_workbench.parallel import RunConfig, train
+
+    root = tmp_path_factory.mktemp("hf_roundtrip")
+    hf_dir = save("llama", root / "hf", vocab_size=96)
+    train(RunConfig.from_toml(None, overrides(hf_dir, root / "single")))
+    torchrun(2, [(None, overrides(hf_dir, root / name) + extra) for name, extra in LAYOUTS.items()])
+    return root
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_started_from_hf_matches_single(runs, layout):
+    assert_matches_single(runs / layout, runs / "single", STEPS)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_export_loads_in_transformers_with_the_same_logits(runs, layout):
+    import transformers as T
+
+    from gpu_workbench.parallel.sampling import load_model
+
+    out = runs / f"{layout}_hf"
+    done = wb("checkpoint", "export", str(runs / layout), "--format", "hf", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs, info = T.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
+    ours, _, _ = load_model(runs / layout)
+    ids = torch.randint(0, 96, (2, 31), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(ids), theirs.eval()(ids).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
