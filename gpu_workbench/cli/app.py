@@ -9,6 +9,7 @@ from gpu_workbench.cli import (
     cluster_cli,
     demo,
     entry,
+    hf_cli,
     kernels_cli,
     profile_cli,
     quant_cli,
@@ -26,6 +27,7 @@ app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
 app.add_typer(train_cli.data_app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
+app.add_typer(hf_cli.app, name="hf")
 app.add_typer(quant_cli.app, name="quant")
 app.add_typer(cluster_cli.launch_app, name="launch")
 app.add_typer(cluster_cli.ray_app, name="ray")

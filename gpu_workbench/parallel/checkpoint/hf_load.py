@@ -68,3 +68,17 @@ def load(engine, hf_dir: Path) -> None:
         raise UserError(f"checkpoint.load_from=hf:{hf_dir}: recipe {engine.cfg.recipe} (DeepSpeed) does not "
                         f"read Hugging Face weights yet; use single, ddp, fsdp or pipeline")
     load_module(engine.state_module(), Path(hf_dir), engine.cfg.model)
+
+
+def check_shapes(hf_dir: Path, model_cfg) -> int:
+    """Every tensor the model needs is in the directory with the shape config.json implies (one line
+    otherwise), read from the headers alone on a meta-device model; returns the model's parameter count."""
+    from gpu_workbench.parallel.model import build
+
+    with torch.device("meta"):
+        model = build(model_cfg)
+    sources = models.get(model_cfg.arch).hf.names(model_cfg)
+    with HFWeights(Path(hf_dir)) as w:
+        for name, t in model.state_dict().items():
+            _check_shape(w, name, sources[name], list(t.shape))
+    return sum(p.numel() for p in model.parameters())

@@ -80,6 +80,9 @@ def _source(given: Path, trusted: tuple) -> Path:
         if problem:
             raise UserError(f"checkpoint.load_from={given} is damaged ({problem})")
         return given
+    if not (given / "checkpoints").is_dir() and (given / "config.json").is_file():
+        raise UserError(f"checkpoint.load_from={given} is a Hugging Face model directory, not a run: write "
+                        f"checkpoint.load_from=hf:{given}")
     if not (given / "checkpoints").is_dir():
         raise UserError(f"checkpoint.load_from={given} is neither a run directory nor a step_* checkpoint folder")
     newest = newest_good(given, trusted)
@@ -103,13 +106,13 @@ def _resumable(run_dir: Path, trusted: tuple) -> Path | None:
 
 def _hf_start(hf_dir: Path, cfg, reader_format: str) -> Start:
     """checkpoint.load_from = "hf:PATH": its weights alone (a Hugging Face directory holds no optimizer)."""
-    from gpu_workbench.parallel.checkpoint.hf_dir import weight_files
+    from gpu_workbench.parallel.checkpoint.hf_load import check_shapes
 
     if reader_format != FORMAT:
         raise UserError(f"checkpoint.load_from={cfg.checkpoint.load_from}: recipe {cfg.recipe} does not read "
                         f"Hugging Face weights; use single, ddp, fsdp or pipeline (any layout)")
     hf_config.read_config(hf_dir)   # a project run given as hf: is refused here
-    weight_files(hf_dir)            # a missing weights file or shard: one line, before any rank starts
+    check_shapes(hf_dir, cfg.model)  # a missing file, shard or tensor, a wrong shape: before any rank starts
     return Start("load_from", f"{hf_config.PREFIX}{hf_dir}", 0, True, False,
                  {"recipe": "huggingface", "world_size": 1, "dims": None})
 
