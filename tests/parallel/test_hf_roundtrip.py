@@ -48,10 +48,11 @@ def test_export_loads_in_transformers_with_the_same_logits(runs, layout):
     if layout == "fsdp":   # through the CLI once; in-process for the other (a CLI start costs seconds here)
         done = wb("checkpoint", "export", str(runs / layout), "--format", "hf", "--out", str(out))
         assert done.returncode == 0, done.stderr[-3000:]
-    else:
+    else:   # sharded: an index and several files, read back by hf: below
         from gpu_workbench.parallel.checkpoint import hf_export
 
-        hf_export.export(runs / layout, out)
+        hf_export.export(runs / layout, out, max_shard_size="40KB")
+        assert len(list(out.glob("model-0000*-of-0000*.safetensors"))) > 1
     theirs, info = T.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
     ours, _, _ = load_model(runs / layout)
@@ -59,3 +60,12 @@ def test_export_loads_in_transformers_with_the_same_logits(runs, layout):
     with torch.no_grad():
         a, b = ours(ids), theirs.eval()(ids).logits
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    if layout != "fsdp":   # the sharded export read back through hf: gives the same model
+        from gpu_workbench.parallel.checkpoint import hf_load
+        from gpu_workbench.parallel.model import build
+
+        torch.manual_seed(123)
+        again = build(ours.cfg).eval()   # fresh random weights, then the export's
+        hf_load.load_module(again, out, again.cfg)
+        with torch.no_grad():
+            assert torch.equal(again(ids), a)
