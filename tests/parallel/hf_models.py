@@ -51,3 +51,17 @@ def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+WORDS = ["[UNK]"] + [f"w{i}" for i in range(1, 94)] + ["the", "cat"]
+
+
+def add_tokenizer(out: Path) -> Path:
+    """A word-level tokenizer.json of the 96 WORDS (tokenizers' own format, as a Hugging Face directory holds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    tok.save(str(out / "tokenizer.json"))
+    return out

@@ -1,7 +1,8 @@
 """Hugging Face in, train, Hugging Face out: a tiny random LlamaForCausalLM (save_pretrained, no download)
 starts `fsdp` x2 and `ddp` x2 with tp.degree=2 (one torchrun launch), 5 steps each, equal to `single` started
 from it; `wb checkpoint export --format hf` of each is loaded by transformers' from_pretrained with no
-missing, unexpected or mismatched keys, and gives the project's logits of the final checkpoint."""
+missing, unexpected or mismatched keys, and gives the project's logits of the final checkpoint. The
+source's tokenizer.json travels with the run: `wb sample` encodes and decodes with it, export hands it back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from tests.cli import wb
-from tests.parallel.hf_models import save
+from tests.parallel.hf_models import WORDS, add_tokenizer, save
 from tests.parallel.runs import assert_matches_single, torchrun
 
 pytest.importorskip("transformers")
@@ -27,7 +28,7 @@ def runs(tmp_path_factory):
     from gpu_workbench.parallel import RunConfig, train
 
     root = tmp_path_factory.mktemp("hf_roundtrip")
-    hf_dir = save("llama", root / "hf", vocab_size=96)
+    hf_dir = add_tokenizer(save("llama", root / "hf", vocab_size=96))
     train(RunConfig.from_toml(None, overrides(hf_dir, root / "single")))
     torchrun(2, [(None, overrides(hf_dir, root / name) + extra) for name, extra in LAYOUTS.items()])
     return root
@@ -69,3 +70,17 @@ def test_export_loads_in_transformers_with_the_same_logits(runs, layout):
         hf_load.load_module(again, out, again.cfg)
         with torch.no_grad():
             assert torch.equal(again(ids), a)
+
+
+def test_sample_uses_the_runs_hugging_face_tokenizer(runs, capsys):
+    from gpu_workbench.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(runs / "single"), "--prompt", "the cat", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    text = captured.out.split()
+    assert not exit_.value.code and text[:2] == ["the", "cat"] and len(text) == 6, (text, captured.err[-2000:])
+    assert all(word in WORDS for word in text), text
+    assert (runs / "single" / "hf" / "tokenizer.json").is_file()
+    if (runs / "fsdp_hf").is_dir():   # written by the export test above
+        assert (runs / "fsdp_hf" / "tokenizer.json").is_file()
