@@ -277,11 +277,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).mean()
 
 
-def build(cfg: ModelConfig) -> GPT:
+def build(cfg: ModelConfig, init: bool = True) -> GPT:
     """The model of architecture model.arch (the one place a model is built), on the CPU, initialised from the
-    current torch seed."""
+    current torch seed; init=False: memory left uninitialised, for weights that a checkpoint fills next (a
+    Hugging Face start: no seconds spent drawing a billion random numbers that are thrown away)."""
     models.get(cfg.arch)   # a UserError naming model.arch for an unknown architecture
-    return GPT(cfg)
+    if init:
+        return GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    if cfg.tie_embeddings:   # to_empty gives each module its own tensor: tie again
+        model.head.weight = model.tok_emb.weight
+    return model
 
 
 def count_params(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ def hf_dirs(tmp_path_factory):
 
 def project(path, seq_len: int = 32):
     cfg = RunConfig.from_toml(None, [f"checkpoint.load_from=hf:{path}", f"model.seq_len={seq_len}"])
-    model = build(cfg.model)
+    model = build(cfg.model, init=False)   # uninitialised memory: every parameter must be filled
     hf_load.load_module(model, path, cfg.model)
     return model.eval()
 

@@ -77,16 +77,38 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, limit: int) -> li
     return names + ["model.safetensors.index.json"]
 
 
-def _configs(m: ModelConfig, run_dir: Path, dtype: str) -> tuple[dict, dict]:
+def _configs(m: ModelConfig, kept: Path | None, dtype: str) -> tuple[dict, dict]:
     """(config.json, generation_config.json): the adapter's mapping, the source's token ids kept."""
     config = models.get(m.arch).hf.to_config(m)
-    source = hf_files.folder(run_dir) / hf_files.SOURCE_CONFIG
-    ids = json.loads(source.read_text()) if source.is_file() else {}
+    source = kept / hf_files.SOURCE_CONFIG if kept is not None else None
+    ids = json.loads(source.read_text()) if source is not None and source.is_file() else {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config[key] = ids.get(key)
     config["dtype"] = config["torch_dtype"] = "bfloat16" if dtype == "bf16" else "float32"
     generation = {"_from_model_config": True, **{k: config[k] for k in ("bos_token_id", "eos_token_id")}}
     return config, generation
+
+
+def write_dir(m: ModelConfig, weights: dict[str, torch.Tensor], out: Path, dtype: str, limit: int,
+              kept: Path | None = None) -> tuple[str, int, int]:
+    """The Hugging Face directory of model `m` with the GPT's whole `weights` at `out` (written beside it,
+    then renamed: never a half-written directory under the asked name); `kept`: a run's hf/ folder (its
+    token ids and tokenizer). Returns (the Hugging Face class, tensors, weight files)."""
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(models.get(m.arch).hf.names(m), weights).items()}
+    config, generation = _configs(m, kept, dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    written = write_weights(tensors, tmp, limit)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    for name in hf_files.KEPT[:-1] if kept is not None and kept.is_dir() else ():   # generation_config: above
+        if (kept / name).is_file():
+            shutil.copyfile(kept / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return config["architectures"][0], len(tensors), len(written) - (len(written) > 1)
 
 
 def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB", force: bool = False) -> str:
@@ -100,24 +122,9 @@ def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
         raise UserError(f"--out {out} exists and is not empty; pass --force to replace it, or name another directory")
     folder = newest(path)
     m = model_config(folder)
-    spec = models.get(m.arch)
-    if spec.hf is None:
+    if models.get(m.arch).hf is None:
         raise UserError(f"PATH {path}: model.arch={m.arch} has no Hugging Face adapter (see parallel/models/)")
     weights, info = export_weights(folder)
-    tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(spec.hf.names(m), weights).items()}
-    config, generation = _configs(m, hf_files.run_dir_of(folder), dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    written = write_weights(tensors, tmp, limit)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    kept = hf_files.folder(hf_files.run_dir_of(folder))
-    for name in hf_files.KEPT[:-1] if kept.is_dir() else ():   # the tokenizer; generation_config is written above
-        if (kept / name).is_file():
-            shutil.copyfile(kept / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)   # never a half-written directory under the asked name
-    return (f"{out}: {config['architectures'][0]}, {len(tensors)} tensors in {len(written) - (len(written) > 1)} "
-            f"file(s), {dtype} (step {info['step']}, written by {info['written_by']})")
+    kind, n_tensors, n_files = write_dir(m, weights, out, dtype, limit, hf_files.folder(hf_files.run_dir_of(folder)))
+    return (f"{out}: {kind}, {n_tensors} tensors in {n_files} file(s), {dtype} (step {info['step']}, written by "
+            f"{info['written_by']})")

@@ -34,32 +34,37 @@ def _check_shape(w: HFWeights, name: str, src: Source, shape: list[int]) -> None
 
 
 def fill(state: dict[str, torch.Tensor], sources: dict[str, Source], w: HFWeights) -> None:
-    """Fill each tensor of `state` (a DTensor: its local shard) in place with its block of the HF weights."""
+    """Fill each tensor of `state` (a DTensor: its local shard) in place with its block of the HF weights;
+    a tied head (the embedding's own storage) is read once."""
     from torch.distributed.tensor import DTensor
 
+    done = set()
     for name, t in state.items():
         if name not in sources:
             raise UserError(f"the {name} parameter has no Hugging Face tensor in this architecture's adapter")
         src = sources[name]
         _check_shape(w, name, src, list(t.shape))
         local = t.to_local() if isinstance(t, DTensor) else t
-        if local.numel() == 0:   # an FSDP rank's empty shard of a short tensor
+        if local.numel() == 0 or (local.data_ptr(), src.hf) in done:   # an empty FSDP shard; a tied head
             continue
         block = read(src, w.slice, compat.local_block(t))
         with torch.no_grad():
-            local.copy_(block.to(local.dtype).reshape(local.shape))
+            local.copy_(block.view(local.shape))   # converts the dtype in place: no full-size temporary
+        done.add((local.data_ptr(), src.hf))
 
 
 def load_module(module: nn.Module, hf_dir: Path, model_cfg) -> None:
     """Fill `module` (a GPT, an engine's state module) from the Hugging Face directory. Collective only
     where set_model_state_dict is (the layouts' own)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     sources = models.get(model_cfg.arch).hf.names(model_cfg)
     state = get_model_state_dict(module)
     with HFWeights(Path(hf_dir)) as w:
         fill(state, sources, w)
-    set_model_state_dict(module, state)
+    if any(isinstance(t, DTensor) for t in state.values()):   # plain tensors are the parameters' own storage
+        set_model_state_dict(module, state)
 
 
 def load(engine, hf_dir: Path) -> None:

@@ -94,7 +94,7 @@ class Trainer:
             print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
                   "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
-        model = build(cfg.model)
+        model = build(cfg.model, init=not (begin.path or "").startswith("hf:"))   # hf: fills every weight
         self.n_params = count_params(model)
         self.qat = qat.apply(model, cfg)          # quant.qat: fake-quantised block layers (parallel/qat.py)
         freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
