@@ -130,3 +130,21 @@ def test_dcp_async_save_stages_then_writes_in_the_background(tmp_path):
         back = {"w": torch.empty(5, 3, dtype=torch.float64)}
         dcp.load(back, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     assert torch.equal(back["w"], want)
+
+
+def test_local_block_names_a_shard_of_the_global_tensor():
+    """A plain tensor is its whole block; a DTensor's block is where its local shard sits (hf: loading)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    assert compat.local_block(torch.zeros(3, 5)) == (slice(0, 3), slice(0, 5))
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        t = distribute_tensor(torch.arange(15.0).reshape(3, 5), mesh, [Shard(1)])
+        assert compat.local_block(t) == (slice(0, 3), slice(0, 5))
+    finally:
+        if started:
+            dist.destroy_process_group()
