@@ -6,7 +6,8 @@ ours          the model `single` builds from checkpoint.load_from=hf:HF_DIR (fp3
               tensor read through the adapter: parallel/checkpoint/hf_load.py), as the Trainer does it
 transformers  AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32): the same fp32 model
 export        ours, then the Hugging Face directory OUT_DIR written from it (checkpoint/hf_export.write_dir, bf16)
-Prints one JSON line: {"what", "seconds" (the load, or the export alone), "peak_rss_gib" (ru_maxrss)}.
+Prints one JSON line: {"what", "seconds" (the load, or the export alone; imports done before the clock
+starts, on both sides), "peak_rss_gib" (ru_maxrss)}.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ def main(what: str, hf_dir: Path, out: Path | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    start = time.perf_counter()
     if what == "transformers":
         import transformers as T
-
+        from transformers.models.llama import modeling_llama  # noqa: F401  (imported before the clock)
+    else:
+        from gpu_workbench.parallel.checkpoint import hf_load  # noqa: F401
+    start = time.perf_counter()
+    if what == "transformers":
         T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     else:
         model, cfg = ours(hf_dir)
