@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.models import hf_config
 from gpu_workbench.parallel.errors import UserError, UserTypeError
+from gpu_workbench.parallel.models import hf_config
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"

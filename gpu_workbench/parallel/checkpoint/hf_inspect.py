@@ -13,7 +13,8 @@ from gpu_workbench.parallel.models import hf_config
 
 
 def _sizes(m) -> str:
-    heads = f"{m.n_heads} heads ({m.n_kv_heads or m.n_heads} key/value, head_dim {m.head_dim or m.d_model // m.n_heads})"
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    heads = f"{m.n_heads} heads ({m.n_kv_heads or m.n_heads} key/value, head_dim {head_dim})"
     rope = "" if m.arch == "gpt2" else f", rope theta {m.rope_theta:g}" + (
         f" llama3 x{m.rope_scaling_factor:g}" if m.rope_scaling_factor else "")
     return (f"{m.n_layers} layers, d_model {m.d_model}, {heads}, d_ff {m.d_ff}, vocab {m.vocab_size}, "
@@ -46,7 +47,8 @@ def inspect(path: Path) -> list[str]:
     with HFWeights(path) as w:
         weights = _weights(w)
     section = " ".join(f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
-    return [f"{path}: {(raw.get('architectures') or ['?'])[0]} (model_type {raw.get('model_type')}) -> model.arch={arch}",
+    hf_class = (raw.get("architectures") or ["?"])[0]
+    return [f"{path}: {hf_class} (model_type {raw.get('model_type')}) -> model.arch={arch}",
             f"  sizes: {_sizes(cfg.model)}",
             f"  weights: {weights}",
             f"  builds: {n_params / 1e6:.2f} M parameters; every tensor present with the shape config.json implies",
