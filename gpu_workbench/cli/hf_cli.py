@@ -1,5 +1,5 @@
 """`wb hf inspect PATH`: what a Hugging Face model directory is, and what the project builds from it
-(parallel/checkpoint/hf_inspect.py). Imports nothing heavy until a command runs."""
+(parallel/tools/hf_inspect.py). Imports nothing heavy until a command runs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True, help="Hugging Face model directories: in
 def inspect(path: Path = typer.Argument(..., help="a Hugging Face model directory (config.json, model.safetensors "
                                                   "or a sharded index)")):
     """The architecture, its sizes, the weights, and the [model] section a run started from it gets."""
-    from gpu_workbench.parallel.checkpoint import hf_inspect
+    from gpu_workbench.parallel.tools import hf_inspect
 
     for line in hf_inspect.inspect(path):
         typer.echo(line)

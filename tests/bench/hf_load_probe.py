@@ -5,7 +5,7 @@
 ours          the model `single` builds from checkpoint.load_from=hf:HF_DIR (fp32, uninitialised, then every
               tensor read through the adapter: parallel/checkpoint/hf_load.py), as the Trainer does it
 transformers  AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32): the same fp32 model
-export        ours, then the Hugging Face directory OUT_DIR written from it (checkpoint/hf_export.write_dir, bf16)
+export        ours, then the Hugging Face directory OUT_DIR written from it (tools/hf_export.write_dir, bf16)
 Prints one JSON line: {"what", "seconds" (the load, or the export alone; imports done before the clock
 starts, on both sides), "peak_rss_gib" (ru_maxrss)}.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 def ours(hf_dir: Path):
     from gpu_workbench.parallel.checkpoint import hf_load
     from gpu_workbench.parallel.config import RunConfig
-    from gpu_workbench.parallel.model import build
+    from gpu_workbench.parallel.models.transformer import build
 
     cfg = RunConfig.from_toml(None, [f"checkpoint.load_from=hf:{hf_dir}", "model.seq_len=2048"])
     model = build(cfg.model, init=False)
@@ -46,7 +46,7 @@ def main(what: str, hf_dir: Path, out: Path | None = None) -> None:
         model, cfg = ours(hf_dir)
     seconds = time.perf_counter() - start
     if what == "export":
-        from gpu_workbench.parallel.checkpoint import hf_export
+        from gpu_workbench.parallel.tools import hf_export
 
         start = time.perf_counter()
         hf_export.write_dir(cfg.model, model.state_dict(), out, "bf16", 5 * 10**9)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import env
+from tests.helpers.cli import env
 
 pytestmark = pytest.mark.slow
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

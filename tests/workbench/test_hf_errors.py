@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.parallel.hf_models import save
+from tests.helpers.hf_models import save
 from tests.workbench.test_user_errors import main_error
 
 pytest.importorskip("transformers")

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpu_workbench.parallel import compat, models
+from gpu_workbench.parallel import models
 from gpu_workbench.parallel.checkpoint.hf_dir import HFWeights
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.models.hf_adapter import Source, read
+from gpu_workbench.parallel.runtime import compat
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def expected_shape(src: Source, shape: list[int]) -> list[int]:
@@ -78,7 +79,7 @@ def load(engine, hf_dir: Path) -> None:
 def check_shapes(hf_dir: Path, model_cfg) -> int:
     """Every tensor the model needs is in the directory with the shape config.json implies (one line
     otherwise), read from the headers alone on a meta-device model; returns the model's parameter count."""
-    from gpu_workbench.parallel.model import build
+    from gpu_workbench.parallel.models.transformer import build
 
     with torch.device("meta"):
         model = build(model_cfg)

@@ -3,9 +3,9 @@ Hugging Face's GPT2LMHeadModel through models/hf_gpt2.py."""
 
 from __future__ import annotations
 
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.models import hf_gpt2
 from gpu_workbench.parallel.models.spec import ArchSpec
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def _check(m) -> None:

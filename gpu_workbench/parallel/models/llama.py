@@ -4,9 +4,9 @@ gpt2's two), no biases, grouped-query attention. Hugging Face's LlamaForCausalLM
 
 from __future__ import annotations
 
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.models import hf_llama
 from gpu_workbench.parallel.models.spec import ArchSpec
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def check(m) -> None:
