@@ -10,6 +10,7 @@ from gpu_workbench.cli import (
     debug_cli,
     demo,
     entry,
+    hf_cli,
     kernels_cli,
     plan_cli,
     profile_cli,
@@ -30,6 +31,7 @@ app.command("plan")(plan_cli.plan)
 app.add_typer(debug_cli.app, name="debug")
 app.add_typer(train_cli.data_app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
+app.add_typer(hf_cli.app, name="hf")
 app.add_typer(quant_cli.app, name="quant")
 app.add_typer(cluster_cli.launch_app, name="launch")
 app.add_typer(cluster_cli.ray_app, name="ray")

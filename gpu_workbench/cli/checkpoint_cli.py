@@ -46,12 +46,24 @@ def verify(path: Path = typer.Argument(..., help=PATH_HELP)):
 
 @app.command("export")
 def export(path: Path = typer.Argument(..., help=PATH_HELP + " (a run directory: its newest good one)"),
-           format: str = typer.Option("safetensors", "--format", help="safetensors (the only one so far)"),
-           out: Path = typer.Option(..., "--out", help="the file to write, e.g. model.safetensors"),
+           format: str = typer.Option("safetensors", "--format",
+                                      help="safetensors (the GPT's names, one file) or hf (a Hugging Face model "
+                                           "directory transformers loads)"),
+           out: Path = typer.Option(..., "--out", help="the file to write, e.g. model.safetensors; --format hf: "
+                                                       "the directory"),
+           dtype: str = typer.Option("fp32", "--dtype", help="--format hf: bf16 or fp32"),
+           max_shard_size: str = typer.Option("5GB", "--max-shard-size",
+                                              help="--format hf: shards (with an index) above this size"),
            force: bool = typer.Option(False, "--force", help="replace --out if it exists")):
-    """The whole model's weights, consolidated from any layout, under the GPT's parameter names."""
+    """The whole model's weights, consolidated from any layout: under the GPT's parameter names, or as a
+    Hugging Face model directory (config.json, generation_config.json, model.safetensors, the tokenizer)."""
+    if format == "hf":
+        from gpu_workbench.parallel.tools import hf_export
+
+        typer.echo(hf_export.export(path, out, dtype, max_shard_size, force))
+        return
     if format != "safetensors":
-        raise UserError(f"--format={format}: only safetensors is supported")
+        raise UserError(f"--format={format}: choose safetensors or hf")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; name a file, e.g. {out}/model.safetensors")
     if out.exists() and not force:   # an export is cheap to redo, the file it would replace may not be

@@ -11,8 +11,8 @@ from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def sample(run_dir: Path = typer.Argument(..., help="a run directory written by `wb train`"),
-           prompt: str = typer.Option(..., "--prompt", help="text (bytes data) or space-separated token ids "
-                                                            "(synthetic data)"),
+           prompt: str = typer.Option(..., "--prompt", help="text (bytes data, or a run with a Hugging Face "
+                                                            "tokenizer) or space-separated token ids (synthetic data)"),
            max_new_tokens: int = typer.Option(None, "--max-new-tokens",
                                               help="default: up to the model's context (model.seq_len)"),
            temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; else softmax(logits / T)"),
@@ -32,12 +32,13 @@ def sample(run_dir: Path = typer.Argument(..., help="a run directory written by 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
     model, cfg, source = sampling.load_model(run_dir, device)
-    ids = sampling.encode(cfg, prompt)
+    tokenizer = sampling.tokenizer(run_dir)   # the Hugging Face tokenizer of a run started from hf:
+    ids = sampling.encode(cfg, prompt, tokenizer)
     new = cfg.model.seq_len - len(ids) if max_new_tokens is None else max_new_tokens
     sampling.check_length(cfg.model.seq_len, len(ids), new)
     out = sampling.generate(model, torch.tensor([ids], device=device), new, temperature, top_k or 0, seed)
     typer.echo(f"# {source}", err=True)
-    typer.echo(sampling.decode(cfg, out[0].tolist()))
+    typer.echo(sampling.decode(cfg, out[0].tolist(), tokenizer))
 
 
 def _check_options(prompt: str, temperature: float, top_k: int | None) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpu_workbench.parallel import models
+from gpu_workbench.parallel.models import hf_config
 from gpu_workbench.parallel.runtime.errors import UserError, UserTypeError
 from gpu_workbench.parallel.runtime.flat_config import flatten_config
 
@@ -49,6 +50,15 @@ class ModelConfig:
     rope_theta: float = 10000.0  # llama: the rotary embedding's base
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Set by a Hugging Face checkpoint (checkpoint.load_from=hf:PATH fills the section from its config.json):
+    head_dim: int = 0            # each head's width; 0 means d_model / n_heads (qwen3's may differ)
+    qkv_bias: bool = False       # biases on q, k, v (gpt2's c_attn; qwen2 has them whatever this says)
+    gelu_approximate: Literal["none", "tanh"] = "none"   # gpt2's MLP: "tanh" is GPT-2's gelu_new
+    max_positions: int = 0       # gpt2: rows of the position table (>= seq_len); 0 means seq_len
+    rope_scaling_factor: float = 0.0   # llama3 rope scaling (Llama 3.1+); 0 = off
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     activation_checkpointing: bool = False
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
     fused_kernels: bool = False    # llama: RMSNorm, rotary embedding, SwiGLU through kernels.rms_norm/rope/swiglu
@@ -251,6 +261,7 @@ class RunConfig:
         if from_text:
             value = _parse_text(value, hint, key)
         setattr(target, leaf, _coerce(value, hint, key))
+        self.__dict__.setdefault("_explicit", set()).add(key)   # hf: refuses a model.* it disagrees with
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,6 +293,8 @@ class RunConfig:
         """The checks of this config's own fields; `parallel.recipes.resolve` adds the recipe's and the
         world size's."""
         _positive(self, "steps", "global_batch", "micro_batch", "log_every")
+        if hf_config.hf_path(self.checkpoint.load_from) is not None:   # [model] from its config.json
+            hf_config.apply(self, self.__dict__.get("_explicit", set()))
         self._check_model()
         self._check_data()
         self._check_optim()
@@ -343,7 +356,7 @@ class RunConfig:
             raise UserError(f"fault.checkpoint_write_delay_s must be >= 0, got {self.fault.checkpoint_write_delay_s}")
         if c.load_model_only and not c.load_from:
             raise UserError("checkpoint.load_model_only=true needs checkpoint.load_from=<run dir or step_* folder>")
-        if c.load_from and not Path(c.load_from).is_dir():
+        if c.load_from and hf_config.hf_path(c.load_from) is None and not Path(c.load_from).is_dir():
             raise UserError(f"checkpoint.load_from: no such run directory or checkpoint folder: {c.load_from}")
 
     def _check_model(self) -> None:
@@ -351,7 +364,13 @@ class RunConfig:
         m = self.model
         if m.d_ff < 0:
             raise UserError(f"model.d_ff must be >= 0 (0 means the architecture's default), got {m.d_ff}")
-        if m.d_model % m.n_heads:
+        if m.head_dim < 0 or m.max_positions < 0 or m.rope_scaling_factor < 0:
+            raise UserError(f"model.head_dim, model.max_positions and model.rope_scaling_factor must be >= 0 (0: "
+                            f"off), got {m.head_dim}, {m.max_positions} and {m.rope_scaling_factor}")
+        if m.max_positions and m.max_positions < m.seq_len:
+            raise UserError(f"model.seq_len ({m.seq_len}) must be <= model.max_positions ({m.max_positions}), the "
+                            f"position table's rows")
+        if m.d_model % m.n_heads and not m.head_dim:
             raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
         if m.n_kv_heads < 0 or m.n_heads % (m.n_kv_heads or m.n_heads):
             raise UserError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}) "

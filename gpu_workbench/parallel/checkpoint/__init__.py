@@ -140,7 +140,13 @@ def find_resumable(run_dir: Path, cfg, world_size: int, is_main: bool, reader_fo
 
 
 def load(engine, path: Path, model_only: bool = False) -> int:
-    """Load checkpoint `path` into the engine; the number of steps the run has taken (0: weights only)."""
+    """Load checkpoint `path` into the engine; the number of steps the run has taken (0: weights only).
+    "hf:DIR": a Hugging Face model directory's weights (hf_load.py)."""
+    if str(path).startswith("hf:"):
+        from gpu_workbench.parallel.checkpoint import hf_load
+
+        hf_load.load(engine, Path(str(path)[3:]))
+        return 0
     engine.load(Path(path), model_only)
     if model_only:
         return 0

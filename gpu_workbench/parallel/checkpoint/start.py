@@ -13,6 +13,7 @@ from gpu_workbench.parallel.checkpoint.fingerprint import LAYOUT, MUST_MATCH, ST
 from gpu_workbench.parallel.checkpoint.listing import newest_good, say_skipped, scan
 from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify
 from gpu_workbench.parallel.checkpoint.universal import FORMAT
+from gpu_workbench.parallel.models import hf_config
 from gpu_workbench.parallel.runtime.errors import UserError
 
 
@@ -79,6 +80,9 @@ def _source(given: Path, trusted: tuple) -> Path:
         if problem:
             raise UserError(f"checkpoint.load_from={given} is damaged ({problem})")
         return given
+    if not (given / "checkpoints").is_dir() and (given / "config.json").is_file():
+        raise UserError(f"checkpoint.load_from={given} is a Hugging Face model directory, not a run: write "
+                        f"checkpoint.load_from=hf:{given}")
     if not (given / "checkpoints").is_dir():
         raise UserError(f"checkpoint.load_from={given} is neither a run directory nor a step_* checkpoint folder")
     newest = newest_good(given, trusted)
@@ -100,6 +104,19 @@ def _resumable(run_dir: Path, trusted: tuple) -> Path | None:
     return latest
 
 
+def _hf_start(hf_dir: Path, cfg, reader_format: str) -> Start:
+    """checkpoint.load_from = "hf:PATH": its weights alone (a Hugging Face directory holds no optimizer)."""
+    from gpu_workbench.parallel.checkpoint.hf_load import check_shapes
+
+    if reader_format != FORMAT:
+        raise UserError(f"checkpoint.load_from={cfg.checkpoint.load_from}: recipe {cfg.recipe} does not read "
+                        f"Hugging Face weights; use single, ddp, fsdp or pipeline (any layout)")
+    hf_config.read_config(hf_dir)   # a project run given as hf: is refused here
+    check_shapes(hf_dir, cfg.model)  # a missing file, shard or tensor, a wrong shape: before any rank starts
+    return Start("load_from", f"{hf_config.PREFIX}{hf_dir}", 0, True, False,
+                 {"recipe": "huggingface", "world_size": 1, "dims": None})
+
+
 def plan(run_dir: Path, cfg, world_size: int, reader_format: str, trusted: tuple, resume_only: bool = False) -> Start:
     """Where this run starts (rank 0 decides; see `decide` for every rank). A UserError if it cannot."""
     if cfg.checkpoint.resume or resume_only:
@@ -107,6 +124,9 @@ def plan(run_dir: Path, cfg, world_size: int, reader_format: str, trusted: tuple
         if latest is not None:
             return _checked(latest, "resume", cfg, world_size, reader_format)
     if cfg.checkpoint.load_from and not resume_only:
+        hf_dir = hf_config.hf_path(cfg.checkpoint.load_from)
+        if hf_dir is not None:
+            return _hf_start(hf_dir, cfg, reader_format)
         return _checked(_source(Path(cfg.checkpoint.load_from), trusted), "load_from", cfg, world_size,
                         reader_format)
     return Start()
@@ -145,6 +165,8 @@ def describe(start: Start, cfg, world_size: int, dims: dict) -> str | None:
         if start.resharded:
             return f"resuming {name} written by {was} as {now}: resharding"
         return f"resumed from step {start.step} (checkpoint {start.path})"
+    if start.path.startswith(hf_config.PREFIX):
+        return f"starting from the Hugging Face weights of {start.path[len(hf_config.PREFIX):]} as {now}: step 0"
     if start.model_only:
         return f"starting from the weights of {start.path} (written by {was}) as {now}: fresh optimizer, step 0"
     return (f"starting from {start.path} (step {start.step}, written by {was}) as {now}"

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from gpu_workbench.parallel import checkpoint, models, recipes
+from gpu_workbench.parallel.checkpoint import hf_files
 from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
@@ -100,7 +101,7 @@ class Trainer:
             print("wb: warning: precision = 'bf16' on a CPU runs bf16 autocast, several times slower than fp32 "
                   "here (seen: 8x); use precision=fp32 on CPU", file=sys.stderr)
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
-        model = build(cfg.model)
+        model = build(cfg.model, init=not (begin.path or "").startswith("hf:"))   # hf: fills every weight
         self.n_params = count_params(model)
         self.qat = qat.apply(model, cfg)          # quant.qat: fake-quantised block layers (parallel/models/qat.py)
         freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
@@ -113,6 +114,8 @@ class Trainer:
                 print(f"wb: checkpoint.resume=false: the previous run in {self.run_dir} moved to {moved}",
                       file=sys.stderr)
         self.out = RunDir(self.run_dir, active=ctx.is_main)
+        if ctx.is_main and begin.path and begin.path.startswith("hf:"):   # its tokenizer, for sample and export
+            hf_files.keep(Path(begin.path[3:]), self.run_dir)
         self.out.write_config(cfg.to_dict(), resumed_from_step=self.start if begin.how == "resume" else 0,
                               start=begin.record())
         note, line = faults.restart_note(self.run_dir), describe(begin, cfg, ctx.world_size, self.dims.degrees())

@@ -18,6 +18,8 @@ from gpu_workbench.parallel.runtime.registry import LazyRegistry
 _WHERE = {
     "gpt2": "gpt2:SPEC",
     "llama": "llama:SPEC",
+    "qwen2": "qwen2:SPEC",
+    "qwen3": "qwen3:SPEC",
 }
 
 __all__ = ["ARCHS", "ArchSpec", "get"]

@@ -1,7 +1,9 @@
-"""GPT-2: learned positions, LayerNorm, a GELU MLP 4 x d_model wide, biases, full multi-head attention."""
+"""GPT-2: learned positions, LayerNorm, a GELU MLP 4 x d_model wide, biases, full multi-head attention.
+Hugging Face's GPT2LMHeadModel through models/hf_gpt2.py."""
 
 from __future__ import annotations
 
+from gpu_workbench.parallel.models import hf_gpt2
 from gpu_workbench.parallel.models.spec import ArchSpec
 from gpu_workbench.parallel.runtime.errors import UserError
 
@@ -15,4 +17,4 @@ def _check(m) -> None:
 
 
 SPEC = ArchSpec(name="gpt2", positions="learned", norm="layernorm", mlp="gelu", bias=True,
-                default_d_ff=lambda m: 4 * m.d_model, check=_check)
+                default_d_ff=lambda m: 4 * m.d_model, check=_check, hf=hf_gpt2.ADAPTER)

@@ -1,19 +1,28 @@
 """Llama: rotary positions (interleaved pairs, Meta's convention), RMSNorm, a SwiGLU MLP about 8/3 x
 d_model wide (rounded up to a multiple of 8, so its three matrices hold about as many parameters as
-gpt2's two), no biases, grouped-query attention."""
+gpt2's two), no biases, grouped-query attention. Hugging Face's LlamaForCausalLM through models/hf_llama.py."""
 
 from __future__ import annotations
 
+from gpu_workbench.parallel.models import hf_llama
 from gpu_workbench.parallel.models.spec import ArchSpec
 from gpu_workbench.parallel.runtime.errors import UserError
 
 
-def _check(m) -> None:
-    if (m.d_model // m.n_heads) % 2:
-        raise UserError(f"model.d_model / model.n_heads ({m.d_model // m.n_heads}) must be even with "
-                        f"model.arch = 'llama': rotary embeddings rotate pairs of dimensions")
+def check(m) -> None:
+    """The llama family's checks (qwen2 and qwen3 share them)."""
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if head_dim % 2:
+        raise UserError(f"model.d_model / model.n_heads or model.head_dim ({head_dim}) must be even with "
+                        f"model.arch = '{m.arch}': rotary embeddings rotate pairs of dimensions")
 
+
+def default_d_ff(m) -> int:
+    return -(-8 * m.d_model // 3 // 8) * 8
+
+
+SWIGLU_PLAN = {"gate": "colwise", "up": "colwise", "down": "rowwise"}
 
 SPEC = ArchSpec(name="llama", positions="rotary", norm="rmsnorm", mlp="swiglu", grouped_query=True,
-                default_d_ff=lambda m: -(-8 * m.d_model // 3 // 8) * 8, check=_check,
-                mlp_plan={"gate": "colwise", "up": "colwise", "down": "rowwise"})
+                default_d_ff=default_d_ff, check=check, mlp_plan=SWIGLU_PLAN,
+                hf=hf_llama.adapter("llama", "LlamaForCausalLM"))

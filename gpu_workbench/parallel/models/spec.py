@@ -24,11 +24,15 @@ class ArchSpec:
     mlp: str | Callable[[Any], Any]
     default_d_ff: Callable[[Any], int]       # the MLP width when model.d_ff = 0
     bias: bool = False                       # biases on attn.proj and the MLP's Linears
+    qkv_bias: bool = False                   # biases on q, k, v (qwen2; model.qkv_bias adds them elsewhere)
+    qk_norm: bool = False                    # per-head RMSNorm of q and k before the rotation (qwen3)
     grouped_query: bool = False              # model.n_kv_heads < n_heads allowed
     # tensor parallelism of the MLP's Linears: "colwise" (split the output) or "rowwise" (split the input)
     mlp_plan: dict[str, str] = field(default_factory=lambda: {"up": "colwise", "down": "rowwise"})
     check: Callable[[Any], None] = no_checks  # the architecture's own config checks (UserError)
-    hf: Any = None   # the Hugging Face checkpoint adapter (names, q/k permutation, config mapping): not yet
+    # the Hugging Face checkpoint adapter (models/hf_adapter.py: names, q/k permutation, config mapping)
+    hf: Any = None
+    tensor_parallel: str | None = None        # None where tp.degree > 1 is supported, else why not
 
     def d_ff(self, m) -> int:
         return m.d_ff or self.default_d_ff(m)
@@ -42,17 +46,24 @@ class ArchSpec:
         """A block's parameters tensor parallelism splits: q, k, v, proj weights, the MLP's matrices, and
         the column-parallel MLP Linears' biases."""
         c, f = m.d_model, self.d_ff(m)
-        attention = 2 * c * c + 2 * c * (c // m.n_heads) * (m.n_kv_heads or m.n_heads)
+        q, kv = self.q_width(m), 2 * (m.head_dim or c // m.n_heads) * (m.n_kv_heads or m.n_heads)
+        attention = 2 * c * q + c * kv + ((q + kv) if self.qkv_bias or m.qkv_bias else 0)
         split_biases = f * sum(kind == "colwise" for kind in self.mlp_plan.values()) if self.bias else 0
         return attention + len(self.mlp_plan) * c * f + split_biases
+
+    @staticmethod
+    def q_width(m) -> int:
+        """n_heads x head_dim: the query projection's outputs (d_model unless model.head_dim says)."""
+        return m.n_heads * (m.head_dim or m.d_model // m.n_heads)
 
     def replicated_per_block(self, m) -> int:
         """A block's parameters every TP rank holds whole: two norms, and the row-parallel outputs' biases."""
         rowwise = sum(kind == "rowwise" for kind in self.mlp_plan.values())
-        return 2 * self.norm_params(m) + ((1 + rowwise) * m.d_model if self.bias else 0)
+        qk_norms = 2 * (m.head_dim or m.d_model // m.n_heads) if self.qk_norm else 0
+        return 2 * self.norm_params(m) + ((1 + rowwise) * m.d_model if self.bias else 0) + qk_norms
 
     def position_params(self, m) -> int:
-        return m.seq_len * m.d_model if self.positions == "learned" else 0
+        return (m.max_positions or m.seq_len) * m.d_model if self.positions == "learned" else 0
 
     def n_params(self, m) -> int:
         """Every parameter of the model, a tied head counted once."""

@@ -59,12 +59,28 @@ class RMSNorm(nn.Module):
         return h.type_as(x) * self.weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def rope_frequencies(half: int, theta: float, dtype: torch.dtype, device, scaling: tuple = ()) -> torch.Tensor:
+    """theta^(-2i/D) for the D/2 pairs; `scaling` (factor, low_freq_factor, high_freq_factor, original
+    context): Llama 3.1's rescaling (rope_scaling type llama3), long wavelengths slowed by `factor`, short
+    ones kept, a smooth blend between."""
+    freq = theta ** (-torch.arange(half, device=device, dtype=dtype) / half)
+    if not scaling:
+        return freq
+    factor, low, high, original = scaling
+    wavelen = 2 * math.pi / freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freq / factor + smooth * freq
+    out = torch.where(wavelen > original / low, freq / factor, freq)
+    middle = (wavelen <= original / low) & (wavelen >= original / high)
+    return torch.where(middle, blended, out)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, scaling: tuple = ()) -> torch.Tensor:
     """Rotary position embedding of x (B, H, T, D) at `positions` (T,): dimension pair (2i, 2i+1) of the
     token at position p turned by the angle p * theta^(-2i/D), in fp32 or wider (the complex-number formulation of
     RoFormer and Llama, written with real arithmetic so DTensor and torch.compile need no complex dtype)."""
     half, dtype = x.shape[-1] // 2, torch.promote_types(x.dtype, torch.float32)   # float64 stays float64
-    freq = theta ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
+    freq = rope_frequencies(half, theta, dtype, x.device, scaling)
     angle = positions.to(dtype)[:, None] * freq[None, :]   # (T, D/2)
     cos, sin = angle.cos(), angle.sin()
     pairs = x.to(dtype).unflatten(-1, (half, 2))
@@ -73,22 +89,41 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return out.flatten(-2).type_as(x)
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    """Each head's width: model.head_dim, or d_model / n_heads (qwen3's may differ)."""
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+def rope_scaling(cfg: ModelConfig) -> tuple:
+    """(factor, low, high, original context) of Llama 3.1's rescaling, or () where model.rope_scaling_factor = 0."""
+    if not cfg.rope_scaling_factor:
+        return ()
+    return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+            cfg.rope_original_max_positions)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = head_dim(cfg)
         spec = models.get(cfg.arch)
         self.rope_theta = cfg.rope_theta if spec.positions == "rotary" else None
         self.fused = cfg.fused_kernels   # rotary embedding through kernels.rope
-        kv, bias = kv_heads(cfg) * self.head_dim, spec.bias
+        self.rope_scaling = rope_scaling(cfg)
+        heads, kv, bias = cfg.n_heads * self.head_dim, kv_heads(cfg) * self.head_dim, spec.bias
         # Three projections, not one fused (3C, C): tensor parallelism shards each by rows, i.e. by whole
         # heads (docs/ARCHITECTURE.md, Tensor parallelism). Created in this order, their normal_ init draws
-        # the same numbers as one fused weight did. No bias: a key bias gets an exactly-zero gradient
-        # (softmax ignores a per-query shift), and Adam would turn the rounding noise in it into lr-sized steps.
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k = nn.Linear(cfg.d_model, kv, bias=False)
-        self.v = nn.Linear(cfg.d_model, kv, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        # the same numbers as one fused weight did. No bias unless the architecture (qwen2) or a Hugging Face
+        # checkpoint (gpt2) has one: a key bias gets an exactly-zero gradient (softmax ignores a per-query
+        # shift), and Adam would turn the rounding noise in it into lr-sized steps.
+        qkv_bias = spec.qkv_bias or cfg.qkv_bias
+        self.q = nn.Linear(cfg.d_model, heads, bias=qkv_bias)
+        self.k = nn.Linear(cfg.d_model, kv, bias=qkv_bias)
+        self.v = nn.Linear(cfg.d_model, kv, bias=qkv_bias)
+        self.proj = nn.Linear(heads, cfg.d_model, bias=bias)
+        # qwen3: each head's q and k RMS-normalised (over head_dim) before the rotation
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if spec.qk_norm else None
         # (q, k, v) -> out, causal; context parallelism swaps in ring attention
         # (parallel/primitives/context_parallel.py)
         self.attend = attention
@@ -100,12 +135,14 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         # -1 heads: all of them, or this rank's share under tensor parallelism (q/k/v column-sharded)
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
             pos = torch.arange(T, device=x.device) if positions is None else positions
-            if self.fused and fusable(q, k):
+            if self.fused and not self.rope_scaling and fusable(q, k):   # kernels.rope has no llama3 rescaling
                 q, k = kernels.rope(q, k, pos, self.rope_theta)   # interleaved pairs, as rotate
             else:
-                q, k = rotate(q, pos, self.rope_theta), rotate(k, pos, self.rope_theta)
+                q, k = (rotate(t, pos, self.rope_theta, self.rope_scaling) for t in (q, k))
         if cache is not None:
             k, v = cache.extend(k, v)
         y = self.attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
@@ -133,9 +170,10 @@ class MLP(nn.Module):
         bias = models.get(cfg.arch).bias
         self.up = nn.Linear(cfg.d_model, d_ff(cfg), bias=bias)
         self.down = nn.Linear(d_ff(cfg), cfg.d_model, bias=bias)
+        self.approximate = cfg.gelu_approximate   # "tanh": GPT-2's own gelu_new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class SwiGLU(nn.Module):
@@ -191,7 +229,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # rotary positions: no table, the positions rotate q and k inside attention
         learned = models.get(cfg.arch).positions == "learned"
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if learned else None
+        self.pos_emb = nn.Embedding(cfg.max_positions or cfg.seq_len, cfg.d_model) if learned else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -256,11 +294,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).mean()
 
 
-def build(cfg: ModelConfig) -> GPT:
+def build(cfg: ModelConfig, init: bool = True) -> GPT:
     """The model of architecture model.arch (the one place a model is built), on the CPU, initialised from the
-    current torch seed."""
+    current torch seed; init=False: memory left uninitialised, for weights that a checkpoint fills next (a
+    Hugging Face start: no seconds spent drawing a billion random numbers that are thrown away)."""
     models.get(cfg.arch)   # a UserError naming model.arch for an unknown architecture
-    return GPT(cfg)
+    if init:
+        return GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    if cfg.tie_embeddings:   # to_empty gives each module its own tensor: tie again
+        model.head.weight = model.tok_emb.weight
+    return model
 
 
 def count_params(model: nn.Module) -> int:

@@ -80,6 +80,8 @@ def validate(cfg, refusal: str | None) -> None:
         return
     if refusal is not None:
         raise UserError(f"tp.degree = {t} does not work with recipe={cfg.recipe}: {refusal}")
+    if models.get(m.arch).tensor_parallel is not None:
+        raise UserError(f"tp.degree = {t} does not work with model.arch={m.arch}: {models.get(m.arch).tensor_parallel}")
     for field, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv_heads(m)), ("model.d_ff", d_ff(m)),
                          ("model.vocab_size", m.vocab_size)):
         if value % t:

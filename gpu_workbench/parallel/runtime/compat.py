@@ -177,3 +177,18 @@ def storage_key(t: torch.Tensor) -> int:
     the address of its StorageImpl. Private: `UntypedStorage._cdata` (torch 1.x to 2.13)."""
     storage = t.untyped_storage()
     return storage._cdata if t.device.type == "meta" else storage.data_ptr()
+
+def local_block(t: torch.Tensor) -> tuple[slice, ...]:
+    """The block of the global tensor that this rank's part of `t` is (one slice per dimension): the whole
+    tensor for a plain one, the local shard's rows/columns for a DTensor (FSDP2, TP, both).
+    Private: `torch.distributed.tensor._utils.compute_local_shape_and_global_offset` (torch 2.4 to 2.13)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return tuple(slice(0, n) for n in t.shape)
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        raise _missing("torch.distributed.tensor._utils.compute_local_shape_and_global_offset") from None
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))

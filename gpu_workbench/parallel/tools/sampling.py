@@ -52,6 +52,21 @@ def load_model(run_dir: Path, device: str = "cpu", purpose: str = "sample from")
     return model.to(device).eval(), cfg, str(source)
 
 
+def tokenizer(run_dir: Path):
+    """The run's Hugging Face tokenizer (<run_dir>/hf/tokenizer.json, kept from an hf: start), or None."""
+    from gpu_workbench.parallel.checkpoint import hf_files
+
+    path = hf_files.tokenizer(Path(run_dir))
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:   # tokenizers raises its own Exception subclass for a damaged file
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+
+
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
     """(B, vocab) logits of the last position -> (B, 1) chosen token ids."""
     if temperature == 0:
@@ -92,22 +107,28 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     return ids
 
 
-def encode(cfg: RunConfig, prompt: str) -> list[int]:
-    """Bytes data: the prompt's UTF-8 bytes; synthetic: its space-separated token ids."""
-    if cfg.data.kind == "bytes":
+def encode(cfg: RunConfig, prompt: str, tokenizer=None) -> list[int]:
+    """The run's Hugging Face tokenizer's ids (a `tokenizers.Tokenizer`, when the run has one); bytes data: the
+    prompt's UTF-8 bytes; synthetic: its space-separated token ids."""
+    if tokenizer is not None:
+        ids = tokenizer.encode(prompt).ids
+    elif cfg.data.kind == "bytes":
         return list(prompt.encode("utf-8"))
-    try:
-        ids = [int(t) for t in prompt.split()]
-    except ValueError:
-        raise UserError(f"--prompt {prompt!r}: this run's data is synthetic, so a prompt is token ids separated "
-                        f"by spaces (e.g. '3 17 5')") from None
+    else:
+        try:
+            ids = [int(t) for t in prompt.split()]
+        except ValueError:
+            raise UserError(f"--prompt {prompt!r}: this run's data is synthetic, so a prompt is token ids separated "
+                            f"by spaces (e.g. '3 17 5')") from None
     bad = [i for i in ids if not 0 <= i < cfg.model.vocab_size]
     if bad:
         raise UserError(f"--prompt holds token id {bad[0]}, outside the vocabulary 0..{cfg.model.vocab_size - 1}")
     return ids
 
 
-def decode(cfg: RunConfig, ids: list[int]) -> str:
+def decode(cfg: RunConfig, ids: list[int], tokenizer=None) -> str:
+    if tokenizer is not None:
+        return tokenizer.decode(ids, skip_special_tokens=False)
     if cfg.data.kind == "bytes":
         return bytes(ids).decode("utf-8", errors="replace")
     return " ".join(str(i) for i in ids)

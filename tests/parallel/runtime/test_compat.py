@@ -152,3 +152,20 @@ def test_storage_key_tells_meta_storages_apart_and_views_together():
     assert compat.storage_key(a) == compat.storage_key(a[1:])
     c = torch.zeros(3)
     assert compat.storage_key(c) == c.untyped_storage().data_ptr() == compat.storage_key(c[1:])
+
+def test_local_block_names_a_shard_of_the_global_tensor():
+    """A plain tensor is its whole block; a DTensor's block is where its local shard sits (hf: loading)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    assert compat.local_block(torch.zeros(3, 5)) == (slice(0, 3), slice(0, 5))
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        t = distribute_tensor(torch.arange(15.0).reshape(3, 5), mesh, [Shard(1)])
+        assert compat.local_block(t) == (slice(0, 3), slice(0, 5))
+    finally:
+        if started:
+            dist.destroy_process_group()
