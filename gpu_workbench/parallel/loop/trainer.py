@@ -117,7 +117,6 @@ class Trainer:
         self.val_loss = kept_evals[-1] if kept_evals else None   # the summary's until this segment evaluates
         self.faults = FaultInjector(cfg, ctx.rank, self.run_dir)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
-        self.compute_s = 0.0   # the last step's train_step time (the straggler's delay is a multiple of it)
         # the newest published checkpoint (what an incremental save builds on) and the bytes the run's saves
         # wrote up to it, carried over a resume by its meta.json; an async save waiting to be published
         self.last_ckpt = Path(begin.path) if begin.how == "resume" else None
@@ -184,13 +183,14 @@ class Trainer:
         if self.faults.poisons(step):   # fault.nan_at_step: this rank's gradient turns NaN
             on_backward = self._poison_gradient
         with prange("step", step=step):
-            # a slow worker: F x its compute (the previous step's), before the step's gradient communication,
-            # where a slow GPU or host would delay it
-            self.faults.straggle(self.compute_s)
             began = time.perf_counter()
             result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
                                             on_backward=on_backward)
-            self.compute_s = time.perf_counter() - began
+            compute_s = time.perf_counter() - began
+            # a slow worker: F x this step's compute, step 0 included; the others wait for it in the loss
+            # all-reduce below. (Before the step, the delay had to be a multiple of the previous step, none at
+            # step 0, and at step 1 the others waited in DDP's bucket-rebuild broadcast, which no timeline sees.)
+            self.faults.straggle(compute_s)
         loss = mean_over_ranks(result.loss_sum / cfg.accum_steps(self.dims.dp))
         dt = time.perf_counter() - t0
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start
