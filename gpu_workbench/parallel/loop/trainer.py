@@ -27,7 +27,7 @@ from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.loop import faults, hooks, previous, provenance, rerun
+from gpu_workbench.parallel.loop import afresh, faults, hooks, previous, provenance, rerun
 from gpu_workbench.parallel.loop.distributed import broadcast, gather, init_distributed, mean_over_ranks
 from gpu_workbench.parallel.loop.injector import FaultInjector
 from gpu_workbench.parallel.loop.lock import RunLock
@@ -47,7 +47,8 @@ def train(cfg: RunConfig, nproc: int | None = None) -> RunSummary:
         recipes.resolve(cfg, nproc or 1)
         cfg.run_dir = str(resolve_run_dir(cfg))
         with RunLock(Path(cfg.run_dir)):
-            return recipe.run(cfg, nproc or 1)
+            finished = afresh.prepare(Path(cfg.run_dir), cfg)   # no checkpoints: the old run moves aside
+            return finished if finished is not None else recipe.run(cfg, nproc or 1)
     trainer = Trainer(cfg)
     try:
         if trainer.finished is not None:   # a finished run rerun with its settings: its summary, unchanged
