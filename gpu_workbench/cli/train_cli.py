@@ -139,6 +139,7 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
         items = [*items, f"run_dir={run_dir}"]
     from gpu_workbench.cluster import torchrun
     from gpu_workbench.parallel.loop.lock import RunLock
+    from gpu_workbench.parallel.checkpoint import handed
     from gpu_workbench.parallel.loop.preflight import preflight
 
     # no --nproc in the workers' command: torchrun's parser would take it as its own
@@ -146,27 +147,29 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     command = torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
                                         log_dir=str(log_dir or ""), agent="gpu_workbench.cluster.agent")
     with RunLock(run_dir) as lock:   # held by this launcher; its ranks (and their restarts) write under it
-        preflight(cfg, nproc)        # a resume that does not fit: one line here, not one per rank
-        code = _run_workers(command, lock.token)
+        begin = preflight(cfg, nproc)   # a resume that does not fit: one line here, not one per rank
+        code = _run_workers(command, lock.token, handed.encode(begin, run_dir))   # verified once, here
     if code:
         raise typer.Exit(code)
 
 
-def _run_workers(command: list[str], lock_token: str) -> int:
-    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/worker_errors.py)."""
+def _run_workers(command: list[str], lock_token: str, plan: str = "") -> int:
+    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/worker_errors.py).
+    `plan`: the launcher's start decision for the workers (parallel/checkpoint/handed.py)."""
     import tempfile
 
     from gpu_workbench.cluster import torchrun
     from gpu_workbench.parallel import worker_errors
+    from gpu_workbench.parallel.checkpoint import handed
     from gpu_workbench.parallel.loop.lock import TOKEN_ENV
 
     with tempfile.TemporaryDirectory(prefix="wb-errors-") as folder:
-        os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder})
+        os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder, **({handed.ENV: plan} if plan else {})})
         try:
             code = torchrun.run(command)
         finally:
-            os.environ.pop(TOKEN_ENV, None)
-            os.environ.pop(worker_errors.ENV, None)
+            for name in (TOKEN_ENV, worker_errors.ENV, handed.ENV):
+                os.environ.pop(name, None)
         line = worker_errors.first(folder) if code else None
     if line is not None:
         raise UserError(line)

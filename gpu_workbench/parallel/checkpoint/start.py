@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpu_workbench.parallel.checkpoint.fingerprint import LAYOUT, MUST_MATCH, STATE, fingerprint, first_difference
+from gpu_workbench.parallel.checkpoint.handed import launcher_plan
 from gpu_workbench.parallel.checkpoint.listing import newest_good, say_skipped, scan
 from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify
 from gpu_workbench.parallel.checkpoint.universal import FORMAT
@@ -112,6 +113,17 @@ def plan(run_dir: Path, cfg, world_size: int, reader_format: str, trusted: tuple
     return Start()
 
 
+def check_at(start: Start, cfg, world_size: int, reader_format: str) -> Start:
+    """A planned start re-checked for a run at `world_size` (fingerprint, steps, resharding: meta.json only)."""
+    return start if start.how == "fresh" else _checked(Path(start.path), start.how, cfg, world_size, reader_format)
+
+
+def _as_handed(run_dir: Path, cfg, world_size: int, reader_format: str) -> Start | None:
+    """The launcher's plan (handed.py), its files verified there, re-checked at this world size; or None."""
+    handed = launcher_plan(run_dir)
+    return None if handed is None else check_at(Start(**handed), cfg, world_size, reader_format)
+
+
 def decide(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: str, trusted: tuple = (),
            resume_only: bool = False) -> Start:
     """`plan` on rank 0, its answer (or its refusal, raised) on every rank. Collective."""
@@ -120,7 +132,9 @@ def decide(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: st
     answer: tuple[dict | None, str | None] = (None, None)
     if is_main:
         try:
-            answer = (asdict(plan(run_dir, cfg, world_size, reader_format, trusted, resume_only)), None)
+            start = None if resume_only else _as_handed(run_dir, cfg, world_size, reader_format)
+            start = start or plan(run_dir, cfg, world_size, reader_format, trusted, resume_only)
+            answer = (asdict(start), None)
         except UserError as refusal:
             answer = (None, str(refusal))
     if dist.is_initialized():
