@@ -57,15 +57,23 @@ def _fits(meta: dict, cfg, world_size: int, reader_format: str, model_only: bool
     return difference, first_difference(saved, current, LAYOUT) is not None
 
 
+def _hint(how: str, problem: str, model_only: bool) -> str:
+    """A remedy that works for this refusal (load_model_only cannot help a model that differs)."""
+    if how == "resume":
+        return "use another run_dir, or checkpoint.resume=false to start over"
+    if model_only or problem.startswith("model."):
+        return ("the model must be the checkpoint's even with checkpoint.load_model_only=true: give this run "
+                "the checkpoint's model settings (its run's config.json), or start without checkpoint.load_from")
+    return "checkpoint.load_model_only=true needs only the model to match"
+
+
 def _checked(path: Path, how: str, cfg, world_size: int, reader_format: str) -> Start:
     meta, _ = read_meta(path)
     model_only = how == "load_from" and cfg.checkpoint.load_model_only
     problem, resharded = _fits(meta, cfg, world_size, reader_format, model_only)
     prefix = f"cannot resume {path}" if how == "resume" else f"cannot start from checkpoint.load_from={path}"
     if problem:
-        hint = "use another run_dir, or checkpoint.resume=false to start over" if how == "resume" else (
-            "checkpoint.load_model_only=true needs only the model to match")
-        raise UserError(f"{prefix}: {problem}; {hint}")
+        raise UserError(f"{prefix}: {problem}; {_hint(how, problem, model_only)}")
     if not model_only and meta["step"] > cfg.steps:
         raise UserError(f"{prefix}: it holds {meta['step']} steps, more than steps={cfg.steps}; raise steps"
                         + (", or use another run_dir" if how == "resume" else ""))
