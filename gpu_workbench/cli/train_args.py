@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def _train_args(command: list[str]) -> list[str] | None:
@@ -58,8 +58,8 @@ def _check_run_dir(cfg, world_size: int) -> None:
     Reads only; a directory this node cannot see is the job's to check."""
     from pathlib import Path
 
-    from gpu_workbench.parallel.loop import marker
     from gpu_workbench.parallel.loop.preflight import preflight
+    from gpu_workbench.parallel.runtime import marker
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if run_dir is not None and run_dir.is_file():

@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gpu_workbench.parallel.loop import previous, rerun
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.loop import rerun
+from gpu_workbench.parallel.runtime import previous
+from gpu_workbench.parallel.runtime.summary import RunSummary
 
 
 def prepare(run_dir: Path, cfg) -> RunSummary | None:
