@@ -19,6 +19,7 @@ from tests.helpers.cli import ROOT, env, one_line
 TINY = str(ROOT / "configs" / "tiny.toml")
 TRAIN = ["train", "--config", TINY, "progress=false", "model.d_model=32", "model.n_layers=1"]
 FINISHED = [*TRAIN, "steps=4", "checkpoint.every=2", "checkpoint.keep=2"]
+DDP2 = ["--recipe", "ddp", "--nproc", "2"]   # the shared run is single's: ddp on 2 ranks resumes it resharded
 
 
 def user(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -71,7 +72,7 @@ def test_a_folder_of_the_users_own_is_never_written(home, tmp_path):
     (mine / "metrics.jsonl").write_text('{"epoch": 0}\n')
     before = files(mine)
     one_line(user(tmp_path, *TRAIN, "--run-dir", "mine", "steps=1"), "is not empty and is not a wb run directory")
-    one_line(user(tmp_path, *TRAIN, "--nproc", "2", "--run-dir", "mine", "steps=1"), "is not a wb run directory")
+    one_line(user(tmp_path, *TRAIN, *DDP2, "--run-dir", "mine", "steps=1"), "is not a wb run directory")
     assert files(mine) == before
 
 
@@ -92,7 +93,7 @@ def test_a_torn_metrics_line_heals_and_a_damaged_run_refuses(copy):
 def test_refusals_are_one_line_at_nproc_2_and_for_slurm(home, tmp_path):
     before = files(home / "run")
     for extra in (["seed=1"], ["model.arch=llama"]):
-        one_line(user(home, *FINISHED, "--nproc", "2", "--run-dir", "run", "steps=6", *extra), "cannot resume")
+        one_line(user(home, *FINISHED, *DDP2, "--run-dir", "run", "steps=6", *extra), "cannot resume")
     line = one_line(user(home, *TRAIN, "--run-dir", str(tmp_path / "new"), "checkpoint.load_from=run",
                          "checkpoint.load_model_only=true", "model.arch=llama"), "model.arch is 'llama'")
     assert "needs only the model to match" not in line   # the hint that could not help
@@ -104,7 +105,8 @@ def test_refusals_are_one_line_at_nproc_2_and_for_slurm(home, tmp_path):
     for render, job, words in ([["--nproc-per-node", "2"], ["stepz=5"], "unknown config key 'stepz'"],
                                [["--nproc-per-node", "2"], ["--run-dir", "run", "seed=1"], "cannot resume"],
                                [["--nproc-per-node", "0"], [], "--nproc-per-node must be >= 1"]):
-        done = subprocess.run([sys.executable, "-m", "gpu_workbench", *slurm, *render, "--", "wb", *TRAIN, *job],
+        done = subprocess.run([sys.executable, "-m", "gpu_workbench", *slurm, *render, "--", "wb", *TRAIN,
+                               "--recipe", "ddp", *job],
                               cwd=home, env=env(PATH=f"{fake}{os.pathsep}{env()['PATH']}"), capture_output=True,
                               text=True, timeout=600)
         one_line(done, words)
@@ -118,7 +120,7 @@ def test_plain_mistakes_are_one_line_and_leave_nothing(home, tmp_path):
     one_line(user(tmp_path, "data", "prepare", str(ROOT / "README.md"), "--out", "folder"), "--out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]   # no runs.tmp, nothing else
     (tmp_path / "log").write_text("mine\n")
-    one_line(user(tmp_path, *TRAIN, "--nproc", "2", "--log-dir", "log", "--run-dir", "r", "steps=1"), "--log-dir")
+    one_line(user(tmp_path, *TRAIN, *DDP2, "--log-dir", "log", "--run-dir", "r", "steps=1"), "--log-dir")
     assert not (tmp_path / "r").exists() and (tmp_path / "log").read_text() == "mine\n"
     (tmp_path / "model.safetensors").write_text("mine\n")
     one_line(user(home, "checkpoint", "export", "run", "--out", str(tmp_path / "model.safetensors")), "--force")
