@@ -103,7 +103,9 @@ def slurm_render(
     log_dir: str = typer.Option("runs/slurm", "--log-dir", help="batch, node and per-rank logs"),
     out: Path = typer.Option(None, "--out", help="script path (default <log-dir>/<job-name>.sbatch)"),
     submit: bool = typer.Option(False, "--submit", help="pass the script to sbatch"),
-    wait: bool = typer.Option(False, "--wait", help="with --submit: return when the job ends, with its exit status"),
+    wait: bool = typer.Option(False, "--wait", help="with --submit: return when the job ends, with its exit status; "
+                                                    "print its state, exit code, run directory (and on failure "
+                                                    "the failing node's log and last error line)"),
 ) -> None:
     """Write an sbatch script that runs the command as `srun torchrun` on every node."""
     from gpu_workbench.cluster import slurm
@@ -129,6 +131,19 @@ def slurm_render(
         print("wb: note: the command names no run directory (run_dir=...): a requeued job starts over instead of "
               "resuming", file=sys.stderr)
     if submit:
-        code = slurm.submit(path, wait=wait)
-        if code:
-            raise typer.Exit(code)
+        _submit(path, wait, log_dir, run_dir_of(command))
+
+
+def _submit(script: Path, wait: bool, log_dir: str, run_dir: str) -> None:
+    """sbatch the script; with --wait, say what happened (state, exit code, run directory; on failure the
+    failing node's log and last error line) and exit with the job's status."""
+    from gpu_workbench.cluster import slurm
+    from gpu_workbench.cluster.slurm_outcome import outcome
+
+    code, job_id = slurm.submit(script, wait=wait)
+    if wait and job_id:
+        lines, failed = outcome(job_id, code, log_dir, run_dir)
+        print("\n".join(lines), file=sys.stderr if failed else sys.stdout, flush=True)
+        code = code or int(failed)
+    if code:
+        raise typer.Exit(code)

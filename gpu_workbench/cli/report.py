@@ -280,8 +280,9 @@ def _kernel_section(out: Path) -> str:
 # ----------------------------------------------------------------------------- provenance, warnings
 PROVENANCE = ["torch", "triton", "deepspeed", "ray"]
 # config keys a comparison may differ in: the recipe and its model-parallel layout (a run of a
-# comparison is "recipe[:overrides]", e.g. ddp:tp.degree=2), and how a run was named, launched, watched
-RUN_ONLY_KEYS = ("recipe", "tp", "cp", "run_dir", "name", "segments", "progress", "profiling")
+# comparison is "recipe[:overrides]", e.g. ddp:tp.degree=2; the pipeline fills in its pp.microbatches),
+# and how a run was named, launched, watched
+RUN_ONLY_KEYS = ("recipe", "tp", "cp", "pp", "run_dir", "name", "segments", "progress", "profiling")
 
 
 def _provenance_section(runs: list[Run]) -> str:

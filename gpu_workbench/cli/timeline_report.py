@@ -30,7 +30,7 @@ def figure(runs, out, machine: str) -> str | None:
     rows = breakdowns(runs)
     if not rows:
         return None
-    fig, ax = pyplot().subplots(figsize=(8, 0.45 * len(rows) + 2.2), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(8, 0.45 * len(rows) + 1.6), dpi=110, layout="constrained")
     fig.suptitle(f"median step time per rank (host timeline: wb profile analyze)\n{machine}", fontsize=10)
     labels = [f"{name} rank {rank}" for name, rank, _ in rows]
     left = [0.0] * len(rows)
@@ -40,10 +40,10 @@ def figure(runs, out, machine: str) -> str | None:
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("ms per step (the median of each part; hidden communication counts as busy)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.6 / len(rows)), ncol=len(PARTS))
+    # the legend above the bars, and the saved figure cut to what is drawn: no empty band at any row count
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(PARTS), frameon=False)
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(out / "time_breakdown.png")
+    fig.savefig(out / "time_breakdown.png", bbox_inches="tight", pad_inches=0.1)
     pyplot().close(fig)
     return "time_breakdown.png"
 

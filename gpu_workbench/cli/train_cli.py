@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.cli.paths import output_dir
+from gpu_workbench.cli.paths import output_dir, output_file
 from gpu_workbench.parallel.runtime.errors import UserError
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
@@ -148,6 +148,7 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     if not cfg.run_dir:   # one directory for all ranks, chosen before they start
         items = [*items, f"run_dir={run_dir}"]
     from gpu_workbench.cluster import torchrun
+    from gpu_workbench.parallel.checkpoint import handed
     from gpu_workbench.parallel.loop.preflight import preflight
     from gpu_workbench.parallel.runtime.lock import RunLock
 
@@ -156,27 +157,29 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     command = torchrun.torchrun_command(worker, nproc_per_node=nproc, max_restarts=max_restarts,
                                         log_dir=str(log_dir or ""), agent="gpu_workbench.cluster.agent")
     with RunLock(run_dir) as lock:   # held by this launcher; its ranks (and their restarts) write under it
-        preflight(cfg, nproc)        # a resume that does not fit: one line here, not one per rank
-        code = _run_workers(command, lock.token)
+        begin = preflight(cfg, nproc)   # a resume that does not fit: one line here, not one per rank
+        code = _run_workers(command, lock.token, handed.encode(begin, run_dir))   # verified once, here
     if code:
         raise typer.Exit(code)
 
 
-def _run_workers(command: list[str], lock_token: str) -> int:
-    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/runtime/worker_errors.py)."""
+def _run_workers(command: list[str], lock_token: str, plan: str = "") -> int:
+    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/runtime/worker_errors.py).
+    `plan`: the launcher's start decision for the workers (parallel/checkpoint/handed.py)."""
     import tempfile
 
     from gpu_workbench.cluster import torchrun
+    from gpu_workbench.parallel.checkpoint import handed
     from gpu_workbench.parallel.runtime import worker_errors
     from gpu_workbench.parallel.runtime.lock import TOKEN_ENV
 
     with tempfile.TemporaryDirectory(prefix="wb-errors-") as folder:
-        os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder})
+        os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder, **({handed.ENV: plan} if plan else {})})
         try:
             code = torchrun.run(command)
         finally:
-            os.environ.pop(TOKEN_ENV, None)
-            os.environ.pop(worker_errors.ENV, None)
+            for name in (TOKEN_ENV, worker_errors.ENV, handed.ENV):
+                os.environ.pop(name, None)
         line = worker_errors.first(folder) if code else None
     if line is not None:
         raise UserError(line)
@@ -210,9 +213,13 @@ def _print_summary(summary) -> None:
 def prepare(
     text_file: Path = typer.Argument(..., help="any file; its bytes become tokens (vocab 256)"),
     out: Path = typer.Option(..., "--out", help="output token file, e.g. data.bin"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
 ) -> None:
     """Write a byte-level token file for data.kind = "bytes" (read back with numpy.memmap)."""
     from gpu_workbench.parallel.data import prepare_bytes
 
+    out = output_file(out, "--out")   # a directory, a folder it cannot write: one line, nothing left behind
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists; pass --force to replace it, or name another file")
     n = prepare_bytes(text_file, out)
     print(f"wrote {n} tokens to {out}")

@@ -38,6 +38,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from gpu_workbench.parallel.checkpoint import handed
 from gpu_workbench.parallel.config import FAULT_WORLD_ENV
 from gpu_workbench.parallel.loop.preflight import preflight
 from gpu_workbench.parallel.runtime.errors import UserError
@@ -102,6 +103,8 @@ def _worker(config: dict) -> None:
     if config.get("lock_token"):   # the driver's run lock: this job's ranks write under it
         os.environ[TOKEN_ENV] = config["lock_token"]
     os.environ[FAULT_WORLD_ENV] = str(config["max_workers"])   # a shrunk elastic job's faults aim at MAX
+    if config.get("plan"):   # the driver's start decision: rank 0 takes it while the checkpoints are unchanged
+        os.environ[handed.ENV] = config["plan"]
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(cfg.run_dir)
     _restore_from_ray(run_dir, rank, recipes.get(cfg.recipe).checkpoint_globals())
@@ -231,15 +234,18 @@ def train_on_ray(cfg, nproc: int | tuple[int, int], gpus_per_worker: float = 0, 
     _absolute_paths(cfg)
     run_dir = Path(cfg.run_dir)
     with RunLock(run_dir) as lock:   # one writer per run directory, the driver for its workers
-        if isinstance(nproc, int):   # an elastic job's world size (its layout) is known only in the workers
-            preflight(cfg, nproc)    # a resume that does not fit: one line, before Ray starts
+        os.environ[FAULT_WORLD_ENV] = str(sizes[-1])
+        try:   # a resume that does not fit: one line, before Ray starts; elastic: it must fit every size
+            begin = preflight(cfg, sizes if isinstance(nproc, tuple) else nproc)
+        finally:
+            os.environ.pop(FAULT_WORLD_ENV)
         _init_ray(address, sizes[-1])
-        return _fit(cfg, nproc, run_dir, gpus_per_worker, max_failures, storage_path, lock.token)
+        return _fit(cfg, nproc, run_dir, gpus_per_worker, max_failures, storage_path, lock.token,
+                    handed.encode(begin, run_dir))   # checkpoints verified here, once
 
 
 def _fit(cfg, nproc: int | tuple[int, int], run_dir: Path, gpus_per_worker: float, max_failures: int,
-         storage_path: str | None,
-         lock_token: str) -> RunSummary:
+         storage_path: str | None, lock_token: str, plan: str = "") -> RunSummary:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -247,7 +253,8 @@ def _fit(cfg, nproc: int | tuple[int, int], run_dir: Path, gpus_per_worker: floa
     resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "lock_token": lock_token, "max_workers": _world_sizes(nproc)[-1]},
+        train_loop_config={"cfg": cfg.to_dict(), "lock_token": lock_token, "max_workers": _world_sizes(nproc)[-1],
+                           "plan": plan},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -172,11 +172,19 @@ def _body(log_dir: str, run_dir: str, threads: int, setup: list[str], cpus: int,
     ]
 
 
-def submit(script: Path, wait: bool = False) -> int:
-    """`sbatch SCRIPT` (`--wait`: until the job ends, its exit status) when sbatch is installed; otherwise a
+def submit(script: Path, wait: bool = False) -> tuple[int, str]:
+    """`sbatch SCRIPT` (`--wait`: until the job ends) when sbatch is installed: (its exit status, the job id
+    from its "Submitted batch job N" line, "" if none), its output passed through as it comes; otherwise a
     UserError saying how to submit by hand."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError(f"sbatch not found on PATH: the script is at {script}; submit it with "
                          f"`sbatch {shlex.quote(str(script))}` on a Slurm login node")
-    return subprocess.call([sbatch, *(["--wait"] if wait else []), str(script)])
+    job_id = ""
+    with subprocess.Popen([sbatch, *(["--wait"] if wait else []), str(script)], stdout=subprocess.PIPE,
+                          text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            match = re.search(r"Submitted batch job (\d+)", line)
+            job_id = job_id or (match.group(1) if match else "")
+    return proc.returncode, job_id

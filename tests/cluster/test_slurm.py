@@ -174,3 +174,19 @@ def test_a_job_that_passes_its_checks_is_queued(tmp_path, fake_sbatch, capsys):
     assert not exit_.value.code, capsys.readouterr().err
     assert fake_sbatch.read_text().strip() == str(script)
     assert "--nproc-per-node=2" in script.read_text()
+
+
+def test_the_failing_node_is_the_task_srun_reported(tmp_path):
+    """Two nodes: srun's batch-log line names task 1, so node-1.out is the failing node's log, and its last
+    error line is its last `wb: error:` line without torchrun's rank prefixes (else a traceback's last line)."""
+    from gpu_workbench.cluster.slurm_outcome import failing_node_log, last_error_line
+
+    (tmp_path / "node-0.out").write_text("[default0]:[rank0]: Traceback (most recent call last):\n"
+                                         "[default0]:[rank0]: RuntimeError: Connection closed by peer\n")
+    (tmp_path / "node-1.out").write_text("[default0]:wb: error: first\n[default1]:wb: error: rank 3's\nbye\n")
+    batch = ["wb: job 7 on 2 node(s)", "srun: error: hostb: task 1: Exited with exit code 2"]
+    assert failing_node_log(tmp_path, batch) == tmp_path / "node-1.out"
+    assert last_error_line((tmp_path / "node-1.out").read_text().splitlines()) == "wb: error: rank 3's"
+    assert last_error_line((tmp_path / "node-0.out").read_text().splitlines()) == \
+        "RuntimeError: Connection closed by peer"
+    assert failing_node_log(tmp_path, []) == tmp_path / "node-0.out"   # no srun line: the first with an error

@@ -45,12 +45,17 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", SCRIPT, "down"], capture_output=True, timeout=120)
 
 
-def _submit(slurm, tmp_path, *extra) -> tuple[str, Path]:
+def _render(slurm, tmp_path, *extra, render=(), timeout=60) -> tuple[subprocess.CompletedProcess, Path]:
     run_dir = tmp_path / "run"
     done = wb("slurm", "render", "--gpus-per-node", "0", "--nproc-per-node", "2", "--partition", "debug",
-              "--time", "10", "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"), "--submit",
+              "--time", "10", "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"), "--submit", *render,
               "--", "wb", "train", "--recipe", "ddp", "--config", TINY, "--run-dir", str(run_dir), *JOB, *extra,
-              timeout=60, env=slurm)
+              timeout=timeout, env=slurm)
+    return done, run_dir
+
+
+def _submit(slurm, tmp_path, *extra) -> tuple[str, Path]:
+    done, run_dir = _render(slurm, tmp_path, *extra)
     assert done.returncode == 0, done.stdout + done.stderr
     return re.search(r"Submitted batch job (\d+)", done.stdout).group(1), run_dir
 
@@ -90,8 +95,13 @@ def _rank_processes(run_dir) -> list[str]:
 
 
 def test_job_runs_to_completion(slurm, clean_ddp, tmp_path):
+    """--wait: back when the job has ended, with its state, exit code, run directory and logs."""
     t0 = time.perf_counter()
-    job_id, run_dir = _submit(slurm, tmp_path)
+    done, run_dir = _render(slurm, tmp_path, render=["--wait"], timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    assert f"wb: job {job_id} COMPLETED, exit code 0\nwb: run directory: {run_dir}\n" \
+           f"wb: logs: {tmp_path / 'logs' / job_id}/" in done.stdout, done.stdout
     _ended(slurm, job_id, "COMPLETED")
     print(f"\nslurm job: {time.perf_counter() - t0:.1f} s (uninterrupted torchrun: {clean_ddp[2]:.1f} s)")
     s = summary(run_dir)
@@ -135,3 +145,22 @@ def test_scancel_ends_the_job_cleanly(slurm, tmp_path):
     # complete checkpoints only of steps that ran (one cut short by the cancel stays step_N.tmp, never resumed)
     saved = [int(p.name.split("_")[1]) for p in complete_checkpoints(run_dir)]
     assert all(step <= len(done) for step in saved), saved
+
+
+def test_wait_names_the_failing_node_and_its_error(slurm, tmp_path):
+    """A job that fails on its node (its run directory became a folder of the user's own after the render):
+    --wait exits non-zero with the state, the exit code, the failing node's log and its last error line."""
+    run_dir = tmp_path / "run"
+    mine = f"mkdir -p {run_dir} && echo precious > {run_dir}/notes.txt"   # before srun, after the render's checks
+    done, _ = _render(slurm, tmp_path, render=["--wait", "--setup", mine], timeout=600)
+    job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    assert done.returncode == 1, done.stdout + done.stderr
+    node_log = tmp_path / "logs" / job_id / "node-0.out"
+    report = done.stderr.splitlines()[-4:]
+    assert report == [f"wb: job {job_id} FAILED, exit code 1", f"wb: run directory: {run_dir}",
+                      f"wb: failing node's log: {node_log}",
+                      f"wb: its last error line: wb: error: run_dir (--run-dir) {run_dir} is not empty and is not "
+                      f"a wb run directory (no run.json, and no config.json written by wb train); nothing in it was "
+                      f"changed: choose an empty or new directory"], done.stderr
+    assert report[-1].removeprefix("wb: its last error line: ") in node_log.read_text()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt", "slurm_env.json"]

@@ -126,7 +126,8 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
     train(RunConfig.from_toml(TINY, ["model.d_model=96", "steps=1", "progress=false", "checkpoint.every=1",
                                      f"run_dir={odd}"]))
     err = main_error(capsys, "quant", "eval", str(odd), "--group-size", "64")
-    assert "--group-size 64 does not divide layer blocks.0.attn.q's in_features (96)" in err, err
+    assert "--group-size 64 does not divide layer blocks.0.attn.q's in_features (96); choose 32 (they divide " \
+           "every layer), or -1 (per output channel)" in err, err   # the remedy works: 32 divides 96 and 384
     bare = tmp_path / "bare"   # a run directory without any checkpoint: the real CLI, in a subprocess
     bare.mkdir()
     shutil.copy(run_dir / "config.json", bare / "config.json")

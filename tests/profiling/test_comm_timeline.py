@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from itertools import groupby
 
+import matplotlib.image
 import pytest
 
 from tests.helpers.runs import TINY, runnable, skip_unless_runnable, torchrun, wb
@@ -17,8 +19,7 @@ STEPS = ["steps=4", "progress=false", "checkpoint.every=0", "global_batch=8", "m
          "profiling.timeline=true"]
 RUNS = {   # name: overrides; the collectives each must show on the "comm" lane (the loss all-reduce aside)
     "ddp": (["recipe=ddp"], {"allreduce"}),
-    # 6 steps: step 0 has no delay (the straggler sleeps a multiple of its previous step), and in step 1 DDP
-    # rebuilds its buckets, a broadcast from C++ the timeline cannot see, where rank 0 waits instead
+    # the README's straggler example: rank 1 sleeps 4x its compute after each step's, step 0 included
     "ddp-straggler": (["recipe=ddp", "straggler.rank=1", "straggler.factor=5", "steps=6"], {"allreduce"}),
     "zero1": (["recipe=zero1"], {"allreduce", "allgather"}),
     "zero2": (["recipe=zero2"], {"allreduce", "allgather"}),
@@ -64,7 +65,7 @@ def test_every_rank_has_its_recipes_collectives_on_the_comm_lane(runs, name):
 
 def test_ddp_allreduce_ends_after_the_last_rank_issued_it(runs):
     """The span runs to completion: no rank's all-reduce can finish before the straggler (rank 1, which sleeps
-    4x its compute after each step) has issued it. A span of the issue alone ends tens of ms earlier."""
+    4x its compute after each step's compute) has issued it. A span of the issue alone ends tens of ms earlier."""
     spans = _spans(runs["ddp-straggler"])
     reduces = {r: sorted((s for s in spans[r] if s["lane"] == "comm" and s["name"] == "allreduce"),
                          key=lambda s: s["ts"]) for r in spans}
@@ -84,8 +85,9 @@ def test_context_parallel_ring_transfers_are_issue_and_wait_spans(runs):
 
 
 def test_analyze_names_the_straggler_and_its_cost(runs, tmp_path):
-    """straggler.rank=1 factor=5: rank 1 is the straggler of steps 2-4 (steps 0 and 1: see RUNS), and rank 0's
-    exposed communication grows far beyond the run without a straggler (it waits for rank 1 at every step)."""
+    """straggler.rank=1 factor=5: rank 1 is the straggler of every step (steps 0 and 1 too, which the delay
+    used to miss), and rank 0's exposed communication grows far beyond the run without a straggler (it waits
+    for rank 1 at every step)."""
     out = tmp_path / "analysis.json"
     done = wb("profile", "analyze", str(runs["ddp-straggler"]), "--json", str(out))
     assert done.returncode == 0, done.stderr
@@ -95,7 +97,7 @@ def test_analyze_names_the_straggler_and_its_cost(runs, tmp_path):
 
     plain = analyze_run(runs["ddp"])
     stragglers = [s["straggler"] for s in slow["steps"]]
-    assert len(stragglers) == 5 and stragglers[2:] == [1, 1, 1], stragglers
+    assert stragglers == [1, 1, 1, 1, 1], stragglers
     exposed = {r: slow["ranks"][str(r)]["exposed_ms"] for r in (0, 1)}
     assert exposed[0] > 3 * plain["ranks"][0]["exposed_ms"] and exposed[0] > 3 * exposed[1]
 
@@ -141,7 +143,11 @@ def test_report_breaks_the_step_time_down_per_rank(runs, tmp_path):
 
     done = wb("report", str(runs["ddp"]), str(runs["ddp-straggler"]), "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "time_breakdown.png").stat().st_size > 0
+    image = matplotlib.image.imread(tmp_path / "time_breakdown.png")[..., :3]
+    blank = [len(list(band)) for empty, band in groupby(image.min(axis=(1, 2)) > 0.99) if empty]
+    # the figure fits its content: no empty band (rows of pixels with nothing drawn) of more than 8% of its
+    # height; it used to leave 15% (4 bars here) to 31% (2 bars) below the legend
+    assert max(blank) < 0.08 * len(image), (max(blank), len(image))
     text = (tmp_path / "report.md").read_text()
     assert "![time_breakdown.png](time_breakdown.png)" in text
     slow = analyze_run(runs["ddp-straggler"])["ranks"][0]

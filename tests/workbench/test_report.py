@@ -109,6 +109,23 @@ def test_report_warns_when_runs_differ_in_more_than_the_recipe(compared, tmp_pat
     assert "run_dir" not in warning and "recipe" not in warning.split(":", 1)[1].split("comparison")[1]
 
 
+def test_report_does_not_warn_about_a_layout(compared, tmp_path):
+    """The pipeline writes its pp.microbatches (its layout, as tp's degree is ddp:tp.degree=2's): `make demo`'s
+    report compares its own runs like for like."""
+    import json
+    import shutil
+
+    piped = tmp_path / "pipeline"
+    shutil.copytree(compared / "ddp", piped)
+    config = json.loads((piped / "config.json").read_text())
+    config["recipe"], config["pp"]["microbatches"], config["pp"]["degree"] = "pipeline", 4, 2
+    (piped / "config.json").write_text(json.dumps(config))
+    done = wb("report", str(compared / "single"), str(compared / "ddp-tp.degree=2"), str(piped), "--out",
+              str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_report_rebuilds_from_run_dirs_without_rerunning(compared, tmp_path):
     run_dirs = [compared / "single", compared / "ddp"]
     before = {p: p.stat().st_mtime_ns for d in run_dirs for p in d.rglob("*") if p.is_file()}

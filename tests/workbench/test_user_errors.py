@@ -3,9 +3,11 @@ and nothing written: each through the real CLI in a subprocess, the variants in-
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +293,42 @@ def train_refused(capfd, *args: str) -> str:
     return err.strip()
 
 
+@pytest.fixture(params=["1", "2", "slurm"])
+def launch(request, tmp_path, monkeypatch):
+    """How the refused job is launched (see refused); for "slurm" an sbatch first on PATH that records a
+    submission in <tmp_path>/submitted: none may happen."""
+    if request.param == "slurm":
+        no_sbatch_run(tmp_path, monkeypatch)
+    yield request.param
+    assert not (tmp_path / "submitted").exists(), "a refused job was queued"
+
+
+def no_sbatch_run(tmp_path, monkeypatch) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/submitted\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+def refused(capfd, launch: str, *args: str) -> str:
+    """The refusal of `wb train FAST ARGS` launched as `launch`: "1" or "2" processes (train_refused), or
+    "slurm": `wb slurm render --submit` of the job on 2 ranks, refused at render time with the same line
+    after the job's prefix (returned without it). Exit 2, one line, no script written."""
+    if launch != "slurm":
+        return train_refused(capfd, *FAST, "--nproc", launch, *args)
+    script = Path(os.environ["PATH"].split(":")[0]).parent / "job.sbatch"
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["slurm", "render", "--submit", "--gpus-per-node", "0", "--nproc-per-node", "2", "--partition", "debug",
+              "--out", str(script), "--", "wb", "train", *FAST, *args])
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
+    prefix = "wb: error: the job's wb train on 2 rank(s): "
+    assert err.startswith(prefix) and not script.exists(), err
+    return "wb: error: " + err[len(prefix):].strip()
+
+
 def _snapshot(run_dir) -> dict:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
@@ -303,11 +341,10 @@ RESUME_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("nproc", ["1", "2"])
 @pytest.mark.parametrize(("extra", "words"), RESUME_REFUSALS, ids=[e[0] for e, _ in RESUME_REFUSALS])
-def test_resume_refusal_is_one_line_at_every_nproc(nproc, extra, words, trained, capfd):
+def test_resume_refusal_is_one_line_at_every_nproc(launch, extra, words, trained, capfd):
     before = _snapshot(trained)
-    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", str(trained), "steps=3", *extra)
+    err = refused(capfd, launch, "--run-dir", str(trained), "steps=3", *extra)
     assert err.startswith(f"wb: error: cannot resume {trained / 'checkpoints'}") and words in err, err
     assert _snapshot(trained) == before   # nothing written, the lock released
 
@@ -319,27 +356,27 @@ def test_resume_refusal_under_ray_is_one_line_before_ray_starts(trained, capfd):
     assert "cannot resume" in err and "seed is 1 in this run, 0 in the checkpoint" in err, err
 
 
-@pytest.mark.parametrize("nproc", ["1", "2"])
-def test_load_from_refusals_are_one_line_at_every_nproc(nproc, trained, tmp_path, capfd):
+def test_load_from_refusals_are_one_line_at_every_nproc(launch, trained, tmp_path, capfd):
     new = str(tmp_path / "new")
-    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", new, f"checkpoint.load_from={trained}",
-                        "model.d_model=16")
+    err = refused(capfd, launch, "--run-dir", new, f"checkpoint.load_from={trained}", "model.d_model=16")
     assert f"cannot start from checkpoint.load_from={trained / 'checkpoints' / 'step_000002'}: model.d_model is " \
            "16 in this run, 32 in the checkpoint" in err, err
-    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", new, f"checkpoint.load_from={tmp_path}")
+    err = refused(capfd, launch, "--run-dir", new, f"checkpoint.load_from={tmp_path}")
     assert f"checkpoint.load_from={tmp_path} is neither a run directory nor a step_* checkpoint folder" in err, err
     assert not (tmp_path / "new" / "config.json").exists()
 
 
-@pytest.mark.parametrize("nproc", ["1", "2"])
-def test_config_and_run_dir_refusals_are_one_line_at_every_nproc(nproc, tmp_path, capfd):
-    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", str(tmp_path / "run"), "stepz=5")
+def test_config_and_run_dir_refusals_are_one_line_at_every_nproc(launch, tmp_path, capfd):
+    err = refused(capfd, launch, "--run-dir", str(tmp_path / "run"), "stepz=5")
     assert "unknown config key 'stepz' (did you mean 'steps'?)" in err, err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious\n")   # a folder of the user's own
-    err = train_refused(capfd, *FAST, "--nproc", nproc, "--run-dir", str(tmp_path / "mine"), "steps=1")
+    err = refused(capfd, launch, "--run-dir", str(tmp_path / "mine"), "steps=1")
     assert "is not empty and is not a wb run directory" in err, err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    err = refused(capfd, launch, "--run-dir", str(tmp_path / "mine" / "notes.txt"), "steps=1")
+    assert f"run_dir (--run-dir) {tmp_path / 'mine' / 'notes.txt'} is a file, not a directory" in err, err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious\n"
 
 
 @pytest.mark.parametrize("nproc", ["1", "2"])
@@ -348,6 +385,14 @@ def test_log_dir_naming_a_file_is_one_line_before_torchrun(nproc, a_file, tmp_pa
                         str(tmp_path / "run"), "steps=1")
     assert f"--log-dir {a_file} is a file, not a directory" in err, err
     assert a_file.read_text() == "precious\n" and not (tmp_path / "run").exists()
+
+
+def test_slurm_log_dir_naming_a_file_is_one_line_before_anything_is_queued(a_file, tmp_path, capfd, monkeypatch):
+    no_sbatch_run(tmp_path, monkeypatch)
+    main_error(capfd, "slurm", "render", "--submit", "--gpus-per-node", "0", "--nproc-per-node", "2", "--log-dir",
+               str(a_file), "--", "wb", "train", *FAST, "--run-dir", str(tmp_path / "run"), "steps=1")
+    assert a_file.read_text() == "precious\n" and not (tmp_path / "run").exists()
+    assert not (tmp_path / "submitted").exists()
 
 
 def test_a_refusal_under_torchrun_is_one_line_through_the_real_cli(trained):

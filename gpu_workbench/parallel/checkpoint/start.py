@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpu_workbench.parallel.checkpoint.fingerprint import LAYOUT, MUST_MATCH, STATE, fingerprint, first_difference
+from gpu_workbench.parallel.checkpoint.handed import launcher_plan
 from gpu_workbench.parallel.checkpoint.listing import newest_good, say_skipped, scan
 from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify
 from gpu_workbench.parallel.checkpoint.universal import FORMAT
@@ -57,15 +58,23 @@ def _fits(meta: dict, cfg, world_size: int, reader_format: str, model_only: bool
     return difference, first_difference(saved, current, LAYOUT) is not None
 
 
+def _hint(how: str, problem: str, model_only: bool) -> str:
+    """A remedy that works for this refusal (load_model_only cannot help a model that differs)."""
+    if how == "resume":
+        return "use another run_dir, or checkpoint.resume=false to start over"
+    if model_only or problem.startswith("model."):
+        return ("the model must be the checkpoint's even with checkpoint.load_model_only=true: give this run "
+                "the checkpoint's model settings (its run's config.json), or start without checkpoint.load_from")
+    return "checkpoint.load_model_only=true needs only the model to match"
+
+
 def _checked(path: Path, how: str, cfg, world_size: int, reader_format: str) -> Start:
     meta, _ = read_meta(path)
     model_only = how == "load_from" and cfg.checkpoint.load_model_only
     problem, resharded = _fits(meta, cfg, world_size, reader_format, model_only)
     prefix = f"cannot resume {path}" if how == "resume" else f"cannot start from checkpoint.load_from={path}"
     if problem:
-        hint = "use another run_dir, or checkpoint.resume=false to start over" if how == "resume" else (
-            "checkpoint.load_model_only=true needs only the model to match")
-        raise UserError(f"{prefix}: {problem}; {hint}")
+        raise UserError(f"{prefix}: {problem}; {_hint(how, problem, model_only)}")
     if not model_only and meta["step"] > cfg.steps:
         raise UserError(f"{prefix}: it holds {meta['step']} steps, more than steps={cfg.steps}; raise steps"
                         + (", or use another run_dir" if how == "resume" else ""))
@@ -132,6 +141,17 @@ def plan(run_dir: Path, cfg, world_size: int, reader_format: str, trusted: tuple
     return Start()
 
 
+def check_at(start: Start, cfg, world_size: int, reader_format: str) -> Start:
+    """A planned start re-checked for a run at `world_size` (fingerprint, steps, resharding: meta.json only)."""
+    return start if start.how == "fresh" else _checked(Path(start.path), start.how, cfg, world_size, reader_format)
+
+
+def _as_handed(run_dir: Path, cfg, world_size: int, reader_format: str) -> Start | None:
+    """The launcher's plan (handed.py), its files verified there, re-checked at this world size; or None."""
+    handed = launcher_plan(run_dir)
+    return None if handed is None else check_at(Start(**handed), cfg, world_size, reader_format)
+
+
 def decide(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: str, trusted: tuple = (),
            resume_only: bool = False) -> Start:
     """`plan` on rank 0, its answer (or its refusal, raised) on every rank. Collective."""
@@ -140,7 +160,9 @@ def decide(run_dir: Path, cfg, world_size: int, is_main: bool, reader_format: st
     answer: tuple[dict | None, str | None] = (None, None)
     if is_main:
         try:
-            answer = (asdict(plan(run_dir, cfg, world_size, reader_format, trusted, resume_only)), None)
+            start = None if resume_only else _as_handed(run_dir, cfg, world_size, reader_format)
+            start = start or plan(run_dir, cfg, world_size, reader_format, trusted, resume_only)
+            answer = (asdict(start), None)
         except UserError as refusal:
             answer = (None, str(refusal))
     if dist.is_initialized():

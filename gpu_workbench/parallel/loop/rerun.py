@@ -17,7 +17,12 @@ from gpu_workbench.parallel.runtime.flat_config import changes
 
 def _finished(run_dir: Path, cfg, begin) -> bool:
     """Resumed at its last step, with a summary, and no setting but run_dir differs from config.json's."""
-    if begin.step != cfg.steps or not (run_dir / "summary.json").is_file():
+    return begin.step == cfg.steps and same_settings(run_dir, cfg)
+
+
+def same_settings(run_dir: Path, cfg) -> bool:
+    """A summary.json, and no setting but run_dir differs from config.json's."""
+    if not (run_dir / "summary.json").is_file():
         return False
     try:
         old = json.loads((run_dir / "config.json").read_text())

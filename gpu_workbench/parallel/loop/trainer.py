@@ -28,7 +28,7 @@ from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.loop import hooks, rerun
+from gpu_workbench.parallel.loop import afresh, hooks, rerun
 from gpu_workbench.parallel.loop.progress import Progress
 from gpu_workbench.parallel.models import qat
 from gpu_workbench.parallel.models.transformer import PEAK_BF16_FLOPS, build, count_params
@@ -51,7 +51,8 @@ def train(cfg: RunConfig, nproc: int | None = None) -> RunSummary:
         recipes.resolve(cfg, nproc or 1)
         cfg.run_dir = str(resolve_run_dir(cfg))
         with RunLock(Path(cfg.run_dir)):
-            return recipe.run(cfg, nproc or 1)
+            finished = afresh.prepare(Path(cfg.run_dir), cfg)   # no checkpoints: the old run moves aside
+            return finished if finished is not None else recipe.run(cfg, nproc or 1)
     trainer = Trainer(cfg)
     try:
         if trainer.finished is not None:   # a finished run rerun with its settings: its summary, unchanged
@@ -131,7 +132,6 @@ class Trainer:
                      skip if cfg.fault.skip_collective_at_step >= 0 else None,
                      write_through=cfg.fault.flight_write_through)
         self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
-        self.compute_s = 0.0   # the last step's train_step time (the straggler's delay is a multiple of it)
         # the newest published checkpoint (what an incremental save builds on) and the bytes the run's saves
         # wrote up to it, carried over a resume by its meta.json; an async save waiting to be published
         self.last_ckpt = Path(begin.path) if begin.how == "resume" else None
@@ -199,13 +199,14 @@ class Trainer:
         if self.faults.poisons(step):   # fault.nan_at_step: this rank's gradient turns NaN
             on_backward = self._poison_gradient
         with prange("step", step=step):
-            # a slow worker: F x its compute (the previous step's), before the step's gradient communication,
-            # where a slow GPU or host would delay it
-            self.faults.straggle(self.compute_s)
             began = time.perf_counter()
             result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
                                             on_backward=on_backward)
-            self.compute_s = time.perf_counter() - began
+            compute_s = time.perf_counter() - began
+            # a slow worker: F x this step's compute, step 0 included; the others wait for it in the loss
+            # all-reduce below. (Before the step, the delay had to be a multiple of the previous step, none at
+            # step 0, and at step 1 the others waited in DDP's bucket-rebuild broadcast, which no timeline sees.)
+            self.faults.straggle(compute_s)
         loss = mean_over_ranks(result.loss_sum / cfg.accum_steps(self.dims.dp))
         dt = time.perf_counter() - t0
         elapsed = self.elapsed_before + time.perf_counter() - self.t_start

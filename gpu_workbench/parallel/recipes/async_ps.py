@@ -61,7 +61,9 @@ def _ray_session(cfg: RunConfig) -> bool:
 class AsyncPS(Recipe):
     execution = "ray-actors"
     checkpoint_modes = "its Ray workers write no checkpoints"
-    timeline = "its Ray parameter-server workers do not write the host timeline yet; run it without --timeline"
+    timeline = ("its Ray parameter-server workers move tensors as Ray objects, not torch.distributed collectives, "
+                "outside the train loop that records the timeline (their pull/push times are in summary.json); "
+                "run it without --timeline")
     evaluation = "its Ray workers train outside the train loop that evaluates; run it with eval.every=0"
     tensor_parallel = "the parameter server holds whole tensors per worker; tensor parallelism needs spmd ranks"
 

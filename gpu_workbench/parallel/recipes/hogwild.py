@@ -72,7 +72,8 @@ def _worker(w: int, n: int, cfg_dict: dict, model: torch.nn.Module, out, start) 
 class Hogwild(Recipe):
     execution = "processes"
     checkpoint_modes = "its shared-memory workers write no checkpoints"
-    timeline = "its shared-memory worker processes do not write the host timeline yet; run it without --timeline"
+    timeline = ("its worker processes write into shared memory in place, with no communication a timeline "
+                "could show; run it without --timeline")
     evaluation = "its shared-memory workers train outside the train loop that evaluates; run it with eval.every=0"
     tensor_parallel = "hogwild shares one whole model between processes; tensor parallelism needs spmd ranks"
 

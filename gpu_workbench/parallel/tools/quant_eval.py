@@ -47,11 +47,15 @@ def check_group_size(model: nn.Module, modes: list[str], group_size: int) -> Non
         return
     if group_size not in (32, 64, 128):
         raise UserError(f"--group-size must be 32, 64 or 128 (or -1 for per output channel), got {group_size}")
-    for name in quantised_layers(model):
-        k = model.get_submodule(name).in_features
+    widths = {name: model.get_submodule(name).in_features for name in quantised_layers(model)}
+    for name, k in widths.items():
         if k % group_size:
+            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values())]
+            choice = f"{' or '.join(map(str, fits))} (they divide every layer), or -1" if fits else \
+                "none of 32, 64, 128 divides every layer: use -1"
             raise UserError(f"--group-size {group_size} does not divide layer {name}'s in_features ({k}); "
-                            f"choose a divisor or -1 (per output channel)")
+                            f"choose {choice} (per output channel), or train with in_features (model.d_model, "
+                            f"model.d_ff) a multiple of 32")
 
 
 def model_bytes(model: nn.Module) -> int:

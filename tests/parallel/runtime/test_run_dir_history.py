@@ -152,3 +152,24 @@ def test_a_finished_run_rerun_as_it_was_changes_nothing(run_copy, cli):
     one_line(done, "already finished its 4 steps with these settings: nothing to do", code=0)
     assert snapshot(run_copy, mtimes=True) == before
     assert sorted(p.name for p in run_copy.iterdir()) == sorted({k.split("/")[0] for k in before})
+
+
+def test_a_recipe_without_checkpoints_starts_afresh_and_keeps_the_old_run(tmp_path, cli):
+    """hogwild (like async-ps: the same code, before either recipe runs) writes no checkpoints, so every run is
+    a fresh start: a used run directory's old run moves to previous/ whole, and a finished run rerun as it
+    was does nothing and changes nothing."""
+    run_dir = tmp_path / "run"
+    hogwild = [*FAST, "--recipe", "hogwild", "--nproc", "2", "--run-dir", str(run_dir), "global_batch=8"]
+    first = cli(*hogwild, "steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    old = snapshot(run_dir, mtimes=True)
+    again = cli(*hogwild, "steps=2")
+    one_line(again, f"{run_dir} has already finished its 2 steps with these settings: nothing to do", code=0)
+    assert snapshot(run_dir, mtimes=True) == old
+    longer = cli(*hogwild, "steps=3")
+    err = one_line(longer, f"hogwild writes no checkpoints, so it starts afresh: the previous run in {run_dir} "
+                           "moved to", code=0)
+    (slot,) = (run_dir / "previous").iterdir()
+    assert err.endswith(str(slot)) and snapshot(slot, mtimes=True) == old   # byte for byte, untouched
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    assert len(steps_in(run_dir)) == 2 * 3   # this run's updates only: 2 workers x 3 steps
