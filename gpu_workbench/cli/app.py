@@ -7,6 +7,7 @@ import typer
 from gpu_workbench.cli import (
     checkpoint_cli,
     cluster_cli,
+    data_cli,
     demo,
     entry,
     kernels_cli,
@@ -24,7 +25,7 @@ app.add_typer(kernels_cli.app, name="kernels")
 app.add_typer(profile_cli.app, name="profile")
 app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
-app.add_typer(train_cli.data_app, name="data")
+app.add_typer(data_cli.app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
 app.add_typer(quant_cli.app, name="quant")
 app.add_typer(cluster_cli.launch_app, name="launch")

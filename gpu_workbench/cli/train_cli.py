@@ -1,4 +1,4 @@
-"""`wb train` and `wb data prepare`.
+"""`wb train` (`wb data` lives in data_cli.py).
 
 `wb train --recipe R --nproc N` validates the config here, then, for N > 1 (or --max-restarts K,
 --log-dir D), checks the run directory once (parallel/loop/preflight.py) and re-runs itself under torchrun
@@ -19,9 +19,6 @@ import typer
 
 from gpu_workbench.cli.paths import output_dir
 from gpu_workbench.parallel.errors import UserError
-
-data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
-
 
 def _inside_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
@@ -194,15 +191,3 @@ def _print_summary(summary) -> None:
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
     print(f"{summary.layout()}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
           f"model state {state_text} -> {summary.run_dir}")
-
-
-@data_app.command("prepare")
-def prepare(
-    text_file: Path = typer.Argument(..., help="any file; its bytes become tokens (vocab 256)"),
-    out: Path = typer.Option(..., "--out", help="output token file, e.g. data.bin"),
-) -> None:
-    """Write a byte-level token file for data.kind = "bytes" (read back with numpy.memmap)."""
-    from gpu_workbench.parallel.data import prepare_bytes
-
-    n = prepare_bytes(text_file, out)
-    print(f"wrote {n} tokens to {out}")
