@@ -20,6 +20,7 @@ import typer
 from gpu_workbench.cli.paths import output_dir
 from gpu_workbench.parallel.errors import UserError
 
+
 def _inside_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 

@@ -42,7 +42,8 @@ def test_prepare_decodes_back_and_reruns_incrementally(corpus, tmp_path):
     assert m["dtype"] == "uint16" and m["reused"] == 0 and m["documents"] == 1 + 4 + 4
     data = open_dataset(tmp_path / "data")
     assert data.n_tokens == m["tokens"]
-    docs = [data.window(int(a), int(b - a)) for a, b in zip(data.doc_starts, [*data.doc_starts[1:], data.n_tokens])]
+    ends = [*data.doc_starts[1:], data.n_tokens]
+    docs = [data.window(int(a), int(b - a)) for a, b in zip(data.doc_starts, ends, strict=True)]
     assert all(d[-1] == tok.eos_id for d in docs)                      # an EOS closes every document
     assert [tok.decode(list(d[:-1])) for d in docs] == [TEXTS[0] * 40, *TEXTS, *TEXTS[::-1]]
     assert data.doc_ids(int(data.doc_starts[3]) - 1, 3).tolist() == [2, 3, 3 if len(docs[3]) > 1 else 4]

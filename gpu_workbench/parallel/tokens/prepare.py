@@ -20,7 +20,7 @@ import numpy as np
 
 from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.tokens import sources as src
-from gpu_workbench.parallel.tokens.shards import FORMAT, MANIFEST, _sha256, dtype_for
+from gpu_workbench.parallel.tokens.shards import FORMAT, MANIFEST, dtype_for
 from gpu_workbench.parallel.tokens.tokenizer import Tokenizer
 
 UNIT_CHARS = 1 << 20   # text per work unit handed to a worker
