@@ -53,8 +53,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "bytes"] = "synthetic"
-    path: str = ""               # token file written by `wb data prepare` (kind = "bytes")
+    kind: Literal["synthetic", "bytes", "tokens"] = "synthetic"
+    path: str = ""               # bytes: the file `wb data prepare` wrote; tokens: its DATA_DIR (--tokenizer)
+    mix: list[str] = field(default_factory=list)   # tokens: several DATA_DIRs drawn by weight, "DIR:WEIGHT" each
+    workers: int = 0             # tokens: background threads that prefetch the next steps' batches; 0 = none
+    document_mask: bool = False  # tokens: attention never crosses a document boundary in a packed window
     noise: float = 0.1           # synthetic: chance that a token ignores the hidden rule
     val_fraction: float = 0.1    # bytes: the file's tail held out for evaluation, never sampled for training
 
@@ -348,6 +351,12 @@ class RunConfig:
             raise UserError(f"model.rope_theta ({m.rope_theta}) and model.norm_eps ({m.norm_eps}) must be > 0")
 
     def _check_data(self) -> None:
+        if self.data.kind == "tokens":
+            from gpu_workbench.parallel.tokens.check import check_config
+
+            check_config(self)   # manifests, weights, the tokenizer's vocabulary (parallel/tokens/)
+        elif self.data.document_mask:
+            raise UserError(f"data.document_mask needs data.kind = 'tokens' (documents), got '{self.data.kind}'")
         if self.data.kind == "bytes":
             if not self.data.path:
                 raise UserError("data.path is required when data.kind = 'bytes' (make one with `wb data prepare`)")
