@@ -4,6 +4,7 @@
     kernels.log_softmax(x, dim=-1, backend=None)
     kernels.attention(q, k, v, causal=False, scale=None, backend=None)
     kernels.attention_forward(q, k, v, ...) -> (out, lse); kernels.attention_backward(do, q, k, v, out, lse, ...)
+    kernels.document_attention(q, k, v, docs, causal=True, ...)   packed sequences: no attention across documents
     kernels.linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, reduction="mean", ...)
 
 `backend`: None/"auto" (Triton on CUDA tensors, torch on CPU tensors; WB_KERNEL_BACKEND overrides),
@@ -12,10 +13,11 @@
 
 from gpu_workbench.kernels import quant
 from gpu_workbench.kernels.backend import BACKENDS, resolve_backend
+from gpu_workbench.kernels.doc_attention import document_attention
 from gpu_workbench.kernels.flash_attention import attention, attention_backward, attention_forward
 from gpu_workbench.kernels.fused_softmax import log_softmax, softmax
 from gpu_workbench.kernels.linear_cross_entropy import linear_cross_entropy
 from gpu_workbench.kernels.quant_matmul import quant_matmul
 
-__all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "linear_cross_entropy", "log_softmax",
-           "quant", "quant_matmul", "resolve_backend", "softmax"]
+__all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "document_attention",
+           "linear_cross_entropy", "log_softmax", "quant", "quant_matmul", "resolve_backend", "softmax"]
