@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from gpu_workbench.parallel import memory
+from gpu_workbench.parallel import documents, memory
 from gpu_workbench.parallel.data import micro_batches
 from gpu_workbench.parallel.dims import ParallelDims
 from gpu_workbench.parallel.errors import UserError
@@ -93,6 +93,7 @@ class Recipe:
         if cfg.checkpoint.load_from and self.execution != "spmd":
             raise UserError(f"checkpoint.load_from: recipe {self.name} starts its own workers and reads no "
                             f"checkpoints; start from one with single, ddp, fsdp, pipeline or local-sgd")
+        documents.check(cfg, self)
 
     def dims(self, cfg: RunConfig, world_size: int) -> ParallelDims:
         """How this recipe lays `world_size` ranks out (data parallelism takes what pp, cp, tp leave)."""
@@ -250,7 +251,8 @@ class Engine(ABC):
         for j, indices in enumerate(mbs):
             with prange("data", mb=j):
                 x, y = (t.to(device) for t in dataset.batch(step, indices))
-            with prange("fwd", mb=j), autocast:
+                docs = _document_ids(self.cfg, dataset, step, indices, "train", device)
+            with prange("fwd", mb=j), autocast, documents.using(docs):
                 loss = self.forward(x, y)
             with prange("bwd", mb=j):
                 self.backward(loss, len(mbs), last=j == len(mbs) - 1)
@@ -275,7 +277,8 @@ class Engine(ABC):
         with torch.no_grad(), autocast:
             for indices in micro_batches(self.cfg.global_batch, self.cfg.micro_batch, dp_rank, dp):
                 x, y = (t.to(self.ctx.device) for t in dataset.batch(batch, indices, split="val"))
-                loss_sum += self.eval_forward(x, y).detach().double().cpu()
+                with documents.using(_document_ids(self.cfg, dataset, batch, indices, "val", self.ctx.device)):
+                    loss_sum += self.eval_forward(x, y).detach().double().cpu()
         return loss_sum
 
     def scale_lr(self, factor: float) -> None:
@@ -357,3 +360,8 @@ class TorchEngine(Engine):
         from gpu_workbench.parallel.checkpoint import universal
 
         universal.load(self, path, model_only)
+
+
+def _document_ids(cfg: RunConfig, dataset, step: int, indices, split: str, device) -> torch.Tensor | None:
+    """data.document_mask: each input token's document id in its window (parallel/documents.py); else None."""
+    return dataset.documents(step, indices, split).to(device) if cfg.data.document_mask else None
