@@ -93,9 +93,11 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
 
 
 def encode(cfg: RunConfig, prompt: str) -> list[int]:
-    """Bytes data: the prompt's UTF-8 bytes; synthetic: its space-separated token ids."""
+    """Bytes data: the prompt's UTF-8 bytes; tokens: the dataset's tokenizer; synthetic: space-separated ids."""
     if cfg.data.kind == "bytes":
         return list(prompt.encode("utf-8"))
+    if cfg.data.kind == "tokens":
+        return [int(i) for i in _tokenizer(cfg).encode([prompt])[0]]
     try:
         ids = [int(t) for t in prompt.split()]
     except ValueError:
@@ -107,7 +109,18 @@ def encode(cfg: RunConfig, prompt: str) -> list[int]:
     return ids
 
 
+def _tokenizer(cfg: RunConfig):
+    """The tokenizer the run's (first) dataset was prepared with, from its manifest."""
+    from gpu_workbench.parallel.tokens.check import mix_entries
+    from gpu_workbench.parallel.tokens.shards import read_manifest
+    from gpu_workbench.parallel.tokens.tokenizer import Tokenizer
+
+    return Tokenizer(read_manifest(Path(mix_entries(cfg.data)[0][0]))["tokenizer"]["spec"])
+
+
 def decode(cfg: RunConfig, ids: list[int]) -> str:
     if cfg.data.kind == "bytes":
         return bytes(ids).decode("utf-8", errors="replace")
+    if cfg.data.kind == "tokens":
+        return _tokenizer(cfg).decode(ids)
     return " ".join(str(i) for i in ids)
