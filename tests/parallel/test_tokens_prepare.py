@@ -91,3 +91,19 @@ def test_bad_sources_one_line(corpus, tmp_path):
     done = wb("data", "prepare", str(root / "a.txt"), str(tmp_path / "empty.txt"), "--tokenizer", tok,
               "--out", str(tmp_path / "o"))
     assert done.returncode == 0 and "wb: skipped 1 of 2 SRC files (1 empty)" in done.stderr, done.stderr
+
+
+def test_docstring_corpus_trains_a_tokenizer_and_prepares(tmp_path):
+    """The demo's corpus, smaller: the interpreter's own docstrings (nothing downloaded), a BPE trained on
+    them, prepared; the BPE compresses English text well below a token per byte."""
+    from gpu_workbench.parallel.tokens.corpus import build
+    from gpu_workbench.parallel.tokens.prepare import prepare
+    from gpu_workbench.parallel.tokens.sources import documents
+    from gpu_workbench.parallel.tokens.tokenizer import train_bpe
+
+    n, size = build(tmp_path / "docs.jsonl", 0.3, ["stdlib"])
+    assert size >= 0.3e6 and n > 100
+    train_bpe(documents(tmp_path / "docs.jsonl", "text"), 1024, tmp_path / "tok")
+    m = prepare([str(tmp_path / "docs.jsonl")], f"hf:{tmp_path / 'tok'}", tmp_path / "data", workers=2,
+                progress=False)
+    assert m["documents"] == n and m["tokens"] < 0.45 * size
