@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Prepare training data: tokenizers, token shards.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train a tokenizer.")

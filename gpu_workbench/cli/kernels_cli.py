@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpu_workbench.cli.paths import output_file
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Check, time and ahead-of-time compile the Triton kernels.")

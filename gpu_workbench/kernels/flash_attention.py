@@ -6,7 +6,8 @@
     out, lse = attention_forward(q, k, v, causal=False, scale=None, backend=None)
     dq, dk, dv = attention_backward(do, q, k, v, out, lse, causal=False, scale=None, backend=None)
 
-The pair is the building block of attention over blocks of keys (ring attention, parallel/context_parallel.py):
+The pair is the building block of attention over blocks of keys (ring attention,
+parallel/primitives/context_parallel.py):
 `lse` is the (B, Hq, N) fp32 natural-log logsumexp of each row's scaled scores (-inf, with out 0, for a
 row that sees no key; float64 on the torch backend for float64 inputs). `attention_backward` may be given
 an EXTERNAL out and lse, those of the whole attention whose keys this call's k, v are one block of: its

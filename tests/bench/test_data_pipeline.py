@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.cli import ROOT, env
+from tests.helpers.cli import ROOT, env
 
 pytestmark = pytest.mark.slow
 WORKERS = 2
@@ -70,7 +70,7 @@ def test_prepare_vs_encode_batch(benchmark, corpus, tmp_path):
 
 
 def _train(run_dir, *overrides, nproc=1) -> list[dict]:
-    from gpu_workbench.parallel.loop.rundir import read_metrics
+    from gpu_workbench.parallel.runtime.rundir import read_metrics
 
     cmd = [sys.executable, "-m", "gpu_workbench", "train", "--config", LLAMA, "--nproc", str(nproc),
            "--run-dir", str(run_dir), "progress=false", "checkpoint.every=0", "checkpoint.save_final=false",

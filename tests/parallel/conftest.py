@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.parallel.runs import BASE, HAS_DEEPSPEED, TINY, runnable, skip_unless_runnable, torchrun
+from tests.helpers.runs import BASE, HAS_DEEPSPEED, TINY, runnable, skip_unless_runnable, torchrun
 
 DP_RECIPES = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
 MEMORY_RECIPES = ["ddp", "zero1", "zero2", "zero3"]

@@ -10,7 +10,7 @@ import torch
 import typer.main
 
 from gpu_workbench.cli.app import app, main
-from tests.cli import wb
+from tests.helpers.cli import wb
 
 
 def _commands(cmd, path=()):

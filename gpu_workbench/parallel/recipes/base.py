@@ -18,35 +18,23 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from gpu_workbench.parallel import documents, memory
 from gpu_workbench.parallel.data import micro_batches
-from gpu_workbench.parallel.dims import ParallelDims
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.primitives.tensor_parallel import local
+from gpu_workbench.parallel.runtime import documents, memory
+from gpu_workbench.parallel.runtime.dims import ParallelDims
+from gpu_workbench.parallel.runtime.distributed import Context
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import range as prange
 
 if TYPE_CHECKING:
     from gpu_workbench.parallel.config import RunConfig
     from gpu_workbench.parallel.data import Dataset
-    from gpu_workbench.parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.runtime.summary import RunSummary
 
 # "spmd": one process per rank running the shared loop (under torchrun, or in Ray Train workers).
 # "ray-actors" / "processes": the recipe starts its own workers from one driver process (`run`).
 Execution = Literal["spmd", "ray-actors", "processes"]
-
-
-@dataclass
-class Context:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    dims: ParallelDims | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -94,6 +82,10 @@ class Recipe:
             raise UserError(f"checkpoint.load_from: recipe {self.name} starts its own workers and reads no "
                             f"checkpoints; start from one with single, ddp, fsdp, pipeline or local-sgd")
         documents.check(cfg, self)
+        if cfg.data.kind == "tokens":   # the datasets' manifests, before any process starts (parallel/tokens/)
+            from gpu_workbench.parallel.tokens.check import check_config
+
+            check_config(cfg)
 
     def dims(self, cfg: RunConfig, world_size: int) -> ParallelDims:
         """How this recipe lays `world_size` ranks out (data parallelism takes what pp, cp, tp leave)."""
@@ -171,10 +163,6 @@ def scale_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, factor: float) 
     scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
     for group in scheduler.optimizer.param_groups:
         group["lr"] *= factor
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t   # this rank's shard
 
 
 def grad_norm(grads: list[torch.Tensor], group=None, summed: bool = False) -> torch.Tensor:
@@ -363,5 +351,5 @@ class TorchEngine(Engine):
 
 
 def _document_ids(cfg: RunConfig, dataset, step: int, indices, split: str, device) -> torch.Tensor | None:
-    """data.document_mask: each input token's document id in its window (parallel/documents.py); else None."""
+    """data.document_mask: each input token's document id in its window (parallel/runtime/documents.py); else None."""
     return dataset.documents(step, indices, split).to(device) if cfg.data.document_mask else None

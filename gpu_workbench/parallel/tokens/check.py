@@ -1,11 +1,11 @@
-"""The config checks of data.kind = "tokens", from the manifests alone (no torch, no shard read): they run
-with the rest of RunConfig.validate, before any process starts."""
+"""The config checks of data.kind = "tokens", from the manifests alone (no torch, no shard read): the recipe's
+validate runs them before any process starts, and the loader again where it opens the data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.tokens.shards import read_manifest
 
 MIX_STREAM = 2**31 - 3   # the training mix's seed stream (loader.py)
@@ -34,9 +34,6 @@ def check_config(cfg) -> None:
     data = cfg.data
     if data.path and data.mix:
         raise UserError("set data.path (one dataset) or data.mix (several, with weights), not both")
-    if not data.path and not data.mix:
-        raise UserError("data.kind = 'tokens' needs data.path = DATA_DIR or data.mix = ['DIR:WEIGHT', ...] "
-                        "(make one with `wb data prepare SRC... --tokenizer T --out DATA_DIR`)")
     what = "data.mix" if data.mix else "data.path"
     manifests = [(folder, read_manifest(Path(folder), what)) for folder, _ in mix_entries(data)]
     first = manifests[0][1]["tokenizer"]
@@ -48,8 +45,6 @@ def check_config(cfg) -> None:
         if tok["hash"] != first["hash"]:
             raise UserError(f"data.mix: {folder} was prepared with another tokenizer ({tok['spec']}) than "
                             f"{manifests[0][0]} ({first['spec']}); prepare every source with one tokenizer")
-    if data.workers < 0:
-        raise UserError(f"data.workers must be >= 0, got {data.workers}")
 
 
 def identity(cfg) -> dict:

@@ -14,7 +14,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 DEFAULT_PACKAGES = ["stdlib", "transformers", "torch", "numpy", "scipy", "pandas", "matplotlib", "ray", "sympy"]
 MIN_CHARS = 200   # shorter docstrings are mostly signatures and one-liners

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.tokens.check import MIX_STREAM, loader_state, mix_entries
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.tokens.check import MIX_STREAM, check_config, loader_state, mix_entries
 from gpu_workbench.parallel.tokens.mix import Mix
 from gpu_workbench.parallel.tokens.shards import TokenData, open_dataset
 
@@ -64,6 +64,7 @@ class TokenDataset:
 
     def __init__(self, cfg):
         self.cfg, self.seed, self.seq_len, self.global_batch = cfg, cfg.seed, cfg.model.seq_len, cfg.global_batch
+        check_config(cfg)
         entries = mix_entries(cfg.data)
         self.sources = [Source(open_dataset(folder, "data.mix" if cfg.data.mix else "data.path"), self.seq_len,
                                cfg.data.val_fraction) for folder, _ in entries]

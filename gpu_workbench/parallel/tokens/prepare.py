@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.tokens import sources as src
 from gpu_workbench.parallel.tokens.shards import FORMAT, MANIFEST, dtype_for
 from gpu_workbench.parallel.tokens.tokenizer import Tokenizer

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 FORMAT = "wb-tokens/1"
 MANIFEST = "manifest.json"

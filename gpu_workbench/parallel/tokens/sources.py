@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 _GLOB = set("*?[")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 EOS_TEXT = "<|endoftext|>"
 _EOS_NAMES = (EOS_TEXT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
