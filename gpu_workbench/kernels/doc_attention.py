@@ -19,6 +19,7 @@ import torch
 
 from gpu_workbench.kernels import flash_attention as fa
 from gpu_workbench.kernels import jit_loader
+from gpu_workbench.kernels.aot import CompileSpec, triton_type
 from gpu_workbench.kernels.launch import cdiv
 
 
@@ -49,10 +50,14 @@ def document_bounds(docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
-def _configs(backend: str, dtype: torch.dtype) -> dict:
-    """One config per kernel: the interpreter's small tiles, or the plain attention's first (spill-checked)."""
-    tuners = fa.FP32_TUNERS if backend == "triton" and dtype == torch.float32 else fa.TUNERS
-    return {kind: tuners[kind].configs[0] for kind in ("fwd", "dkdv", "dq")}
+def _configs(backend: str, dtype: torch.dtype, head_dim: int = 64) -> dict:
+    """One config per kernel: the interpreter's small tiles, or on a GPU the plain attention's first config
+    that its register and shared-memory budgets admit at this head dim (the same tiles, so the same limits)."""
+    if backend != "triton":
+        return {kind: fa.TUNERS[kind].configs[0] for kind in ("fwd", "dkdv", "dq")}
+    tuners = fa.FP32_TUNERS if dtype == torch.float32 else fa.TUNERS
+    return {kind: next((c for c in tuners[kind].configs if fa._fits(kind, head_dim, dtype)(c)),
+                       tuners[kind].configs[-1]) for kind in ("fwd", "dkdv", "dq")}
 
 
 def forward(q, k, v, docs, causal: bool, scale: float, backend: str):
@@ -61,7 +66,7 @@ def forward(q, k, v, docs, causal: bool, scale: float, backend: str):
     lo, hi = document_bounds(docs)
     out = fa._new((B, Hq, N, D), q)
     lse = fa._new((B, Hq, N), q, torch.float32)
-    c = _configs(backend, q.dtype)["fwd"]
+    c = _configs(backend, q.dtype, D)["fwd"]
     jit.attn_doc_fwd[(cdiv(N, c.meta["BLOCK_M"]), B * Hq)](
         q, k, v, out, lse, docs, lo, hi, N, Hq, Hq // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), scale * math.log2(math.e),
@@ -76,7 +81,7 @@ def backward(do, q, k, v, out, lse, docs, causal: bool, scale: float, backend: s
     lo, hi = document_bounds(docs)
     delta = (do.float() * out.float()).sum(-1).contiguous()   # rowsum(dO * O), fp32 (B, Hq, N)
     dq, dk, dv = fa._new(q.shape, q), fa._new(k.shape, k), fa._new(v.shape, v)
-    cfg, qk_scale, block_d = _configs(backend, q.dtype), scale * math.log2(math.e), fa._block_d(D)
+    cfg, qk_scale, block_d = _configs(backend, q.dtype, D), scale * math.log2(math.e), fa._block_d(D)
     c = cfg["dkdv"]
     jit.attn_doc_bwd_dkdv[(cdiv(N, c.meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, docs, lo, hi, N, Hq, Hkv, Hq // Hkv,
@@ -153,3 +158,43 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: 
         return _torch(q, k, v, docs, causal, scale)
     out, _ = _fwd_op(q, k, v, docs, causal, scale, chosen)
     return out
+
+
+# Every (kernel, dtype, head dim) the launcher may compile on a GPU, for the ahead-of-time check
+# (kernels/aot.py: compiles for sm_80 and sm_90 on a CPU machine and fails on a register spill).
+_POINTERS = {"attn_doc_fwd": ("q", "k", "v", "o", "lse", "docs", "lo", "hi"),
+             "attn_doc_bwd_dkdv": ("q", "k", "v", "do", "dk", "dv", "lse", "delta", "docs", "lo", "hi"),
+             "attn_doc_bwd_dq": ("q", "k", "v", "do", "dq", "lse", "delta", "docs", "lo", "hi")}
+_KIND = {"attn_doc_fwd": "fwd", "attn_doc_bwd_dkdv": "dkdv", "attn_doc_bwd_dq": "dq"}
+
+
+def _signature(fn: str, dtype: torch.dtype) -> dict:
+    names = list(getattr(jit_loader.load("doc_attention", interpret=False), fn).arg_names)
+    kinds = {"lse": "*fp32", "delta": "*fp32", "docs": "*i32", "lo": "*i32", "hi": "*i32"}
+    sig = {}
+    for name in names:
+        base = name.removesuffix("_ptr")
+        if name.endswith("_ptr"):
+            sig[name] = kinds.get(base, triton_type(dtype))
+        elif name in ("CAUSAL", "D", "BLOCK_D", "BLOCK_M", "BLOCK_N") or (name.startswith("stride_")
+                                                                           and name.endswith("d")):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+    return sig
+
+
+def compile_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(64, 128)) -> list[CompileSpec]:
+    specs = []
+    for dtype in dtypes:
+        for d in head_dims:
+            configs = _configs("triton", dtype, d)
+            for fn, kind in _KIND.items():
+                c, sig = configs[kind], _signature(fn, dtype)
+                consts = {"CAUSAL": True, "D": d, "BLOCK_D": fa._block_d(d), **c.meta,
+                          **{n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}}
+                aligned = tuple(n for n, t in sig.items() if t == "i32" and (n.startswith("stride_") or n == "N"))
+                specs.append(CompileSpec("doc_attention", fn, sig, consts, c.num_warps, c.num_stages,
+                                         f"doc_attention {kind} {triton_type(dtype)[1:]} D={d} {c.label()}",
+                                         aligned=aligned))
+    return specs
