@@ -23,7 +23,7 @@ from gpu_workbench.parallel.tokens import sources as src
 from gpu_workbench.parallel.tokens.shards import FORMAT, MANIFEST, dtype_for
 from gpu_workbench.parallel.tokens.tokenizer import Tokenizer
 
-UNIT_CHARS = 1 << 20   # text per work unit handed to a worker
+UNIT_CHARS = 1 << 18   # text per work unit handed to a worker: small enough to balance 2-16 workers
 _WORKER: dict = {}
 
 

@@ -47,7 +47,9 @@ class Tokenizer:
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         if self._hf is None:
             return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint32) for t in texts]
-        return [np.asarray(e.ids, dtype=np.uint32) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         if self._hf is None:
