@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from gpu_workbench.kernels import flash_attention as fa
+from gpu_workbench.kernels import attention as fa
 from gpu_workbench.kernels import jit_loader
 from gpu_workbench.kernels.aot import CompileSpec, triton_type
 from gpu_workbench.kernels.launch import cdiv

@@ -110,3 +110,11 @@ def assert_matches_single(run_dir: Path, single_dir: Path, steps: int, norms: bo
     assert len(val) == len(ref_val) and all(rel(a, b) < tol for a, b in zip(val, ref_val, strict=True)), (val, ref_val)
     diff = max_rel_diff(final_params(run_dir), final_params(single_dir))
     assert diff < tol, f"{run_dir}: final parameters differ from single by {diff:.2e} (relative)"
+
+
+def train_single(run_dir: Path, overrides: list[str], config: str = TINY) -> Path:
+    """The one `single` reference: `config` with `overrides`, trained by recipe=single in this process."""
+    from gpu_workbench.parallel import RunConfig, train
+
+    train(RunConfig.from_toml(config, [*overrides, "recipe=single", f"run_dir={run_dir}"]))
+    return Path(run_dir)

@@ -55,6 +55,19 @@ def test_every_leaf_command_help_exits_0(path, capsys):
     assert f"Usage: wb {' '.join(path)} " in out
 
 
+@pytest.mark.parametrize("command", ["check", "bench", "compile"])
+def test_kernel_commands_name_every_registered_kernel(command, capsys):
+    """The kernel list of `wb kernels ... --help` is the kernel registry's, read without importing torch."""
+    from gpu_workbench.cli.kernels_cli import registered_kernels
+    from gpu_workbench.kernels.suite import KERNELS
+
+    assert registered_kernels() == list(KERNELS)
+    with pytest.raises(SystemExit):
+        main(["kernels", command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in KERNELS), help_text
+
+
 def test_kernels_check_softmax_passes_and_writes_json(tmp_path):
     out = wb("kernels", "check", "softmax", "--backend", "interpret", "--json", str(tmp_path / "rows.json"))
     assert out.returncode == 0, out.stdout + out.stderr

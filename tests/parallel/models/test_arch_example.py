@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from gpu_workbench.parallel import RunConfig, models, train
+from gpu_workbench.parallel import RunConfig, models
 from gpu_workbench.parallel.models.transformer import build, count_params
-from tests.helpers.runs import ROOT, TINY, assert_matches_single, torchrun
+from tests.helpers.runs import ROOT, TINY, assert_matches_single, torchrun, train_single
 
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
 BASE = ["steps=4", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=1",
@@ -42,7 +42,7 @@ def toy(tmp_path_factory):
         models.ARCHS.add(name, plugin)
         dirs = {run: root / run for run in ["single", *RUNS]}
         arch = [*BASE, f"model.arch={name}"]
-        train(RunConfig.from_toml(TINY, [*arch, "recipe=single", f"run_dir={dirs['single']}"]))
+        train_single(dirs["single"], arch)
         torchrun(2, [(TINY, [*arch, *o, f"run_dir={dirs[r]}"]) for r, o in RUNS.items()], archs={name: plugin},
                  path=str(root))
         yield name, dirs

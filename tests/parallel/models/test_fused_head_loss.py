@@ -9,7 +9,7 @@ import torch
 
 from gpu_workbench.parallel.config import ModelConfig
 from gpu_workbench.parallel.models.transformer import GPT
-from tests.helpers.runs import BASE, TINY, final_params, losses, max_rel_diff, rel, torchrun
+from tests.helpers.runs import BASE, TINY, final_params, losses, max_rel_diff, rel, torchrun, train_single
 
 
 def _matches(run_dir, reference, what: str) -> None:
@@ -53,10 +53,9 @@ def test_fused_head_loss_under_bf16_autocast_matches_the_unfused_head():
 
 @pytest.mark.slow
 def test_single_with_fused_head_loss_matches_unfused(reference, tmp_path):
-    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path / "fused"
-    train(RunConfig.from_toml(TINY, [*BASE, "recipe=single", "model.fused_head_loss=true", f"run_dir={run_dir}"]))
+    train_single(run_dir, [*BASE, "model.fused_head_loss=true"])
     _matches(run_dir, reference, "single + fused_head_loss")
 
 

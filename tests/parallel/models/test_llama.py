@@ -20,7 +20,7 @@ from gpu_workbench.parallel import RunConfig
 from gpu_workbench.parallel.models.transformer import GPT, rotate
 from gpu_workbench.parallel.runtime.rundir import read_evals
 from gpu_workbench.parallel.tools import sampling
-from tests.helpers.runs import ROOT, TINY, losses, rel, torchrun, wb
+from tests.helpers.runs import ROOT, TINY, losses, rel, torchrun, train_single, wb
 
 LLAMA = ["model.arch=llama", "model.n_kv_heads=2", "steps=6", "progress=false", "checkpoint.every=3",
          "eval.every=2", "eval.batches=2"]
@@ -131,12 +131,11 @@ RECIPES = {"ddp": ["recipe=ddp"], "fsdp": ["recipe=fsdp"], "pipeline": ["recipe=
 
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory):
-    from gpu_workbench.parallel import train
 
     root = tmp_path_factory.mktemp("llama")
     dirs = {name: root / name for name in [*RECIPES, "single", "single-no-eval"]}
-    train(RunConfig.from_toml(TINY, [*LLAMA, "recipe=single", f"run_dir={dirs['single']}"]))
-    train(RunConfig.from_toml(TINY, [*LLAMA, "recipe=single", "eval.every=0", f"run_dir={dirs['single-no-eval']}"]))
+    train_single(dirs["single"], LLAMA)
+    train_single(dirs["single-no-eval"], [*LLAMA, "eval.every=0"])
     torchrun(2, [(TINY, [*LLAMA, *o, f"run_dir={dirs[n]}"]) for n, o in RECIPES.items()])
     return dirs
 

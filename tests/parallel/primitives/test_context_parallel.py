@@ -22,7 +22,7 @@ from gpu_workbench.parallel.recipes import resolve
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.runtime.rundir import read_evals
 from tests.helpers.cli import WORKERS, torchrun
-from tests.helpers.runs import TINY, assert_matches_single, summary
+from tests.helpers.runs import TINY, assert_matches_single, summary, train_single
 from tests.helpers.workers.cp_checks import RING_CASES
 
 COMMON = ["steps=5", "progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "optim.warmup_steps=2"]
@@ -147,12 +147,11 @@ def _launch(nproc: int, out, runs=()) -> dict:
 @pytest.fixture(scope="module")
 def cp_runs(tmp_path_factory):
     """{"single" and each DDP_CP name: run_dir, "checks": the ring and model checks of both launches}."""
-    from gpu_workbench.parallel import train
 
     root = tmp_path_factory.mktemp("cp")
     dirs = {name: root / name for name in [*SINGLE, *DDP_CP, *CP4]}
     for name, overrides in SINGLE.items():
-        train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", *overrides, f"run_dir={dirs[name]}"]))
+        train_single(dirs[name], [*COMMON, *overrides])
     runs = [(TINY, [*COMMON, *o, f"run_dir={dirs[n]}"]) for n, (o, _) in DDP_CP.items()]
     checks = _launch(2, root / "c2.json", runs)
     checks.update(_launch(3, root / "c3.json"))

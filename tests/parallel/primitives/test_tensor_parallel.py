@@ -17,7 +17,17 @@ import pytest
 
 from gpu_workbench.parallel.runtime.rundir import read_metrics
 from tests.helpers.cli import WORKERS, torchrun
-from tests.helpers.runs import TINY, assert_matches_single, final_params, losses, max_rel_diff, rel, summary, wb
+from tests.helpers.runs import (
+    TINY,
+    assert_matches_single,
+    final_params,
+    losses,
+    max_rel_diff,
+    rel,
+    summary,
+    train_single,
+    wb,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +55,9 @@ def _torchrun(nproc: int, runs: list, results=None) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path_factory.mktemp("tp-single")
-    train(RunConfig.from_toml(TINY, [*COMMON, "recipe=single", f"run_dir={run_dir}"]))
+    train_single(run_dir, COMMON)
     return run_dir
 
 

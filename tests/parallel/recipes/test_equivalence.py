@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.runs import BASE, TINY, assert_matches_single, final_params, losses, max_rel_diff, rel
+from tests.helpers.runs import BASE, assert_matches_single, final_params, losses, max_rel_diff, rel, train_single
 from tests.parallel.conftest import DP_RECIPES
 
 pytestmark = pytest.mark.slow
@@ -20,10 +20,9 @@ def test_recipe_matches_single(recipe, reference, dp_runs):
 
 def test_micro_batching_equals_one_big_batch(reference, tmp_path):
     """micro 4 x accum 4 (the reference) gives the same steps as micro 16 x accum 1."""
-    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path / "micro16"
-    train(RunConfig.from_toml(TINY, [*BASE, "recipe=single", "micro_batch=16", f"run_dir={run_dir}"]))
+    train_single(run_dir, [*BASE, "micro_batch=16"])
     worst = max(rel(a, b) for a, b in zip(losses(run_dir), losses(reference), strict=True))
     assert worst < 1e-5
     assert max_rel_diff(final_params(run_dir), final_params(reference)) < 1e-5

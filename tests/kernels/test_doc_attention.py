@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gpu_workbench.kernels.flash_attention as fa
+import gpu_workbench.kernels.attention as fa
 from gpu_workbench import kernels
 from gpu_workbench.kernels.doc_attention import document_bounds
 
