@@ -13,14 +13,17 @@ The Triton programs skip the key blocks their rows' documents do not reach (see 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
-from gpu_workbench.kernels import attention as fa
 from gpu_workbench.kernels import jit_loader
 from gpu_workbench.kernels.aot import CompileSpec, triton_type
 from gpu_workbench.kernels.launch import cdiv
+
+# the module, not kernels.attention (the package exports the function under the module's name)
+fa = importlib.import_module("gpu_workbench.kernels.attention")
 
 
 def _validate_docs(docs, q) -> torch.Tensor:
