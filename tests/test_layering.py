@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpu_workbench"
 LAYERS = {"kernels": 0, "profiling": 0, "parallel": 1, "cluster": 2, "cli": 3}
 # inside parallel/, bottom up; modules of one level may import each other (config names the model registry,
 # the model reads its config); the package's __init__ is the facade on top
-PARALLEL_LAYERS = {"runtime": 0, "models": 1, "config": 1, "data": 2, "checkpoint": 2, "primitives": 3,
+PARALLEL_LAYERS = {"runtime": 0, "models": 1, "config": 1, "data": 2, "tokens": 2, "checkpoint": 2, "primitives": 3,
                    "recipes": 4, "loop": 5, "tools": 6}
 
 

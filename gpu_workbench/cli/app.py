@@ -7,6 +7,7 @@ import typer
 from gpu_workbench.cli import (
     checkpoint_cli,
     cluster_cli,
+    data_cli,
     debug_cli,
     demo,
     entry,
@@ -29,7 +30,7 @@ app.command("demo", help=demo.__doc__)(demo.run)
 app.command("train")(train_cli.train)
 app.command("plan")(plan_cli.plan)
 app.add_typer(debug_cli.app, name="debug")
-app.add_typer(train_cli.data_app, name="data")
+app.add_typer(data_cli.app, name="data")
 app.add_typer(checkpoint_cli.app, name="checkpoint")
 app.add_typer(hf_cli.app, name="hf")
 app.add_typer(quant_cli.app, name="quant")

@@ -1,4 +1,4 @@
-"""`wb train` and `wb data prepare`.
+"""`wb train` (`wb data` lives in data_cli.py).
 
 `wb train --recipe R --nproc N` validates the config here, then, for N > 1 (or --max-restarts K,
 --log-dir D), checks the run directory once (parallel/loop/preflight.py) and re-runs itself under torchrun
@@ -17,10 +17,8 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.cli.paths import output_dir, output_file
+from gpu_workbench.cli.paths import output_dir
 from gpu_workbench.parallel.runtime.errors import UserError
-
-data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 
 
 def _inside_torchrun() -> bool:
@@ -207,19 +205,3 @@ def _print_summary(summary) -> None:
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
     print(f"{summary.layout()}: {summary.steps} steps, final loss {loss}, {tokens} tokens/s, "
           f"model state {state_text} -> {summary.run_dir}")
-
-
-@data_app.command("prepare")
-def prepare(
-    text_file: Path = typer.Argument(..., help="any file; its bytes become tokens (vocab 256)"),
-    out: Path = typer.Option(..., "--out", help="output token file, e.g. data.bin"),
-    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
-) -> None:
-    """Write a byte-level token file for data.kind = "bytes" (read back with numpy.memmap)."""
-    from gpu_workbench.parallel.data import prepare_bytes
-
-    out = output_file(out, "--out")   # a directory, a folder it cannot write: one line, nothing left behind
-    if out.exists() and not force:
-        raise UserError(f"--out {out} exists; pass --force to replace it, or name another file")
-    n = prepare_bytes(text_file, out)
-    print(f"wrote {n} tokens to {out}")

@@ -66,8 +66,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "bytes"] = "synthetic"
-    path: str = ""               # token file written by `wb data prepare` (kind = "bytes")
+    kind: Literal["synthetic", "bytes", "tokens"] = "synthetic"
+    path: str = ""               # bytes: the file `wb data prepare` wrote; tokens: its DATA_DIR (--tokenizer)
+    mix: list[str] = field(default_factory=list)   # tokens: several DATA_DIRs drawn by weight, "DIR:WEIGHT" each
+    workers: int = 0             # tokens: background threads that prefetch the next steps' batches; 0 = none
+    document_mask: bool = False  # tokens: attention never crosses a document boundary in a packed window
     noise: float = 0.1           # synthetic: chance that a token ignores the hidden rule
     val_fraction: float = 0.1    # bytes: the file's tail held out for evaluation, never sampled for training
 
@@ -380,6 +383,13 @@ class RunConfig:
             raise UserError(f"model.rope_theta ({m.rope_theta}) and model.norm_eps ({m.norm_eps}) must be > 0")
 
     def _check_data(self) -> None:
+        if self.data.kind == "tokens" and not (self.data.path or self.data.mix):
+            raise UserError("data.kind = 'tokens' needs data.path = DATA_DIR or data.mix = ['DIR:WEIGHT', ...] "
+                            "(make one with `wb data prepare SRC... --tokenizer T --out DATA_DIR`)")
+        if self.data.workers < 0:
+            raise UserError(f"data.workers must be >= 0, got {self.data.workers}")
+        if self.data.document_mask and self.data.kind != "tokens":
+            raise UserError(f"data.document_mask needs data.kind = 'tokens' (documents), got '{self.data.kind}'")
         if self.data.kind == "bytes":
             if not self.data.path:
                 raise UserError("data.path is required when data.kind = 'bytes' (make one with `wb data prepare`)")

@@ -45,6 +45,13 @@ def micro_batches(global_batch: int, micro_batch: int, rank: int, dp: int) -> li
 class Dataset:
     """`ds.batch(step, indices)` -> (inputs, targets), each (len(indices), seq_len) int64."""
 
+    def __new__(cls, cfg: RunConfig):
+        if cfg.data.kind == "tokens":   # prepared token shards: parallel/tokens/loader.py
+            from gpu_workbench.parallel.tokens.prefetch import make_loader
+
+            return make_loader(cfg)
+        return super().__new__(cls)
+
     def __init__(self, cfg: RunConfig):
         self.seed, self.seq_len, self.vocab = cfg.seed, cfg.model.seq_len, cfg.model.vocab_size
         self.kind, self.noise = cfg.data.kind, cfg.data.noise

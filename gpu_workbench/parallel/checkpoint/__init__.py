@@ -92,6 +92,10 @@ class PendingSave:
                 "bytes_written_total": self.bytes_before + own}
         if self.written is not None and self.written.tensors is not None:
             meta.update(tensors=self.written.tensors, chain=self.written.chain)
+        if engine.cfg.data.kind == "tokens":   # the loader position (parallel/tokens/loader.py)
+            from gpu_workbench.parallel.tokens.check import loader_state
+
+            meta["data"] = loader_state(engine.cfg, self.step)
         return meta
 
 

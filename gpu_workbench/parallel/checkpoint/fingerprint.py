@@ -32,6 +32,11 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 def fingerprint(cfg, world_size: int) -> dict[str, Any]:
     flat = flatten_config(asdict(cfg))
     flat["world_size"] = world_size
+    flat.pop("data.workers", None)   # prefetch threads do not change the data stream
+    if cfg.data.kind == "tokens":    # the datasets' manifests and the tokenizer: another dataset is refused
+        from gpu_workbench.parallel.tokens.check import identity
+
+        flat.update(identity(cfg))
     return {k: v for k, v in flat.items() if _under(k, MUST_MATCH)}
 
 

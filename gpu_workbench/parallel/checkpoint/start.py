@@ -75,6 +75,12 @@ def _checked(path: Path, how: str, cfg, world_size: int, reader_format: str) -> 
     prefix = f"cannot resume {path}" if how == "resume" else f"cannot start from checkpoint.load_from={path}"
     if problem:
         raise UserError(f"{prefix}: {problem}; {_hint(how, problem, model_only)}")
+    if not model_only and meta.get("data") is not None and cfg.data.kind == "tokens":
+        from gpu_workbench.parallel.tokens.check import loader_state
+
+        if meta["data"] != loader_state(cfg, meta["step"]):
+            raise UserError(f"{prefix}: its loader position {meta['data']} is not this run's at step "
+                            f"{meta['step']}; use another run_dir, or checkpoint.resume=false to start over")
     if not model_only and meta["step"] > cfg.steps:
         raise UserError(f"{prefix}: it holds {meta['step']} steps, more than steps={cfg.steps}; raise steps"
                         + (", or use another run_dir" if how == "resume" else ""))

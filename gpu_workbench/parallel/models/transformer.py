@@ -19,11 +19,15 @@ from torch.utils.checkpoint import checkpoint
 from gpu_workbench import kernels
 from gpu_workbench.parallel import models
 from gpu_workbench.parallel.config import ModelConfig
+from gpu_workbench.parallel.runtime import documents
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention through the project's kernel (its torch backend is SDPA on CPU tensors); k and v
-    may have fewer heads than q (grouped-query attention)."""
+    may have fewer heads than q (grouped-query attention). data.document_mask: within each document only."""
+    docs = documents.current()
+    if docs is not None and q.shape[2] == k.shape[2] == docs.shape[1]:
+        return kernels.document_attention(q, k, v, docs, causal=True)
     return kernels.attention(q, k, v, causal=True)
 
 

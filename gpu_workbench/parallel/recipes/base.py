@@ -21,7 +21,7 @@ from torch import nn
 
 from gpu_workbench.parallel.data import micro_batches
 from gpu_workbench.parallel.primitives.tensor_parallel import local
-from gpu_workbench.parallel.runtime import memory
+from gpu_workbench.parallel.runtime import documents, memory
 from gpu_workbench.parallel.runtime.dims import ParallelDims
 from gpu_workbench.parallel.runtime.distributed import Context
 from gpu_workbench.parallel.runtime.errors import UserError
@@ -81,6 +81,11 @@ class Recipe:
         if cfg.checkpoint.load_from and self.execution != "spmd":
             raise UserError(f"checkpoint.load_from: recipe {self.name} starts its own workers and reads no "
                             f"checkpoints; start from one with single, ddp, fsdp, pipeline or local-sgd")
+        documents.check(cfg, self)
+        if cfg.data.kind == "tokens":   # the datasets' manifests, before any process starts (parallel/tokens/)
+            from gpu_workbench.parallel.tokens.check import check_config
+
+            check_config(cfg)
 
     def dims(self, cfg: RunConfig, world_size: int) -> ParallelDims:
         """How this recipe lays `world_size` ranks out (data parallelism takes what pp, cp, tp leave)."""
@@ -234,7 +239,8 @@ class Engine(ABC):
         for j, indices in enumerate(mbs):
             with prange("data", mb=j):
                 x, y = (t.to(device) for t in dataset.batch(step, indices))
-            with prange("fwd", mb=j), autocast:
+                docs = _document_ids(self.cfg, dataset, step, indices, "train", device)
+            with prange("fwd", mb=j), autocast, documents.using(docs):
                 loss = self.forward(x, y)
             with prange("bwd", mb=j):
                 self.backward(loss, len(mbs), last=j == len(mbs) - 1)
@@ -259,7 +265,8 @@ class Engine(ABC):
         with torch.no_grad(), autocast:
             for indices in micro_batches(self.cfg.global_batch, self.cfg.micro_batch, dp_rank, dp):
                 x, y = (t.to(self.ctx.device) for t in dataset.batch(batch, indices, split="val"))
-                loss_sum += self.eval_forward(x, y).detach().double().cpu()
+                with documents.using(_document_ids(self.cfg, dataset, batch, indices, "val", self.ctx.device)):
+                    loss_sum += self.eval_forward(x, y).detach().double().cpu()
         return loss_sum
 
     def scale_lr(self, factor: float) -> None:
@@ -341,3 +348,8 @@ class TorchEngine(Engine):
         from gpu_workbench.parallel.checkpoint import universal
 
         universal.load(self, path, model_only)
+
+
+def _document_ids(cfg: RunConfig, dataset, step: int, indices, split: str, device) -> torch.Tensor | None:
+    """data.document_mask: each input token's document id in its window (parallel/runtime/documents.py); else None."""
+    return dataset.documents(step, indices, split).to(device) if cfg.data.document_mask else None

@@ -109,11 +109,13 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
 
 def encode(cfg: RunConfig, prompt: str, tokenizer=None) -> list[int]:
     """The run's Hugging Face tokenizer's ids (a `tokenizers.Tokenizer`, when the run has one); bytes data: the
-    prompt's UTF-8 bytes; synthetic: its space-separated token ids."""
+    prompt's UTF-8 bytes; tokens: the dataset's tokenizer; synthetic: its space-separated token ids."""
     if tokenizer is not None:
         ids = tokenizer.encode(prompt).ids
     elif cfg.data.kind == "bytes":
         return list(prompt.encode("utf-8"))
+    elif cfg.data.kind == "tokens":
+        ids = [int(i) for i in _tokenizer(cfg).encode([prompt])[0]]
     else:
         try:
             ids = [int(t) for t in prompt.split()]
@@ -126,9 +128,20 @@ def encode(cfg: RunConfig, prompt: str, tokenizer=None) -> list[int]:
     return ids
 
 
+def _tokenizer(cfg: RunConfig):
+    """The tokenizer the run's (first) dataset was prepared with, from its manifest."""
+    from gpu_workbench.parallel.tokens.check import mix_entries
+    from gpu_workbench.parallel.tokens.shards import read_manifest
+    from gpu_workbench.parallel.tokens.tokenizer import Tokenizer
+
+    return Tokenizer(read_manifest(Path(mix_entries(cfg.data)[0][0]))["tokenizer"]["spec"])
+
+
 def decode(cfg: RunConfig, ids: list[int], tokenizer=None) -> str:
     if tokenizer is not None:
         return tokenizer.decode(ids, skip_special_tokens=False)
     if cfg.data.kind == "bytes":
         return bytes(ids).decode("utf-8", errors="replace")
+    if cfg.data.kind == "tokens":
+        return _tokenizer(cfg).decode(ids)
     return " ".join(str(i) for i in ids)
