@@ -4,10 +4,10 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 # Without a GPU take the CPU wheel (a plain `torch` would pull a multi-GB CUDA build). With one, the CUDA
-# build of a release a stack has run (README.md, Supported stacks: 2.13.0+cu130 on the newest stack), not
-# whatever PyPI has newest.
+# build of a release a stack has run to the end (README.md, Supported stacks: 2.11.0+cu130, the GPU image's
+# torch, on the gpu-image and oldest stacks), not whatever PyPI has newest.
 CPU_TORCH ?= 2.13.0
-GPU_TORCH ?= 2.13.0
+GPU_TORCH ?= 2.11.0
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST    := $(BIN)/python -m pytest
 
