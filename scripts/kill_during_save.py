@@ -4,7 +4,7 @@
 
 Prints one row per trial (mode, when the kill landed, whether a save was under way, damaged
 checkpoints left, resumed run bit-identical) and exits 1 if any trial failed. The suite runs three
-trials of the same code (tests/parallel/test_kill_during_save.py).
+trials of the same code (tests/parallel/checkpoint/test_kill_during_save.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.parallel.kill_trials import reference_run, run_trial  # noqa: E402
+from tests.helpers.kill_trials import reference_run, run_trial  # noqa: E402
 
 
 def main() -> int:

@@ -12,6 +12,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "gpu_workbench"
 # bottom up; a layer may import its own modules and those of the layers below it
 LAYERS = {"kernels": 0, "profiling": 0, "parallel": 1, "cluster": 2, "cli": 3}
+# inside parallel/, bottom up; modules of one level may import each other (config names the model registry,
+# the model reads its config); the package's __init__ is the facade on top
+PARALLEL_LAYERS = {"runtime": 0, "models": 1, "config": 1, "data": 2, "checkpoint": 2, "primitives": 3,
+                   "recipes": 4, "loop": 5, "tools": 6}
 
 
 def module_name(path: Path) -> str:
@@ -107,8 +111,8 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_parser_sees_the_imports():
     """The checks below mean something only if the graph is real: known arrows are found."""
     assert len(MODULES) > 80
-    assert "gpu_workbench.parallel.parallelize" in GRAPH["gpu_workbench.parallel.recipes.ddp"]
-    assert "gpu_workbench.kernels" in GRAPH["gpu_workbench.parallel.model"]
+    assert "gpu_workbench.parallel.primitives.parallelize" in GRAPH["gpu_workbench.parallel.recipes.ddp"]
+    assert "gpu_workbench.kernels" in GRAPH["gpu_workbench.parallel.models.transformer"]
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -117,6 +121,22 @@ def test_arrows_point_down(top):
     up = sorted(f"{m} -> {d}" for m, deps in GRAPH.items() if layer(m) == LAYERS[top] and m.split(".")[1] == top
                 for d in deps if layer(d) is not None and d.split(".")[1] != top and layer(d) >= LAYERS[top])
     assert up == [], "imports that point up or sideways between layers:\n" + "\n".join(up)
+
+
+def parallel_layer(module: str) -> int | None:
+    parts = module.split(".")
+    return PARALLEL_LAYERS.get(parts[2]) if parts[:2] == ["gpu_workbench", "parallel"] and len(parts) > 2 else None
+
+
+def test_every_parallel_module_has_a_layer():
+    stray = [m for m in MODULES if m.startswith("gpu_workbench.parallel.") and parallel_layer(m) is None]
+    assert stray == [], f"modules of parallel/ in no layer of PARALLEL_LAYERS: {stray}"
+
+
+def test_arrows_point_down_inside_parallel():
+    up = sorted(f"{m} -> {d}" for m, deps in GRAPH.items() if parallel_layer(m) is not None
+                for d in deps if parallel_layer(d) is not None and parallel_layer(d) > parallel_layer(m))
+    assert up == [], "imports that point up between the layers of parallel/:\n" + "\n".join(up)
 
 
 def test_no_import_circles():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import ROOT, env
+from tests.helpers.cli import ROOT, env
 
 pytest.importorskip("transformers", reason="transformers is a test dependency (pyproject [test])")
 
@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 hf = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1))
 from gpu_workbench.parallel import RunConfig
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.models.transformer import GPT
 ours = GPT(RunConfig.from_toml(sys.argv[1], []).model)
 import kernels as hf_kernels
 package = str(gpu_workbench.__path__[0])

@@ -1,4 +1,5 @@
-"""`wb checkpoint inspect|verify|export`: a checkpoint read from its files alone (parallel/checkpoint/describe.py).
+"""`wb checkpoint inspect|verify|export`: a checkpoint read from its files alone
+(parallel/tools/describe_checkpoint.py).
 Imports nothing heavy until a command runs: `wb --help` stays torch-free."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Inspect, verify and export checkpoints.")
 
@@ -19,7 +20,7 @@ def inspect(path: Path = typer.Argument(..., help=PATH_HELP),
             recipe: str = typer.Option(None, "--recipe", help="say what a resume by this recipe would do"),
             nproc: int = typer.Option(None, "--nproc", help="... on this many ranks (default: the writer's)")):
     """Steps, the layout that wrote each checkpoint, sizes, incremental base or delta, soundness, a resume."""
-    from gpu_workbench.parallel.checkpoint import describe
+    from gpu_workbench.parallel.tools import describe_checkpoint as describe
 
     if recipe is not None:
         from gpu_workbench.parallel import recipes
@@ -34,7 +35,7 @@ def inspect(path: Path = typer.Argument(..., help=PATH_HELP),
 @app.command("verify")
 def verify(path: Path = typer.Argument(..., help=PATH_HELP)):
     """Check every file against the manifest (a delta: its base's too) and that state files load; exit 1 if damaged."""
-    from gpu_workbench.parallel.checkpoint import describe
+    from gpu_workbench.parallel.tools import describe_checkpoint as describe
 
     results = describe.verify_all(path)
     for folder, problem in results:
@@ -57,7 +58,7 @@ def export(path: Path = typer.Argument(..., help=PATH_HELP + " (a run directory:
         raise UserError(f"--out {out} exists; pass --force to replace it, or name another file")
     from safetensors.torch import save_file
 
-    from gpu_workbench.parallel.checkpoint import describe
+    from gpu_workbench.parallel.tools import describe_checkpoint as describe
 
     weights, info = describe.export_weights(path)
     out.parent.mkdir(parents=True, exist_ok=True)

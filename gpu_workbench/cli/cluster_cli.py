@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from gpu_workbench.cli.paths import output_file
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 launch_app = typer.Typer(no_args_is_help=True, help="Launch a job under torchrun (single or multi-node).")
 ray_app = typer.Typer(no_args_is_help=True, help="Ray cluster jobs.")

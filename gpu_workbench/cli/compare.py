@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gpu_workbench.cli.paths import output_dir
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 # The order runs and plots appear in; recipes not (yet) in the registry are left out.
 PREFERRED_ORDER = ["single", "ddp", "zero1", "zero2", "zero3", "fsdp", "pipeline", "async-ps", "local-sgd",

@@ -9,8 +9,8 @@ import sys
 
 import typer
 
-from gpu_workbench.parallel import worker_errors
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime import worker_errors
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling.errors import UsageError
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -11,12 +12,24 @@ from rich.console import Console
 from rich.table import Table
 
 from gpu_workbench.cli.paths import output_file
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Check, time and ahead-of-time compile the Triton kernels.")
 # Wide enough for the tables when output is piped (CI logs), as on a terminal.
 console = Console(width=None if Console().is_terminal else 160)
+
+
+def registered_kernels() -> list[str]:
+    """The names in the kernel registry (KERNELS in kernels/suite/__init__.py), read from its source:
+    importing any of gpu_workbench.kernels imports torch, and `wb --help` stays torch-free."""
+    source = (Path(__file__).resolve().parents[1] / "kernels" / "suite" / "__init__.py").read_text()
+    assignment = next(node for node in ast.parse(source).body
+                      if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "KERNELS")
+    return list(ast.literal_eval(assignment.value))
+
+
+KERNEL_HELP = " | ".join([*registered_kernels(), "all"])
 
 
 def default_backends() -> list[str]:
@@ -85,7 +98,7 @@ def _write_json(path: Path | None, rows) -> None:
 
 
 @app.command()
-def check(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
+def check(kernel: str = typer.Argument("all", help=KERNEL_HELP),
           backend: list[str] = typer.Option(None, "--backend", "-b", help="triton | interpret | torch (repeatable)"),
           seed: int = typer.Option(0, help="random seed of the inputs"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
@@ -101,7 +114,7 @@ def check(kernel: str = typer.Argument("all", help="softmax | attention | quant 
 
 
 @app.command()
-def bench(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
+def bench(kernel: str = typer.Argument("all", help=KERNEL_HELP),
           quick: bool = typer.Option(False, help="fewer shapes"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows here")):
     """Time the kernels on this machine's device beside the torch equivalent, in one run."""
@@ -184,7 +197,7 @@ def compile_table(results) -> Table:
 
 
 @app.command("compile")
-def compile_(kernel: str = typer.Argument("all", help="softmax | attention | quant | all"),
+def compile_(kernel: str = typer.Argument("all", help=KERNEL_HELP),
              arch: str = typer.Option("80,90", help="comma-separated compute capabilities"),
              jobs: int = typer.Option(0, help="worker processes (0: one per CPU)"),
              dump: Path = typer.Option(None, "--dump", help="write TTIR/TTGIR/LLIR/PTX/SASS of every config here"),

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import nsight, rank_wrap
 from gpu_workbench.profiling.session import parse_schedule, parse_steps
 

@@ -1,4 +1,4 @@
-"""`wb quant eval`: per-mode quantisation accuracy of a trained run (parallel/quant_eval.py), as a table and
+"""`wb quant eval`: per-mode quantisation accuracy of a trained run (parallel/tools/quant_eval.py), as a table and
 optionally JSON. Imports nothing heavy until a command runs: `wb --help` stays torch-free."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Quantisation accuracy of trained runs.")
 console = Console(width=None if Console().is_terminal else 160)
@@ -53,7 +53,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="a run directory written b
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     if json_out is not None and json_out.is_dir():
         raise UserError(f"--json {json_out} is a directory; name a file, e.g. {json_out}/quant_eval.json")
-    from gpu_workbench.parallel import quant_eval
+    from gpu_workbench.parallel.tools import quant_eval
 
     chosen = quant_eval.check_modes([m.strip() for m in modes.split(",") if m.strip()])
     import torch

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from gpu_workbench.cli import quant_report, timeline_report
 from gpu_workbench.cli.plots import pyplot
-from gpu_workbench.parallel.config import flatten_config
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.flat_config import flatten_config
+from gpu_workbench.parallel.runtime.summary import RunSummary
 
 MIB = 1 << 20
 

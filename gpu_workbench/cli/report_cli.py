@@ -12,7 +12,7 @@ from rich.table import Table
 from gpu_workbench.cli import compare as comparison
 from gpu_workbench.cli.paths import output_dir
 from gpu_workbench.cli.report import build_report, load_run, runs_table
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 console = Console(width=None if Console().is_terminal else 160)
 

@@ -1,4 +1,4 @@
-"""`wb sample`: text from a trained run (parallel/sampling.py)."""
+"""`wb sample`: text from a trained run (parallel/tools/sampling.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def sample(run_dir: Path = typer.Argument(..., help="a run directory written by `wb train`"),
@@ -27,7 +27,7 @@ def sample(run_dir: Path = typer.Argument(..., help="a run directory written by 
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     import torch
 
-    from gpu_workbench.parallel import sampling
+    from gpu_workbench.parallel.tools import sampling
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def _train_args(command: list[str]) -> list[str] | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from gpu_workbench.cli.paths import output_dir
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 
@@ -113,7 +113,7 @@ def _train_on_ray(cfg, nproc: int | tuple[int, int], gpus_per_worker: float, add
 
 def _train_as_rank(cfg, nproc: int) -> None:
     """One rank of a torchrun job (ours, or the user's `torchrun ... -m gpu_workbench train`)."""
-    from gpu_workbench.parallel.loop.distributed import exit_worker
+    from gpu_workbench.parallel.runtime.distributed import exit_worker
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if nproc not in (1, world):
@@ -126,7 +126,7 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
                  log_dir: Path | None) -> None:
     """In this process (one rank), or N ranks under torchrun on this node."""
     from gpu_workbench.parallel import recipes
-    from gpu_workbench.parallel.loop.rundir import resolve_run_dir
+    from gpu_workbench.parallel.runtime.rundir import resolve_run_dir
 
     recipes.resolve(cfg, nproc)            # config mistakes stop here, before any process starts
     if nproc == 1 and max_restarts == 0 and log_dir is None:
@@ -138,8 +138,8 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
     if not cfg.run_dir:   # one directory for all ranks, chosen before they start
         items = [*items, f"run_dir={run_dir}"]
     from gpu_workbench.cluster import torchrun
-    from gpu_workbench.parallel.loop.lock import RunLock
     from gpu_workbench.parallel.loop.preflight import preflight
+    from gpu_workbench.parallel.runtime.lock import RunLock
 
     # no --nproc in the workers' command: torchrun's parser would take it as its own
     worker = ["wb", "train", *([f"--config={config}"] if config is not None else []), *items]
@@ -153,12 +153,12 @@ def _train_local(cfg, config: Path | None, items: list[str], nproc: int, max_res
 
 
 def _run_workers(command: list[str], lock_token: str) -> int:
-    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/worker_errors.py)."""
+    """torchrun's exit code; a worker's user mistake is printed here, once (parallel/runtime/worker_errors.py)."""
     import tempfile
 
     from gpu_workbench.cluster import torchrun
-    from gpu_workbench.parallel import worker_errors
-    from gpu_workbench.parallel.loop.lock import TOKEN_ENV
+    from gpu_workbench.parallel.runtime import worker_errors
+    from gpu_workbench.parallel.runtime.lock import TOKEN_ENV
 
     with tempfile.TemporaryDirectory(prefix="wb-errors-") as folder:
         os.environ.update({TOKEN_ENV: lock_token, worker_errors.ENV: folder})
@@ -175,7 +175,7 @@ def _run_workers(command: list[str], lock_token: str) -> int:
 
 def _run(cfg, nproc: int | None = None) -> None:
     from gpu_workbench.parallel import train as run_train
-    from gpu_workbench.parallel.loop.faults import RankLost
+    from gpu_workbench.parallel.runtime.faults import RankLost
 
     try:
         summary = run_train(cfg, nproc)

@@ -1,5 +1,5 @@
 """torchrun for `wb train --nproc N`: torch's own agent (torch.distributed.run, same arguments), quiet when
-a worker failed with a user mistake it recorded (parallel/worker_errors.py). The launcher then prints that
+a worker failed with a user mistake it recorded (parallel/runtime/worker_errors.py). The launcher then prints that
 one line and exits 2; the agent's failure report, log lines and traceback would only bury it. Any other
 failure (a bug, a lost rank) keeps all of them.
 
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from gpu_workbench.parallel import worker_errors
+from gpu_workbench.parallel.runtime import worker_errors
 
 
 class _QuietAfterMistake(logging.Filter):

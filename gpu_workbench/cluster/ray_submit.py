@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 EXCLUDES = [".git", ".venv", "venv", "runs", "results", ".pytest_cache", ".ruff_cache", ".benchmarks",
             "**/__pycache__", "*.pt", "*.nsys-rep", "*.ncu-rep", "*.egg-info"]

@@ -39,11 +39,11 @@ import sys
 from pathlib import Path
 
 from gpu_workbench.parallel.config import FAULT_WORLD_ENV
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop.lock import TOKEN_ENV, RunLock
 from gpu_workbench.parallel.loop.preflight import preflight
-from gpu_workbench.parallel.loop.rundir import resolve_run_dir
-from gpu_workbench.parallel.loop.summary import RunSummary
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.lock import TOKEN_ENV, RunLock
+from gpu_workbench.parallel.runtime.rundir import resolve_run_dir
+from gpu_workbench.parallel.runtime.summary import RunSummary
 
 
 class RayJobFailed(RuntimeError):
@@ -272,7 +272,7 @@ def _fit(cfg, nproc: int | tuple[int, int], run_dir: Path, gpus_per_worker: floa
 def _summary_from_report(cfg, m: dict) -> RunSummary:
     """The run dir is on another node: what the last step's report carries (the world size it really ran
     at, which an elastic job chooses); the rest was not measured here."""
-    from gpu_workbench.parallel.model import build, count_params
+    from gpu_workbench.parallel.models.transformer import build, count_params
 
     world = int(m["world_size"])
     return RunSummary(

@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 
 from gpu_workbench.cluster.torchrun import entry_args, run_dir_of, torchrun_command
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 _HEAD, _JOB, _LOGS = "WBHEADNODE", "WBJOBID", "WBLOGDIR"   # placeholders, replaced by shell variables
 

@@ -24,7 +24,7 @@ import sys
 import uuid
 
 from gpu_workbench.cluster import netif
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def entry_args(command: list[str]) -> list[str]:

@@ -11,11 +11,11 @@
 """
 
 from gpu_workbench.kernels import quant
+from gpu_workbench.kernels.attention import attention, attention_backward, attention_forward
 from gpu_workbench.kernels.backend import BACKENDS, resolve_backend
-from gpu_workbench.kernels.flash_attention import attention, attention_backward, attention_forward
-from gpu_workbench.kernels.fused_softmax import log_softmax, softmax
 from gpu_workbench.kernels.linear_cross_entropy import linear_cross_entropy
 from gpu_workbench.kernels.quant_matmul import quant_matmul
+from gpu_workbench.kernels.softmax import log_softmax, softmax
 
 __all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "linear_cross_entropy", "log_softmax",
            "quant", "quant_matmul", "resolve_backend", "softmax"]

@@ -49,7 +49,7 @@ SMALL_M_TUNER = Autotuner("quant_matmul_small_m", [
 ])
 # The tensor-core GEMM: a16 modes dequantise a tile into fp16/bf16; w8a8 multiplies int8 tiles, which
 # are half the bytes, so it takes deeper K blocks (int8 wgmma has K = 32 per instruction). Reshaped so
-# that none spills on sm_80 or sm_90 under Triton 3.6 or 3.9 (`wb kernels compile quant`, BENCHMARKS.md):
+# that none spills on sm_80 or sm_90 under Triton 3.6 or 3.9 (`wb kernels compile quant_matmul`, BENCHMARKS.md):
 # a16 128x256 BLOCK_K 64 -> 32 (and 4 stages), a16 128x128 BLOCK_K 128 -> 64 (4 stages instead), w8a8
 # 128x256 / 256x128 BLOCK_K 128 -> 64 (4 stages) and Hopper only; config_archs() says where each runs.
 GEMM_TUNERS = {

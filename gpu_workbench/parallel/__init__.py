@@ -4,14 +4,14 @@
     cfg = RunConfig.from_toml("configs/tiny.toml", overrides=["recipe=zero2", "steps=20"])
     summary = train(cfg)    # a RunSummary, also written to <run_dir>/summary.json
 
-Rooms: loop/ (trainer, run directory, summary, faults), recipes/ (one file per parallelism),
-pipeline/ (stages, schedule simulator, bubble, Gantt), checkpoint/, ps/ (parameter server).
+Layers, bottom up (docs/ARCHITECTURE.md, Layers): runtime/, models/ + config.py, checkpoint/ + data.py,
+primitives/ (parallelize, tensor/context/pipeline parallelism), recipes/, loop/ (the trainer), tools/.
 DeepSpeed and Ray are imported only by the recipes that use them, when they run; torch only when
 something needs it (`train`), so the CLI answers a mistake without the seconds torch's import takes.
 """
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 __all__ = ["RunConfig", "RunSummary", "UserError", "train"]
 
@@ -21,6 +21,6 @@ def __getattr__(name: str):
         from gpu_workbench.parallel.loop.trainer import train
         return train
     if name == "RunSummary":
-        from gpu_workbench.parallel.loop.summary import RunSummary
+        from gpu_workbench.parallel.runtime.summary import RunSummary
         return RunSummary
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.errors import UserError, UserTypeError
+from gpu_workbench.parallel.runtime.errors import UserError, UserTypeError
+from gpu_workbench.parallel.runtime.flat_config import flatten_config
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
@@ -166,7 +167,7 @@ class ContextParallelConfig:     # [cp]: the sequence split over ranks (ring att
 
 
 @dataclass
-class QuantConfig:               # [quant]: quantisation-aware training (parallel/qat.py)
+class QuantConfig:               # [quant]: quantisation-aware training (parallel/models/qat.py)
     qat: Literal["none", "w8a16", "w4a16", "w8a8"] = "none"   # fake-quantise every Linear of the blocks
     group_size: int = 32         # w4a16: 32, 64 or 128 along in_features, or -1 per output channel
 
@@ -232,7 +233,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         cfg = cls()
-        for key, value in _flatten(raw):
+        for key, value in flatten_config(raw).items():
             cfg.set(key, value, from_text=False)
         return cfg
 
@@ -427,7 +428,7 @@ class RunConfig:
         c, chunks = self.cp.degree, 2 * self.cp.degree if self.cp.load_balance == "headtail" else self.cp.degree
         if c > 1 and self.model.seq_len % chunks:   # ring attention cuts the sequence into equal chunks
             raise UserError(f"model.seq_len ({self.model.seq_len}) must be divisible by {chunks} with cp.degree = {c} "
-                            f"and cp.load_balance = {self.cp.load_balance} (parallel/context_parallel.py)")
+                            f"and cp.load_balance = {self.cp.load_balance} (parallel/primitives/context_parallel.py)")
         if self.tp.sequence_parallel and self.tp.degree == 1:
             raise UserError("tp.sequence_parallel = true needs tp.degree > 1")
 
@@ -454,16 +455,6 @@ def _suggest(word: str, choices: list[str]) -> str:
         leaf = word.rsplit(".", 1)[1]
         close = [c for c in choices if c.rsplit(".", 1)[-1] == leaf][:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _flatten(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -519,14 +510,3 @@ def _positive(obj: Any, *names: str, prefix: str = "") -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise UserError(f"{prefix}{name} must be > 0, got {getattr(obj, name)}")
-
-
-def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a config's values under their dotted keys."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 _PERM_STREAM = 2**31 - 1   # a seed-sequence entry no step index reaches
 _VAL_STREAM = 2**31 - 2    # the validation split's samples: (seed, _VAL_STREAM, batch, index)

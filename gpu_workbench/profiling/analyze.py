@@ -6,7 +6,7 @@ with no successor, is left out):
   busy      compute ranges on the main thread (fwd, bwd, bwd_weight, optimizer, straggle), less the waits
             inside them
   comm      communication in flight: the "comm" lane's collectives (issue to completion,
-            parallel/comm_spans.py) and the wait ranges (`*.wait`, the pipeline's send/recv)
+            parallel/primitives/comm_spans.py) and the wait ranges (`*.wait`, the pipeline's send/recv)
   exposed   comm while the rank is not busy: communication no computation hides
   idle      the rest of the step (data loading, bookkeeping, waiting on nothing recorded)
 A synchronous step waits for its slowest rank, so the straggler of a step is the rank that waited least
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gpu_workbench.profiling.errors import UsageError
 
-# "straggle": straggler.rank's emulated slow compute (parallel/loop/injector.py)
+# "straggle": straggler.rank's emulated slow compute (parallel/runtime/injector.py)
 COMPUTE = frozenset({"fwd", "bwd", "bwd_weight", "optimizer", "straggle"})
 WAITS = frozenset({"send", "recv"})   # and every name ending in ".wait"
 COMM_LANE = "comm"

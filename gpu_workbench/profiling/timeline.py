@@ -6,7 +6,7 @@ Chrome/Perfetto `trace.json`: one process per rank, threads kept, timestamps on 
 (each rank's offset to rank 0 is measured at start-up by `align_clocks`).
 
 A span may name its own lane instead of the recording thread: the collectives, recorded from issue to
-completion by a callback on whatever thread completes them (parallel/comm_spans.py), go to lane "comm",
+completion by a callback on whatever thread completes them (parallel/primitives/comm_spans.py), go to lane "comm",
 a thread of its own in the trace after the real threads.
 """
 

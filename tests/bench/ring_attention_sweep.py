@@ -5,7 +5,8 @@ Run under torchrun with C ranks, by tests/bench/test_ring_attention_cpu.py or by
         tests/bench/ring_attention_sweep.py results/ring_attention.json 1024,2048,4096,8192
 
 Per length T (causal, headtail, B=1, 4 heads of 64, fp32), each rank one thread:
-  ring     forward + backward of ring attention (parallel/context_parallel.py) over this rank's T/C positions;
+  ring     forward + backward of ring attention (parallel/primitives/context_parallel.py)
+           over this rank's T/C positions;
   single   kernels.attention over all T on rank 0 alone (the others wait), the same random inputs.
 Activation memory is measured, not predicted: the bytes autograd keeps for backward (every tensor
 saved_tensors_hooks sees, each storage counted once), and the peak extra bytes of forward + backward from
@@ -65,7 +66,7 @@ def measure(attn, q, k, v, do, group) -> dict:
 
 def one_length(t: int) -> dict:
     from gpu_workbench import kernels
-    from gpu_workbench.parallel import context_parallel as cp
+    from gpu_workbench.parallel.primitives import context_parallel as cp
 
     c, rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator().manual_seed(t)   # the same inputs on every rank

@@ -5,7 +5,7 @@
 has, so it is recorded, not asserted: `make bench` (`--benchmark-enable`) runs one ddp torchrun launch
 and one async-ps run and puts both times to target and their ratio in the row's extra_info
 (`--benchmark-json`). Under `--benchmark-disable` (the normal suite) it is skipped: what the two runs
-must get right is checked by tests/parallel/test_async_sgd.py::test_straggler_ddp_and_async_reach_the_target.
+must get right is checked by tests/parallel/recipes/test_async_sgd.py::test_straggler_ddp_and_async_reach_the_target.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import pytest
 
 from gpu_workbench.parallel import RunConfig, train
-from tests.parallel.runs import TINY, summary, torchrun
+from tests.helpers.runs import TINY, summary, torchrun
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ so that a background write has time to finish (BENCHMARKS.md, "Checkpoints: asyn
 target is async <= 0.3x sync). A timing on whatever cores the box has, so it is recorded, not asserted, save
 that a synchronous save must take over 1 s (else the comparison says nothing). `make bench`
 (`--benchmark-enable`) runs it; under `--benchmark-disable` (the normal suite) it is skipped: what async
-saves must get right is checked by tests/parallel/test_async_checkpoint.py.
+saves must get right is checked by tests/parallel/checkpoint/test_async_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import io
 import pytest
 
 from gpu_workbench.parallel import RunConfig, train
-from tests.parallel.runs import TINY
+from tests.helpers.runs import TINY
 
 pytestmark = pytest.mark.slow
 

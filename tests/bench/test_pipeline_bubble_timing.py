@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.pipeline_runs import heavy, torchrun
-from tests.parallel.runs import summary
+from tests.helpers.runs import summary
+from tests.helpers.workers.pipeline_runs import heavy, torchrun
 
 pytestmark = pytest.mark.timing
 BUBBLE_M = [2, 4, 8]

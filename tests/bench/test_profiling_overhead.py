@@ -22,12 +22,12 @@ from torch.autograd import profiler as torch_profiler
 
 from gpu_workbench.parallel import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.recipes import RECIPES
 from gpu_workbench.parallel.recipes.base import Context
 from gpu_workbench.profiling import range as prange
 from gpu_workbench.profiling import timeline
-from tests.parallel.runs import TINY
+from tests.helpers.runs import TINY
 
 N = 1000
 _medians: dict[tuple[str, str], float] = {}   # (group, row) -> median seconds, when timing is enabled

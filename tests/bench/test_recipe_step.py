@@ -10,10 +10,10 @@ import torch.distributed as dist
 
 from gpu_workbench.parallel import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.loop.distributed import init_distributed
-from gpu_workbench.parallel.model import GPT
+from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.recipes import RECIPES, resolve
-from tests.parallel.runs import TINY, skip_unless_runnable
+from gpu_workbench.parallel.runtime.distributed import init_distributed
+from tests.helpers.runs import TINY, skip_unless_runnable
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ attention saves only this rank's q, k, v, out and lse, never the K/V it received
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gpu_workbench import kernels
 from tests.bench.ring_attention_sweep import B, D, H, saved_bytes
-from tests.cli import ROOT, env
+from tests.helpers.cli import ROOT, torchrun
 
 C = 2
 LENGTHS = (252, 1020)   # chunks of 63 and 255 positions (headtail: 2C chunks)
@@ -27,10 +25,8 @@ LENGTHS = (252, 1020)   # chunks of 63 and 255 positions (headtail: 2C chunks)
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("ring") / "ring.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={C}",
-           str(ROOT / "tests" / "bench" / "ring_attention_sweep.py"), str(out), ",".join(map(str, LENGTHS))]
-    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    torchrun(ROOT / "tests" / "bench" / "ring_attention_sweep.py", C, str(out), ",".join(map(str, LENGTHS)),
+             timeout=300)
     return {row["seq_len"]: row for row in json.loads(out.read_text())}
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from tests.cli import ROOT, VENV_BIN, env, wb  # noqa: F401  (the shared CLI helper, re-exported)
-from tests.parallel.runs import TINY, final_params, losses, max_rel_diff, summary  # noqa: F401
+from tests.helpers.cli import ROOT, VENV_BIN, env, wb  # noqa: F401  (the shared CLI helper, re-exported)
+from tests.helpers.runs import TINY, final_params, losses, max_rel_diff, summary  # noqa: F401
 
 # 6 steps of the tiny model, a checkpoint every 2 steps (keep 1), the final parameters saved.
 JOB = ["steps=6", "progress=false", "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.save_final=true"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gpu_workbench.parallel.checkpoint import complete_checkpoints
-from gpu_workbench.parallel.loop.rundir import read_metrics
+from gpu_workbench.parallel.runtime.rundir import read_metrics
 from tests.cluster.common import JOB, ROOT, TINY, final_params, free_port, losses, max_rel_diff, summary, wb
 
 pytestmark = pytest.mark.slurm

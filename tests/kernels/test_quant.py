@@ -283,7 +283,7 @@ def test_quantize_model_shrinks_and_runs():
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time compile for Ampere and Hopper (the full set runs in `wb kernels compile quant`)
+# Ahead-of-time compile for Ampere and Hopper (the full set runs in `wb kernels compile quant_matmul`)
 # ----------------------------------------------------------------------------------------------
 def test_compile_specs_cover_every_config():
     specs = compile_specs()

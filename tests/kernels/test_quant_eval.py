@@ -1,4 +1,4 @@
-"""`wb quant eval` (parallel/quant_eval.py): per-layer output SQNR on held-out activations of a trained run,
+"""`wb quant eval` (parallel/tools/quant_eval.py): per-layer output SQNR on held-out activations of a trained run,
 model bytes, held-out loss per mode; the JSON it writes; bad input as one line.
 
 One trained run (a tiny gpt2 at d_model 128, so that groups of 32, 64 and 128 all divide every layer) serves
@@ -16,10 +16,11 @@ import torch
 
 from gpu_workbench.cli.app import main
 from gpu_workbench.kernels import quant
-from gpu_workbench.parallel import RunConfig, sampling, train
-from gpu_workbench.parallel.qat import quantised_layers
-from gpu_workbench.parallel.quant_eval import evaluate, held_out_batches
-from tests.parallel.runs import TINY, rel, summary, wb
+from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.models.qat import quantised_layers
+from gpu_workbench.parallel.tools import sampling
+from gpu_workbench.parallel.tools.quant_eval import evaluate, held_out_batches
+from tests.helpers.runs import TINY, rel, summary, wb
 from tests.workbench.test_user_errors import main_error, one_line
 
 RUN = ["model.d_model=128", "steps=30", "progress=false", "checkpoint.every=30", "eval.every=30", "eval.batches=2",

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.parallel.runs import BASE, HAS_DEEPSPEED, TINY, runnable, skip_unless_runnable, torchrun
+from tests.helpers.runs import BASE, HAS_DEEPSPEED, TINY, runnable, skip_unless_runnable, torchrun, train_single
 
 DP_RECIPES = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
 MEMORY_RECIPES = ["ddp", "zero1", "zero2", "zero3"]
@@ -33,10 +33,9 @@ def one_thread():
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """`single`, 10 fp32 steps, in this process."""
-    from gpu_workbench.parallel import RunConfig, train
 
     run_dir = tmp_path_factory.mktemp("single")
-    train(RunConfig.from_toml(TINY, [*BASE, "recipe=single", f"run_dir={run_dir}"]))
+    train_single(run_dir, BASE)
     return run_dir
 
 

@@ -1,7 +1,8 @@
-"""--timeline shows every recipe's communication on every rank, measured at completion (parallel/comm_spans.py),
-and `wb profile analyze` reads it (profiling/analyze.py). One 2-rank launch trains every run below; hogwild
-and async-ps refuse --timeline in one line (tests/parallel/test_cli_errors.py), tp has its own spans
-(tests/parallel/test_tensor_parallel.py), and the pipeline its send/recv (tests/parallel/test_pipeline.py)."""
+"""--timeline shows every recipe's communication on every rank, measured at completion
+(parallel/primitives/comm_spans.py), and `wb profile analyze` reads it (profiling/analyze.py). One 2-rank launch
+trains every run below; hogwild and async-ps refuse --timeline in one line (tests/parallel/loop/test_cli_errors.py),
+tp has its own spans (tests/parallel/primitives/test_tensor_parallel.py), and the pipeline its send/recv
+(tests/parallel/primitives/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from tests.parallel.runs import TINY, runnable, skip_unless_runnable, torchrun, wb
+from tests.helpers.runs import TINY, runnable, skip_unless_runnable, torchrun, wb
 
 STEPS = ["steps=4", "progress=false", "checkpoint.every=0", "global_batch=8", "micro_batch=4",
          "profiling.timeline=true"]

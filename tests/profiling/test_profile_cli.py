@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 from gpu_workbench.profiling import nsight, rank_wrap
-from tests.cli import wb
+from tests.helpers.cli import torchrun, wb
 
 
 def _wrap_spec(stdout: str) -> dict:
@@ -72,10 +71,8 @@ def test_only_selected_ranks_run_under_the_tool(tmp_path):
         with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"]), "w") as f:
             f.write(os.environ.get("WRAPPED_AS", "plain"))
     """))
-    env = {**os.environ, **rank_wrap.wrap_env(["env", "WRAPPED_AS=tool-rank{rank}"], [1], multi_process=True)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun(script, 2, env=rank_wrap.wrap_env(["env", "WRAPPED_AS=tool-rank{rank}"], [1], multi_process=True),
+             timeout=120)
     assert (tmp_path / "rank0").read_text() == "plain"
     assert (tmp_path / "rank1").read_text() == "tool-rank1"
 

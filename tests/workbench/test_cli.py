@@ -10,7 +10,7 @@ import torch
 import typer.main
 
 from gpu_workbench.cli.app import app, main
-from tests.cli import wb
+from tests.helpers.cli import wb
 
 
 def _commands(cmd, path=()):
@@ -53,6 +53,19 @@ def test_every_leaf_command_help_exits_0(path, capsys):
     out = capsys.readouterr().out
     assert done.value.code == 0, out
     assert f"Usage: wb {' '.join(path)} " in out
+
+
+@pytest.mark.parametrize("command", ["check", "bench", "compile"])
+def test_kernel_commands_name_every_registered_kernel(command, capsys):
+    """The kernel list of `wb kernels ... --help` is the kernel registry's, read without importing torch."""
+    from gpu_workbench.cli.kernels_cli import registered_kernels
+    from gpu_workbench.kernels.suite import KERNELS
+
+    assert registered_kernels() == list(KERNELS)
+    with pytest.raises(SystemExit):
+        main(["kernels", command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in KERNELS), help_text
 
 
 def test_kernels_check_softmax_passes_and_writes_json(tmp_path):

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from gpu_workbench.cli.app import main
 from gpu_workbench.parallel import RunConfig, recipes
-from gpu_workbench.parallel.errors import UserError
-from tests.parallel.runs import TINY, wb
+from gpu_workbench.parallel.runtime.errors import UserError
+from tests.helpers.runs import TINY, wb
 
 try:
     import tomllib

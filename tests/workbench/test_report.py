@@ -10,8 +10,8 @@ import matplotlib.image
 import pytest
 
 from gpu_workbench.cli.report import COLUMNS, MIB, load_run
-from gpu_workbench.parallel.loop.summary import RunSummary
-from tests.cli import wb
+from gpu_workbench.parallel.runtime.summary import RunSummary
+from tests.helpers.cli import wb
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_compare_report_matches_the_runs(compared):
 def test_every_summary_records_its_provenance_and_the_report_shows_it(compared):
     import subprocess
 
-    from tests.cli import ROOT
+    from tests.helpers.cli import ROOT
 
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     commit = head.stdout.strip()

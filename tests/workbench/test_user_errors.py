@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from gpu_workbench.cli.app import main
-from tests.cli import one_line
-from tests.parallel.runs import ROOT, TINY, env, installed, wb
+from tests.helpers.cli import one_line
+from tests.helpers.runs import ROOT, TINY, env, installed, wb
 
 
 def main_error(capsys, *args: str) -> str:
@@ -175,7 +175,7 @@ def test_report_garbled_run_files_name_the_file(name, text, where, tmp_path, cap
 
 
 def _minimal_summary(run) -> None:
-    from gpu_workbench.parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.runtime.summary import RunSummary
 
     RunSummary(recipe="single", world_size=1, dp=1, steps=2, final_loss=4.0, tokens_per_s=100.0, n_params=10,
                elapsed_s=1.0, micro_batch=4, global_batch=16, tokens_per_step=512, skipped_steps=0, device="cpu",
@@ -362,7 +362,7 @@ def test_a_workers_user_error_is_printed_once_by_the_launcher(capfd, monkeypatch
     rank 0's one line, exit 2, without torchrun's failure report."""
     from gpu_workbench.cli.train_cli import _run_workers
     from gpu_workbench.cluster.torchrun import torchrun_command
-    from gpu_workbench.parallel.errors import UserError
+    from gpu_workbench.parallel.runtime.errors import UserError
 
     command = torchrun_command(["wb", "train", "--config", TINY, "stepz=5"], nproc_per_node=2,
                                agent="gpu_workbench.cluster.agent")

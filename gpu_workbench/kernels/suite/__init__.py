@@ -12,7 +12,7 @@ import importlib
 
 KERNELS = {
     "softmax": "gpu_workbench.kernels.suite.softmax",
-    "quant": "gpu_workbench.kernels.suite.quant",
+    "quant_matmul": "gpu_workbench.kernels.suite.quant_matmul",
     "attention": "gpu_workbench.kernels.suite.attention",
     "linear_cross_entropy": "gpu_workbench.kernels.suite.linear_cross_entropy",
 }

@@ -7,7 +7,7 @@ import math
 import torch
 
 from gpu_workbench import kernels
-from gpu_workbench.kernels.flash_attention import compile_specs  # noqa: F401  (part of this module's interface)
+from gpu_workbench.kernels.attention import compile_specs  # noqa: F401  (part of this module's interface)
 from gpu_workbench.kernels.suite.common import (
     TOLERANCE,
     BenchRow,

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from gpu_workbench import kernels
-from gpu_workbench.kernels.fused_softmax import compile_specs  # noqa: F401  (part of this module's interface)
+from gpu_workbench.kernels.softmax import compile_specs  # noqa: F401  (part of this module's interface)
 from gpu_workbench.kernels.suite.common import (
     TOLERANCE,
     BenchRow,

@@ -28,7 +28,7 @@ from gpu_workbench.parallel.checkpoint.listing import complete_checkpoints, newe
 from gpu_workbench.parallel.checkpoint.manifest import file_manifest, read_meta, referenced, verify
 
 __all__ = ["PendingSave", "begin_save", "bytes_written_total", "complete_checkpoints", "file_manifest",
-           "find_resumable", "load", "newest_good", "prune", "save", "scan", "verify"]
+           "find_resumable", "load", "newest_good", "prune", "scan", "verify"]
 
 
 def _barrier() -> None:
@@ -53,8 +53,8 @@ def prune(run_dir: Path, keep: int, keep_every: int = 0) -> None:
 class PendingSave:
     """A checkpoint whose files are written (or being written in the background) but not yet published."""
 
-    def __init__(self, engine, run_dir: Path, step: int, written, bytes_before: int):
-        self.engine, self.run_dir, self.step, self.written = engine, Path(run_dir), step, written
+    def __init__(self, engine, run_dir: Path, step: int, written, bytes_before: int, fmt: str):
+        self.engine, self.run_dir, self.step, self.written, self.fmt = engine, Path(run_dir), step, written, fmt
         self.bytes_before = bytes_before
         self.final = self.run_dir / "checkpoints" / f"step_{step:06d}"
         self.tmp = self.run_dir / "checkpoints" / f"step_{step:06d}.tmp"
@@ -83,12 +83,10 @@ class PendingSave:
         return self.final
 
     def _meta(self) -> dict:
-        from gpu_workbench.parallel import recipes
-
         engine, files = self.engine, file_manifest(self.tmp)   # sizes and checksums: resume detects damage
         world, dims = engine.ctx.world_size, engine.ctx.dims
         own = sum(f["size"] for f in files.values())
-        meta = {"step": self.step, "format": recipes.get(engine.cfg.recipe).checkpoint_format,
+        meta = {"step": self.step, "format": self.fmt,
                 "recipe": engine.cfg.recipe, "world_size": world, "dims": dims.degrees() if dims else None,
                 "fingerprint": fingerprint(engine.cfg, world), "files": files, "bytes_written": own,
                 "bytes_written_total": self.bytes_before + own}
@@ -97,10 +95,11 @@ class PendingSave:
         return meta
 
 
-def begin_save(engine, run_dir: Path, step: int, rank: int, previous: Path | None = None,
+def begin_save(engine, run_dir: Path, step: int, rank: int, fmt: str, previous: Path | None = None,
                bytes_before: int = 0) -> PendingSave:
     """Write (or, with checkpoint.async_save, stage and start writing) the state after `step` optimizer steps
-    into step_N.tmp; `previous`: the checkpoint an incremental save builds on. Collective."""
+    into step_N.tmp; `fmt`: the recipe's checkpoint_format, recorded in meta.json; `previous`: the checkpoint
+    an incremental save builds on. Collective."""
     root = Path(run_dir) / "checkpoints"
     tmp = root / f"step_{step:06d}.tmp"
     if rank == 0:
@@ -109,7 +108,7 @@ def begin_save(engine, run_dir: Path, step: int, rank: int, previous: Path | Non
     _barrier()
     previous_meta = _previous_meta(previous, rank) if engine.cfg.checkpoint.incremental else None
     written = engine.save(tmp, step, previous_meta)
-    return PendingSave(engine, run_dir, step, written, bytes_before)
+    return PendingSave(engine, run_dir, step, written, bytes_before, fmt)
 
 
 def _previous_meta(previous: Path | None, rank: int) -> dict | None:
@@ -121,11 +120,6 @@ def _previous_meta(previous: Path | None, rank: int) -> dict | None:
         meta = box[0]
     return meta
 
-
-def save(engine, run_dir: Path, step: int, keep: int, rank: int, keep_every: int = 0, previous: Path | None = None,
-         bytes_before: int = 0) -> Path:
-    """Save the state after `step` optimizer steps and publish it. Collective: every rank calls it."""
-    return begin_save(engine, run_dir, step, rank, previous, bytes_before).publish(keep, keep_every)
 
 
 def bytes_written_total(path: Path | None) -> int:

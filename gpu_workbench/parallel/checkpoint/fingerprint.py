@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from gpu_workbench.parallel.config import flatten_config
+from gpu_workbench.parallel.runtime.flat_config import flatten_config
 
 # the state's shapes and the data stream
 STATE = ("model", "data", "seed", "global_batch", "precision")
@@ -42,9 +42,3 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any], only: tuple
         if _under(key, only) and key in saved and saved.get(key) != current.get(key):
             return f"{key} is {current.get(key)!r} in this run, {saved[key]!r} in the checkpoint"
     return None
-
-
-def changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
-    """{key: [old, new]} for every config value that differs (a run's next segment)."""
-    a, b = flatten_config(old), flatten_config(new)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -13,7 +13,7 @@ from gpu_workbench.parallel.checkpoint.fingerprint import LAYOUT, MUST_MATCH, ST
 from gpu_workbench.parallel.checkpoint.listing import newest_good, say_skipped, scan
 from gpu_workbench.parallel.checkpoint.manifest import read_meta, verify
 from gpu_workbench.parallel.checkpoint.universal import FORMAT
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 @dataclass

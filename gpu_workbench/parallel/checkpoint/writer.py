@@ -92,7 +92,7 @@ def write(request: dict, folder: Path, background: bool, delay_s: float = 0.0) -
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from gpu_workbench.parallel import compat
+    from gpu_workbench.parallel.runtime import compat
 
     alone = not dist.is_initialized()
     if alone and background:   # DCP's one-process warning, raised in the background thread: the intent

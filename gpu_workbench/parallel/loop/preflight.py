@@ -14,8 +14,8 @@ from pathlib import Path
 
 from gpu_workbench.parallel import recipes
 from gpu_workbench.parallel.checkpoint.start import decide
-from gpu_workbench.parallel.loop import metrics_log
-from gpu_workbench.parallel.loop.rundir import resolve_run_dir
+from gpu_workbench.parallel.runtime import metrics_log
+from gpu_workbench.parallel.runtime.rundir import resolve_run_dir
 
 
 def preflight(cfg, world_size: int):

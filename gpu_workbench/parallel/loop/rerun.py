@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from gpu_workbench.parallel.checkpoint.fingerprint import changes
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop import metrics_log
-from gpu_workbench.parallel.loop.distributed import broadcast
+from gpu_workbench.parallel.runtime import metrics_log
+from gpu_workbench.parallel.runtime.distributed import broadcast
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.flat_config import changes
 
 
 def _finished(run_dir: Path, cfg, begin) -> bool:

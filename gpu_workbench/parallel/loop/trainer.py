@@ -6,7 +6,7 @@
                 (same seed on every rank), which the recipe wraps into an engine; data; resume
   2. run_steps  for each step: injected faults -> micro-batches (engine.train_step) -> log -> evaluate
                 -> checkpoint
-  3. summarise  the typed RunSummary (parallel/loop/summary.py), written to <run_dir>/summary.json
+  3. summarise  the typed RunSummary (parallel/runtime/summary.py), written to <run_dir>/summary.json
 
 Recipes that start their own workers (async-ps, hogwild) run through `recipe.run` instead and write the
 same summary. The data flow of one step is drawn in docs/ARCHITECTURE.md.
@@ -22,20 +22,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpu_workbench.parallel import checkpoint, memory, models, qat, recipes
+from gpu_workbench.parallel import checkpoint, models, recipes
 from gpu_workbench.parallel.checkpoint import writer as checkpoint_writer
 from gpu_workbench.parallel.checkpoint.start import decide, describe
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset
-from gpu_workbench.parallel.loop import faults, hooks, previous, provenance, rerun
-from gpu_workbench.parallel.loop.distributed import broadcast, gather, init_distributed, mean_over_ranks
-from gpu_workbench.parallel.loop.injector import FaultInjector
-from gpu_workbench.parallel.loop.lock import RunLock
+from gpu_workbench.parallel.loop import hooks, rerun
 from gpu_workbench.parallel.loop.progress import Progress
-from gpu_workbench.parallel.loop.rundir import RunDir, median, read_evals, resolve_run_dir
-from gpu_workbench.parallel.loop.summary import RunSummary
-from gpu_workbench.parallel.model import PEAK_BF16_FLOPS, build, count_params
+from gpu_workbench.parallel.models import qat
+from gpu_workbench.parallel.models.transformer import PEAK_BF16_FLOPS, build, count_params
 from gpu_workbench.parallel.recipes.base import freeze
+from gpu_workbench.parallel.runtime import faults, memory, previous, provenance
+from gpu_workbench.parallel.runtime.distributed import broadcast, gather, init_distributed, mean_over_ranks
+from gpu_workbench.parallel.runtime.injector import FaultInjector
+from gpu_workbench.parallel.runtime.lock import RunLock
+from gpu_workbench.parallel.runtime.rundir import RunDir, median, read_evals, resolve_run_dir
+from gpu_workbench.parallel.runtime.summary import RunSummary
 from gpu_workbench.profiling import range as prange
 from gpu_workbench.profiling import timeline
 from gpu_workbench.profiling.session import ProfileSession
@@ -70,7 +72,7 @@ class Trainer:
         self.ctx = ctx = init_distributed(cfg, self.recipe.needs_process_group)
         ctx.dims = self.dims = recipes.resolve(cfg, ctx.world_size)
         if cfg.profiling.timeline:   # collectives from issue to completion; before the engine keeps references
-            from gpu_workbench.parallel import comm_spans
+            from gpu_workbench.parallel.primitives import comm_spans
 
             comm_spans.install()
         # a run_dir the launcher did not set is named by rank 0's clock, for every rank
@@ -95,7 +97,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)               # identical initial weights on every rank
         model = build(cfg.model)
         self.n_params = count_params(model)
-        self.qat = qat.apply(model, cfg)          # quant.qat: fake-quantised block layers (parallel/qat.py)
+        self.qat = qat.apply(model, cfg)          # quant.qat: fake-quantised block layers (parallel/models/qat.py)
         freeze(model, cfg.optim.frozen)           # before setup: DDP/FSDP see which parameters train
         self.engine = self.recipe.setup(model, cfg, ctx)
         self.dataset = Dataset(cfg)
@@ -214,8 +216,8 @@ class Trainer:
             with prange("checkpoint", step=done):
                 began = time.perf_counter()
                 self.finish_pending_save()   # the previous async save first: the next builds on it
-                pending = checkpoint.begin_save(self.engine, self.run_dir, done, self.ctx.rank, self.last_ckpt,
-                                                self.ckpt_bytes)
+                pending = checkpoint.begin_save(self.engine, self.run_dir, done, self.ctx.rank,
+                                                self.recipe.checkpoint_format, self.last_ckpt, self.ckpt_bytes)
                 if cfg.checkpoint.async_save:
                     self.pending = pending   # published when every rank's background write is done
                 else:

@@ -1,7 +1,7 @@
 """The model registry: model.arch -> ArchSpec (models/spec.py), one file per architecture.
 
     spec = models.get("llama")       # imports models/llama.py on first use; a UserError for an unknown name
-    model = build(cfg.model)         # parallel/model.py: the one place a model is built
+    model = build(cfg.model)         # parallel/models/transformer.py: the one place a model is built
 
 Adding an architecture: a file here holding its ArchSpec, and one line below (docs/ARCHITECTURE.md).
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.models.spec import ArchSpec
-from gpu_workbench.parallel.registry import LazyRegistry
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.registry import LazyRegistry
 
 # name -> "module:attribute"
 _WHERE = {

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.models.spec import ArchSpec
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def _check(m) -> None:

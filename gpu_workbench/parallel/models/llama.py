@@ -4,8 +4,8 @@ gpt2's two), no biases, grouped-query attention."""
 
 from __future__ import annotations
 
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.models.spec import ArchSpec
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 def _check(m) -> None:

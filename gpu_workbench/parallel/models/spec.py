@@ -1,5 +1,5 @@
 """What an architecture is to the rest of the project (docs/ARCHITECTURE.md, The model): which parts the
-shared decoder (parallel/model.py) is built from, how tensor parallelism splits its MLP, its parameter and
+shared decoder (parallel/models/transformer.py) is built from, how tensor parallelism splits its MLP, its parameter and
 FLOP counts from the shapes alone, its own config checks, and a slot for its checkpoint adapters. One
 instance per architecture, in a file of its own beside this one. Torch-free: config checks read it."""
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.registry import LazyRegistry
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.registry import LazyRegistry
 
 if TYPE_CHECKING:   # the names are known without importing torch; a recipe's module imports it when loaded
     from gpu_workbench.parallel.config import RunConfig
-    from gpu_workbench.parallel.dims import ParallelDims
     from gpu_workbench.parallel.recipes.base import Recipe
+    from gpu_workbench.parallel.runtime.dims import ParallelDims
 
 # name -> "module:Class" (one module may define several recipes)
 _WHERE = {
@@ -75,11 +75,11 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     if cfg.eval.every and recipe.evaluation is not None:
         raise UserError(f"eval.every does not work with recipe={cfg.recipe}: {recipe.evaluation}")
     if cfg.tp.degree > 1:   # which recipes compose with tensor parallelism, what must divide by tp.degree
-        from gpu_workbench.parallel import tensor_parallel
+        from gpu_workbench.parallel.primitives import tensor_parallel
 
         tensor_parallel.validate(cfg, recipe.tensor_parallel)
     if cfg.quant.qat != "none":   # which recipes run QAT, and quant.group_size against the layers
-        from gpu_workbench.parallel import qat
+        from gpu_workbench.parallel.models import qat
 
         qat.validate(cfg, recipe.quant_aware)
     if cfg.cp.degree > 1 and recipe.context_parallel is not None:

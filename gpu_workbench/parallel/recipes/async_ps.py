@@ -2,8 +2,8 @@
 
     wb train --recipe async-ps --nproc 4 ps.staleness=4 ps.shards=2 [--ray-address auto]
 
-The driver (this process) starts `ps.shards` server actors (parallel/ps/server.py), each owning a
-slice of the parameters and their AdamW state, and N = --nproc worker actors (parallel/ps/worker.py)
+The driver (this process) starts `ps.shards` server actors (parallel/recipes/ps/server.py), each owning a
+slice of the parameters and their AdamW state, and N = --nproc worker actors (parallel/recipes/ps/worker.py)
 that loop pull -> compute -> push over `steps` clocks. `ps.staleness` bounds how far a worker may run
 ahead of the slowest (0 = synchronous: each clock's N gradients are averaged into one update, the
 same step as ddp's). It then waits on the workers' run() calls; a worker actor that dies is replaced
@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 from gpu_workbench.parallel.config import RunConfig
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop.rundir import RunDir, resolve_run_dir
-from gpu_workbench.parallel.loop.summary import AsyncStats, RunSummary
-from gpu_workbench.parallel.model import build, count_params
-from gpu_workbench.parallel.ps.report import WorkerRun, write_run
-from gpu_workbench.parallel.ps.server import ParamShard
-from gpu_workbench.parallel.ps.worker import PSWorker
+from gpu_workbench.parallel.models.transformer import build, count_params
 from gpu_workbench.parallel.recipes.base import Recipe
+from gpu_workbench.parallel.recipes.ps.report import WorkerRun, write_run
+from gpu_workbench.parallel.recipes.ps.server import ParamShard
+from gpu_workbench.parallel.recipes.ps.worker import PSWorker
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.rundir import RunDir, resolve_run_dir
+from gpu_workbench.parallel.runtime.summary import AsyncStats, RunSummary
 
 
 def _ray_session(cfg: RunConfig) -> bool:

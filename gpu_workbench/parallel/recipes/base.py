@@ -18,35 +18,23 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from gpu_workbench.parallel import memory
 from gpu_workbench.parallel.data import micro_batches
-from gpu_workbench.parallel.dims import ParallelDims
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.primitives.tensor_parallel import local
+from gpu_workbench.parallel.runtime import memory
+from gpu_workbench.parallel.runtime.dims import ParallelDims
+from gpu_workbench.parallel.runtime.distributed import Context
+from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import range as prange
 
 if TYPE_CHECKING:
     from gpu_workbench.parallel.config import RunConfig
     from gpu_workbench.parallel.data import Dataset
-    from gpu_workbench.parallel.loop.summary import RunSummary
+    from gpu_workbench.parallel.runtime.summary import RunSummary
 
 # "spmd": one process per rank running the shared loop (under torchrun, or in Ray Train workers).
 # "ray-actors" / "processes": the recipe starts its own workers from one driver process (`run`).
 Execution = Literal["spmd", "ray-actors", "processes"]
-
-
-@dataclass
-class Context:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    dims: ParallelDims | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -170,10 +158,6 @@ def scale_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, factor: float) 
     scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
     for group in scheduler.optimizer.param_groups:
         group["lr"] *= factor
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t   # this rank's shard
 
 
 def grad_norm(grads: list[torch.Tensor], group=None, summed: bool = False) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """`ddp`: replicate the model, average gradients over the data-parallel ranks. gloo on CPU, nccl on GPU.
 
-`parallelize` (parallel/parallelize.py) lays the model out first: tensor parallelism, context parallelism,
+`parallelize` (parallel/primitives/parallelize.py) lays the model out first: tensor parallelism, context parallelism,
 then DistributedDataParallel, or, where tensor parallelism made the parameters DTensors (which DDP does
 not take), a by-hand average of the local gradient shards over the ranks with this rank's tp coordinate
 (dp_replicate, x cp under context parallelism), once per step at the last micro-batch.
@@ -9,7 +9,7 @@ Micro-batching: `no_sync` on all micro-batches but the last (forward and backwar
 reduced once per step. A comm hook counts the bytes handed to all-reduce (summary.json).
 
 Context parallelism (`cp.degree = C > 1`, dp_replicate x cp): each rank of a cp group takes its positions'
-slice of the micro-batch's tokens and targets (parallel/context_parallel.py) and attends through ring
+slice of the micro-batch's tokens and targets (parallel/primitives/context_parallel.py) and attends through ring
 attention over the group. Its loss is the mean over its T/C tokens, so the loop's mean over all ranks is
 `single`'s loss; the average over every rank (dp x cp), the sum over the cp group of each rank's gradient
 of its mean / C, is the gradient of the whole sequence's mean.
@@ -26,11 +26,11 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from gpu_workbench.parallel import compat, memory
-from gpu_workbench.parallel.comm import CommCounter, comm_summary
-from gpu_workbench.parallel.parallelize import Layout, parallelize
+from gpu_workbench.parallel.primitives.comm import CommCounter, comm_summary
+from gpu_workbench.parallel.primitives.parallelize import Layout, parallelize
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, local
 from gpu_workbench.parallel.recipes.parallel_engine import ParallelEngine
+from gpu_workbench.parallel.runtime import compat, memory
 from gpu_workbench.profiling import range as prange
 from gpu_workbench.profiling import timeline
 
@@ -38,8 +38,9 @@ from gpu_workbench.profiling import timeline
 def _counting_allreduce(counter: CommCounter, bucket):
     """DDP's own all-reduce (average), after counting the bucket's bytes."""
     counter.add(bucket.buffer())
-    # the launch; the reduction completes later, inside backward: with the timeline on, parallel/comm_spans.py
-    # records the "allreduce" itself, from this issue to its completion, on the "comm" lane
+    # the launch; the reduction completes later, inside backward: with the timeline on,
+    # parallel/primitives/comm_spans.py records the "allreduce" itself, from this issue to its completion, on the
+    # "comm" lane
     with prange("allreduce.issue", bucket=bucket.index()):
         return default_hooks.allreduce_hook(None, bucket)
 
@@ -110,14 +111,14 @@ class DDPEngine(ParallelEngine):
 
 class DDP(Recipe):
     freezes = True
-    quant_aware = None   # QATLinear inside the model (parallel/qat.py)
+    quant_aware = None   # QATLinear inside the model (parallel/models/qat.py)
     data_parallel = "replicate"
-    tensor_parallel = None   # dp_replicate x tp (parallel/tensor_parallel.py)
-    context_parallel = None  # dp_replicate x cp (x tp) (parallel/context_parallel.py)
+    tensor_parallel = None   # dp_replicate x tp (parallel/primitives/tensor_parallel.py)
+    context_parallel = None  # dp_replicate x cp (x tp) (parallel/primitives/context_parallel.py)
 
     def memory_model(self, cfg):
         if cfg.tp.degree > 1:
-            from gpu_workbench.parallel import tensor_parallel
+            from gpu_workbench.parallel.primitives import tensor_parallel
 
             return tensor_parallel.memory_model("none")
         return memory.torch_adamw("none")

@@ -21,9 +21,9 @@ from torch import nn
 if TYPE_CHECKING:
     from gpu_workbench.parallel.config import RunConfig
 
-from gpu_workbench.parallel import compat, memory
-from gpu_workbench.parallel.errors import UserError
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, lr_lambda, make_optimizer, scale_schedule
+from gpu_workbench.parallel.runtime import compat, memory
+from gpu_workbench.parallel.runtime.errors import UserError
 
 # DeepSpeed's ZeRO calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor
 # on every step, and torch warns on every call: hidden (WB_DEBUG=1 keeps them), and said once.

@@ -5,11 +5,11 @@ backward and its gradients reduce-scattered, so each rank keeps 1/N of params, g
 `fsdp.reshard_after_forward`: True frees the gathered parameters after forward (ZeRO-3-like),
 False keeps them until backward (ZeRO-2-like: less communication, more memory).
 
-`parallelize` (parallel/parallelize.py) lays the model out first: tensor parallelism (FSDP2 then shards
+`parallelize` (parallel/primitives/parallelize.py) lays the model out first: tensor parallelism (FSDP2 then shards
 the TP DTensors further on dim 0: the 2-D layout), context parallelism, then fully_shard over one mesh
 dimension spanning the dp_shard x cp ranks (torchtitan's "dp_shard_cp"), so the reduce-scatter averages
 every rank's gradient of its positions' mean loss: the whole sequence's gradient, as for ddp x cp. The cp
-groups of ring attention are process groups of their own (parallel/context_parallel.py).
+groups of ring attention are process groups of their own (parallel/primitives/context_parallel.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpu_workbench.parallel import memory
-from gpu_workbench.parallel.parallelize import parallelize
+from gpu_workbench.parallel.primitives.parallelize import parallelize
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe
 from gpu_workbench.parallel.recipes.parallel_engine import ParallelEngine
+from gpu_workbench.parallel.runtime import memory
 
 
 class FSDPEngine(ParallelEngine):
@@ -34,14 +34,14 @@ class FSDPEngine(ParallelEngine):
 
 class FSDP(Recipe):
     freezes = True
-    quant_aware = None   # QATLinear inside the model (parallel/qat.py)
+    quant_aware = None   # QATLinear inside the model (parallel/models/qat.py)
     data_parallel = "shard"
     tensor_parallel = None   # TP inside each dp_shard (x cp) group: the 2-D layout
     context_parallel = None  # dp_shard x cp, sharded over both (module docstring)
 
     def memory_model(self, cfg) -> memory.MemoryModel:
         if cfg.tp.degree > 1:
-            from gpu_workbench.parallel import tensor_parallel
+            from gpu_workbench.parallel.primitives import tensor_parallel
 
             return tensor_parallel.memory_model("os+g+p")
         return memory.torch_adamw("os+g+p")

@@ -21,15 +21,15 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from gpu_workbench.parallel import memory
 from gpu_workbench.parallel.config import RunConfig
 from gpu_workbench.parallel.data import Dataset, micro_batches
-from gpu_workbench.parallel.loop.injector import FaultInjector
-from gpu_workbench.parallel.loop.rundir import RunDir, resolve_run_dir
-from gpu_workbench.parallel.loop.summary import AsyncStats, RunSummary
-from gpu_workbench.parallel.model import build, count_params
-from gpu_workbench.parallel.ps.report import WorkerRun, write_run
+from gpu_workbench.parallel.models.transformer import build, count_params
 from gpu_workbench.parallel.recipes.base import Recipe, clip_grad_norm, lr_lambda, param_groups
+from gpu_workbench.parallel.recipes.ps.report import WorkerRun, write_run
+from gpu_workbench.parallel.runtime import memory
+from gpu_workbench.parallel.runtime.injector import FaultInjector
+from gpu_workbench.parallel.runtime.rundir import RunDir, resolve_run_dir
+from gpu_workbench.parallel.runtime.summary import AsyncStats, RunSummary
 
 
 def _worker(w: int, n: int, cfg_dict: dict, model: torch.nn.Module, out, start) -> None:

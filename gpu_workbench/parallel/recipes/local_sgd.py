@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpu_workbench.parallel.comm import CommCounter, comm_summary
-from gpu_workbench.parallel.errors import UserError
+from gpu_workbench.parallel.primitives.comm import CommCounter, comm_summary
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, TorchEngine
+from gpu_workbench.parallel.runtime.errors import UserError
 
 
 class LocalSGDEngine(TorchEngine):

@@ -1,4 +1,4 @@
-"""The engine of a model that `parallelize` laid out (parallel/parallelize.py): what tensor and context
+"""The engine of a model that `parallelize` laid out (parallel/primitives/parallelize.py): what tensor and context
 parallelism change in a step, whatever the data-parallel strategy. One subclass per strategy adds its own
 gradient reduction: `DDPEngine` (recipes/ddp.py), `FSDPEngine` (recipes/fsdp.py); no class per combination.
 
@@ -17,8 +17,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel import context_parallel, tensor_parallel
-from gpu_workbench.parallel.parallelize import Layout
+from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives.parallelize import Layout
 from gpu_workbench.parallel.recipes.base import Context, TorchEngine, clip_, local
 from gpu_workbench.profiling import range as prange
 

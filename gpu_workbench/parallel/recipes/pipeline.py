@@ -1,6 +1,6 @@
 """`pipeline`: pipeline parallelism on torch.distributed.pipelining, optionally x data x tensor parallelism.
 
-Ranks form a (pp, dp, tp) mesh (parallel/dims.py, tp fastest): with tp = 1, rank r is stage-rank r // dp
+Ranks form a (pp, dp, tp) mesh (parallel/runtime/dims.py, tp fastest): with tp = 1, rank r is stage-rank r // dp
 of data-parallel replica r % dp; with tp.degree > 1 every stage is tensor-parallel over its tp group and
 talks to the peer stage-ranks of its own (dp, tp) coordinate; the activations sent between stages are
 plain tensors, replicated over tp (sequence parallelism: this rank's S/T positions)
@@ -42,16 +42,14 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel import compat, memory, models, tensor_parallel
+from gpu_workbench.parallel import models
 from gpu_workbench.parallel.data import rank_slice
-from gpu_workbench.parallel.dims import ParallelDims
-from gpu_workbench.parallel.errors import UserError
-from gpu_workbench.parallel.loop.summary import PipelineStats, TensorParallelStats
-from gpu_workbench.parallel.model import GPT, cross_entropy
-from gpu_workbench.parallel.pipeline.bubble import measure
-from gpu_workbench.parallel.pipeline.gantt import draw_gantt
-from gpu_workbench.parallel.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
-from gpu_workbench.parallel.pipeline.stages import (
+from gpu_workbench.parallel.models.transformer import GPT, cross_entropy
+from gpu_workbench.parallel.primitives import tensor_parallel
+from gpu_workbench.parallel.primitives.pipeline.bubble import measure
+from gpu_workbench.parallel.primitives.pipeline.gantt import draw_gantt
+from gpu_workbench.parallel.primitives.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
+from gpu_workbench.parallel.primitives.pipeline.stages import (
     GPTView,
     SpanRecorder,
     StageModule,
@@ -59,6 +57,13 @@ from gpu_workbench.parallel.pipeline.stages import (
     _active,
     instrument_p2p,
     stage_sizes,
+)
+from gpu_workbench.parallel.primitives.tensor_parallel import (
+    CollectiveWatch,
+    global_grad_norm,
+    predicted_step_bytes,
+    stage_params_per_rank,
+    tp_stats,
 )
 from gpu_workbench.parallel.recipes.base import (
     Context,
@@ -70,13 +75,10 @@ from gpu_workbench.parallel.recipes.base import (
     grad_norm,
     local,
 )
-from gpu_workbench.parallel.tensor_parallel import (
-    CollectiveWatch,
-    global_grad_norm,
-    predicted_step_bytes,
-    stage_params_per_rank,
-    tp_stats,
-)
+from gpu_workbench.parallel.runtime import compat, memory
+from gpu_workbench.parallel.runtime.dims import ParallelDims
+from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.summary import PipelineStats, TensorParallelStats
 from gpu_workbench.profiling import range as prange
 from gpu_workbench.profiling.timeline import clock_offset_ns
 

@@ -9,7 +9,7 @@ from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, TorchEn
 
 class Single(Recipe):
     freezes = True
-    quant_aware = None   # QATLinear inside the model (parallel/qat.py)
+    quant_aware = None   # QATLinear inside the model (parallel/models/qat.py)
     min_world = max_world = 1
     needs_process_group = False
     tensor_parallel = "runs one process; use --recipe ddp (or fsdp) with --nproc >= tp.degree"

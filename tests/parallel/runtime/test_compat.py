@@ -1,0 +1,132 @@
+"""parallel/runtime/compat.py: every private torch API the project uses exists on this torch and does its job."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gpu_workbench.parallel.runtime import compat
+
+
+def test_this_torch_is_in_the_supported_range():
+    low, high = (tuple(int(x) for x in v.split(".")) for v in compat.SUPPORTED_TORCH)
+    assert low <= compat.torch_version() <= high, (torch.__version__, compat.SUPPORTED_TORCH)
+
+
+def test_flatten_round_trips():
+    tensors = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 2, 2)]
+    flat = compat.flatten(tensors)
+    assert flat.shape == (15 + 7 + 8,)
+    for a, b in zip(tensors, compat.unflatten(flat * 2, tensors), strict=True):
+        torch.testing.assert_close(b, a * 2)
+
+
+def test_pipeline_p2p_hooks_exist():
+    hooks = compat.pipeline_p2p_hooks()
+    assert hooks is not None, "torch.distributed.pipelining.schedules lost _batch_p2p / _wait_batch_p2p"
+    module, post, wait = hooks
+    assert callable(post) and callable(wait)
+
+
+def test_store_and_timeout_helpers_on_a_real_group():
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        store = compat.default_store()
+        store.set("wb/compat", "1")
+        assert store.get("wb/compat") == b"1"
+        compat.set_default_group_timeout(123.0)   # raises where the private setter is gone
+        dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if started:
+        assert compat.default_store() is None   # no group, no store
+
+
+def test_a_missing_private_api_names_torch(monkeypatch):
+    monkeypatch.delattr(dist.distributed_c10d, "_set_pg_timeout")
+    with pytest.raises(RuntimeError, match=r"torch .* lacks torch\.distributed\.distributed_c10d\._set_pg_timeout"):
+        compat.set_default_group_timeout(1.0)
+
+
+def test_deepspeed_shm_comm_build_is_skipped():
+    """The ZeRO recipes on CPU mark DeepSpeed's inference-only shm op incompatible, so its communication
+    backend neither builds nor loads it."""
+    pytest.importorskip("deepspeed")
+    import importlib
+
+    import deepspeed.ops
+
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")   # `deepspeed.comm.torch` the attribute is torch
+
+    assert compat.skip_deepspeed_shm_comm()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert ds_torch_comm.build_shm_op() is None
+
+
+def test_collective_counter_counts_functional_collectives():
+    """What tensor parallelism's measured collectives rest on: a functional all-reduce of 3 x 4 fp32 is
+    counted once with its 48 bytes; a plain tensor op is not counted."""
+    import torch.distributed._functional_collectives as funcol
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with compat.collective_counter() as counter:
+            out = funcol.all_reduce(torch.ones(3, 4), "sum", dist.group.WORLD)
+            (out * 2).sum()
+        assert counter.ops == {"all_reduce": 1} and counter.bytes == 48, (counter.ops, counter.bytes)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def test_collective_counter_puts_each_collective_and_its_wait_in_a_range(tmp_path):
+    """With a range factory (what TP engines pass while a profiler or the timeline listens), the issue of a
+    functional collective is a "tp.<name>" span carrying its bytes, and the wait for it a "tp.wait" span."""
+    import json
+
+    import torch.distributed._functional_collectives as funcol
+
+    from gpu_workbench.profiling import listening, timeline
+    from gpu_workbench.profiling import range as prange
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    timeline.start(tmp_path)
+    try:
+        assert listening()
+        with compat.collective_counter(prange):
+            out = funcol.all_reduce(torch.ones(3, 4), "sum", dist.group.WORLD)
+            (out * 2).sum()   # uses the result: waits for the collective
+        spans = json.loads(timeline.write().read_text())["spans"]
+    finally:
+        timeline.stop()
+        if started:
+            dist.destroy_process_group()
+    names = [s["name"] for s in spans]
+    assert names.count("tp.all_reduce") == 1 and "tp.wait" in names, names
+    assert next(s for s in spans if s["name"] == "tp.all_reduce")["args"] == {"bytes": 48}
+    assert not listening()
+
+
+def test_dcp_async_save_stages_then_writes_in_the_background(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    state = {"w": torch.randn(5, 3, dtype=torch.float64)}
+    want = state["w"].clone()
+    with warnings.catch_warnings():   # DCP's "torch.distributed is disabled": one process is the intent
+        warnings.simplefilter("ignore")
+        response = compat.dcp_async_save()(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+        state["w"].add_(1.0)   # staged before async_save returned: the write holds the old values
+        compat.async_write_future(response).result()
+        back = {"w": torch.empty(5, 3, dtype=torch.float64)}
+        dcp.load(back, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert torch.equal(back["w"], want)
