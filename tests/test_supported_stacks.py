@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from gpu_workbench.parallel.compat import SUPPORTED_TORCH
-from tests.cli import ROOT
+from gpu_workbench.parallel.runtime.compat import SUPPORTED_TORCH
+from tests.helpers.cli import ROOT
 
 
 def _makefile_var(name: str) -> str:
