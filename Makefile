@@ -3,8 +3,11 @@ PYTHON    ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
-# Without a GPU take the CPU wheel (a plain `torch` would pull a multi-GB CUDA build).
+# Without a GPU take the CPU wheel (a plain `torch` would pull a multi-GB CUDA build). With one, the CUDA
+# build of a release a stack has run to the end (README.md, Supported stacks: 2.11.0+cu130, the GPU image's
+# torch, on the gpu-image and oldest stacks), not whatever PyPI has newest.
 CPU_TORCH ?= 2.13.0
+GPU_TORCH ?= 2.11.0
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST    := $(BIN)/python -m pytest
 
@@ -15,8 +18,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
-	@echo "GPU found: installing the CUDA build of torch"
-	$(BIN)/pip install -q torch
+	@echo "GPU found: installing the CUDA build torch==$(GPU_TORCH)"
+	$(BIN)/pip install -q torch==$(GPU_TORCH)
 else
 	@echo "no GPU: installing the CPU build torch==$(CPU_TORCH)"
 	$(BIN)/pip install -q torch==$(CPU_TORCH)
