@@ -152,7 +152,7 @@ def test_export_of_a_resharded_run_equals_single(chain, tmp_path, capsys, name, 
     assert exported.keys() == reference.keys()
     assert max(float((exported[k] - reference[k]).abs().max()) for k in reference) < TOL
     code, _, stderr = _wb_here(capsys, "checkpoint", "export", str(runs["tp"]), "--format", "gguf", "--out", str(out))
-    assert code == 2 and stderr.strip() == "wb: error: --format=gguf: only safetensors is supported"
+    assert code == 2 and stderr.strip() == "wb: error: --format=gguf: choose safetensors or hf"
 
 
 def test_inspect_and_verify(chain, tmp_path, capsys):
