@@ -20,6 +20,7 @@ import torch
 
 from gpu_workbench.kernels import jit_loader
 from gpu_workbench.kernels.aot import CompileSpec, triton_type
+from gpu_workbench.kernels.autotune import Config
 from gpu_workbench.kernels.launch import cdiv
 
 # the module, not kernels.attention (the package exports the function under the module's name)
@@ -53,14 +54,24 @@ def document_bounds(docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
+# 16-bit configs chosen here instead of the plain attention's first admitted one, where the document bounds' extra
+# live registers made that one spill in the AOT sweep (BENCHMARKS.md, document-masked attention): dK/dV at
+# D=33..64 (keyed by the padded head dim), where 32x64 w8 s2 spilled 8 B on sm_80 under Triton 3.6 and 16x32 w8 s2 spilled 16 B on sm_90 under
+# 3.9; 32x32 w4 s2 took 118-144 registers without spilling on both Tritons and both archs.
+OVERRIDES = {("dkdv", 64): Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)}
+
+
 def _configs(backend: str, dtype: torch.dtype, head_dim: int = 64) -> dict:
     """One config per kernel: the interpreter's small tiles, or on a GPU the plain attention's first config
-    that its register and shared-memory budgets admit at this head dim (the same tiles, so the same limits)."""
+    that its register and shared-memory budgets admit at this head dim (the same tiles, so the same limits),
+    unless OVERRIDES names one."""
     if backend != "triton":
         return {kind: fa.TUNERS[kind].configs[0] for kind in ("fwd", "dkdv", "dq")}
-    tuners = fa.FP32_TUNERS if dtype == torch.float32 else fa.TUNERS
-    return {kind: next((c for c in tuners[kind].configs if fa._fits(kind, head_dim, dtype)(c)),
-                       tuners[kind].configs[-1]) for kind in ("fwd", "dkdv", "dq")}
+    if dtype == torch.float32:
+        return {kind: fa.FP32_TUNERS[kind].configs[0] for kind in ("fwd", "dkdv", "dq")}
+    return {kind: OVERRIDES.get((kind, fa._block_d(head_dim))) or next(
+        (c for c in fa.TUNERS[kind].configs if fa._fits(kind, head_dim, dtype)(c)), fa.TUNERS[kind].configs[-1])
+        for kind in ("fwd", "dkdv", "dq")}
 
 
 def forward(q, k, v, docs, causal: bool, scale: float, backend: str):

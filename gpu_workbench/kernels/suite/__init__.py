@@ -14,6 +14,7 @@ KERNELS = {
     "softmax": "gpu_workbench.kernels.suite.softmax",
     "quant_matmul": "gpu_workbench.kernels.suite.quant_matmul",
     "attention": "gpu_workbench.kernels.suite.attention",
+    "doc_attention": "gpu_workbench.kernels.suite.doc_attention",
     "linear_cross_entropy": "gpu_workbench.kernels.suite.linear_cross_entropy",
     "rms_norm": "gpu_workbench.kernels.suite.rms_norm",
     "rope": "gpu_workbench.kernels.suite.rope",
