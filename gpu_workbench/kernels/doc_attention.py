@@ -54,10 +54,10 @@ def document_bounds(docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
-# 16-bit configs chosen here instead of the plain attention's first admitted one, where the document bounds' extra
-# live registers made that one spill in the AOT sweep (BENCHMARKS.md, document-masked attention): dK/dV at
-# D=33..64 (keyed by the padded head dim), where 32x64 w8 s2 spilled 8 B on sm_80 under Triton 3.6 and 16x32 w8 s2 spilled 16 B on sm_90 under
-# 3.9; 32x32 w4 s2 took 118-144 registers without spilling on both Tritons and both archs.
+# 16-bit configs chosen here instead of the plain attention's first admitted one, where the document bounds'
+# extra live registers made that one spill in the AOT sweep (BENCHMARKS.md, document-masked attention):
+# dK/dV at D=33..64 (keyed by the padded head dim), where 32x64 w8 s2 spilled 8 B on sm_80 under Triton 3.6
+# and 16x32 w8 s2 spilled 16 B on sm_90 under 3.9; 32x32 w4 s2 took 128-144 registers, no spill, on both.
 OVERRIDES = {("dkdv", 64): Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)}
 
 
