@@ -201,6 +201,11 @@ class ContextParallelConfig:     # [cp]: the sequence split over ranks (ring att
 
 
 @dataclass
+class ExpertParallelConfig:      # [ep]: experts split over ranks borrowed from data parallelism; degree 1 = off
+    degree: int = 1
+
+
+@dataclass
 class QuantConfig:               # [quant]: quantisation-aware training (parallel/models/qat.py)
     qat: Literal["none", "w8a16", "w4a16", "w8a8"] = "none"   # fake-quantise every Linear of the blocks
     group_size: int = 32         # w4a16: 32, 64 or 128 along in_features, or -1 per output channel
@@ -241,6 +246,7 @@ class RunConfig:
     tp: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     cp: ContextParallelConfig = field(default_factory=ContextParallelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    ep: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -478,7 +484,7 @@ class RunConfig:
                             f"{self.quant.group_size}")
 
     def _check_tp_cp(self) -> None:
-        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree)):
+        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree), ("ep.degree", self.ep.degree)):
             if degree < 1:
                 raise UserError(f"{key} must be >= 1 (1 = off), got {degree}")
         c, chunks = self.cp.degree, 2 * self.cp.degree if self.cp.load_balance == "headtail" else self.cp.degree

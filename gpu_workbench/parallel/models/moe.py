@@ -4,8 +4,8 @@ every model.moe.every-th block replaced by model.moe.experts SwiGLU experts, eac
     router      scores = softmax | sigmoid(x @ router), the top_k experts of each token, their scores
                 normalised to sum to 1 (the token's weights)
     dispatch    the token slots (token, choice) sorted by expert: each expert's group is contiguous
-    experts     one grouped SwiGLU over the groups (`self.run_experts`; expert parallelism swaps in the
-                all-to-all version, parallel/primitives/expert_parallel.py)
+    experts     one grouped SwiGLU over the groups (`self.experts`; expert parallelism swaps in the
+                all-to-all version as `self.dispatch`, parallel/primitives/expert_parallel.py)
     combine     each token's outputs summed with its weights, plus the shared experts' MLP
 
 Losses added to the training loss (GPT.forward): the load-balancing loss E * sum_e f_e * P_e (Switch
@@ -89,8 +89,9 @@ class MoE(nn.Module):
         for p in self.experts.parameters():
             nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.experts.down, std=0.02 / math.sqrt(2 * cfg.n_layers))   # as GPT's residual outputs
-        # (rows grouped by expert, rows per expert) -> outputs: expert parallelism replaces it
-        self.run_experts = self.experts
+        # (rows grouped by expert, rows per expert) -> outputs, or None for self.experts: expert parallelism
+        # sets its all-to-all dispatch (parallel/primitives/expert_parallel.py)
+        self.dispatch = None
         self.aux_loss: torch.Tensor | None = None   # this forward's weighted aux + z losses (GPT.forward adds it)
         self.stats = MoEStats(m.experts)
 
@@ -135,7 +136,7 @@ class MoE(nn.Module):
         else:
             self.stats.add(counts, 0)
         token = order // self.top_k
-        ys = self.run_experts(h[token], counts.tolist())
+        ys = (self.dispatch or self.experts)(h[token], counts.tolist())
         out = torch.zeros_like(h).index_add_(0, token, ys * slot_weight.unsqueeze(-1).to(ys.dtype))
         if self.shared is not None:
             out = out + self.shared(h)

@@ -4,6 +4,9 @@
     1. tensor (and sequence) parallelism   parameters become DTensors on the mesh's tp dimension
     2. context parallelism                 every attention module attends through ring attention over its
                                            cp group; the rank keeps its positions of every sequence
+    2b. expert parallelism                 each MoE layer's experts sharded over ep ranks borrowed from data
+                                           parallelism, tokens exchanged by all-to-all (expert_parallel.py);
+                                           the data-parallel wrapper leaves the experts alone
     3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks)
     4. per-module steps                    PER_MODULE_STEPS, in order (the slot float8 and per-block
                                            torch.compile take)
@@ -26,8 +29,9 @@ import torch
 from torch import nn
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, tensor_parallel
 from gpu_workbench.parallel.primitives.comm import CommCounter
+from gpu_workbench.parallel.runtime import compat
 
 if TYPE_CHECKING:
     from gpu_workbench.parallel.runtime.distributed import Context
@@ -52,6 +56,7 @@ class Layout:
     grad_group_size: int = 1
     comm: CommCounter | None = None      # data-parallel gradient bytes (ddp)
     sharded: bool = False                # parameters sharded by data parallelism (fsdp)
+    experts: expert_parallel.ExpertLayout | None = None   # expert parallelism: the experts' own gradient group
 
 
 def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel, reshard: bool = True) -> Layout:
@@ -66,13 +71,15 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
         tensor_parallel.apply(model, tp_mesh, cfg.tp.sequence_parallel, models.get(cfg.model.arch))
     if dims.cp > 1:                                                        # 2. context parallelism
         layout.positions, layout.cp_stats = context_parallel.setup_rank(model, cfg, ctx)
+    if dims.ep > 1:                                                        # 2b. expert parallelism
+        layout.experts = expert_parallel.apply(model, cfg, ctx, mesh_device_type(ctx.device))
     # 3. activation checkpointing: the model recomputes its blocks itself (model.activation_checkpointing)
     for step in PER_MODULE_STEPS:                                          # 4. per-module steps
         step(model, cfg, ctx)
     if data_parallel == "ddp":                                             # 5. data parallelism
         _replicate(layout, dims, ctx, shard_mesh)
     elif data_parallel == "fsdp":
-        _shard(model, shard_mesh, reshard)
+        _shard(model, shard_mesh, reshard, set(layout.experts.params) if layout.experts else set())
         layout.sharded = True
     return layout
 
@@ -122,16 +129,21 @@ def _replicate(layout: Layout, dims, ctx: Context, mesh) -> None:
         return
     if ctx.device.type == "meta":   # a dry run: DDP checks shapes across ranks with .item(), which meta
         return                      # tensors refuse; its buckets hold what the plain gradients hold
+    if layout.experts is not None:
+        ids = {id(p) for p in layout.experts.params}
+        compat.ddp_ignore(layout.model, [n for n, p in layout.model.named_parameters() if id(p) in ids])
     # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy of the
     # gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
     layout.module = DistributedDataParallel(layout.model, gradient_as_bucket_view=True,
                                             device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
 
-def _shard(model: nn.Module, mesh, reshard: bool) -> None:
-    """fsdp: one FSDP2 unit per block (gathered one at a time), then the root (embeddings, final norm, head)."""
+def _shard(model: nn.Module, mesh, reshard: bool, experts: set) -> None:
+    """fsdp: one FSDP2 unit per block (gathered one at a time), then the root (embeddings, final norm, head).
+    `experts`: expert-parallel parameters, left to expert_parallel.reduce_grads."""
     from torch.distributed.fsdp import fully_shard
 
+    ignored = {"ignored_params": experts} if experts else {}
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **ignored)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **ignored)

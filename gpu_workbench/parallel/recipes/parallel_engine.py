@@ -17,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, tensor_parallel
 from gpu_workbench.parallel.primitives.parallelize import Layout
 from gpu_workbench.parallel.recipes.base import Context, TorchEngine, clip_, local
 from gpu_workbench.profiling import range as prange
@@ -56,19 +56,22 @@ class ParallelEngine(TorchEngine):
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         if not self.layout.tp:
             self._backward(loss, accum, last)
-            return
-        with loss_parallel(), prange("tp.backward"):   # loss_parallel's backward needs it too
-            self._backward(loss, accum, last)
-        if last:
-            tensor_parallel.reduce_partial_grads(self.module)
+        else:
+            with loss_parallel(), prange("tp.backward"):   # loss_parallel's backward needs it too
+                self._backward(loss, accum, last)
+            if last:
+                tensor_parallel.reduce_partial_grads(self.module)
+        if last and self.layout.experts is not None:
+            expert_parallel.reduce_grads(self.layout.experts)
 
     def _backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         (loss / accum).backward()
 
     # ---- the update --------------------------------------------------------------------------
     def step(self) -> tuple[float, bool]:
-        if not self.layout.tp:
+        if not self.layout.tp and self.layout.experts is None:
             return super().step()
+        # tp's shards and ep's experts: each element counted once over the world
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         with prange("tp.grad_norm"):
             norm = tensor_parallel.global_grad_norm(grads, self.ctx.world_size)

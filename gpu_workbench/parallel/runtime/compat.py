@@ -192,3 +192,14 @@ def local_block(t: torch.Tensor) -> tuple[slice, ...]:
         raise _missing("torch.distributed.tensor._utils.compute_local_shape_and_global_offset") from None
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """DistributedDataParallel leaves the parameters `names` alone (expert parallelism reduces them itself);
+    a private torch API."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    fn = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if fn is None:
+        raise _missing("DistributedDataParallel._set_params_and_buffers_to_ignore_for_model")
+    fn(module, names)

@@ -1,0 +1,31 @@
+"""Expert parallelism (parallel/primitives/expert_parallel.py) equals `single` per step: a dropless llama MoE under
+ep=2 with ddp x2 and fsdp x2 (one 2-rank launch), fsdp x4 with ep=2 and ddp x2 x tp=2 with ep=2 (one 4-rank
+launch). Losses (with the routers' aux and z losses), clipping norms, held-out losses, final parameters."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.runs import TINY, assert_matches_single, torchrun, train_single
+
+STEPS = 3
+MOE = ["model.arch=llama", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.d_ff=24",
+       "model.moe.experts=4", "model.moe.top_k=2", "model.moe.z_loss_coef=0.001", "model.moe.shared_experts=1",
+       f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=0",
+       "checkpoint.save_final=true", "optim.warmup_steps=1", "eval.every=3", "eval.batches=1"]
+TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2"], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"]}
+FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp", "tp.degree=2", "ep.degree=2"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ep")
+    train_single(root / "single", MOE)
+    for nproc, layouts in ((2, TWO), (4, FOUR)):
+        torchrun(nproc, [(TINY, [*MOE, *over, f"run_dir={root / name}"]) for name, over in layouts.items()])
+    return root
+
+
+@pytest.mark.parametrize("name", [*TWO, *FOUR])
+def test_expert_parallel_matches_single(runs, name):
+    assert_matches_single(runs / name, runs / "single", STEPS)
