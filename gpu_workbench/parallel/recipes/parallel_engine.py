@@ -105,6 +105,13 @@ class ParallelEngine(TorchEngine):
             out[k] = v.detach().cpu().clone()
         return out
 
+    def writes_state(self) -> bool:
+        """Expert parallelism: the first ep group's replicas write too, each holding its experts (the copies
+        of replicated tensors they also hold are written once: DCP's plan keeps one of equal items)."""
+        dims = self.ctx.dims
+        return super().writes_state() or (self.layout.experts is not None
+                                           and dims.coords(self.ctx.rank)["dp_replicate"] < dims.ep)
+
     def params_on_rank(self, n_params: int) -> int:
         if not self.layout.tp:
             return n_params

@@ -1,17 +1,19 @@
 """Expert parallelism (parallel/primitives/expert_parallel.py) equals `single` per step: a dropless llama MoE under
 ep=2 with ddp x2 and fsdp x2 (one 2-rank launch), fsdp x4 with ep=2 and ddp x2 x tp=2 with ep=2 (one 4-rank
-launch). Losses (with the routers' aux and z losses), clipping norms, held-out losses, final parameters."""
+launch). Losses (with the routers' aux and z losses), clipping norms, held-out losses, final parameters.
+Universal checkpoints reshard the experts: fsdp ep=2 starts from single's step 1, single from ddp ep=2's."""
 
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import TINY, assert_matches_single, torchrun, train_single
+from tests.helpers.runs import (TINY, assert_matches_single, final_params, losses, max_rel_diff, rel, torchrun,
+                                train_single)
 
 STEPS = 3
 MOE = ["model.arch=llama", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.d_ff=24",
        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.z_loss_coef=0.001", "model.moe.shared_experts=1",
-       f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=0",
+       f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=1", "checkpoint.keep=3",
        "checkpoint.save_final=true", "optim.warmup_steps=1", "eval.every=3", "eval.batches=1"]
 TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2"], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"]}
 FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp", "tp.degree=2", "ep.degree=2"]}
@@ -21,11 +23,25 @@ FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep")
     train_single(root / "single", MOE)
-    for nproc, layouts in ((2, TWO), (4, FOUR)):
+    resumed = {"fsdp-ep2-from-single": ["recipe=fsdp", "ep.degree=2", f"checkpoint.load_from={step1(root / 'single')}"]}
+    for nproc, layouts in ((2, TWO | resumed), (4, FOUR)):
         torchrun(nproc, [(TINY, [*MOE, *over, f"run_dir={root / name}"]) for name, over in layouts.items()])
+    train_single(root / "single-from-ddp-ep2", [*MOE, f"checkpoint.load_from={step1(root / 'ddp-ep2')}"])
     return root
+
+
+def step1(run: Path) -> str:
+    return str(run / "checkpoints" / "step_000001")
 
 
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_expert_parallel_matches_single(runs, name):
     assert_matches_single(runs / name, runs / "single", STEPS)
+
+
+@pytest.mark.parametrize("name", ["fsdp-ep2-from-single", "single-from-ddp-ep2"])
+def test_universal_checkpoint_reshards_experts(runs, name):
+    """ep=1 -> ep=2 and ep=2 -> ep=1: the steps after the checkpoint equal the uninterrupted single run's."""
+    got, ref = losses(runs / name), losses(runs / "single")
+    assert len(got) == STEPS - 1 and max(rel(a, b) for a, b in zip(got, ref[1:], strict=True)) < 1e-5, (got, ref)
+    assert max_rel_diff(final_params(runs / name), final_params(runs / "single")) < 1e-5
