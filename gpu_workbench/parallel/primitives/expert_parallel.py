@@ -20,7 +20,7 @@ The all-to-alls are autograd functions: backward runs the same exchange the othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -68,8 +68,17 @@ class ExpertLayout:
     same_group: object          # the ranks holding the same experts (dp / E of them)
     same_size: int
     dp: int
-    sent_bytes: list[int] = field(default_factory=lambda: [0])   # rows this rank sent, both ways, in bytes
-    calls: list[int] = field(default_factory=lambda: [0])
+    sent_bytes: int = 0         # rows this rank handed to all_to_all_single (forward and backward), in bytes
+    measured: int | None = None   # sent_bytes of one training step (ParallelEngine.train_step)
+
+    def count(self, t: torch.Tensor) -> None:
+        self.sent_bytes += t.numel() * t.element_size()
+
+    def counting(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`, whose gradient backward sends through the all-to-all's reverse: counted when it arrives."""
+        if t.requires_grad:
+            t.register_hook(lambda g: self.count(g))
+        return t
 
 
 def apply(model: nn.Module, cfg, ctx, device_type: str) -> ExpertLayout:
@@ -114,9 +123,10 @@ class Dispatch:
         with prange("ep.combine"):
             out = all_to_all_single(x.new_empty(x.shape[0], ys.shape[1]), back, in_splits, out_splits,
                                     group=self.group)
-        self.layout.sent_bytes[0] += (x.numel() + back.numel()) * x.element_size()
-        self.layout.calls[0] += 1
-        return out
+        for t in (x, back):   # what this rank sent forward; their gradients go back in backward
+            self.layout.count(t)
+        self.layout.counting(rows)
+        return self.layout.counting(out)
 
 
 def by_expert(recv: torch.Tensor) -> torch.Tensor:
@@ -144,3 +154,13 @@ def reduce_grads(layout: ExpertLayout) -> None:
     flat /= layout.dp
     for g, reduced in zip(grads, compat.unflatten(flat, grads), strict=True):
         g.copy_(reduced)
+
+
+# ---- measured and predicted -------------------------------------------------------------------
+def predicted_step_bytes(cfg, moe_layers: int, dp: int) -> int:
+    """Bytes one rank hands to all_to_all_single in a dropless training step, on average over the ranks: each
+    of its micro_batch x seq_len x top_k slots (d_model fp32 values) goes out in dispatch and back in combine,
+    and its gradient both ways in backward: 4 x slots x d_model x 4 bytes per MoE layer and micro-batch."""
+    m = cfg.model
+    slots = cfg.micro_batch * m.seq_len * m.moe.top_k
+    return 4 * slots * m.d_model * 4 * moe_layers * cfg.accum_steps(dp)

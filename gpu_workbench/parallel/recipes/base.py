@@ -333,6 +333,12 @@ class TorchEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
 
+    def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict[str, Any]:
+        """model.moe: the routers' part (parallel/primitives/moe_summary.py). Collective."""
+        from gpu_workbench.parallel.primitives import moe_summary
+
+        return {"moe": moe_summary.part(self.raw, self.cfg, self.ctx.dims)}
+
     # Checkpoints: the universal format (parallel/checkpoint/universal.py), whatever the layout.
     def state_module(self) -> nn.Module:
         """The module whose state-dict names are the GPT's (the unwrapped model; a pipeline: its stages)."""

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, moe_summary, tensor_parallel
 from gpu_workbench.parallel.primitives.parallelize import Layout
 from gpu_workbench.parallel.recipes.base import Context, TorchEngine, clip_, local
 from gpu_workbench.profiling import range as prange
@@ -90,11 +90,15 @@ class ParallelEngine(TorchEngine):
         stats = self.layout.cp_stats
         measure = stats is not None and self.cp_measured is None and step >= (1 if self.cfg.steps > 1 else 0)
         before = stats.to_dict() if measure else None
+        ep = self.layout.experts   # expert parallelism: one training step's all-to-all bytes, as cp's
+        ep_sent = ep.sent_bytes if ep is not None and ep.measured is None and (step >= 1 or self.cfg.steps == 1) else None
         watch = self.tp_watch.step(step) if self.tp_watch else contextlib.nullcontext()
         with watch:
             out = super().train_step(dataset, step, dp_rank, dp, on_backward)
         if measure:
             self.cp_measured = context_parallel.step_traffic(before, stats.to_dict())
+        if ep_sent is not None:
+            ep.measured = ep.sent_bytes - ep_sent
         return out
 
     # ---- what the run reports ----------------------------------------------------------------
@@ -113,6 +117,9 @@ class ParallelEngine(TorchEngine):
                                            and dims.coords(self.ctx.rank)["dp_replicate"] < dims.ep)
 
     def params_on_rank(self, n_params: int) -> int:
+        if self.layout.experts is not None and not self.layout.tp:   # each rank holds 1/ep of the experts
+            whole = sum(p.numel() for p in self.layout.experts.params)
+            return n_params - whole + whole // self.ctx.dims.ep
         if not self.layout.tp:
             return n_params
         return tensor_parallel.params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
@@ -126,4 +133,5 @@ class ParallelEngine(TorchEngine):
                                                    [tensor_parallel.predicted_step_bytes(self.cfg, mbs)])
         if self.layout.cp_stats is not None:
             parts["cp"] = context_parallel.cp_summary(self.cfg, self.ctx.dims, self.cp_measured)
+        parts["moe"] = moe_summary.part(self.raw, self.cfg, self.ctx.dims, self.layout.experts)
         return parts

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import (TINY, assert_matches_single, final_params, losses, max_rel_diff, rel, torchrun,
+from tests.helpers.runs import (TINY, assert_matches_single, final_params, losses, max_rel_diff, rel, summary, torchrun,
                                 train_single)
 
 STEPS = 3
@@ -45,3 +45,17 @@ def test_universal_checkpoint_reshards_experts(runs, name):
     got, ref = losses(runs / name), losses(runs / "single")
     assert len(got) == STEPS - 1 and max(rel(a, b) for a, b in zip(got, ref[1:], strict=True)) < 1e-5, (got, ref)
     assert max_rel_diff(final_params(runs / name), final_params(runs / "single")) < 1e-5
+
+
+@pytest.mark.parametrize("name", [*TWO, *FOUR])
+def test_moe_summary_measured_beside_predicted(runs, name):
+    """The summary's moe part: the same routing as single's (every rank's tokens once), the all-to-all bytes of
+    one step (mean over ranks) equal to the dropless formula, each rank holding 1/ep of the expert bytes."""
+    got, ref = summary(runs / name), summary(runs / "single")
+    assert got["moe_tokens_per_expert"] == ref["moe_tokens_per_expert"]
+    slots = STEPS * 8 * 32 * 2 + 8 * 32 * 2   # training steps and one evaluation of global_batch sequences
+    assert [sum(layer) for layer in got["moe_tokens_per_expert"]] == [slots, slots] and got["moe_dropped"] == 0
+    assert got["ep_all_to_all_bytes_per_step_per_rank_measured"] == got["ep_all_to_all_bytes_per_step_per_rank_predicted"] > 0
+    assert got["moe_expert_param_bytes_per_rank_measured"] == got["moe_expert_param_bytes_per_rank_predicted"] == \
+        ref["moe_expert_param_bytes_per_rank_measured"] // 2
+    assert ref["ep_all_to_all_bytes_per_step_per_rank_measured"] is None
