@@ -484,7 +484,8 @@ class RunConfig:
                             f"{self.quant.group_size}")
 
     def _check_tp_cp(self) -> None:
-        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree), ("ep.degree", self.ep.degree)):
+        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree),
+                            ("ep.degree", self.ep.degree)):
             if degree < 1:
                 raise UserError(f"{key} must be >= 1 (1 = off), got {degree}")
         c, chunks = self.cp.degree, 2 * self.cp.degree if self.cp.load_balance == "headtail" else self.cp.degree

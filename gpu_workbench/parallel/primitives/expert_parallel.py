@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from gpu_workbench.parallel.models.moe import MoE
+from gpu_workbench.parallel.models.moe import MoE, grouped_swiglu
+from gpu_workbench.parallel.runtime import compat
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import range as prange
 
@@ -112,17 +112,15 @@ class Dispatch:
             dist.all_to_all_single(recv, send, group=self.group)      # recv[s, l]: source s's rows for my expert l
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
         with prange("ep.dispatch"):
-            rows = all_to_all_single(x.new_empty(sum(out_splits), x.shape[1]), x, out_splits, in_splits,
-                                     group=self.group)
+            rows = compat.all_to_all_autograd(x.new_empty(sum(out_splits), x.shape[1]), x, out_splits, in_splits,
+                                              self.group)
         order = by_expert(recv)
         params = [p.to_local() if isinstance(p, DTensor) else p for p in (ex.gate, ex.up, ex.down)]
-        from gpu_workbench.parallel.models.moe import grouped_swiglu
-
         ys = grouped_swiglu(rows[order], *params, recv.sum(0).tolist())
         back = torch.empty_like(ys).index_copy_(0, order, ys)          # (my expert, source) -> (source, my expert)
         with prange("ep.combine"):
-            out = all_to_all_single(x.new_empty(x.shape[0], ys.shape[1]), back, in_splits, out_splits,
-                                    group=self.group)
+            out = compat.all_to_all_autograd(x.new_empty(x.shape[0], ys.shape[1]), back, in_splits, out_splits,
+                                             self.group)
         for t in (x, back):   # what this rank sent forward; their gradients go back in backward
             self.layout.count(t)
         self.layout.counting(rows)
@@ -145,8 +143,6 @@ def reduce_grads(layout: ExpertLayout) -> None:
     grads = [p.grad.to_local() for p in layout.params if p.grad is not None]
     if not grads:
         return
-    from gpu_workbench.parallel.runtime import compat
-
     flat = compat.flatten(grads)
     if layout.same_size > 1:
         with prange("ep.allreduce"):

@@ -116,7 +116,7 @@ class DDP(Recipe):
     data_parallel = "replicate"
     tensor_parallel = None   # dp_replicate x tp (parallel/primitives/tensor_parallel.py)
     context_parallel = None  # dp_replicate x cp (x tp) (parallel/primitives/context_parallel.py)
-    expert_parallel = None   # experts split over ep.degree of the data-parallel ranks (parallel/primitives/expert_parallel.py)
+    expert_parallel = None   # experts over ep.degree of the dp ranks (parallel/primitives/expert_parallel.py)
 
     def memory_model(self, cfg):
         if cfg.tp.degree > 1:

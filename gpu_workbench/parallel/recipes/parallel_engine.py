@@ -91,7 +91,8 @@ class ParallelEngine(TorchEngine):
         measure = stats is not None and self.cp_measured is None and step >= (1 if self.cfg.steps > 1 else 0)
         before = stats.to_dict() if measure else None
         ep = self.layout.experts   # expert parallelism: one training step's all-to-all bytes, as cp's
-        ep_sent = ep.sent_bytes if ep is not None and ep.measured is None and (step >= 1 or self.cfg.steps == 1) else None
+        ep_measure = ep is not None and ep.measured is None and (step >= 1 or self.cfg.steps == 1)
+        ep_sent = ep.sent_bytes if ep_measure else None
         watch = self.tp_watch.step(step) if self.tp_watch else contextlib.nullcontext()
         with watch:
             out = super().train_step(dataset, step, dp_rank, dp, on_backward)

@@ -203,3 +203,16 @@ def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
     if fn is None:
         raise _missing("DistributedDataParallel._set_params_and_buffers_to_ignore_for_model")
     fn(module, names)
+
+
+def all_to_all_autograd(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    """all_to_all_single with a backward (expert parallelism's dispatch and combine), through c10d's blocking
+    op: torch.distributed.nn.functional's, deprecated (FutureWarning) in favour of the functional collectives,
+    which the tp collective counter (collective_counter) would count as tensor parallelism's."""
+    import warnings
+
+    from torch.distributed.nn import functional
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return functional.all_to_all_single(out, x, out_splits, in_splits, group=group)

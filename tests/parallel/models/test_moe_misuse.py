@@ -16,8 +16,10 @@ BAD = [
     ([*LLAMA, "model.moe.score=relu"], "model.moe.score must be one of 'softmax' | 'sigmoid'"),
     (["model.moe.experts=4"], "model.moe.experts needs an architecture with a SwiGLU MLP"),   # gpt2
     ([*LLAMA, "--recipe", "pipeline", "--nproc", "2"], "model.moe.experts does not work with recipe=pipeline"),
-    ([*LLAMA, "--recipe", "ddp", "--nproc", "3", "ep.degree=3"], "model.moe.experts (4) must be divisible by ep.degree (3)"),
-    ([*LLAMA, "--recipe", "ddp", "--nproc", "2", "ep.degree=4"], "ep.degree (4) must divide the data-parallel ranks (2)"),
+    ([*LLAMA, "--recipe", "ddp", "--nproc", "3", "ep.degree=3"],
+     "model.moe.experts (4) must be divisible by ep.degree (3)"),
+    ([*LLAMA, "--recipe", "ddp", "--nproc", "2", "ep.degree=4"],
+     "ep.degree (4) must divide the data-parallel ranks (2)"),
     ([*LLAMA, "--recipe", "ddp", "--nproc", "4", "tp.degree=2", "ep.degree=4"],
      "ep.degree (4) must divide the data-parallel ranks (2)"),
     (["model.arch=llama", "--recipe", "ddp", "--nproc", "2", "ep.degree=2"], "ep.degree = 2 needs experts to split"),
