@@ -33,8 +33,18 @@ def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> Config:
 TUNER = Autotuner("grouped_matmul", [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(128, 128, 32, 8, 3),
                                      _cfg(32, 64, 64, 4, 4)])
 DW_TUNER = Autotuner("grouped_matmul_dw", [_cfg(32, 64, 64, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 32, 8, 3)])
+# fp32 (no TF32: "ieee" dots run on the FMA units, no tensor cores): smaller tiles, or they spill on sm_80/sm_90
+FP32_TUNERS = {"fwd": Autotuner("grouped_matmul_fp32", [_cfg(32, 32, 32, 4, 2), _cfg(64, 32, 16, 4, 2)]),
+               "dw": Autotuner("grouped_matmul_dw_fp32", [_cfg(32, 32, 32, 4, 2), _cfg(16, 64, 32, 4, 2)])}
 # The interpreter's cost is per program: small tiles, and the odd test sizes still span several of them.
 INTERPRET_CONFIG = _cfg(16, 32, 16, 4, 1)
+
+
+def tuner_for(kind: str, dtype: torch.dtype) -> Autotuner:
+    """The configs a launch of `kind` ("fwd" or "dw") draws from: tensor-core tiles, or fp32's own."""
+    if dtype == torch.float32:
+        return FP32_TUNERS[kind]
+    return TUNER if kind == "fwd" else DW_TUNER
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -70,7 +80,7 @@ def forward_2d(x, w, sizes, backend: str, config: Config | None = None) -> torch
                 x, w, y, group, first, ends, k, n, *x.stride(), *w.stride(), *y.stride(), **c.launch_options())
 
     if config is None:
-        config = INTERPRET_CONFIG if backend != "triton" else TUNER.pick(
+        config = INTERPRET_CONFIG if backend != "triton" else tuner_for("fwd", x.dtype).pick(
             ("fwd", pow2_bucket(m, 1 << 24), n, k, x.dtype), run, timed=True)
     run(config)
     return y
@@ -90,7 +100,7 @@ def weight_grad(x, dy, sizes, backend: str, config: Config | None = None) -> tor
                                 **c.launch_options())
 
     if config is None:
-        config = INTERPRET_CONFIG if backend != "triton" else DW_TUNER.pick(
+        config = INTERPRET_CONFIG if backend != "triton" else tuner_for("dw", x.dtype).pick(
             ("dw", pow2_bucket(x.shape[0], 1 << 24), n, k, x.dtype), run, timed=True)
     run(config)
     return dw
@@ -196,6 +206,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_sizes, backend: str |
     return _fwd_op(x, w, sizes, chosen)
 
 
+# sizes and row strides of model tensors are multiples of 16 (the JIT specialises on it)
+ALIGNED = ("K", "N", "stride_xm", "stride_wg", "stride_wk", "stride_ym", "stride_dym")
+
+
 def compile_specs() -> list[CompileSpec]:
     """Each config of both kernels per dtype; sizes and strides a multiple of 16, as model tensors' are."""
     specs = []
@@ -209,12 +223,12 @@ def compile_specs() -> list[CompileSpec]:
         dw = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "group_start_ptr": "*i64", "group_end_ptr": "*i64",
               **sizes, **{s: "i32" for s in ("stride_xm", "stride_xk", "stride_dym", "stride_dyn", "stride_wg",
                                               "stride_wk", "stride_wn")}}
-        for fn, sig, tuner in (("grouped_mm", fwd, TUNER), ("grouped_mm_dw", dw, DW_TUNER)):
+        # tensor cores for 16-bit inputs; fp32's ieee dots are FMAs
+        mma = {} if dtype == torch.float32 else {80: ("mma",), 90: ("mma",)}
+        for fn, sig, kind in (("grouped_mm", fwd, "fwd"), ("grouped_mm_dw", dw, "dw")):
             sig = {**sig, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            for c in tuner.configs:
+            for c in tuner_for(kind, dtype).configs:
                 specs.append(CompileSpec("grouped_matmul", fn, sig, dict(c.meta), c.num_warps, c.num_stages,
-                                         f"grouped_matmul {fn[8:] or 'fwd'} {ptr[1:]} {c.label()}",
-                                         expect_ptx={80: ("mma",), 90: ("mma",)},
-                                         aligned=("K", "N", "stride_xm", "stride_wg", "stride_wk", "stride_ym",
-                                                  "stride_dym", "stride_wn")))
+                                         f"grouped_matmul {kind} {ptr[1:]} {c.label()}", expect_ptx=mma,
+                                         aligned=tuple(a for a in ALIGNED if a in sig)))
     return specs

@@ -43,7 +43,11 @@ def test_torch_path_is_exact_in_float64(sizes, k, n):
         assert dw[sizes.index(0)].abs().sum() == 0
 
 
-@pytest.mark.parametrize("config", gm_mod.TUNER.configs + gm_mod.DW_TUNER.configs, ids=lambda c: c.label())
+CONFIGS = [*gm_mod.TUNER.configs, *gm_mod.DW_TUNER.configs,
+           *(c for t in gm_mod.FP32_TUNERS.values() for c in t.configs)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
 def test_every_gpu_config_through_the_interpreter(config):
     sizes = [3, 0, 70, 1]
     gen = torch.Generator().manual_seed(2)

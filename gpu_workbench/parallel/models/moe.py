@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_workbench import kernels
+
 
 def is_moe_block(cfg, index: int) -> bool:
     """Block `index` (from 0) carries experts: every model.moe.every-th block, the last of each run of `every`."""
@@ -39,15 +41,11 @@ def expert_width(cfg) -> int:
 
 def grouped_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                    counts: list[int]) -> torch.Tensor:
-    """Expert e's SwiGLU on its rows of x (rows grouped by expert, counts[e] each): the torch path, one
-    matmul triple per non-empty group. `gate`, `up`: (E, C, F); `down`: (E, F, C)."""
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = x[start:start + n]
-            outs.append((F.silu(rows @ gate[e]) * (rows @ up[e])) @ down[e])
-        start += n
-    return torch.cat(outs) if outs else x.new_zeros(0, down.shape[-1])
+    """Expert e's SwiGLU on its rows of x (rows grouped by expert, counts[e] each), three grouped matmuls
+    (kernels.grouped_matmul: Triton on CUDA tensors, a loop over the groups on CPU ones). `gate`, `up`:
+    (E, C, F); `down`: (E, F, C)."""
+    h = F.silu(kernels.grouped_matmul(x, gate, counts)) * kernels.grouped_matmul(x, up, counts)
+    return kernels.grouped_matmul(h, down, counts)
 
 
 class Experts(nn.Module):
