@@ -43,6 +43,7 @@ class MoeConfig:                 # [model.moe]: routed experts in the llama fami
     every: int = 1               # every K-th block (blocks K-1, 2K-1, ...) carries experts
     d_ff: int = 0                # each expert's hidden width; 0 = model.d_ff (or the architecture's default)
     score: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True       # the chosen scores normalised to sum to 1 (Hugging Face's norm_topk_prob)
     aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer); 0 = off
     z_loss_coef: float = 0.0     # router z-loss weight (ST-MoE); 0 = off
     capacity_factor: float = 0.0   # > 0: an expert takes at most factor x slots / experts; 0 = dropless

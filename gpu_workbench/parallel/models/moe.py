@@ -65,7 +65,7 @@ class MoEStats:
     """What the last forwards routed, summed until read (the summary's moe part): slots per expert, dropped."""
 
     def __init__(self, experts: int):
-        self.tokens = torch.zeros(experts, dtype=torch.long)
+        self.tokens = torch.zeros(experts, dtype=torch.long, device="cpu")   # not meta under build(init=False)
         self.dropped = 0
 
     def add(self, counts: torch.Tensor, dropped: int) -> None:
@@ -77,7 +77,7 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         m = cfg.moe
-        self.experts_n, self.top_k, self.score = m.experts, m.top_k, m.score
+        self.experts_n, self.top_k, self.score, self.norm_topk = m.experts, m.top_k, m.score, m.norm_topk
         self.aux_coef, self.z_coef, self.capacity_factor = m.aux_loss_coef, m.z_loss_coef, m.capacity_factor
         width = expert_width(cfg)
         self.router = nn.Linear(cfg.d_model, m.experts, bias=False)
@@ -94,11 +94,12 @@ class MoE(nn.Module):
         self.stats = MoEStats(m.experts)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised weights (N, k), experts (N, k), each token's normalised scores over all experts (N, E))."""
+        """(weights (N, k): the chosen scores, normalised unless norm_topk is off; experts (N, k); each token's
+        normalised scores over all experts (N, E))."""
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         top, chosen = scores.topk(self.top_k, dim=-1)
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        return top / top.sum(-1, keepdim=True), chosen, probs
+        return (top / top.sum(-1, keepdim=True) if self.norm_topk else top), chosen, probs
 
     def losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """aux_loss_coef x load balance + z_loss_coef x router z-loss, over this micro-batch's tokens."""
