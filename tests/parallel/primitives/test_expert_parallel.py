@@ -22,16 +22,17 @@ from tests.helpers.runs import (
 STEPS = 3
 MOE = ["model.arch=llama", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.d_ff=24",
        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.z_loss_coef=0.001", "model.moe.shared_experts=1",
-       f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=1", "checkpoint.keep=3",
+       f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=0", "checkpoint.keep=3",
        "checkpoint.save_final=true", "optim.warmup_steps=1", "eval.every=3", "eval.batches=1"]
-TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2"], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"]}
+SAVE = "checkpoint.every=1"   # the runs whose step-1 checkpoint another starts from
+TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2", SAVE], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"]}
 FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp", "tp.degree=2", "ep.degree=2"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep")
-    train_single(root / "single", MOE)
+    train_single(root / "single", [*MOE, SAVE])
     resumed = {"fsdp-ep2-from-single": ["recipe=fsdp", "ep.degree=2", f"checkpoint.load_from={step1(root / 'single')}"]}
     for nproc, layouts in ((2, TWO | resumed), (4, FOUR)):
         torchrun(nproc, [(TINY, [*MOE, *over, f"run_dir={root / name}"]) for name, over in layouts.items()])
