@@ -194,7 +194,8 @@ def tp_sharded_params(m) -> int:
     """Ψs: parameters the layout splits over T (the blocks' share, the vocabulary-parallel embedding and
     head); everything else (Ψr) is replicated. From the shapes alone."""
     vocab = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return m.n_layers * models.get(m.arch).sharded_per_block(m) + vocab
+    spec = models.get(m.arch)   # a MoE block's MLP is replicated over tp: not split
+    return m.n_layers * spec.sharded_per_block(m) - spec.moe_blocks(m) * spec.dense_mlp_params(m) + vocab
 
 
 def params_per_rank(m, n_params: int, t: int) -> int:

@@ -118,14 +118,15 @@ class ParallelEngine(TorchEngine):
                                            and dims.coords(self.ctx.rank)["dp_replicate"] < dims.ep)
 
     def params_on_rank(self, n_params: int) -> int:
-        if self.layout.experts is not None and not self.layout.tp:
-            # each rank holds 1/ep of the experts, which fsdp does not shard further: counted so that the
-            # recipe's formula (its parameters / dp under fsdp) gives (rest / dp + experts / ep)
+        held = n_params
+        if self.layout.tp:
+            held = tensor_parallel.params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
+        if self.layout.experts is not None:
+            # each rank holds 1/ep of the experts (whole over tp), which fsdp does not shard further: counted
+            # so that the recipe's formula (its parameters / dp under fsdp) gives (rest / dp + experts / ep)
             whole, dims = sum(p.numel() for p in self.layout.experts.params), self.ctx.dims
-            return n_params - whole + whole * (dims.dp if self.layout.sharded else 1) // dims.ep
-        if not self.layout.tp:
-            return n_params
-        return tensor_parallel.params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
+            held += whole * (dims.dp if self.layout.sharded else 1) // dims.ep - whole
+        return held
 
     def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
         """The `tp` and `cp` parts, for the dimensions this layout has. Collective."""

@@ -101,3 +101,18 @@ def test_model_loss_carries_router_losses():
     assert float(aux) > 0 and math.isclose(float(loss - plain), float(aux), rel_tol=1e-5)
     loss.backward()
     assert model.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.moe.every=2", "model.moe.shared_experts=2", "model.moe.d_ff=7"]])
+def test_counts_from_the_shapes(overrides):
+    """The registry's parameter count (memory model, wb plan) is the built model's; FLOPs count top_k experts."""
+    from gpu_workbench.parallel import models
+    from gpu_workbench.parallel.models.transformer import count_params
+
+    cfg = cfg_with(*overrides).model
+    spec = models.get(cfg.arch)
+    assert spec.n_params(cfg) == count_params(build(cfg))
+    dense = cfg_with(*overrides, "model.moe.experts=0").model
+    idle = spec.moe_blocks(cfg) * (cfg.moe.experts - cfg.moe.top_k) * spec.expert_params(cfg)
+    assert spec.flops_per_token(cfg) == 6.0 * (spec.n_params(cfg) - idle) + 6.0 * 2 * cfg.seq_len * cfg.d_model
+    assert spec.moe_blocks(dense) == 0

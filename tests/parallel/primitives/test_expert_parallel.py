@@ -72,7 +72,7 @@ def test_moe_summary_measured_beside_predicted(runs, name):
     assert ref["ep_all_to_all_bytes_per_step_per_rank_measured"] is None
 
 
-@pytest.mark.parametrize("name", ["ddp-ep2", "fsdp-ep2", "fsdp4-ep2"])
+@pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_memory_model_counts_experts_per_rank(runs, name):
     """Parameters, gradients and Adam moments each rank holds, measured, equal the recipe's formula with the
     experts split over ep (not over fsdp's dp)."""
