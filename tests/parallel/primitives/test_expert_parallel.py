@@ -78,3 +78,12 @@ def test_memory_model_counts_experts_per_rank(runs, name):
     experts split over ep (not over fsdp's dp)."""
     got = summary(runs / name)
     assert got["model_state_bytes_per_rank"] == got["predicted_model_state_bytes_per_rank"]
+
+
+def test_report_draws_the_routing_and_the_all_to_all(runs, tmp_path):
+    """`wb report`: a routing histogram per run and MoE layer, the all-to-all bytes measured beside predicted."""
+    from gpu_workbench.cli.report import build_report
+
+    text = build_report([runs / "ddp-ep2", runs / "single"], tmp_path).read_text()
+    assert (tmp_path / "moe_routing.png").stat().st_size > 0 and "![moe_routing.png](moe_routing.png)" in text
+    assert "EP all-to-all MiB/step/rank measured" in text and "ep.degree" not in text   # a layout, not a difference
