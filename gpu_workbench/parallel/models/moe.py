@@ -91,6 +91,7 @@ class MoE(nn.Module):
         # sets its all-to-all dispatch (parallel/primitives/expert_parallel.py)
         self.dispatch = None
         self.aux_loss: torch.Tensor | None = None   # this forward's weighted aux + z losses (GPT.forward adds it)
+        self.routed: tuple | None = None   # this forward's (slots per expert, dropped), taken into stats with it
         self.stats = MoEStats(m.experts)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,10 +131,10 @@ class MoE(nn.Module):
         if keep is not None:   # dropped slots leave the groups: the experts never see them
             order, slot_weight = order[keep], slot_weight[keep]
             kept = torch.bincount(flat[order], minlength=self.experts_n)
-            self.stats.add(kept, int(counts.sum() - kept.sum()))
+            self.routed = (kept, int(counts.sum() - kept.sum()))
             counts = kept
         else:
-            self.stats.add(counts, 0)
+            self.routed = (counts, 0)
         token = order // self.top_k
         ys = (self.dispatch or self.experts)(h[token], counts.tolist())
         out = torch.zeros_like(h).index_add_(0, token, ys * slot_weight.unsqueeze(-1).to(ys.dtype))
@@ -156,12 +157,15 @@ class _SharedMLP(nn.Module):
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """The sum of the MoE layers' aux losses of the last forward, or None without experts."""
+    """The sum of the MoE layers' aux losses of the last forward, or None without experts; their routing
+    goes into their stats here, once per forward (activation checkpointing's recompute in backward routes
+    again, and is not counted twice)."""
     losses = []
     for m in model.modules():
         if isinstance(m, MoE) and m.aux_loss is not None:
             losses.append(m.aux_loss)
-            m.aux_loss = None   # taken once: the graph is not held past its step
+            m.stats.add(*m.routed)
+            m.aux_loss = m.routed = None   # taken once: the graph is not held past its step
     return torch.stack(losses).sum() if losses else None
 
 

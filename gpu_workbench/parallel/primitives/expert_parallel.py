@@ -156,7 +156,9 @@ def reduce_grads(layout: ExpertLayout) -> None:
 def predicted_step_bytes(cfg, moe_layers: int, dp: int) -> int:
     """Bytes one rank hands to all_to_all_single in a dropless training step, on average over the ranks: each
     of its micro_batch x seq_len x top_k slots (d_model fp32 values) goes out in dispatch and back in combine,
-    and its gradient both ways in backward: 4 x slots x d_model x 4 bytes per MoE layer and micro-batch."""
+    and its gradient both ways in backward: 4 x slots x d_model x 4 bytes per MoE layer and micro-batch; 6 x
+    with model.activation_checkpointing (backward recomputes the forward, its all-to-alls too)."""
     m = cfg.model
     slots = cfg.micro_batch * m.seq_len * m.moe.top_k
-    return 4 * slots * m.d_model * 4 * moe_layers * cfg.accum_steps(dp)
+    passes = 6 if m.activation_checkpointing else 4
+    return passes * slots * m.d_model * 4 * moe_layers * cfg.accum_steps(dp)
