@@ -24,6 +24,7 @@ MOE = ["model.arch=llama", "model.d_model=32", "model.n_heads=2", "model.n_layer
        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.z_loss_coef=0.001", "model.moe.shared_experts=1",
        f"steps={STEPS}", "global_batch=8", "micro_batch=2", "progress=false", "checkpoint.every=0", "checkpoint.keep=3",
        "checkpoint.save_final=true", "optim.warmup_steps=1", "eval.every=3", "eval.batches=1"]
+CAPACITY = "model.moe.capacity_factor=0.75"   # slots dropped, each rank its own micro-batches' (as single)
 SAVE = "checkpoint.every=1"   # the runs whose step-1 checkpoint another starts from
 TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2", SAVE], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"]}
 FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp", "tp.degree=2", "ep.degree=2"]}
@@ -33,10 +34,12 @@ FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep")
     train_single(root / "single", [*MOE, SAVE])
-    resumed = {"fsdp-ep2-from-single": ["recipe=fsdp", "ep.degree=2", f"checkpoint.load_from={step1(root / 'single')}"]}
+    resumed = {"ddp-ep2-capacity": ["recipe=ddp", "ep.degree=2", CAPACITY],
+               "fsdp-ep2-from-single": ["recipe=fsdp", "ep.degree=2", f"checkpoint.load_from={step1(root / 'single')}"]}
     for nproc, layouts in ((2, TWO | resumed), (4, FOUR)):
         torchrun(nproc, [(TINY, [*MOE, *over, f"run_dir={root / name}"]) for name, over in layouts.items()])
     train_single(root / "single-from-ddp-ep2", [*MOE, f"checkpoint.load_from={step1(root / 'ddp-ep2')}"])
+    train_single(root / "single-capacity", [*MOE, CAPACITY])
     return root
 
 
@@ -87,3 +90,11 @@ def test_report_draws_the_routing_and_the_all_to_all(runs, tmp_path):
     text = build_report([runs / "ddp-ep2", runs / "single"], tmp_path).read_text()
     assert (tmp_path / "moe_routing.png").stat().st_size > 0 and "![moe_routing.png](moe_routing.png)" in text
     assert "EP all-to-all MiB/step/rank measured" in text and "ep.degree" not in text   # a layout, not a difference
+
+
+def test_dropping_tokens_under_expert_parallelism_matches_single(runs):
+    """capacity_factor < 1: each rank drops its micro-batch's over-capacity slots before the dispatch, as
+    single drops them from the same micro-batches."""
+    assert_matches_single(runs / "ddp-ep2-capacity", runs / "single-capacity", STEPS)
+    got, ref = summary(runs / "ddp-ep2-capacity"), summary(runs / "single-capacity")
+    assert got["moe_dropped"] == ref["moe_dropped"] > 0 and got["moe_tokens_per_expert"] == ref["moe_tokens_per_expert"]
