@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gpu_workbench import kernels
 
@@ -58,7 +59,9 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(experts, width, d_model))
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_swiglu(x, self.gate, self.up, self.down, counts)
+        """Expert parallelism: the weights are DTensors of this rank's experts (counts: theirs only)."""
+        w = [p.to_local() if isinstance(p, DTensor) else p for p in (self.gate, self.up, self.down)]
+        return grouped_swiglu(x, *w, counts)
 
 
 class MoEStats:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
-from gpu_workbench.parallel.models.moe import MoE, grouped_swiglu
+from gpu_workbench.parallel.models.moe import MoE
 from gpu_workbench.parallel.runtime import compat
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.profiling import range as prange
@@ -68,6 +68,8 @@ class ExpertLayout:
     same_group: object          # the ranks holding the same experts (dp / E of them)
     same_size: int
     dp: int
+    same_mesh: object = None    # those ranks as a mesh dimension (fsdp shards the experts over it)
+    sharded: bool = False       # fsdp shards the experts over same_mesh and reduces their gradients
     sent_bytes: int = 0         # rows this rank handed to all_to_all_single (forward and backward), in bytes
     measured: int | None = None   # sent_bytes of one training step (ParallelEngine.train_step)
 
@@ -86,7 +88,7 @@ def apply(model: nn.Module, cfg, ctx, device_type: str) -> ExpertLayout:
     e, dims = cfg.ep.degree, ctx.dims
     world = mesh(dims, e, device_type)
     ep_mesh = world["ep"]
-    layout = ExpertLayout([], world["dp_mod_ep"].get_group(), dims.dp // e, dims.dp)
+    layout = ExpertLayout([], world["dp_mod_ep"].get_group(), dims.dp // e, dims.dp, world["dp_mod_ep"])
     for layer in (m for m in model.modules() if isinstance(m, MoE)):
         for name, p in list(layer.experts.named_parameters()):
             sharded = nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]))
@@ -94,6 +96,20 @@ def apply(model: nn.Module, cfg, ctx, device_type: str) -> ExpertLayout:
             layout.params.append(sharded)
         layer.dispatch = Dispatch(layer.experts, ep_mesh.get_group(), e, layout)
     return layout
+
+
+def shard(model: nn.Module, layout: ExpertLayout, reshard: bool) -> None:
+    """fsdp: each MoE layer's experts an FSDP2 unit of their own over the dp / E ranks holding the same experts
+    (the ep DTensors sharded further on dim 0: a 2-D layout, as fsdp x tp's); its reduce-scatter averages over
+    those dp / E ranks, and reduce_grads turns that into the sum / dp. (set_gradient_divide_factor would do it
+    in the reduce-scatter, through PREMUL_SUM, which gloo lacks.) Before the blocks' units, which then leave
+    the experts alone."""
+    from torch.distributed.fsdp import fully_shard
+
+    layout.params, layout.sharded = [], True
+    for layer in (m for m in model.modules() if isinstance(m, MoE)):
+        fully_shard(layer.experts, mesh=layout.same_mesh, reshard_after_forward=reshard)
+        layout.params += list(layer.experts.parameters())   # fully_shard made new Parameters
 
 
 class Dispatch:
@@ -115,8 +131,7 @@ class Dispatch:
             rows = compat.all_to_all_autograd(x.new_empty(sum(out_splits), x.shape[1]), x, out_splits, in_splits,
                                               self.group)
         order = by_expert(recv)
-        params = [p.to_local() if isinstance(p, DTensor) else p for p in (ex.gate, ex.up, ex.down)]
-        ys = grouped_swiglu(rows[order], *params, recv.sum(0).tolist())
+        ys = ex(rows[order], recv.sum(0).tolist())   # a module call: fsdp gathers the experts' shards first
         back = torch.empty_like(ys).index_copy_(0, order, ys)          # (my expert, source) -> (source, my expert)
         with prange("ep.combine"):
             out = compat.all_to_all_autograd(x.new_empty(x.shape[0], ys.shape[1]), back, in_splits, out_splits,
@@ -139,9 +154,14 @@ def by_expert(recv: torch.Tensor) -> torch.Tensor:
 # ---- gradients ----------------------------------------------------------------------------------
 def reduce_grads(layout: ExpertLayout) -> None:
     """Once per step, after the last micro-batch: each expert gradient summed over the ranks holding the same
-    experts, divided by the data-parallel degree (the average data parallelism takes of the rest)."""
+    experts, divided by the data-parallel degree (the average data parallelism takes of the rest). Under fsdp
+    its reduce-scatter averaged over them (`shard`): times (dp / E) / dp."""
     grads = [p.grad.to_local() for p in layout.params if p.grad is not None]
     if not grads:
+        return
+    if layout.sharded:
+        for g in grads:
+            g.mul_(layout.same_size / layout.dp)
         return
     flat = compat.flatten(grads)
     if layout.same_size > 1:

@@ -1,7 +1,7 @@
 """The summary's `moe` part (runtime/summary.py: MoeStats): every MoE layer's routed slots per expert summed
 over the ranks (a tp group's ranks route the same tokens: counted once), the load imbalance, the dropped
 slots; expert parallelism's all-to-all bytes of one training step beside expert_parallel.predicted_step_bytes;
-the expert parameter bytes one rank holds beside the shapes' count / ep.degree. Collective."""
+the expert parameter bytes one rank holds beside the shapes' count / ep.degree (/ dp under fsdp). Collective."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def part(model: nn.Module, cfg, dims, experts_layout=None) -> MoeStats | None:
     counts, dropped = _sum_over_ranks(counts) // dims.tp, _sum_over_ranks(dropped) // dims.tp
     mean = counts.double().mean(1).clamp(min=1e-12)
     held = sum(local(p).numel() * local(p).element_size() for layer in layers for p in layer.experts.parameters())
-    predicted = len(layers) * 3 * m.moe.experts * m.d_model * expert_width(m) * 4 // dims.ep
+    split = dims.dp if experts_layout is not None and experts_layout.sharded else dims.ep   # fsdp: over all dp
+    predicted = len(layers) * 3 * m.moe.experts * m.d_model * expert_width(m) * 4 // split
     out = MoeStats(moe_experts=m.moe.experts, moe_top_k=m.moe.top_k, ep_degree=dims.ep,
                    moe_tokens_per_expert=counts.tolist(),
                    moe_imbalance_max_over_mean=(counts.double().max(1).values / mean).tolist(),

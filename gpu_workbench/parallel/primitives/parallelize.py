@@ -79,7 +79,9 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
     if data_parallel == "ddp":                                             # 5. data parallelism
         _replicate(layout, dims, ctx, shard_mesh)
     elif data_parallel == "fsdp":
-        _shard(model, shard_mesh, reshard, set(layout.experts.params) if layout.experts else set())
+        if layout.experts is not None:   # the experts' own units first: the blocks' then leave them alone
+            expert_parallel.shard(model, layout.experts, reshard)
+        _shard(model, shard_mesh, reshard)
         layout.sharded = True
     return layout
 
@@ -138,12 +140,10 @@ def _replicate(layout: Layout, dims, ctx: Context, mesh) -> None:
                                             device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
 
-def _shard(model: nn.Module, mesh, reshard: bool, experts: set) -> None:
-    """fsdp: one FSDP2 unit per block (gathered one at a time), then the root (embeddings, final norm, head).
-    `experts`: expert-parallel parameters, left to expert_parallel.reduce_grads."""
+def _shard(model: nn.Module, mesh, reshard: bool) -> None:
+    """fsdp: one FSDP2 unit per block (gathered one at a time), then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
-    ignored = {"ignored_params": experts} if experts else {}
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **ignored)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **ignored)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)

@@ -121,11 +121,11 @@ class ParallelEngine(TorchEngine):
         held = n_params
         if self.layout.tp:
             held = tensor_parallel.params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
-        if self.layout.experts is not None:
-            # each rank holds 1/ep of the experts (whole over tp), which fsdp does not shard further: counted
-            # so that the recipe's formula (its parameters / dp under fsdp) gives (rest / dp + experts / ep)
-            whole, dims = sum(p.numel() for p in self.layout.experts.params), self.ctx.dims
-            held += whole * (dims.dp if self.layout.sharded else 1) // dims.ep - whole
+        if self.layout.experts is not None and not self.layout.sharded:
+            # ddp: each rank holds 1/ep of the experts (whole over tp); fsdp shards them over all dp ranks (ep x
+            # the rest), as the formula's parameters / dp says
+            whole = sum(p.numel() for p in self.layout.experts.params)
+            held += whole // self.ctx.dims.ep - whole
         return held
 
     def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:

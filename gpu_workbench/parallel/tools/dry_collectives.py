@@ -68,7 +68,14 @@ def _experts(engine, cfg, dims, experts, ops: list[dict]) -> None:
     count = (6 if cfg.model.activation_checkpointing else 4) * layers * mbs   # recompute: the forward's again
     ops.append(_op("all_to_all", "ep", dims.ep, count, total // max(count, 1),
                    "expert parallelism: tokens to their experts and back (forward, backward)"))
-    if experts.same_size > 1:
+    if experts.sharded:   # an fsdp unit of its own per MoE layer, over the ranks holding the same experts
+        unit = _bytes(experts.params) * experts.same_size // max(layers, 1)
+        gathers = 2 if cfg.fsdp.reshard_after_forward else 1
+        ops.append(_op("all_gather", "dp_mod_ep", experts.same_size, gathers * mbs * layers, unit,
+                       "fsdp unit of each MoE layer's experts: parameters"))
+        ops.append(_op("reduce_scatter", "dp_mod_ep", experts.same_size, layers, unit,
+                       "fsdp unit of each MoE layer's experts: gradients"))
+    elif experts.same_size > 1:
         ops.append(_op("all_reduce", "dp_mod_ep", experts.same_size, 1, _bytes(experts.params),
                        "expert gradients"))
 
