@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpu_workbench.cli import quant_report, timeline_report
+from gpu_workbench.cli import moe_report, quant_report, timeline_report
 from gpu_workbench.cli.plots import pyplot
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.runtime.flat_config import flatten_config
@@ -237,6 +237,9 @@ COLUMNS = [  # (header, summary key, format)
     ("bubble measured (min)", "bubble_fraction_measured", "{:.3f}"),
     ("TP MiB/step/rank measured", "tp_bytes_per_step_per_rank_measured", "mib"),
     ("TP MiB/step/rank predicted", "tp_bytes_per_step_per_rank_predicted", "mib"),
+    ("EP all-to-all MiB/step/rank measured", "ep_all_to_all_bytes_per_step_per_rank_measured", "mib"),
+    ("EP all-to-all MiB/step/rank predicted", "ep_all_to_all_bytes_per_step_per_rank_predicted", "mib"),
+    ("MoE dropped slots", "moe_dropped", "{}"),
 ]
 
 
@@ -282,7 +285,7 @@ PROVENANCE = ["torch", "triton", "deepspeed", "ray"]
 # config keys a comparison may differ in: the recipe and its model-parallel layout (a run of a
 # comparison is "recipe[:overrides]", e.g. ddp:tp.degree=2; the pipeline fills in its pp.microbatches),
 # and how a run was named, launched, watched
-RUN_ONLY_KEYS = ("recipe", "tp", "cp", "pp", "run_dir", "name", "segments", "progress", "profiling")
+RUN_ONLY_KEYS = ("recipe", "tp", "cp", "pp", "ep", "run_dir", "name", "segments", "progress", "profiling")
 
 
 def _provenance_section(runs: list[Run]) -> str:
@@ -363,7 +366,8 @@ def _figures(runs: list[Run], out: Path, machine: str) -> list[str]:
     staleness = _staleness_figure(runs, out, machine)
     quant = quant_report.figure(runs, out, machine)   # runs with a quant_eval.json
     breakdown = timeline_report.figure(runs, out, machine)   # runs with a trace.json
-    return figures + [f for f in (staleness, quant, breakdown) if f] + _gantt_figures(runs, out)
+    routing = moe_report.figure(runs, out, machine)   # runs with experts (model.moe)
+    return figures + [f for f in (staleness, quant, breakdown, routing) if f] + _gantt_figures(runs, out)
 
 
 def _mib(value):

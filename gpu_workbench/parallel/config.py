@@ -36,6 +36,20 @@ except ModuleNotFoundError:   # Python 3.10
 
 
 @dataclass
+class MoeConfig:                 # [model.moe]: routed experts in the llama family's MLPs (parallel/models/moe.py)
+    experts: int = 0             # routed experts per MoE block; 0 = a dense MLP everywhere
+    top_k: int = 2               # experts each token goes to
+    shared_experts: int = 0      # experts every token goes through (one SwiGLU this many experts wide)
+    every: int = 1               # every K-th block (blocks K-1, 2K-1, ...) carries experts
+    d_ff: int = 0                # each expert's hidden width; 0 = model.d_ff (or the architecture's default)
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True       # the chosen scores normalised to sum to 1 (Hugging Face's norm_topk_prob)
+    aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer); 0 = off
+    z_loss_coef: float = 0.0     # router z-loss weight (ST-MoE); 0 = off
+    capacity_factor: float = 0.0   # > 0: an expert takes at most factor x slots / experts; 0 = dropless
+
+
+@dataclass
 class ModelConfig:
     # gpt2: LayerNorm, learned positions, GELU MLP, biases. llama: RMSNorm, rotary positions, SwiGLU MLP,
     # grouped-query attention, no biases (docs/ARCHITECTURE.md, The model).
@@ -62,6 +76,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
     fused_kernels: bool = False    # llama: RMSNorm, rotary embedding, SwiGLU through kernels.rms_norm/rope/swiglu
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
 
 @dataclass
@@ -187,6 +202,11 @@ class ContextParallelConfig:     # [cp]: the sequence split over ranks (ring att
 
 
 @dataclass
+class ExpertParallelConfig:      # [ep]: experts split over ranks borrowed from data parallelism; degree 1 = off
+    degree: int = 1
+
+
+@dataclass
 class QuantConfig:               # [quant]: quantisation-aware training (parallel/models/qat.py)
     qat: Literal["none", "w8a16", "w4a16", "w8a8"] = "none"   # fake-quantise every Linear of the blocks
     group_size: int = 32         # w4a16: 32, 64 or 128 along in_features, or -1 per output channel
@@ -227,6 +247,7 @@ class RunConfig:
     tp: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     cp: ContextParallelConfig = field(default_factory=ContextParallelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    ep: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -379,6 +400,7 @@ class RunConfig:
             raise UserError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}) "
                             f"(0 means n_heads)")
         models.get(m.arch).check(m)   # the architecture's own checks (parallel/models/<arch>.py)
+        _check_moe(m)
         if not (m.rope_theta > 0 and m.norm_eps > 0):
             raise UserError(f"model.rope_theta ({m.rope_theta}) and model.norm_eps ({m.norm_eps}) must be > 0")
 
@@ -463,7 +485,8 @@ class RunConfig:
                             f"{self.quant.group_size}")
 
     def _check_tp_cp(self) -> None:
-        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree)):
+        for key, degree in (("tp.degree", self.tp.degree), ("cp.degree", self.cp.degree),
+                            ("ep.degree", self.ep.degree)):
             if degree < 1:
                 raise UserError(f"{key} must be >= 1 (1 = off), got {degree}")
         c, chunks = self.cp.degree, 2 * self.cp.degree if self.cp.load_balance == "headtail" else self.cp.degree
@@ -546,6 +569,27 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if not ok:
         raise UserTypeError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_moe(m: ModelConfig) -> None:
+    e = m.moe
+    if e.experts < 0 or e.shared_experts < 0 or e.d_ff < 0:
+        raise UserError(f"model.moe.experts, model.moe.shared_experts and model.moe.d_ff must be >= 0, got "
+                        f"{e.experts}, {e.shared_experts} and {e.d_ff}")
+    if not e.experts:
+        return
+    if models.get(m.arch).mlp != "swiglu":
+        raise UserError(f"model.moe.experts needs an architecture with a SwiGLU MLP (llama, qwen2, qwen3), got "
+                        f"model.arch = '{m.arch}'")
+    if not 1 <= e.top_k <= e.experts:
+        raise UserError(f"model.moe.top_k ({e.top_k}) must be between 1 and model.moe.experts ({e.experts})")
+    if e.every < 1 or e.every > m.n_layers:
+        raise UserError(f"model.moe.every ({e.every}) must be between 1 and model.n_layers ({m.n_layers})")
+    if e.capacity_factor < 0:
+        raise UserError(f"model.moe.capacity_factor must be > 0 (or 0 for dropless), got {e.capacity_factor}")
+    if e.aux_loss_coef < 0 or e.z_loss_coef < 0:
+        raise UserError(f"model.moe.aux_loss_coef and model.moe.z_loss_coef must be >= 0, got "
+                        f"{e.aux_loss_coef} and {e.z_loss_coef}")
 
 
 def _positive(obj: Any, *names: str, prefix: str = "") -> None:

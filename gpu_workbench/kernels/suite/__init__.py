@@ -19,6 +19,7 @@ KERNELS = {
     "rms_norm": "gpu_workbench.kernels.suite.rms_norm",
     "rope": "gpu_workbench.kernels.suite.rope",
     "swiglu": "gpu_workbench.kernels.suite.swiglu",
+    "grouped_matmul": "gpu_workbench.kernels.suite.grouped_matmul",
 }
 
 

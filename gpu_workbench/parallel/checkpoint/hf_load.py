@@ -22,15 +22,18 @@ def expected_shape(src: Source, shape: list[int]) -> list[int]:
     """The Hugging Face tensor's shape for a parameter of global `shape`."""
     if src.kind == "transposed":
         return shape[::-1]
+    if src.kind == "experts":   # each expert's (out, in) weight
+        return shape[1:][::-1]
     if src.kind == "column":   # c_attn: (C, 3 x out) weight, (3 x out,) bias
         return [shape[1], 3 * shape[0]] if len(shape) == 2 else [3 * shape[0]]
     return list(shape)
 
 
 def _check_shape(w: HFWeights, name: str, src: Source, shape: list[int]) -> None:
-    found, want = w.shape(src.hf), expected_shape(src, shape)
+    hf = src.hf.format(e=src.part - 1) if src.kind == "experts" else src.hf   # the last expert: all are there
+    found, want = w.shape(hf), expected_shape(src, shape)
     if found != want:
-        raise UserError(f"{w.dir}: tensor {src.hf} has shape {found}, but config.json says {want} (for {name}); "
+        raise UserError(f"{w.dir}: tensor {hf} has shape {found}, but config.json says {want} (for {name}); "
                         f"the weights and config.json disagree")
 
 

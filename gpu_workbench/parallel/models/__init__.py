@@ -20,6 +20,7 @@ _WHERE = {
     "llama": "llama:SPEC",
     "qwen2": "qwen2:SPEC",
     "qwen3": "qwen3:SPEC",
+    "qwen3_moe": "qwen3_moe:SPEC",
 }
 
 __all__ = ["ARCHS", "ArchSpec", "get"]

@@ -9,6 +9,8 @@ A parameter comes from its Hugging Face tensor in one of four ways (Source.kind)
                 Meta's convention, Hugging Face rotates halves (i, i + D/2); the rows are permuted per head
     transposed  GPT-2's Conv1D weights are stored (in, out), the transpose of nn.Linear's
     column      one third of GPT-2's fused c_attn (Conv1D (C, 3C), bias (3C,)): q, k or v
+    experts     a MoE layer's stacked expert weight (X, in, out) from X per-expert nn.Linear weights (out, in),
+                `hf` a name with "{e}" for the expert's index (Qwen3-MoE's mlp.experts.{e}.gate_proj.weight)
 
 A reader asks for a block of the parameter (its rank's shard: a tuple of slices) and gets only that block
 from the file (`read`: safetensors slices; a permuted q/k reads the whole heads its rows fall in). Torch is
@@ -27,8 +29,8 @@ from gpu_workbench.parallel.runtime.errors import UserError
 @dataclass(frozen=True)
 class Source:
     hf: str                     # the Hugging Face tensor's name
-    kind: str = "same"          # same | heads | transposed | column
-    part: int = 0               # column: which third of c_attn (q 0, k 1, v 2)
+    kind: str = "same"          # same | heads | transposed | column | experts
+    part: int = 0               # column: which third of c_attn (q 0, k 1, v 2); experts: how many experts
     head_dim: int = 0           # heads: each head's width
 
 
@@ -78,11 +80,16 @@ PERMUTE = {"in": to_interleaved, "out": to_halves}   # a test swaps these for id
 def read(src: Source, open_slice: Callable[[str], Any], index: tuple[slice, ...]):
     """The block `index` (one slice per dimension, in the project's layout) of the parameter `src` names,
     read from the Hugging Face file through `open_slice(name)` (a safetensors slice object)."""
-    f = open_slice(src.hf)
+    f = open_slice(src.hf) if src.kind != "experts" else None
     if src.kind == "same":
         return f[index]
     if src.kind == "transposed":
         return f[index[::-1]].T
+    if src.kind == "experts":   # (X, in, out) block from each expert's (out, in) weight
+        import torch
+
+        experts, rows, cols = index
+        return torch.stack([open_slice(src.hf.format(e=e))[cols, rows].T for e in range(experts.start, experts.stop)])
     if src.kind == "column":
         rows = index[0]
         width = f.get_shape()[-1] // 3
@@ -106,6 +113,8 @@ def to_hf(sources: dict[str, Source], weights: dict) -> dict:
             out[src.hf] = PERMUTE["out"](t, src.head_dim)
         elif src.kind == "transposed":
             out[src.hf] = t.T
+        elif src.kind == "experts":
+            out.update({src.hf.format(e=e): t[e].T for e in range(t.shape[0])})
         elif src.kind == "column":
             fused.setdefault(src.hf, {})[src.part] = t.T if t.ndim == 2 else t
         else:

@@ -1,6 +1,7 @@
 """The Hugging Face adapter of the llama family (llama, qwen2, qwen3; models/hf_adapter.py): LlamaForCausalLM's
 names, the q/k rows permuted per head (halves <-> interleaved pairs), qwen2's q/k/v biases, qwen3's per-head
-q/k RMSNorm (its weight permuted like a head: it scales each dimension before the rotation)."""
+q/k RMSNorm (its weight permuted like a head: it scales each dimension before the rotation), and Qwen3-MoE's
+routed blocks (the router, each expert's Linears stacked into the MoE layer's (experts, in, out) weights)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ def _head_dim(m) -> int:
 
 
 def _names(m, qkv_bias: bool, qk_norm: bool) -> dict[str, Source]:
+    from gpu_workbench.parallel.models.moe import is_moe_block  # torch: not at import (config checks)
+
     d = _head_dim(m)
     out = {"tok_emb.weight": Source("model.embed_tokens.weight"), "ln_f.weight": Source("model.norm.weight"),
            "head.weight": Source("model.embed_tokens.weight" if m.tie_embeddings else "lm_head.weight")}
@@ -24,7 +27,8 @@ def _names(m, qkv_bias: bool, qk_norm: bool) -> dict[str, Source]:
                     b + "attn.k.weight": Source(a + "k_proj.weight", "heads", head_dim=d),
                     b + "attn.v.weight": Source(a + "v_proj.weight"),
                     b + "attn.proj.weight": Source(a + "o_proj.weight")})
-        out.update({b + f"mlp.{p}.weight": Source(h + f"mlp.{p}_proj.weight") for p in ("gate", "up", "down")})
+        out.update(_moe_names(m, b, h) if is_moe_block(m, i) else
+                   {b + f"mlp.{p}.weight": Source(h + f"mlp.{p}_proj.weight") for p in ("gate", "up", "down")})
         if qkv_bias or m.qkv_bias:
             out.update({b + "attn.q.bias": Source(a + "q_proj.bias", "heads", head_dim=d),
                         b + "attn.k.bias": Source(a + "k_proj.bias", "heads", head_dim=d),
@@ -33,6 +37,42 @@ def _names(m, qkv_bias: bool, qk_norm: bool) -> dict[str, Source]:
             out.update({b + f"attn.{x}_norm.weight": Source(a + f"{x}_norm.weight", "heads", head_dim=d)
                         for x in ("q", "k")})
     return out
+
+
+def _moe_names(m, b: str, h: str) -> dict[str, Source]:
+    """A Qwen3-MoE block's MLP: the router (mlp.gate) and each expert's three Linears, stacked here."""
+    x = m.moe.experts
+    return {b + "mlp.router.weight": Source(h + "mlp.gate.weight"),
+            **{b + f"mlp.experts.{p}": Source(h + "mlp.experts.{e}." + f"{p}_proj.weight", "experts", part=x)
+               for p in ("gate", "up", "down")}}
+
+
+def _moe_from_config(hf: dict) -> dict:
+    """model.moe from Qwen3-MoE's config.json: every decoder_sparse_step-th layer routed, softmax top-k."""
+    from gpu_workbench.parallel.config import MoeConfig
+
+    require(hf, "mlp_only_layers", ([], None), "every decoder_sparse_step-th layer is routed here, no exceptions")
+    experts = hf["num_local_experts"] if "num_local_experts" in hf else hf["num_experts"]   # transformers 5, 4
+    return {"moe": MoeConfig(experts=experts, top_k=hf["num_experts_per_tok"],
+                             every=hf.get("decoder_sparse_step") or 1, d_ff=hf["moe_intermediate_size"],
+                             norm_topk=bool(hf.get("norm_topk_prob", False)),
+                             aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))}
+
+
+def _moe_to_config(m) -> dict:
+    from gpu_workbench.parallel.models.moe import expert_width
+
+    e = m.moe
+    if e.score != "softmax" or e.shared_experts or e.capacity_factor:
+        from gpu_workbench.parallel.runtime.errors import UserError
+
+        raise UserError("Qwen3-MoE's format holds softmax routing without shared experts or a capacity factor; "
+                        f"this model has model.moe.score={e.score}, shared_experts={e.shared_experts}, "
+                        f"capacity_factor={e.capacity_factor}")
+    return {"num_experts": e.experts, "num_local_experts": e.experts, "num_experts_per_tok": e.top_k,
+            "decoder_sparse_step": e.every,
+            "moe_intermediate_size": expert_width(m), "norm_topk_prob": e.norm_topk, "mlp_only_layers": [],
+            "router_aux_loss_coef": e.aux_loss_coef, "output_router_logits": False}
 
 
 def _from_config(hf: dict, arch: str) -> dict:
@@ -50,7 +90,8 @@ def _from_config(hf: dict, arch: str) -> dict:
             "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "head_dim": head_dim if head_dim * heads != hidden else 0,
-            "max_positions": hf.get("max_position_embeddings") or 0, **rope(hf)}
+            "max_positions": hf.get("max_position_embeddings") or 0, **rope(hf),
+            **(_moe_from_config(hf) if arch == "qwen3_moe" else {})}
 
 
 def _to_config(m, model_type: str, hf_class: str) -> dict:
@@ -66,8 +107,10 @@ def _to_config(m, model_type: str, hf_class: str) -> dict:
         out.update(use_sliding_window=False, sliding_window=None)
     else:
         out["attention_bias"] = False
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen3_moe"):
         out.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "qwen3_moe":
+        out.update(_moe_to_config(m))
     return out
 
 

@@ -65,13 +65,37 @@ class ArchSpec:
     def position_params(self, m) -> int:
         return (m.max_positions or m.seq_len) * m.d_model if self.positions == "learned" else 0
 
+    # ---- mixture of experts (model.moe, parallel/models/moe.py) ---------------------------------
+    @staticmethod
+    def moe_blocks(m) -> int:
+        """Blocks whose MLP is routed experts: every model.moe.every-th."""
+        return m.n_layers // m.moe.every if m.moe.experts else 0
+
+    def dense_mlp_params(self, m) -> int:
+        """One dense MLP's matrices (and its column-parallel biases): what a MoE block has instead."""
+        f = self.d_ff(m)
+        return len(self.mlp_plan) * m.d_model * f + (f * sum(k == "colwise" for k in self.mlp_plan.values())
+                                                     if self.bias else 0)
+
+    def expert_params(self, m) -> int:
+        """One expert's SwiGLU: gate, up (C x F) and down (F x C), F = model.moe.d_ff or the MLP width."""
+        return 3 * m.d_model * (m.moe.d_ff or self.d_ff(m))
+
+    def moe_block_params(self, m) -> int:
+        """A MoE block's MLP: the router, the routed experts and the shared experts' SwiGLU."""
+        e = m.moe
+        return m.d_model * e.experts + (e.experts + e.shared_experts) * self.expert_params(m)
+
     def n_params(self, m) -> int:
         """Every parameter of the model, a tied head counted once."""
         blocks = m.n_layers * (self.sharded_per_block(m) + self.replicated_per_block(m))
+        blocks += self.moe_blocks(m) * (self.moe_block_params(m) - self.dense_mlp_params(m))
         vocab = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
         return blocks + vocab + self.position_params(m) + self.norm_params(m)
 
     def flops_per_token(self, m) -> float:
-        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus causal attention's scores
-        and weighted sum, 6 x layers x seq_len x d_model (the PaLM appendix count, halved for causal)."""
-        return 6.0 * self.n_params(m) + 6.0 * m.n_layers * m.seq_len * m.d_model
+        """Training FLOPs per token: 6 per parameter a token goes through (forward 2, backward 4: a MoE block's
+        top_k routed experts, not all) plus causal attention's scores and weighted sum, 6 x layers x seq_len x
+        d_model (the PaLM appendix count, halved for causal)."""
+        idle = self.moe_blocks(m) * (m.moe.experts - m.moe.top_k) * self.expert_params(m)
+        return 6.0 * (self.n_params(m) - idle) + 6.0 * m.n_layers * m.seq_len * m.d_model

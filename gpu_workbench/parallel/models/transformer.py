@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from gpu_workbench import kernels
 from gpu_workbench.parallel import models
 from gpu_workbench.parallel.config import ModelConfig
+from gpu_workbench.parallel.models import moe
 from gpu_workbench.parallel.runtime import documents
 
 
@@ -211,12 +212,12 @@ def mlp(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.ln1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = norm(cfg)
-        self.mlp = mlp(cfg)
+        self.mlp = moe.MoE(cfg) if moe.is_moe_block(cfg, index) else mlp(cfg)   # model.moe: routed experts
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -234,7 +235,7 @@ class GPT(nn.Module):
         # rotary positions: no table, the positions rotate q and k inside attention
         learned = models.get(cfg.arch).positions == "learned"
         self.pos_emb = nn.Embedding(cfg.max_positions or cfg.seq_len, cfg.d_model) if learned else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -285,7 +286,10 @@ class GPT(nn.Module):
         """Mean next-token loss when targets are given, else the logits. `positions`: see embed; `cache`:
         one LayerCache per block (decoding; `positions` then continue the cached tokens')."""
         x = self.run_blocks(self.embed(idx, positions), positions, cache)
-        return self.logits(x) if targets is None else self.head_loss(x, targets)
+        if targets is None:
+            return self.logits(x)
+        loss, aux = self.head_loss(x, targets), moe.aux_loss(self)
+        return loss if aux is None else moe.add_aux(loss, aux)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

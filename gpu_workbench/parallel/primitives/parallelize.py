@@ -4,6 +4,9 @@
     1. tensor (and sequence) parallelism   parameters become DTensors on the mesh's tp dimension
     2. context parallelism                 every attention module attends through ring attention over its
                                            cp group; the rank keeps its positions of every sequence
+    2b. expert parallelism                 each MoE layer's experts sharded over ep ranks borrowed from data
+                                           parallelism, tokens exchanged by all-to-all (expert_parallel.py);
+                                           the data-parallel wrapper leaves the experts alone
     3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks)
     4. per-module steps                    PER_MODULE_STEPS, in order (the slot float8 and per-block
                                            torch.compile take)
@@ -26,8 +29,9 @@ import torch
 from torch import nn
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, tensor_parallel
 from gpu_workbench.parallel.primitives.comm import CommCounter
+from gpu_workbench.parallel.runtime import compat
 
 if TYPE_CHECKING:
     from gpu_workbench.parallel.runtime.distributed import Context
@@ -52,6 +56,7 @@ class Layout:
     grad_group_size: int = 1
     comm: CommCounter | None = None      # data-parallel gradient bytes (ddp)
     sharded: bool = False                # parameters sharded by data parallelism (fsdp)
+    experts: expert_parallel.ExpertLayout | None = None   # expert parallelism: the experts' own gradient group
 
 
 def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel, reshard: bool = True) -> Layout:
@@ -66,12 +71,16 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
         tensor_parallel.apply(model, tp_mesh, cfg.tp.sequence_parallel, models.get(cfg.model.arch))
     if dims.cp > 1:                                                        # 2. context parallelism
         layout.positions, layout.cp_stats = context_parallel.setup_rank(model, cfg, ctx)
+    if dims.ep > 1:                                                        # 2b. expert parallelism
+        layout.experts = expert_parallel.apply(model, cfg, ctx, mesh_device_type(ctx.device))
     # 3. activation checkpointing: the model recomputes its blocks itself (model.activation_checkpointing)
     for step in PER_MODULE_STEPS:                                          # 4. per-module steps
         step(model, cfg, ctx)
     if data_parallel == "ddp":                                             # 5. data parallelism
         _replicate(layout, dims, ctx, shard_mesh)
     elif data_parallel == "fsdp":
+        if layout.experts is not None:   # the experts' own units first: the blocks' then leave them alone
+            expert_parallel.shard(model, layout.experts, reshard)
         _shard(model, shard_mesh, reshard)
         layout.sharded = True
     return layout
@@ -122,6 +131,9 @@ def _replicate(layout: Layout, dims, ctx: Context, mesh) -> None:
         return
     if ctx.device.type == "meta":   # a dry run: DDP checks shapes across ranks with .item(), which meta
         return                      # tensors refuse; its buckets hold what the plain gradients hold
+    if layout.experts is not None:
+        ids = {id(p) for p in layout.experts.params}
+        compat.ddp_ignore(layout.model, [n for n, p in layout.model.named_parameters() if id(p) in ids])
     # gradient_as_bucket_view: .grad are views into the reduction buckets, so a rank holds one copy of the
     # gradients (4 bytes/param), as the ZeRO formula for plain data parallelism assumes.
     layout.module = DistributedDataParallel(layout.model, gradient_as_bucket_view=True,

@@ -59,6 +59,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from gpu_workbench.parallel import models
+from gpu_workbench.parallel.models.moe import MoE
 from gpu_workbench.parallel.models.transformer import d_ff, kv_heads
 from gpu_workbench.parallel.runtime import compat, memory
 from gpu_workbench.parallel.runtime.errors import UserError
@@ -144,7 +145,10 @@ def apply(model: nn.Module, tp_mesh, sp: bool, arch: models.ArchSpec) -> nn.Modu
     tied = head is not None and emb is not None and head.weight is emb.weight
     blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
     for block in blocks:
-        parallelize_module(block, tp_mesh, block_plan(sp, arch.mlp_plan))
+        if isinstance(block.mlp, MoE):   # routed experts: replicated over tp, the input a plain tensor
+            parallelize_module(block, tp_mesh, {k: v for k, v in block_plan(sp, {}).items() if k != "mlp"})
+        else:
+            parallelize_module(block, tp_mesh, block_plan(sp, arch.mlp_plan))
     held = {name for name, _ in model.named_modules()}
     parallelize_module(model, tp_mesh, {k: v for k, v in outer_plan(sp).items() if k in held})
     if tied:   # both got their own Shard(0) copy of the same values: make them one parameter again
@@ -190,7 +194,8 @@ def tp_sharded_params(m) -> int:
     """Ψs: parameters the layout splits over T (the blocks' share, the vocabulary-parallel embedding and
     head); everything else (Ψr) is replicated. From the shapes alone."""
     vocab = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return m.n_layers * models.get(m.arch).sharded_per_block(m) + vocab
+    spec = models.get(m.arch)   # a MoE block's MLP is replicated over tp: not split
+    return m.n_layers * spec.sharded_per_block(m) - spec.moe_blocks(m) * spec.dense_mlp_params(m) + vocab
 
 
 def params_per_rank(m, n_params: int, t: int) -> int:

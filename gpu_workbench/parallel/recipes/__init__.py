@@ -85,7 +85,15 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
     if cfg.cp.degree > 1 and recipe.context_parallel is not None:
         raise UserError(f"cp.degree = {cfg.cp.degree} does not work with recipe={cfg.recipe}: "
                         f"{recipe.context_parallel}")
+    if cfg.model.moe.experts and recipe.experts is not None:
+        raise UserError(f"model.moe.experts does not work with recipe={cfg.recipe}: {recipe.experts}")
+    if cfg.ep.degree > 1 and recipe.expert_parallel is not None:
+        raise UserError(f"ep.degree = {cfg.ep.degree} does not work with recipe={cfg.recipe}: {recipe.expert_parallel}")
     dims = recipe.dims(cfg, world_size)
+    if cfg.ep.degree > 1:   # experts to split, sizes that divide, what composes
+        from gpu_workbench.parallel.primitives import expert_parallel
+
+        expert_parallel.validate(cfg, dims)
     recipe.validate_layout(cfg, dims)   # first: a pipeline's pp.microbatches sets micro_batch
     cfg.check_layout(world_size, dims.dp)
     return dims

@@ -69,6 +69,10 @@ class Recipe:
     checkpoint_modes: str | None = None
     # quant.qat != none: None where fake-quantised training runs (and is tested against single), else why not
     quant_aware: str | None = "quant.qat runs under recipes single, ddp and fsdp (ddp and fsdp tested to match single)"
+    # ep.degree > 1: None where experts are split over data-parallel ranks (ddp, fsdp), else why not
+    expert_parallel: str | None = "expert parallelism (ep.degree > 1) composes only with --recipe ddp and fsdp"
+    # model.moe.experts > 0: None where a model with experts trains here, else why not
+    experts: str | None = None
     # whether optim.frozen works here (the model is frozen before setup wraps it; torch AdamW recipes)
     freezes: bool = False
 
@@ -93,7 +97,8 @@ class Recipe:
             allowed = f"exactly {self.min_world}" if self.max_world == self.min_world else f"at least {self.min_world}"
             raise UserError(f"recipe '{self.name}' runs on {allowed} process(es), got world size (--nproc) "
                             f"{world_size}")
-        return ParallelDims.for_world(world_size, self.data_parallel, pp=1, cp=cfg.cp.degree, tp=cfg.tp.degree)
+        return ParallelDims.for_world(world_size, self.data_parallel, pp=1, cp=cfg.cp.degree, tp=cfg.tp.degree,
+                                      ep=cfg.ep.degree if self.expert_parallel is None else 1)
 
     def validate_layout(self, cfg: RunConfig, dims: ParallelDims) -> None:
         """Checks that need the layout (batch arithmetic a recipe adds). Default: none."""
@@ -327,6 +332,12 @@ class TorchEngine(Engine):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
+
+    def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict[str, Any]:
+        """model.moe: the routers' part (parallel/primitives/moe_summary.py). Collective."""
+        from gpu_workbench.parallel.primitives import moe_summary
+
+        return {"moe": moe_summary.part(self.raw, self.cfg, self.ctx.dims)}
 
     # Checkpoints: the universal format (parallel/checkpoint/universal.py), whatever the layout.
     def state_module(self) -> nn.Module:

@@ -84,7 +84,8 @@ class DDPEngine(ParallelEngine):
     def _average_gradients(self) -> None:
         """The by-hand average: one all-reduce of the flattened local gradient shards over the layout's group."""
         group, name, size = self.layout.grad_group, self.layout.grad_group_name, self.layout.grad_group_size
-        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        experts = {id(p) for p in self.layout.experts.params} if self.layout.experts else set()
+        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None and id(p) not in experts]
         flat = compat.flatten(grads)
         self.comm.add(flat)
         with prange("allreduce", group=name):
@@ -115,6 +116,7 @@ class DDP(Recipe):
     data_parallel = "replicate"
     tensor_parallel = None   # dp_replicate x tp (parallel/primitives/tensor_parallel.py)
     context_parallel = None  # dp_replicate x cp (x tp) (parallel/primitives/context_parallel.py)
+    expert_parallel = None   # experts over ep.degree of the dp ranks (parallel/primitives/expert_parallel.py)
 
     def memory_model(self, cfg):
         if cfg.tp.degree > 1:

@@ -38,6 +38,7 @@ class FSDP(Recipe):
     data_parallel = "shard"
     tensor_parallel = None   # TP inside each dp_shard (x cp) group: the 2-D layout
     context_parallel = None  # dp_shard x cp, sharded over both (module docstring)
+    expert_parallel = None   # experts over ep.degree of the dp ranks (parallel/primitives/expert_parallel.py)
 
     def memory_model(self, cfg) -> memory.MemoryModel:
         if cfg.tp.degree > 1:

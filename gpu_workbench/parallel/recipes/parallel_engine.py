@@ -17,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, moe_summary, tensor_parallel
 from gpu_workbench.parallel.primitives.parallelize import Layout
 from gpu_workbench.parallel.recipes.base import Context, TorchEngine, clip_, local
 from gpu_workbench.profiling import range as prange
@@ -56,19 +56,22 @@ class ParallelEngine(TorchEngine):
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         if not self.layout.tp:
             self._backward(loss, accum, last)
-            return
-        with loss_parallel(), prange("tp.backward"):   # loss_parallel's backward needs it too
-            self._backward(loss, accum, last)
-        if last:
-            tensor_parallel.reduce_partial_grads(self.module)
+        else:
+            with loss_parallel(), prange("tp.backward"):   # loss_parallel's backward needs it too
+                self._backward(loss, accum, last)
+            if last:
+                tensor_parallel.reduce_partial_grads(self.module)
+        if last and self.layout.experts is not None:
+            expert_parallel.reduce_grads(self.layout.experts)
 
     def _backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         (loss / accum).backward()
 
     # ---- the update --------------------------------------------------------------------------
     def step(self) -> tuple[float, bool]:
-        if not self.layout.tp:
+        if not self.layout.tp and self.layout.experts is None:
             return super().step()
+        # tp's shards and ep's experts: each element counted once over the world
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         with prange("tp.grad_norm"):
             norm = tensor_parallel.global_grad_norm(grads, self.ctx.world_size)
@@ -87,11 +90,16 @@ class ParallelEngine(TorchEngine):
         stats = self.layout.cp_stats
         measure = stats is not None and self.cp_measured is None and step >= (1 if self.cfg.steps > 1 else 0)
         before = stats.to_dict() if measure else None
+        ep = self.layout.experts   # expert parallelism: one training step's all-to-all bytes, as cp's
+        ep_measure = ep is not None and ep.measured is None and (step >= 1 or self.cfg.steps == 1)
+        ep_sent = ep.sent_bytes if ep_measure else None
         watch = self.tp_watch.step(step) if self.tp_watch else contextlib.nullcontext()
         with watch:
             out = super().train_step(dataset, step, dp_rank, dp, on_backward)
         if measure:
             self.cp_measured = context_parallel.step_traffic(before, stats.to_dict())
+        if ep_sent is not None:
+            ep.measured = ep.sent_bytes - ep_sent
         return out
 
     # ---- what the run reports ----------------------------------------------------------------
@@ -102,10 +110,23 @@ class ParallelEngine(TorchEngine):
             out[k] = v.detach().cpu().clone()
         return out
 
+    def writes_state(self) -> bool:
+        """Expert parallelism: the first ep group's replicas write too, each holding its experts (the copies
+        of replicated tensors they also hold are written once: DCP's plan keeps one of equal items)."""
+        dims = self.ctx.dims
+        return super().writes_state() or (self.layout.experts is not None
+                                           and dims.coords(self.ctx.rank)["dp_replicate"] < dims.ep)
+
     def params_on_rank(self, n_params: int) -> int:
-        if not self.layout.tp:
-            return n_params
-        return tensor_parallel.params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
+        held = n_params
+        if self.layout.tp:
+            held = tensor_parallel.params_per_rank(self.cfg.model, n_params, self.cfg.tp.degree)
+        if self.layout.experts is not None and not self.layout.sharded:
+            # ddp: each rank holds 1/ep of the experts (whole over tp); fsdp shards them over all dp ranks (ep x
+            # the rest), as the formula's parameters / dp says
+            whole = sum(p.numel() for p in self.layout.experts.params)
+            held += whole // self.ctx.dims.ep - whole
+        return held
 
     def summary_parts(self, run_dir, steps: int, elapsed_s: float) -> dict:
         """The `tp` and `cp` parts, for the dimensions this layout has. Collective."""
@@ -116,4 +137,5 @@ class ParallelEngine(TorchEngine):
                                                    [tensor_parallel.predicted_step_bytes(self.cfg, mbs)])
         if self.layout.cp_stats is not None:
             parts["cp"] = context_parallel.cp_summary(self.cfg, self.ctx.dims, self.cp_measured)
+        parts["moe"] = moe_summary.part(self.raw, self.cfg, self.ctx.dims, self.layout.experts)
         return parts

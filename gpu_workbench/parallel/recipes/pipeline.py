@@ -321,6 +321,8 @@ class Pipeline(Recipe):
 
     data_parallel = "replicate"
     tensor_parallel = None   # composes: each stage tensor-parallel over its tp group (docs/ARCHITECTURE.md)
+    # the routers' losses are summed in GPT.forward, which a stage never runs whole
+    experts = "the pipeline's stages do not carry the routers' losses yet; use single, ddp or fsdp"
 
     def dims(self, cfg, world_size: int):
         super().dims(cfg, world_size)   # the world-size bounds

@@ -192,3 +192,27 @@ def local_block(t: torch.Tensor) -> tuple[slice, ...]:
         raise _missing("torch.distributed.tensor._utils.compute_local_shape_and_global_offset") from None
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """DistributedDataParallel leaves the parameters `names` alone (expert parallelism reduces them itself);
+    a private torch API."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    fn = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if fn is None:
+        raise _missing("DistributedDataParallel._set_params_and_buffers_to_ignore_for_model")
+    fn(module, names)
+
+
+def all_to_all_autograd(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    """all_to_all_single with a backward (expert parallelism's dispatch and combine), through c10d's blocking
+    op: torch.distributed.nn.functional's, deprecated (FutureWarning) in favour of the functional collectives,
+    which the tp collective counter (collective_counter) would count as tensor parallelism's."""
+    import warnings
+
+    from torch.distributed.nn import functional
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return functional.all_to_all_single(out, x, out_splits, in_splits, group=group)

@@ -32,6 +32,9 @@ class ParallelDims:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
+    # expert parallelism: E ranks borrowed from data parallelism (not a mesh dimension of its own: the E
+    # consecutive data-parallel ranks of one tp coordinate, parallel/primitives/expert_parallel.py)
+    ep: int = 1
 
     def __post_init__(self) -> None:
         for name in ORDER:
@@ -40,9 +43,13 @@ class ParallelDims:
         if self.product != self.world_size:
             used = " x ".join(f"{FIELD[n]} {getattr(self, n)}" for n in ORDER if getattr(self, n) > 1) or "1"
             raise UserError(f"{used} = {self.product} does not equal world size (--nproc) {self.world_size}")
+        if self.ep < 1 or self.dp % self.ep:
+            raise UserError(f"ep.degree ({self.ep}) must divide the data-parallel ranks ({self.dp}): expert "
+                            f"parallelism borrows its ranks from data parallelism")
 
     @classmethod
-    def for_world(cls, world_size: int, data_parallel: str, pp: int = 1, cp: int = 1, tp: int = 1) -> ParallelDims:
+    def for_world(cls, world_size: int, data_parallel: str, pp: int = 1, cp: int = 1, tp: int = 1,
+                  ep: int = 1) -> ParallelDims:
         """The dims where data parallelism (`replicate` or `shard`) takes every rank that pp, cp, tp leave."""
         model = pp * cp * tp
         if world_size % model:
@@ -53,7 +60,7 @@ class ParallelDims:
         if data_parallel not in ("replicate", "shard"):
             raise ValueError(f"data_parallel must be 'replicate' or 'shard', got {data_parallel!r}")
         split = {"dp_replicate": dp} if data_parallel == "replicate" else {"dp_shard": dp}
-        return cls(world_size=world_size, pp=pp, cp=cp, tp=tp, **split)
+        return cls(world_size=world_size, pp=pp, cp=cp, tp=tp, ep=ep, **split)
 
     @property
     def product(self) -> int:

@@ -88,6 +88,24 @@ class ContextParallelStatsPart:
 
 
 @dataclass
+class MoeStats:
+    """model.moe: what the routers did over the run (training and evaluation forwards, every rank's tokens
+    once), expert parallelism's all-to-all in one training step (mean over ranks) beside the formula, and
+    the expert parameters one rank holds beside the shapes' count (parallel/primitives/moe_summary.py)."""
+
+    moe_experts: int
+    moe_top_k: int
+    ep_degree: int
+    moe_tokens_per_expert: list[list[int]]        # per MoE layer: slots routed to each expert
+    moe_imbalance_max_over_mean: list[float]      # per MoE layer: the busiest expert's slots / the mean
+    moe_dropped: int                              # slots over an expert's capacity (capacity_factor > 0)
+    moe_expert_param_bytes_per_rank_measured: int
+    moe_expert_param_bytes_per_rank_predicted: int
+    ep_all_to_all_bytes_per_step_per_rank_measured: float | None = None
+    ep_all_to_all_bytes_per_step_per_rank_predicted: int | None = None
+
+
+@dataclass
 class AsyncStats:
     """Asynchronous recipes (async-ps, hogwild): one record per update, staleness as measured."""
 
@@ -151,6 +169,7 @@ class RunSummary:
     checkpoint_blocking_s: float = 0.0    # seconds blocked in saves, async staging and waits too (slowest rank)
     cp: ContextParallelStatsPart | None = None
     qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/models/qat.py)
+    moe: MoeStats | None = None        # model.moe.experts > 0: routing, all-to-all, expert bytes
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +220,7 @@ class RunSummary:
 
 
 _PARTS = {"pipeline": PipelineStats, "comm": CommStats, "async_sgd": AsyncStats, "tp": TensorParallelStats,
-          "cp": ContextParallelStatsPart}
+          "cp": ContextParallelStatsPart, "moe": MoeStats}
 
 
 def _build(cls: type, raw: dict[str, Any], source: str):

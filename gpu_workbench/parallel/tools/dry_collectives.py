@@ -32,11 +32,13 @@ def step_collectives(engine, cfg, dims, rank: int) -> dict:
     """{"ops": [one step's collectives], "comm": summary's comm part or None, "tp": summary's tp part or None}."""
     ops: list[dict] = []
     parts: dict = {"comm": None, "tp": None}
-    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    experts = getattr(getattr(engine, "layout", None), "experts", None)   # expert parallelism's own reduction
+    skip = {id(p) for p in experts.params} if experts is not None else set()
+    trained = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in skip]
     if cfg.recipe == "pipeline":
         _pipeline(engine, cfg, dims, ops)
     elif getattr(engine, "layout", None) is not None and engine.layout.sharded:
-        _fsdp(engine, cfg, dims, ops)
+        _fsdp(engine, cfg, dims, ops, skip)
     elif cfg.recipe == "ddp":
         payload = _bytes(trained)
         group = engine.layout.grad_group_name or "dp_replicate"
@@ -49,7 +51,33 @@ def step_collectives(engine, cfg, dims, rank: int) -> dict:
         predicted = _tp_predicted(engine, cfg, dims)
         ops.append(_op("tp collectives", "tp", dims.tp, 1, predicted["bytes"], predicted["formula"]))
         parts["tp"] = {"tp_degree": dims.tp, "tp_bytes_per_step_per_rank_measured": predicted["bytes"]}
+    if experts is not None:
+        _experts(engine, cfg, dims, experts, ops)
     return {"ops": ops, **parts}
+
+
+def _experts(engine, cfg, dims, experts, ops: list[dict]) -> None:
+    """Expert parallelism: the tokens' all-to-alls (dispatch and combine, forward and backward, each MoE layer
+    and micro-batch; dropless, the mean over ranks) and the expert gradients' all-reduce over the ranks
+    holding the same experts."""
+    from gpu_workbench.parallel.models.moe import MoE
+    from gpu_workbench.parallel.primitives import expert_parallel
+
+    layers, mbs = sum(isinstance(m, MoE) for m in engine.layout.model.modules()), cfg.accum_steps(dims.dp)
+    total = expert_parallel.predicted_step_bytes(cfg, layers, dims.dp)
+    count = (6 if cfg.model.activation_checkpointing else 4) * layers * mbs   # recompute: the forward's again
+    ops.append(_op("all_to_all", "ep", dims.ep, count, total // max(count, 1),
+                   "expert parallelism: tokens to their experts and back (forward, backward)"))
+    if experts.sharded:   # an fsdp unit of its own per MoE layer, over the ranks holding the same experts
+        unit = _bytes(experts.params) * experts.same_size // max(layers, 1)
+        gathers = 2 if cfg.fsdp.reshard_after_forward else 1
+        ops.append(_op("all_gather", "dp_mod_ep", experts.same_size, gathers * mbs * layers, unit,
+                       "fsdp unit of each MoE layer's experts: parameters"))
+        ops.append(_op("reduce_scatter", "dp_mod_ep", experts.same_size, layers, unit,
+                       "fsdp unit of each MoE layer's experts: gradients"))
+    elif experts.same_size > 1:
+        ops.append(_op("all_reduce", "dp_mod_ep", experts.same_size, 1, _bytes(experts.params),
+                       "expert gradients"))
 
 
 def _tp_predicted(engine, cfg, dims) -> dict:
@@ -62,13 +90,14 @@ def _tp_predicted(engine, cfg, dims) -> dict:
     return tensor_parallel.predicted_step_bytes(cfg, cfg.accum_steps(dims.dp))
 
 
-def _fsdp(engine, cfg, dims, ops: list[dict]) -> None:
-    """Per unit (each block, then the root): the all-gathers of its parameters, its reduce-scatter."""
+def _fsdp(engine, cfg, dims, ops: list[dict], skip: set) -> None:
+    """Per unit (each block, then the root): the all-gathers of its parameters, its reduce-scatter; `skip`:
+    the expert-parallel parameters fsdp leaves alone."""
     model, shard = engine.layout.model, dims.dp_shard * dims.cp
     mbs = cfg.accum_steps(dims.dp)
     gathers = 2 if cfg.fsdp.reshard_after_forward else 1
     in_blocks = {id(p) for p in model.blocks.parameters()}
-    units = [(f"blocks.{i}", list(b.parameters())) for i, b in enumerate(model.blocks)]
+    units = [(f"blocks.{i}", [p for p in b.parameters() if id(p) not in skip]) for i, b in enumerate(model.blocks)]
     units.append(("root", [p for p in model.parameters() if id(p) not in in_blocks]))
     group = "dp_shard x cp" if dims.cp > 1 else "dp_shard"
     for name, params in units:

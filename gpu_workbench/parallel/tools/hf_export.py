@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from gpu_workbench.parallel import models
 from gpu_workbench.parallel.checkpoint import hf_files
 from gpu_workbench.parallel.checkpoint.manifest import read_meta
-from gpu_workbench.parallel.config import ModelConfig
+from gpu_workbench.parallel.config import ModelConfig, RunConfig
 from gpu_workbench.parallel.models.hf_adapter import to_hf
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.tools.describe_checkpoint import export_weights, newest
@@ -38,10 +37,14 @@ def parse_size(text: str) -> int:
 def model_config(step_folder: Path) -> ModelConfig:
     """The checkpoint's [model] section, from the fingerprint its meta.json records."""
     meta, _ = read_meta(step_folder)
-    saved = meta.get("fingerprint", {})
-    known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k[len("model."):]: v for k, v in saved.items()
-                          if k.startswith("model.") and k[len("model."):] in known})
+    cfg = RunConfig()
+    for key, value in meta.get("fingerprint", {}).items():
+        if key.startswith("model."):   # dotted keys, nested sections (model.moe.*) too
+            try:
+                cfg.set(key, value, from_text=False)
+            except UserError:   # a key of another version of the project: not this one's
+                continue
+    return cfg.model
 
 
 def shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:

@@ -169,3 +169,10 @@ def test_local_block_names_a_shard_of_the_global_tensor():
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_ddp_ignore_marks_the_named_parameters():
+    """Expert parallelism's experts stay out of DistributedDataParallel's buckets (the EP test runs it for real)."""
+    model = torch.nn.Linear(2, 2)
+    compat.ddp_ignore(model, ["weight"])
+    assert model._ddp_params_and_buffers_to_ignore == ["weight"]
