@@ -30,17 +30,23 @@ endif
 demo: $(STAMP)
 	$(BIN)/wb demo
 
-# The tests in parallel (pytest-xdist, one worker per CPU, each test file on one worker so its module
-# fixtures run once). No test asserts on a duration (those are marked `timing` and run under `make bench`),
-# so a busy machine slows the suite down but cannot fail it. The jobs on the single-node Slurm cluster:
-# their module fixture runs scripts/slurm_local.sh up (installing Slurm if needed) and down after them;
-# where it cannot run (exit 3) they skip with its reason. slurm-down after the run, even when a test fails,
-# leaves nothing running if pytest itself dies.
-PYTEST_JOBS ?= auto
+# The tests in parallel (pytest-xdist, each test file on one worker so its module fixtures run once), one
+# worker more than there are CPUs: a quarter of a 2-worker run's CPU time sat idle (tests waiting on a
+# collective timeout, a Ray or Slurm daemon, a killed rank's restart), and the Triton 3.6 lane runs beside
+# them for the same reason (its log: .venv-triton36/lane.log, its tail printed after). No test asserts on a
+# duration (those are marked `timing` and run under `make bench`), so a busy machine slows the suite down
+# but cannot fail it. The jobs on the single-node Slurm cluster: their module fixture runs
+# scripts/slurm_local.sh up (installing Slurm if needed) and down after them; where it cannot run (exit 3)
+# they skip with its reason. slurm-down after the run, even when a test fails, leaves nothing running if
+# pytest itself dies.
+PYTEST_JOBS ?= $(shell echo $$(( $$(nproc) + 1 )))
+LANE_LOG  := $(T36_VENV)/lane.log
 
-test: $(STAMP) test-triton36
+test: $(STAMP) $(T36_STAMP)
 	status=0; \
+	$(MAKE) --no-print-directory test-triton36 > $(LANE_LOG) 2>&1 & lane=$$!; \
 	$(PYTEST) tests -q -n $(PYTEST_JOBS) --dist loadfile -m "not timing" --durations=30 || status=$$?; \
+	if wait $$lane; then tail -n 3 $(LANE_LOG); else cat $(LANE_LOG); echo "test-triton36 failed"; status=1; fi; \
 	$(MAKE) slurm-down; exit $$status
 
 slurm-up:
