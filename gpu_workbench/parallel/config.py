@@ -28,6 +28,8 @@ from gpu_workbench.parallel.runtime.flat_config import flatten_config
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
+# Old values a field still accepts, as they were written (TOML, text or an old config.json), and what they mean now
+LEGACY_VALUES = {"model.activation_checkpointing": {"true": "full", "false": "none"}}
 
 try:
     import tomllib
@@ -59,7 +61,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
-    activation_checkpointing: bool = False
+    # "full": each block recomputed in backward; "selective": only the cheap ops recomputed, attention and every
+    # other matmul's output kept (parallel/models/recompute.py). The old booleans are accepted: true = "full",
+    # false = "none".
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
     fused_kernels: bool = False    # llama: RMSNorm, rotary embedding, SwiGLU through kernels.rms_norm/rope/swiglu
 
@@ -136,6 +141,11 @@ class FaultConfig:
                                          # dies inside a C++ library, e.g. gloo's abort on a desync, leaves it)
     skip_collective_at_step: int = -1   # rank skip_collective_rank skips its first blocking collective of this
     skip_collective_rank: int = -1      # step (a desync on purpose, for `wb debug hang`); -1 = never
+
+
+@dataclass
+class TrainConfig:               # [train]: how the step runs
+    compile: bool = False        # each block torch.compile(fullgraph=True)d (parallel/primitives/compilation.py)
 
 
 @dataclass
@@ -220,6 +230,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     ps: PsConfig = field(default_factory=PsConfig)
     local_sgd: LocalSgdConfig = field(default_factory=LocalSgdConfig)
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
@@ -263,6 +274,7 @@ class RunConfig:
         hint = _field_types(type(target))[leaf]
         if from_text:
             value = _parse_text(value, hint, key)
+        value = _legacy(key, value)
         setattr(target, leaf, _coerce(value, hint, key))
         self.__dict__.setdefault("_explicit", set()).add(key)   # hf: refuses a model.* it disagrees with
 
@@ -526,6 +538,13 @@ def _parse_text(text: str, hint: Any, key: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         raise UserTypeError(f"{key} must be {_type_name(hint)}, got '{text}'") from None
+
+
+def _legacy(key: str, value: Any) -> Any:
+    """An old spelling of `key`'s value (LEGACY_VALUES) in today's words, or the value itself."""
+    if key in LEGACY_VALUES and isinstance(value, bool | str):
+        return LEGACY_VALUES[key].get(str(value).lower(), value)
+    return value
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

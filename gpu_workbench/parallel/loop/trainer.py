@@ -344,10 +344,20 @@ class Trainer:
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
             run_dir=str(self.run_dir), checkpoint_bytes_written=self.ckpt_bytes,
-            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)), qat=self.qat,
+            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)), qat=self.qat, compiled=cfg.train.compile,
+            compile_s=_compile_s(history, self.start) if cfg.train.compile else None,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+            activation_bytes_saved=self.engine.activation_bytes,
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
         self.out.write_summary(summary, provenance.device_name(ctx.device))
         return summary
+
+
+def _compile_s(history: list[dict], start: int) -> float | None:
+    """The first step's extra time over the median step (what compiling, and the first step's warm-up, cost):
+    this segment's first step against its others; None with fewer than two steps."""
+    times = [m["step_time_s"] for m in history if m["step"] >= start]
+    return max(0.0, times[0] - median(times[1:])) if len(times) > 1 else None
 
 
 def _mfu(flops_per_s: float | None, device: torch.device) -> float | None:

@@ -8,7 +8,8 @@ log-sum-exp, never the T x T scores):
     MLP         e (h + 2f) gelu | e (h + 4f) swiglu    normed input, up (and gate), activation (and product)
     norms       4 (2h)                      the fp32 residual stream into both norms
 Tensor parallelism divides the q/k/v, output and f terms by T; sequence parallelism divides all of them.
-Activation checkpointing (model.activation_checkpointing) keeps each block's input (4h) and, during the
+Full activation checkpointing (model.activation_checkpointing = "full"; "selective" is counted as "none",
+an upper bound) keeps each block's input (4h) and, during the
 backward, one block's full set again. The head's fp32 logits (4 V / T per token) unless fused_head_loss.
 In flight: one micro-batch, or under a pipeline the most the schedule simulator keeps on this stage-rank.
 """
@@ -37,7 +38,7 @@ def activation_bytes(cfg, dims, rank: int, engine=None) -> int:
     tokens = cfg.micro_batch * m.seq_len // dims.cp
     block, block_input = per_block_token(cfg, dims.tp, cfg.tp.sequence_parallel)
     layers, first, last = _layers(engine, m.n_layers, dims.pp)
-    if m.activation_checkpointing:
+    if m.activation_checkpointing == "full":   # selective keeps the matmuls' outputs: counted as none
         per_mb = tokens * block_input * layers
         recompute = tokens * block
     else:

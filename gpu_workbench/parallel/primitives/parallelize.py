@@ -4,9 +4,11 @@
     1. tensor (and sequence) parallelism   parameters become DTensors on the mesh's tp dimension
     2. context parallelism                 every attention module attends through ring attention over its
                                            cp group; the rank keeps its positions of every sequence
-    3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks)
-    4. per-module steps                    PER_MODULE_STEPS, in order (the slot float8 and per-block
-                                           torch.compile take)
+    3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks,
+                                           models/recompute.py), around each block's call
+    4. per-module steps                    PER_MODULE_STEPS, in order: each block's forward
+                                           torch.compile(fullgraph=True)d (train.compile: primitives/compilation.py;
+                                           the slot float8 conversion would take, before it)
     5. data parallelism                    "ddp": DistributedDataParallel, or, over DTensor parameters (which
                                            DDP does not take), a by-hand gradient average over this rank's
                                            dp_replicate x cp group; "fsdp": fully_shard per block and at the
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.primitives import context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import compilation, context_parallel, tensor_parallel
 from gpu_workbench.parallel.primitives.comm import CommCounter
 
 if TYPE_CHECKING:
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 
 DataParallel = Literal["ddp", "fsdp", "none"]
 # Step 4: functions (model, cfg, ctx) -> None applied in this order after activation checkpointing and before
-# the data-parallel wrapper. Empty today.
-PER_MODULE_STEPS: list = []
+# the data-parallel wrapper: each block's forward compiled (train.compile; float8 conversion goes before it).
+PER_MODULE_STEPS: list = [compilation.step]
 
 
 @dataclass

@@ -239,7 +239,7 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
     tokens = cfg.micro_batch * m.seq_len // c   # context parallelism: this rank's cp shard of each sequence
     act, n = tokens * m.d_model * 4, 4 * blocks + int(first) + int(last)
     per_mb = n * act + (3 * tokens * 4 if last else 0)
-    per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
+    per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing == "full"
     if sp:
         per_mb += n * act // t
         per_step = (2 * blocks + int(last)) * models.get(m.arch).norm_params(m) * 4

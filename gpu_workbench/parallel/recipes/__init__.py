@@ -82,6 +82,9 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
         from gpu_workbench.parallel.models import qat
 
         qat.validate(cfg, recipe.quant_aware)
+    from gpu_workbench.parallel.primitives import compilation
+
+    compilation.validate(cfg)   # train.compile: where it cannot compile
     if cfg.cp.degree > 1 and recipe.context_parallel is not None:
         raise UserError(f"cp.degree = {cfg.cp.degree} does not work with recipe={cfg.recipe}: "
                         f"{recipe.context_parallel}")

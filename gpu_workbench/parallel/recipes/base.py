@@ -9,6 +9,7 @@ and how it is saved; never the order of the loop. How to add one: docs/ARCHITECT
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpu_workbench.parallel.data import micro_batches
+from gpu_workbench.parallel.models import recompute
 from gpu_workbench.parallel.primitives.tensor_parallel import local
 from gpu_workbench.parallel.runtime import documents, memory
 from gpu_workbench.parallel.runtime.dims import ParallelDims
@@ -196,6 +198,9 @@ class Engine(ABC):
 
     cfg: RunConfig
     ctx: Context
+    # the activation bytes the first micro-batch's forward kept for backward (models/recompute.py); None: not
+    # counted (tensor parallelism's DTensors, an engine with a train step of its own)
+    activation_bytes: int | None = None
 
     @abstractmethod
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
@@ -240,7 +245,7 @@ class Engine(ABC):
             with prange("data", mb=j):
                 x, y = (t.to(device) for t in dataset.batch(step, indices))
                 docs = _document_ids(self.cfg, dataset, step, indices, "train", device)
-            with prange("fwd", mb=j), autocast, documents.using(docs):
+            with prange("fwd", mb=j), autocast, documents.using(docs), self._count_saved(j):
                 loss = self.forward(x, y)
             with prange("bwd", mb=j):
                 self.backward(loss, len(mbs), last=j == len(mbs) - 1)
@@ -251,6 +256,12 @@ class Engine(ABC):
         with prange("optimizer", step=step):
             norm, applied = self.step()
         return StepResult(loss_sum, lr, norm, applied)
+
+    def _count_saved(self, j: int):
+        """Around the first micro-batch's forward, once per run: counts the activation bytes kept for backward."""
+        if j or self.activation_bytes is not None or self.ctx.dims.tp > 1:
+            return contextlib.nullcontext()
+        return recompute.SavedBytes(on_done=lambda n: setattr(self, "activation_bytes", n))
 
     def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of one held-out micro-batch, called under no_grad; an engine whose forward keeps

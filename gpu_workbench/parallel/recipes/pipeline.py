@@ -46,6 +46,7 @@ from gpu_workbench.parallel import models
 from gpu_workbench.parallel.data import rank_slice
 from gpu_workbench.parallel.models.transformer import GPT, cross_entropy
 from gpu_workbench.parallel.primitives import tensor_parallel
+from gpu_workbench.parallel.primitives.compilation import compile_blocks
 from gpu_workbench.parallel.primitives.pipeline.bubble import measure
 from gpu_workbench.parallel.primitives.pipeline.gantt import draw_gantt
 from gpu_workbench.parallel.primitives.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
@@ -348,6 +349,8 @@ class Pipeline(Recipe):
         if ctx.dims.tp > 1:   # every stage tensor-parallel over its tp group (docs/ARCHITECTURE.md, Tensor parallelism)
             for stage in stages:
                 tensor_parallel.apply(stage, mesh["tp"], cfg.tp.sequence_parallel, models.get(cfg.model.arch))
+        for stage in stages:   # train.compile: step 4 of parallelize, on this rank's blocks
+            compile_blocks(stage.blocks.values(), cfg)
         engine = PipelineEngine(stages, cfg, ctx, mesh)
         # gloo's p2p threads abort the process ("terminate called without an active exception") when the
         # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.

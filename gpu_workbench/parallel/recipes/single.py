@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from gpu_workbench.parallel.primitives.parallelize import parallelize
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
@@ -15,5 +16,5 @@ class Single(Recipe):
     tensor_parallel = "runs one process; use --recipe ddp (or fsdp) with --nproc >= tp.degree"
 
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
-        model.to(ctx.device)
-        return TorchEngine(model, model, cfg, ctx)
+        layout = parallelize(model, cfg, ctx, "none")   # one process: the per-module steps (train.compile)
+        return TorchEngine(layout.module, layout.model, cfg, ctx)

@@ -150,6 +150,10 @@ class RunSummary:
     checkpoint_bytes_written: int = 0     # bytes of the checkpoint files the run's saves wrote, every segment
     checkpoint_blocking_s: float = 0.0    # seconds blocked in saves, async staging and waits too (slowest rank)
     cp: ContextParallelStatsPart | None = None
+    compiled: bool = False             # train.compile (parallel/primitives/compilation.py)
+    compile_s: float | None = None     # the first step's time less the median of the others': its compile
+    activation_checkpointing: str = "none"
+    activation_bytes_saved: int | None = None   # kept for backward by one micro-batch's forward, rank 0
     qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/models/qat.py)
     schema_version: int = SCHEMA_VERSION
 

@@ -61,7 +61,7 @@ def compute_seconds(cfg, dims, hw) -> tuple[float, float]:
     per_token = spec.flops_per_token(m)
     block_params = spec.sharded_per_block(m) + spec.replicated_per_block(m)
     block_fwd = 2 * m.n_layers * block_params + 2 * m.n_layers * m.seq_len * m.d_model
-    work = per_token + (block_fwd if m.activation_checkpointing else 0)
+    work = per_token + (block_fwd if m.activation_checkpointing == "full" else 0)
     tokens_per_gpu = cfg.global_batch * m.seq_len / dims.world_size
     return tokens_per_gpu * work / (hw.peak_bf16_flops * EFFICIENCY), per_token
 
@@ -102,7 +102,7 @@ def estimate(cfg, dims, hw) -> Estimate:
     if dims.pp > 1:
         from gpu_workbench.parallel.primitives.pipeline.schedule import simulate
 
-        bwd = 3.0 if m.activation_checkpointing else 2.0
+        bwd = 3.0 if m.activation_checkpointing == "full" else 2.0
         sim = simulate(cfg.pp.schedule, dims.pp, cfg.pp.microbatches, cfg.pp.virtual_stages, 1.0, bwd)
         bubble = sim.bubble_fraction
         act = tokens * m.d_model * e
