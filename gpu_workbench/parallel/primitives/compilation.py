@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from gpu_workbench.parallel.runtime import compat
 from gpu_workbench.parallel.runtime.errors import UserError
 
 # Recipes whose model runs in parallelize (or a pipeline stage) and which the compiled-equals-eager test covers
@@ -46,7 +47,16 @@ def compile_blocks(blocks, cfg) -> None:
     if not cfg.train.compile:
         return
     for block in blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True)
+        block.forward = _settling(torch.compile(block.forward, fullgraph=True))
+
+
+def _settling(compiled):
+    """The compiled forward, its input first settled (runtime/compat.settled: tensor parallelism's embedding
+    output may be a pending collective, which the graph must not take as its input)."""
+    def forward(x, *args, **kwargs):
+        return compiled(compat.settled(x), *args, **kwargs)
+
+    return forward
 
 
 def step(model, cfg, ctx) -> None:

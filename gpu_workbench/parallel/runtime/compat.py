@@ -192,3 +192,13 @@ def local_block(t: torch.Tensor) -> tuple[slice, ...]:
         raise _missing("torch.distributed.tensor._utils.compute_local_shape_and_global_offset") from None
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def settled(t):
+    """`t` with a pending functional collective waited on, in autograd: DTensor.to_local() may hand out an
+    AsyncCollectiveTensor (tensor parallelism's embedding output), which a torch.compile'd region takes as a
+    subclass input and returns a plain gradient for, which the DTensor redistribution behind it refuses in
+    backward (torch 2.11-2.13). A copy outside the graph is a plain tensor. Anything else passes as it is."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return t.clone() if isinstance(t, AsyncCollectiveTensor) else t
