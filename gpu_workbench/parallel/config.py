@@ -135,6 +135,7 @@ class FaultConfig:
     hang_rank: int = -1          # this rank sleeps forever at step `at_step` (a stuck worker); -1 = never
     collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long
     nan_at_step: int = -1        # rank 0's gradient becomes NaN at this step, once per run (tests the nan_policy)
+    overflow_at_step: int = -1   # precision=fp16: this step's gradient holds an inf, once per run (tests loss scaling)
     checkpoint_write_delay_s: float = 0.0   # checkpoint.async_save: each background write waits this long first
     flight_records: int = 1000   # last collectives kept per rank (parallel/runtime/flight_recorder.py); 0 = off
     flight_write_through: bool = False   # also append each record to flight/rank<R>.jsonl at once (a rank that
@@ -210,7 +211,8 @@ class RunConfig:
     steps: int = 100
     global_batch: int = 16       # samples per optimizer step, over all data-parallel ranks
     micro_batch: int = 4         # samples per forward/backward on one rank
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp16: autocast with dynamic loss scaling over fp32 weights (parallel/recipes/loss_scale.py)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # a step whose gradient is NaN/Inf: skip it (at most nan_skip_limit in a row, then stop), stop, or
     # roll back to the last good checkpoint with the learning rate x nan_rollback_lr_factor (at most 3 times)
     nan_policy: Literal["skip", "stop", "rollback"] = "skip"
@@ -318,7 +320,7 @@ class RunConfig:
         if self.zero.config_file and not Path(self.zero.config_file).is_file():
             raise UserError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
         self._check_checkpoint()
-        for key in ("kill_rank", "hang_rank", "skip_collective_rank", "skip_collective_at_step"):
+        for key in ("kill_rank", "hang_rank", "skip_collective_rank", "skip_collective_at_step", "overflow_at_step"):
             if getattr(self.fault, key) < -1:
                 raise UserError(f"fault.{key} must be >= 0 (or -1 for none), got {getattr(self.fault, key)}")
         if self.fault.flight_records < 0:

@@ -277,15 +277,18 @@ class CollectiveWatch:
     profiler or the host timeline listens to. The dispatch mode costs time on every op, so it is entered
     only on those steps."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, counting: bool = True):
         self.measured: dict | None = None
         self.measure_step = 1 if steps > 1 else 0
+        # False under train.compile: torch.compile refuses a graph run inside a (non-infra) dispatch mode, so
+        # the summary's measured tp collectives stay None there
+        self.counting = counting
 
     @contextlib.contextmanager
     def step(self, step: int):
         measure = self.measured is None and step >= self.measure_step
         traced = listening()
-        if not (measure or traced):
+        if not self.counting or not (measure or traced):
             yield
             return
         with compat.collective_counter(prange if traced else None) as counter:

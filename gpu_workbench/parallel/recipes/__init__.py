@@ -83,8 +83,10 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
 
         qat.validate(cfg, recipe.quant_aware)
     from gpu_workbench.parallel.primitives import compilation
+    from gpu_workbench.parallel.recipes import loss_scale
 
     compilation.validate(cfg)   # train.compile: where it cannot compile
+    loss_scale.validate(cfg)    # precision=fp16: where the loss scaler runs
     if cfg.cp.degree > 1 and recipe.context_parallel is not None:
         raise UserError(f"cp.degree = {cfg.cp.degree} does not work with recipe={cfg.recipe}: "
                         f"{recipe.context_parallel}")

@@ -66,6 +66,7 @@ from gpu_workbench.parallel.primitives.tensor_parallel import (
     stage_params_per_rank,
     tp_stats,
 )
+from gpu_workbench.parallel.recipes import loss_scale
 from gpu_workbench.parallel.recipes.base import (
     Context,
     Engine,
@@ -102,7 +103,7 @@ class PipelineEngine(TorchEngine):
         self.tied = cfg.model.tie_embeddings and self.pp > 1
         self.tie_group = _tie_group(mesh, ctx.rank) if self.tied else None
         self.stages = stages
-        self.tp_watch = CollectiveWatch(cfg.steps) if self.tp > 1 else None
+        self.tp_watch = CollectiveWatch(cfg.steps, not cfg.train.compile) if self.tp > 1 else None
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
         self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
@@ -158,7 +159,7 @@ class PipelineEngine(TorchEngine):
         return ((x,) if self.has_first else ()), ({"target": y, "losses": losses} if self.has_last else {})
 
     def _autocast(self):
-        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return loss_scale.autocast(self.cfg, self.ctx.device.type)   # bf16 (fp16 is refused here)
 
     def _vocab_parallel(self):
         return loss_parallel() if self.tp > 1 else contextlib.nullcontext()

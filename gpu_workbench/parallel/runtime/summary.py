@@ -154,6 +154,8 @@ class RunSummary:
     compile_s: float | None = None     # the first step's time less the median of the others': its compile
     activation_checkpointing: str = "none"
     activation_bytes_saved: int | None = None   # kept for backward by one micro-batch's forward, rank 0
+    overflow_steps: int = 0            # precision=fp16: steps the loss scaler skipped (also in skipped_steps)
+    loss_scale: float | None = None    # precision=fp16: the loss scale after the last step
     qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/models/qat.py)
     schema_version: int = SCHEMA_VERSION
 
