@@ -150,6 +150,11 @@ class TrainConfig:               # [train]: how the step runs
 
 
 @dataclass
+class Float8Config:              # [float8]: precision = "fp8"
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"   # torchao's scaling: per tensor, or per row
+
+
+@dataclass
 class ProfilingConfig:
     timeline: bool = False
 
@@ -211,8 +216,9 @@ class RunConfig:
     steps: int = 100
     global_batch: int = 16       # samples per optimizer step, over all data-parallel ranks
     micro_batch: int = 4         # samples per forward/backward on one rank
-    # fp16: autocast with dynamic loss scaling over fp32 weights (parallel/recipes/loss_scale.py)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp16: autocast with dynamic loss scaling over fp32 weights (parallel/recipes/loss_scale.py); fp8: the blocks'
+    # linears in float8 through torchao, the rest bf16 autocast (parallel/primitives/float8.py, [float8])
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
     # a step whose gradient is NaN/Inf: skip it (at most nan_skip_limit in a row, then stop), stop, or
     # roll back to the last good checkpoint with the learning rate x nan_rollback_lr_factor (at most 3 times)
     nan_policy: Literal["skip", "stop", "rollback"] = "skip"
@@ -233,6 +239,7 @@ class RunConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
     ps: PsConfig = field(default_factory=PsConfig)
     local_sgd: LocalSgdConfig = field(default_factory=LocalSgdConfig)
     straggler: StragglerConfig = field(default_factory=StragglerConfig)

@@ -23,7 +23,7 @@ def per_block_token(cfg, t: int, sp: bool) -> tuple[float, float]:
     """(bytes one block keeps per token, bytes of its input alone), under tensor parallelism of degree t."""
     m = cfg.model
     spec = models.get(m.arch)
-    e = 2 if cfg.precision == "bf16" else 4
+    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
     h, f = m.d_model, spec.d_ff(m)
     kv = (m.n_kv_heads or m.n_heads) * (h // m.n_heads)
     mlp_inner = (4 if len(spec.mlp_plan) == 3 else 2) * f

@@ -6,9 +6,9 @@
                                            cp group; the rank keeps its positions of every sequence
     3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks,
                                            models/recompute.py), around each block's call
-    4. per-module steps                    PER_MODULE_STEPS, in order: each block's forward
-                                           torch.compile(fullgraph=True)d (train.compile: primitives/compilation.py;
-                                           the slot float8 conversion would take, before it)
+    4. per-module steps                    PER_MODULE_STEPS, in order: the blocks' linears to torchao's
+                                           Float8Linear (precision=fp8: primitives/float8.py), then each block's
+                                           forward torch.compile(fullgraph=True)d (train.compile: compilation.py)
     5. data parallelism                    "ddp": DistributedDataParallel, or, over DTensor parameters (which
                                            DDP does not take), a by-hand gradient average over this rank's
                                            dp_replicate x cp group; "fsdp": fully_shard per block and at the
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.primitives import compilation, context_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import compilation, context_parallel, float8, tensor_parallel
 from gpu_workbench.parallel.primitives.comm import CommCounter
 
 if TYPE_CHECKING:
@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 DataParallel = Literal["ddp", "fsdp", "none"]
 # Step 4: functions (model, cfg, ctx) -> None applied in this order after activation checkpointing and before
-# the data-parallel wrapper: each block's forward compiled (train.compile; float8 conversion goes before it).
-PER_MODULE_STEPS: list = [compilation.step]
+# the data-parallel wrapper: the blocks' linears to float8 (precision=fp8), then each block's forward compiled
+# (train.compile), torchtitan's order.
+PER_MODULE_STEPS: list = [float8.step, compilation.step]
 
 
 @dataclass

@@ -19,11 +19,11 @@ import torch
 from gpu_workbench.parallel.runtime.errors import UserError
 
 FP16_RECIPES = ("single", "ddp", "fsdp")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}   # fp8: what is not float8
 
 
 def autocast(cfg, device_type: str):
-    """The forward's autocast for `precision`: bf16 or fp16, none for fp32."""
+    """The forward's autocast for `precision`: bf16 (also around fp8's float8 linears) or fp16, none for fp32."""
     dtype = DTYPES.get(cfg.precision)
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 

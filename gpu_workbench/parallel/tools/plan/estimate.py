@@ -88,7 +88,7 @@ def estimate(cfg, dims, hw) -> Estimate:
     layers = m.n_layers // dims.pp
     block, _ = per_block_token(cfg, dims.tp, cfg.tp.sequence_parallel)
     parts["memory"] = (4 * block * tokens * layers * mbs + 28 * held / shard) / (hw.hbm_gb_s * 1e9)
-    e = 2 if cfg.precision == "bf16" else 4
+    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
     tp_bytes = 0.0
     if dims.tp > 1:
         stage = None if dims.pp == 1 else (layers, True, True)
@@ -119,7 +119,7 @@ def _cp_seconds(cfg, dims, hw, compute: float) -> float:
     if dims.cp == 1:
         return 0.0
     m = cfg.model
-    e = 2 if cfg.precision == "bf16" else 4
+    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
     kv = (m.n_kv_heads or m.n_heads) * (m.d_model // m.n_heads) // dims.tp
     tokens = cfg.micro_batch * m.seq_len // dims.cp
     passes = 3 * (dims.cp - 1) * m.n_layers * cfg.accum_steps(dims.dp)
