@@ -53,13 +53,11 @@ def test_selective_keeps_every_other_matmul():
     assert policy(Ctx, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def test_empty_batch_and_eval_mode():
-    """A zero-length batch runs under every mode; outside training nothing is checkpointed."""
+def test_eval_mode_keeps_nothing():
+    """Outside training (no graph) nothing is checkpointed, and nothing is kept. (An empty batch is not tested:
+    the attention's view(B, T, -1, head_dim) refuses zero elements in every mode, main's model too.)"""
     cfg = RunConfig.from_toml(LLAMA, ["model.activation_checkpointing=selective"])
     model = GPT(cfg.model)
-    x = torch.zeros(0, 5, cfg.model.d_model, requires_grad=True)
-    model.run_blocks(x).sum().backward()
-    assert x.grad.shape == x.shape
     model.eval()
     with recompute.SavedBytes() as saved, torch.no_grad():
         model(torch.zeros(2, 5, dtype=torch.long))
