@@ -16,13 +16,14 @@ from tests.helpers.runs import assert_matches_single, losses, rel, summary, torc
 
 LLAMA = str(ROOT / "configs" / "llama-tiny.toml")
 COMMON = ["progress=false", "checkpoint.every=0", "checkpoint.save_final=true", "eval.every=0"]
-OVERFLOW = ["steps=5", "precision=fp16", "fault.overflow_at_step=2", "nan_policy=stop"]
-# fp16 has an 11-bit significand: each rounding is within 2^-11 = 4.9e-4 relative. The loss itself is computed in
-# fp32 (cross-entropy under autocast) from fp16 matmul outputs, whose rounding errors average out over the
-# d_model-long sums, and the weights stay fp32; over 20 AdamW steps the two runs drift apart slowly. Measured on
-# llama-tiny: the worst per-step difference is ~2e-5 relative. 1e-3 (about 2 fp16 ulps of the loss) is an
-# order of magnitude above that and two below what a broken scaler gives (an unscaled update is 65536x off).
-FP16_TOLERANCE = 1e-3
+OVERFLOW = ["steps=5", "global_batch=8", "precision=fp16", "fault.overflow_at_step=2", "nan_policy=stop"]
+# The tolerance: fp16 rounds each matmul output within 2^-11 = 4.9e-4 relative; the cross-entropy runs in fp32 and
+# the loss is the mean over the step's 256 tokens (global_batch 4 x seq_len 64), whose independent rounding errors
+# average down by sqrt(256): ~3e-5 of the loss per step, and the fp32 weights keep the 20 AdamW steps from
+# compounding much more. Measured (llama-tiny, CPU): the worst step differs by 7e-6 relative (5.6e-6 at
+# global_batch 16). 1e-4 is over 3x the estimate; a broken scaler is far outside it (an update not unscaled is
+# 65536x too large, and a skipped step leaves that step's loss unchanged).
+FP16_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def runs(tmp_path_factory):
     train_single(root / "single", [*COMMON, *OVERFLOW], LLAMA)
     torchrun(2, [(LLAMA, [*COMMON, *OVERFLOW, f"recipe={r}", f"run_dir={root / r}"]) for r in ("ddp", "fsdp")])
     for precision in ("fp32", "fp16"):
-        train_single(root / f"track-{precision}", [*COMMON, "steps=20", f"precision={precision}"], LLAMA)
+        train_single(root / f"track-{precision}", [*COMMON, "steps=20", "global_batch=4", f"precision={precision}"],
+                     LLAMA)
     return root
 
 
@@ -54,7 +56,7 @@ def test_fp16_tracks_fp32(runs):
     assert len(fp16) == len(fp32) == 20
     worst = max(rel(a, b) for a, b in zip(fp16, fp32, strict=True))
     assert worst < FP16_TOLERANCE, (worst, fp16, fp32)
-    assert fp16[-1] < fp16[0] - 0.1   # and it trains
+    assert fp16[-1] < fp16[0] - 0.5   # and it trains
     assert summary(runs / "track-fp16")["overflow_steps"] == 0
 
 
