@@ -70,14 +70,19 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
     if dims.cp > 1:                                                        # 2. context parallelism
         layout.positions, layout.cp_stats = context_parallel.setup_rank(model, cfg, ctx)
     # 3. activation checkpointing: the model recomputes its blocks itself (model.activation_checkpointing)
-    for step in PER_MODULE_STEPS:                                          # 4. per-module steps
-        step(model, cfg, ctx)
+    per_module_steps(model, cfg, ctx)                                      # 4. per-module steps
     if data_parallel == "ddp":                                             # 5. data parallelism
         _replicate(layout, dims, ctx, shard_mesh)
     elif data_parallel == "fsdp":
         _shard(model, shard_mesh, reshard)
         layout.sharded = True
     return layout
+
+
+def per_module_steps(model: nn.Module, cfg, ctx: Context) -> None:
+    """Step 4 alone: what one process (recipe single, no process group) takes of `parallelize`."""
+    for step in PER_MODULE_STEPS:
+        step(model, cfg, ctx)
 
 
 def mesh_device_type(device: torch.device) -> str:

@@ -265,7 +265,8 @@ class Engine(ABC):
 
     def _count_saved(self, j: int):
         """Around the first micro-batch's forward, once per run: counts the activation bytes kept for backward."""
-        if j or self.activation_bytes is not None or self.ctx.dims.tp > 1:
+        dims = self.ctx.dims
+        if j or self.activation_bytes is not None or (dims is not None and dims.tp > 1):
             return contextlib.nullcontext()
         return recompute.SavedBytes(on_done=lambda n: setattr(self, "activation_bytes", n))
 

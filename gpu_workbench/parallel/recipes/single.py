@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gpu_workbench.parallel.primitives.parallelize import parallelize
+from gpu_workbench.parallel.primitives.parallelize import per_module_steps
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
@@ -16,5 +16,6 @@ class Single(Recipe):
     tensor_parallel = "runs one process; use --recipe ddp (or fsdp) with --nproc >= tp.degree"
 
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
-        layout = parallelize(model, cfg, ctx, "none")   # one process: the per-module steps (train.compile)
-        return TorchEngine(layout.module, layout.model, cfg, ctx)
+        model.to(ctx.device)
+        per_module_steps(model, cfg, ctx)   # parallelize's step 4 (precision=fp8, train.compile); nothing else applies
+        return TorchEngine(model, model, cfg, ctx)
