@@ -66,7 +66,8 @@ def test_eval_mode_keeps_nothing():
 
 @pytest.mark.parametrize(("written", "meant"), [("true", "full"), ("false", "none"), ("selective", "selective")])
 def test_old_booleans_accepted(written, meant):
-    assert RunConfig.from_toml(TINY, [f"model.activation_checkpointing={written}"]).model.activation_checkpointing == meant
+    cfg = RunConfig.from_toml(TINY, [f"model.activation_checkpointing={written}"])
+    assert cfg.model.activation_checkpointing == meant
     raw = {"model": {"activation_checkpointing": {"true": True, "false": False}.get(written, written)}}
     assert RunConfig.from_dict(raw).model.activation_checkpointing == meant   # TOML and old config.json files
 
