@@ -29,6 +29,19 @@ STEPS=(
   "kernels bench|$KCLI bench all --json $OUT/bench.json > $OUT/bench.txt 2>&1"
   "train llama-1b|$PY -m gpu_workbench train --config configs/llama-1b.toml steps=10 progress=false run_dir=$OUT/llama-1b > $OUT/llama-1b.txt 2>&1"
 )
+# Issue 34's rows, each beside the bf16 eager baseline above (llama-1b.toml: bf16, full checkpointing): bf16
+# compiled, fp8 compiled (torchao, rowwise; needs torchao installed and an sm_89+ GPU, else that row fails in one
+# line), and the three again with selective checkpointing. gpu_summary.py prints tokens/s, MFU, peak memory and
+# the ratios to the baseline.
+TRAIN_1B="$PY -m gpu_workbench train --config configs/llama-1b.toml steps=10 progress=false"
+for ac in full selective; do
+  for variant in "bf16-eager|precision=bf16" "bf16-compiled|precision=bf16 train.compile=true" \
+                 "fp8-compiled|precision=fp8 float8.recipe=rowwise train.compile=true"; do
+    name="llama-1b-${variant%%|*}-$ac"
+    [[ "$name" == llama-1b-bf16-eager-full ]] && continue   # the baseline: run above as llama-1b
+    STEPS+=("train $name|$TRAIN_1B ${variant#*|} model.activation_checkpointing=$ac run_dir=$OUT/$name > $OUT/$name.txt 2>&1")
+  done
+done
 
 if [[ $DRY == 1 ]]; then
   echo "== dry run: the commands a GPU run executes (OUT=$OUT)"

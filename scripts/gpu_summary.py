@@ -56,6 +56,19 @@ def main(out: Path) -> None:
         mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "?"
         print(f"train llama-1b: {s['n_params'] / 1e9:.2f}B params, {s['tokens_per_s']:.0f} tokens/s, MFU {mfu}, "
               f"peak {s['peak_memory_bytes_per_rank'] / 2**30:.1f} GiB, final loss {s['final_loss']:.3f}")
+        _speed_rows(out, s)
+
+
+def _speed_rows(out: Path, base: dict) -> None:
+    """Issue 34's llama-1b rows (compiled, fp8, selective checkpointing) against the bf16 eager baseline.
+    Goals: MFU >= 40% compiled bf16; fp8 compiled >= 1.2x compiled bf16."""
+    print(f"{'llama-1b run':<34}{'tokens/s':>10}{'x eager':>9}{'MFU':>8}{'peak GiB':>10}{'compile s':>11}")
+    for run in sorted(out.glob("llama-1b-*/summary.json")):
+        s = json.loads(run.read_text())
+        mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "?"
+        compile_s = f"{s['compile_s']:.0f}" if s.get("compile_s") is not None else "-"
+        print(f"{run.parent.name:<34}{s['tokens_per_s']:>10.0f}{s['tokens_per_s'] / base['tokens_per_s']:>9.2f}"
+              f"{mfu:>8}{s['peak_memory_bytes_per_rank'] / 2**30:>10.1f}{compile_s:>11}")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):

@@ -59,7 +59,7 @@ def _print_plan(config: str, extra: list[str], gpus: int, memory: float, hw, top
     for i, (est, cand) in enumerate(ranked[:top], 1):
         used = " x ".join(f"{k} {v}" for k, v in cand.dims.degrees().items() if v > 1) or "1"
         print(f"{i}. {cand.cfg.recipe} ({used}), micro_batch {cand.cfg.micro_batch}, checkpointing "
-              f"{'full' if cand.cfg.model.activation_checkpointing else 'none'}"
+              f"{cand.cfg.model.activation_checkpointing}"
               + (f", {cand.cfg.pp.schedule}" if cand.cfg.recipe == "pipeline" else "")
               + f": {est.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {est.mfu:.0%}, step {est.step_s:.2f} s, "
               f"memory {cand.memory_bytes / 1e9:.1f} GB/GPU")

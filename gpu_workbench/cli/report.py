@@ -39,7 +39,15 @@ class Run:
         dims = self.summary.get("parallel_dims") or {}
         layout = "".join(f" {d}={dims[d]}" for d in ("tp", "cp") if dims.get(d, 1) > 1)
         sp = " sp" if self.summary.get("tp_sequence_parallel") else ""
-        return f"{self.summary.get('recipe', self.path.name)}{layout}{sp}"
+        return f"{self.summary.get('recipe', self.path.name)}{layout}{sp}{self._speed()}"
+
+    def _speed(self) -> str:
+        """How the step ran, where not the default: " compiled", " ac=selective", " bf16" (compiled vs eager,
+        the checkpointing modes and the precisions side by side)."""
+        s = self.summary
+        ac = s.get("activation_checkpointing") or "none"
+        return ((" compiled" if s.get("compiled") else "") + (f" ac={ac}" if ac != "none" else "")
+                + (f" {s['precision']}" if s.get("precision", "fp32") != "fp32" else ""))
 
 
 def load_run(path: str | Path) -> Run:
@@ -240,6 +248,8 @@ COLUMNS = [  # (header, summary key, format)
     ("EP all-to-all MiB/step/rank measured", "ep_all_to_all_bytes_per_step_per_rank_measured", "mib"),
     ("EP all-to-all MiB/step/rank predicted", "ep_all_to_all_bytes_per_step_per_rank_predicted", "mib"),
     ("MoE dropped slots", "moe_dropped", "{}"),
+    ("compile s (first step over median)", "compile_s", "{:.3g}"),
+    ("activations MiB kept (1 micro-batch)", "activation_bytes_saved", "mib"),
 ]
 
 

@@ -28,6 +28,8 @@ from gpu_workbench.parallel.runtime.flat_config import flatten_config
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
+# Old values a field still accepts, as they were written (TOML, text or an old config.json), and what they mean now
+LEGACY_VALUES = {"model.activation_checkpointing": {"true": "full", "false": "none"}}
 
 try:
     import tomllib
@@ -73,7 +75,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
-    activation_checkpointing: bool = False
+    # "full": each block recomputed in backward; "selective": only the cheap ops recomputed, attention and every
+    # other matmul's output kept (parallel/models/recompute.py). The old booleans are accepted: true = "full",
+    # false = "none".
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     fused_head_loss: bool = False  # head + cross-entropy through kernels.linear_cross_entropy (no logits)
     fused_kernels: bool = False    # llama: RMSNorm, rotary embedding, SwiGLU through kernels.rms_norm/rope/swiglu
     moe: MoeConfig = field(default_factory=MoeConfig)
@@ -145,12 +150,23 @@ class FaultConfig:
     hang_rank: int = -1          # this rank sleeps forever at step `at_step` (a stuck worker); -1 = never
     collective_timeout_s: float = 1800.0   # a collective in the training loop fails after this long
     nan_at_step: int = -1        # rank 0's gradient becomes NaN at this step, once per run (tests the nan_policy)
+    overflow_at_step: int = -1   # precision=fp16: this step's gradient holds an inf, once per run (tests loss scaling)
     checkpoint_write_delay_s: float = 0.0   # checkpoint.async_save: each background write waits this long first
     flight_records: int = 1000   # last collectives kept per rank (parallel/runtime/flight_recorder.py); 0 = off
     flight_write_through: bool = False   # also append each record to flight/rank<R>.jsonl at once (a rank that
                                          # dies inside a C++ library, e.g. gloo's abort on a desync, leaves it)
     skip_collective_at_step: int = -1   # rank skip_collective_rank skips its first blocking collective of this
     skip_collective_rank: int = -1      # step (a desync on purpose, for `wb debug hang`); -1 = never
+
+
+@dataclass
+class TrainConfig:               # [train]: how the step runs
+    compile: bool = False        # each block torch.compile(fullgraph=True)d (parallel/primitives/compilation.py)
+
+
+@dataclass
+class Float8Config:              # [float8]: precision = "fp8"
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"   # torchao's scaling: per tensor, or per row
 
 
 @dataclass
@@ -220,7 +236,9 @@ class RunConfig:
     steps: int = 100
     global_batch: int = 16       # samples per optimizer step, over all data-parallel ranks
     micro_batch: int = 4         # samples per forward/backward on one rank
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp16: autocast with dynamic loss scaling over fp32 weights (parallel/recipes/loss_scale.py); fp8: the blocks'
+    # linears in float8 through torchao, the rest bf16 autocast (parallel/primitives/float8.py, [float8])
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
     # a step whose gradient is NaN/Inf: skip it (at most nan_skip_limit in a row, then stop), stop, or
     # roll back to the last good checkpoint with the learning rate x nan_rollback_lr_factor (at most 3 times)
     nan_policy: Literal["skip", "stop", "rollback"] = "skip"
@@ -240,6 +258,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
     ps: PsConfig = field(default_factory=PsConfig)
     local_sgd: LocalSgdConfig = field(default_factory=LocalSgdConfig)
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
@@ -284,6 +304,7 @@ class RunConfig:
         hint = _field_types(type(target))[leaf]
         if from_text:
             value = _parse_text(value, hint, key)
+        value = _legacy(key, value)
         setattr(target, leaf, _coerce(value, hint, key))
         self.__dict__.setdefault("_explicit", set()).add(key)   # hf: refuses a model.* it disagrees with
 
@@ -327,7 +348,7 @@ class RunConfig:
         if self.zero.config_file and not Path(self.zero.config_file).is_file():
             raise UserError(f"zero.config_file (--deepspeed): file not found: {self.zero.config_file}")
         self._check_checkpoint()
-        for key in ("kill_rank", "hang_rank", "skip_collective_rank", "skip_collective_at_step"):
+        for key in ("kill_rank", "hang_rank", "skip_collective_rank", "skip_collective_at_step", "overflow_at_step"):
             if getattr(self.fault, key) < -1:
                 raise UserError(f"fault.{key} must be >= 0 (or -1 for none), got {getattr(self.fault, key)}")
         if self.fault.flight_records < 0:
@@ -549,6 +570,13 @@ def _parse_text(text: str, hint: Any, key: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         raise UserTypeError(f"{key} must be {_type_name(hint)}, got '{text}'") from None
+
+
+def _legacy(key: str, value: Any) -> Any:
+    """An old spelling of `key`'s value (LEGACY_VALUES) in today's words, or the value itself."""
+    if key in LEGACY_VALUES and isinstance(value, bool | str):
+        return LEGACY_VALUES[key].get(str(value).lower(), value)
+    return value
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -14,6 +14,7 @@ same summary. The data flow of one step is drawn in docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -131,7 +132,7 @@ class Trainer:
         flight.start(self.run_dir, ctx.rank, ctx.world_size, cfg.fault.flight_records if ctx.world_size > 1 else 0,
                      skip if cfg.fault.skip_collective_at_step >= 0 else None,
                      write_through=cfg.fault.flight_write_through)
-        self.skipped, self.skipped_in_a_row, self.rollbacks, self.held = 0, 0, 0, None
+        self.skipped, self.skipped_in_a_row, self.rollbacks, self.held, self.overflows = 0, 0, 0, None, 0
         # the newest published checkpoint (what an incremental save builds on) and the bytes the run's saves
         # wrote up to it, carried over a resume by its meta.json; an async save waiting to be published
         self.last_ckpt = Path(begin.path) if begin.how == "resume" else None
@@ -197,7 +198,9 @@ class Trainer:
         t0 = time.perf_counter()
         on_backward = self._measure_held if step == self.measure_step else None
         if self.faults.poisons(step):   # fault.nan_at_step: this rank's gradient turns NaN
-            on_backward = self._poison_gradient
+            on_backward = functools.partial(self._poison_gradient, float("nan"))
+        if self.faults.overflows(step):   # fault.overflow_at_step: an inf, which the fp16 loss scaler skips
+            on_backward = functools.partial(self._poison_gradient, float("inf"))
         with prange("step", step=step):
             began = time.perf_counter()
             result = self.engine.train_step(self.dataset, step, self.dims.dp_rank(ctx.rank), self.dims.dp,
@@ -214,6 +217,8 @@ class Trainer:
         record = {"step": step, "tokens": tokens, "loss": loss, "step_time_s": dt,
                   "tokens_per_s": cfg.global_batch * cfg.model.seq_len / dt, "lr": result.lr,
                   "grad_norm": result.grad_norm, "applied": result.applied, "elapsed_s": elapsed}
+        if result.loss_scale is not None:   # precision=fp16: the scale after this step; a skip is an overflow
+            record.update(loss_scale=result.loss_scale, overflow=not result.applied and math.isfinite(loss))
         self.history.append(record)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             self.out.log(record)
@@ -273,6 +278,9 @@ class Trainer:
             self.skipped_in_a_row = 0
             return step + 1
         self.skipped += 1
+        if record.get("overflow"):   # fp16: expected, the loss scaler has skipped it and halved its scale
+            self.overflows += 1
+            return step + 1
         self.skipped_in_a_row += 1
         why = f"step {step}: non-finite loss/gradient (loss={record['loss']}, grad_norm={record['grad_norm']})"
         if cfg.nan_policy == "stop":
@@ -305,11 +313,11 @@ class Trainer:
                   file=sys.stderr)
         return back_to
 
-    def _poison_gradient(self, j: int, n: int) -> None:
+    def _poison_gradient(self, value: float, j: int, n: int) -> None:
         if j == n - 1:   # after the last backward, on every rank, so every rank skips the same step
             grads = self.engine.held_tensors()["grads"]
             if grads:
-                grads[0].view(-1)[0] = float("nan")
+                grads[0].view(-1)[0] = value
 
     def _measure_held(self, j: int, n: int) -> None:
         if j in (0, n - 1):   # after the first backward (ZeRO-1 still holds unreduced full grads) and the last
@@ -344,10 +352,21 @@ class Trainer:
             tokens_per_step=cfg.global_batch * cfg.model.seq_len, skipped_steps=self.skipped,
             resumed_from_step=self.start, rollbacks=self.rollbacks, device=str(ctx.device), precision=cfg.precision,
             run_dir=str(self.run_dir), checkpoint_bytes_written=self.ckpt_bytes,
-            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)), qat=self.qat,
+            checkpoint_blocking_s=max(gather(self.ckpt_blocking_s)), qat=self.qat, compiled=cfg.train.compile,
+            compile_s=_compile_s(history, self.start) if cfg.train.compile else None,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+            activation_bytes_saved=self.engine.activation_bytes, overflow_steps=self.overflows,
+            loss_scale=history[-1].get("loss_scale") if history else None,
             **self.engine.summary_parts(self.run_dir, cfg.steps - self.start, elapsed))
         self.out.write_summary(summary, provenance.device_name(ctx.device))
         return summary
+
+
+def _compile_s(history: list[dict], start: int) -> float | None:
+    """The first step's extra time over the median step (what compiling, and the first step's warm-up, cost):
+    this segment's first step against its others; None with fewer than two steps."""
+    times = [m["step_time_s"] for m in history if m["step"] >= start]
+    return max(0.0, times[0] - median(times[1:])) if len(times) > 1 else None
 
 
 def _mfu(flops_per_s: float | None, device: torch.device) -> float | None:

@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from gpu_workbench import kernels
 from gpu_workbench.parallel import models
 from gpu_workbench.parallel.config import ModelConfig
-from gpu_workbench.parallel.models import moe
+from gpu_workbench.parallel.models import moe, recompute
 from gpu_workbench.parallel.runtime import documents
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention through the project's kernel (its torch backend is SDPA on CPU tensors); k and v
     may have fewer heads than q (grouped-query attention). data.document_mask: within each document only."""
-    docs = documents.current()
+    # a compiled block reads no context variable (train.compile refuses data.document_mask: documents.check)
+    docs = None if torch.compiler.is_compiling() else documents.current()
     if docs is not None and q.shape[2] == k.shape[2] == docs.shape[1]:
         return kernels.document_attention(q, k, v, docs, causal=True)
     return kernels.attention(q, k, v, causal=True)
@@ -262,11 +262,9 @@ class GPT(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                    cache: list[LayerCache] | None = None) -> torch.Tensor:
+        mode = self.cfg.activation_checkpointing
         for i, block in enumerate(self.blocks):
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, positions, use_reentrant=False)   # recompute in backward
-            else:
-                x = block(x, positions, cache=cache[i] if cache is not None else None)
+            x = recompute.run_block(block, x, positions, mode, self.training, cache[i] if cache is not None else None)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

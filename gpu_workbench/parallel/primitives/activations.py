@@ -8,7 +8,8 @@ log-sum-exp, never the T x T scores):
     MLP         e (h + 2f) gelu | e (h + 4f) swiglu    normed input, up (and gate), activation (and product)
     norms       4 (2h)                      the fp32 residual stream into both norms
 Tensor parallelism divides the q/k/v, output and f terms by T; sequence parallelism divides all of them.
-Activation checkpointing (model.activation_checkpointing) keeps each block's input (4h) and, during the
+Full activation checkpointing (model.activation_checkpointing = "full"; "selective" is counted as "none",
+an upper bound) keeps each block's input (4h) and, during the
 backward, one block's full set again. The head's fp32 logits (4 V / T per token) unless fused_head_loss.
 In flight: one micro-batch, or under a pipeline the most the schedule simulator keeps on this stage-rank.
 """
@@ -22,7 +23,7 @@ def per_block_token(cfg, t: int, sp: bool) -> tuple[float, float]:
     """(bytes one block keeps per token, bytes of its input alone), under tensor parallelism of degree t."""
     m = cfg.model
     spec = models.get(m.arch)
-    e = 2 if cfg.precision == "bf16" else 4
+    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
     h, f = m.d_model, spec.d_ff(m)
     kv = (m.n_kv_heads or m.n_heads) * (h // m.n_heads)
     mlp_inner = (4 if len(spec.mlp_plan) == 3 else 2) * f
@@ -37,7 +38,7 @@ def activation_bytes(cfg, dims, rank: int, engine=None) -> int:
     tokens = cfg.micro_batch * m.seq_len // dims.cp
     block, block_input = per_block_token(cfg, dims.tp, cfg.tp.sequence_parallel)
     layers, first, last = _layers(engine, m.n_layers, dims.pp)
-    if m.activation_checkpointing:
+    if m.activation_checkpointing == "full":   # selective keeps the matmuls' outputs: counted as none
         per_mb = tokens * block_input * layers
         recompute = tokens * block
     else:

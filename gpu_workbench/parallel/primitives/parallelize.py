@@ -7,9 +7,11 @@
     2b. expert parallelism                 each MoE layer's experts sharded over ep ranks borrowed from data
                                            parallelism, tokens exchanged by all-to-all (expert_parallel.py);
                                            the data-parallel wrapper leaves the experts alone
-    3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks)
-    4. per-module steps                    PER_MODULE_STEPS, in order (the slot float8 and per-block
-                                           torch.compile take)
+    3. activation checkpointing            inside the model (model.activation_checkpointing: GPT.run_blocks,
+                                           models/recompute.py), around each block's call
+    4. per-module steps                    PER_MODULE_STEPS, in order: the blocks' linears to torchao's
+                                           Float8Linear (precision=fp8: primitives/float8.py), then each block's
+                                           forward torch.compile(fullgraph=True)d (train.compile: compilation.py)
     5. data parallelism                    "ddp": DistributedDataParallel, or, over DTensor parameters (which
                                            DDP does not take), a by-hand gradient average over this rank's
                                            dp_replicate x cp group; "fsdp": fully_shard per block and at the
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from gpu_workbench.parallel import models
-from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, tensor_parallel
+from gpu_workbench.parallel.primitives import compilation, context_parallel, expert_parallel, float8, tensor_parallel
 from gpu_workbench.parallel.primitives.comm import CommCounter
 from gpu_workbench.parallel.runtime import compat
 
@@ -38,8 +40,9 @@ if TYPE_CHECKING:
 
 DataParallel = Literal["ddp", "fsdp", "none"]
 # Step 4: functions (model, cfg, ctx) -> None applied in this order after activation checkpointing and before
-# the data-parallel wrapper. Empty today.
-PER_MODULE_STEPS: list = []
+# the data-parallel wrapper: the blocks' linears to float8 (precision=fp8), then each block's forward compiled
+# (train.compile), torchtitan's order.
+PER_MODULE_STEPS: list = [float8.step, compilation.step]
 
 
 @dataclass
@@ -74,8 +77,7 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
     if dims.ep > 1:                                                        # 2b. expert parallelism
         layout.experts = expert_parallel.apply(model, cfg, ctx, mesh_device_type(ctx.device))
     # 3. activation checkpointing: the model recomputes its blocks itself (model.activation_checkpointing)
-    for step in PER_MODULE_STEPS:                                          # 4. per-module steps
-        step(model, cfg, ctx)
+    per_module_steps(model, cfg, ctx)                                      # 4. per-module steps
     if data_parallel == "ddp":                                             # 5. data parallelism
         _replicate(layout, dims, ctx, shard_mesh)
     elif data_parallel == "fsdp":
@@ -84,6 +86,12 @@ def parallelize(model: nn.Module, cfg, ctx: Context, data_parallel: DataParallel
         _shard(model, shard_mesh, reshard)
         layout.sharded = True
     return layout
+
+
+def per_module_steps(model: nn.Module, cfg, ctx: Context) -> None:
+    """Step 4 alone: what one process (recipe single, no process group) takes of `parallelize`."""
+    for step in PER_MODULE_STEPS:
+        step(model, cfg, ctx)
 
 
 def mesh_device_type(device: torch.device) -> str:

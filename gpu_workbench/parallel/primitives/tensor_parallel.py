@@ -244,7 +244,7 @@ def predicted_step_bytes(cfg, micro_batches: int, stage: tuple[int, bool, bool] 
     tokens = cfg.micro_batch * m.seq_len // c   # context parallelism: this rank's cp shard of each sequence
     act, n = tokens * m.d_model * 4, 4 * blocks + int(first) + int(last)
     per_mb = n * act + (3 * tokens * 4 if last else 0)
-    per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing
+    per_step, sp, recompute = 0, cfg.tp.sequence_parallel, m.activation_checkpointing == "full"
     if sp:
         per_mb += n * act // t
         per_step = (2 * blocks + int(last)) * models.get(m.arch).norm_params(m) * 4
@@ -282,15 +282,18 @@ class CollectiveWatch:
     profiler or the host timeline listens to. The dispatch mode costs time on every op, so it is entered
     only on those steps."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, counting: bool = True):
         self.measured: dict | None = None
         self.measure_step = 1 if steps > 1 else 0
+        # False under train.compile: torch.compile refuses a graph run inside a (non-infra) dispatch mode, so
+        # the summary's measured tp collectives stay None there
+        self.counting = counting
 
     @contextlib.contextmanager
     def step(self, step: int):
         measure = self.measured is None and step >= self.measure_step
         traced = listening()
-        if not (measure or traced):
+        if not self.counting or not (measure or traced):
             yield
             return
         with compat.collective_counter(prange if traced else None) as counter:

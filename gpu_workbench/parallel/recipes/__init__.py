@@ -82,6 +82,12 @@ def resolve(cfg: RunConfig, world_size: int) -> ParallelDims:
         from gpu_workbench.parallel.models import qat
 
         qat.validate(cfg, recipe.quant_aware)
+    from gpu_workbench.parallel.primitives import compilation, float8
+    from gpu_workbench.parallel.recipes import loss_scale
+
+    compilation.validate(cfg)   # train.compile: where it cannot compile
+    loss_scale.validate(cfg)    # precision=fp16: where the loss scaler runs
+    float8.validate(cfg)        # precision=fp8: where float8 linears run, and torchao
     if cfg.cp.degree > 1 and recipe.context_parallel is not None:
         raise UserError(f"cp.degree = {cfg.cp.degree} does not work with recipe={cfg.recipe}: "
                         f"{recipe.context_parallel}")

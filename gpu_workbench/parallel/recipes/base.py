@@ -9,6 +9,7 @@ and how it is saved; never the order of the loop. How to add one: docs/ARCHITECT
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from gpu_workbench.parallel.data import micro_batches
+from gpu_workbench.parallel.models import recompute
 from gpu_workbench.parallel.primitives.tensor_parallel import local
+from gpu_workbench.parallel.recipes import loss_scale
 from gpu_workbench.parallel.runtime import documents, memory
 from gpu_workbench.parallel.runtime.dims import ParallelDims
 from gpu_workbench.parallel.runtime.distributed import Context
@@ -43,6 +46,7 @@ class StepResult:
     lr: float                # the rate this step used
     grad_norm: float         # before clipping
     applied: bool            # False when the step was skipped (non-finite gradient)
+    loss_scale: float | None = None   # precision=fp16: the loss scale after this step (recipes/loss_scale.py)
 
 
 class Recipe:
@@ -201,6 +205,9 @@ class Engine(ABC):
 
     cfg: RunConfig
     ctx: Context
+    # the activation bytes the first micro-batch's forward kept for backward (models/recompute.py); None: not
+    # counted (tensor parallelism's DTensors, an engine with a train step of its own)
+    activation_bytes: int | None = None
 
     @abstractmethod
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
@@ -238,14 +245,14 @@ class Engine(ABC):
         """One optimizer step: this rank's micro-batches of global batch `step`, forward and backward each
         (loss / accum), then clip + update. A pipeline overrides it (its schedule runs the micro-batches)."""
         device = self.ctx.device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        autocast = loss_scale.autocast(self.cfg, device.type)
         mbs = micro_batches(self.cfg.global_batch, self.cfg.micro_batch, dp_rank, dp)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for j, indices in enumerate(mbs):
             with prange("data", mb=j):
                 x, y = (t.to(device) for t in dataset.batch(step, indices))
                 docs = _document_ids(self.cfg, dataset, step, indices, "train", device)
-            with prange("fwd", mb=j), autocast, documents.using(docs):
+            with prange("fwd", mb=j), autocast, documents.using(docs), self._count_saved(j):
                 loss = self.forward(x, y)
             with prange("bwd", mb=j):
                 self.backward(loss, len(mbs), last=j == len(mbs) - 1)
@@ -255,7 +262,18 @@ class Engine(ABC):
         lr = self.lr   # the rate this step uses; step() moves the schedule on
         with prange("optimizer", step=step):
             norm, applied = self.step()
-        return StepResult(loss_sum, lr, norm, applied)
+        return StepResult(loss_sum, lr, norm, applied, self.loss_scale())
+
+    def loss_scale(self) -> float | None:
+        """precision=fp16: the dynamic loss scale now; None where the engine scales no loss."""
+        return None
+
+    def _count_saved(self, j: int):
+        """Around the first micro-batch's forward, once per run: counts the activation bytes kept for backward."""
+        dims = self.ctx.dims
+        if j or self.activation_bytes is not None or (dims is not None and dims.tp > 1):
+            return contextlib.nullcontext()
+        return recompute.SavedBytes(on_done=lambda n: setattr(self, "activation_bytes", n))
 
     def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of one held-out micro-batch, called under no_grad; an engine whose forward keeps
@@ -265,7 +283,7 @@ class Engine(ABC):
     def eval_loss(self, dataset: Dataset, batch: int, dp_rank: int, dp: int) -> torch.Tensor:
         """This rank's share of held-out global batch `batch`: the sum (float64) of its micro-batches' mean
         losses, as train_step's loss_sum, without gradients. A pipeline overrides it."""
-        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        autocast = loss_scale.autocast(self.cfg, self.ctx.device.type)
         loss_sum = torch.zeros((), dtype=torch.float64)
         with torch.no_grad(), autocast:
             for indices in micro_batches(self.cfg.global_batch, self.cfg.micro_batch, dp_rank, dp):
@@ -296,19 +314,29 @@ class TorchEngine(Engine):
         self.module, self.raw, self.cfg, self.ctx = module, raw, cfg, ctx
         self.optimizer = make_optimizer(module, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.scaler = loss_scale.make(cfg, ctx.device, self.sharded)   # precision=fp16, else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.module(x, y)
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        (loss / accum).backward()
+        loss_scale.scaled(self.scaler, loss / accum).backward()
+
+    def loss_scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler.get_scale())
 
     def step(self) -> tuple[float, bool]:
-        """Clip, then step unless the gradient is NaN/Inf."""
+        """Clip, then step unless the gradient is NaN/Inf (fp16: unscaled first; an overflow skips)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = clip_grad_norm(list(self.module.parameters()), self.cfg.optim.grad_clip, self.sharded)
         return self._update(norm)
 
     def _update(self, norm: torch.Tensor) -> tuple[float, bool]:
+        if self.scaler is not None:   # it skips the step on an overflow, whatever the norm says
+            applied = loss_scale.update(self.scaler, self.optimizer, self.scheduler)
+            self.optimizer.zero_grad(set_to_none=False)
+            return float(norm), applied
         applied = bool(torch.isfinite(norm))
         if applied:
             self.optimizer.step()

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpu_workbench.parallel.primitives.comm import CommCounter, comm_summary
 from gpu_workbench.parallel.primitives.parallelize import Layout, parallelize
+from gpu_workbench.parallel.recipes import loss_scale
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, local
 from gpu_workbench.parallel.recipes.parallel_engine import ParallelEngine
 from gpu_workbench.parallel.runtime import compat, memory
@@ -77,7 +78,7 @@ class DDPEngine(ParallelEngine):
 
     def _backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         with contextlib.nullcontext() if last or not self.wrapped else self.module.no_sync():
-            (loss / accum).backward()
+            loss_scale.scaled(self.scaler, loss / accum).backward()
         if last and self.wrapped and timeline.enabled():
             self._record_reduction_wait()
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gpu_workbench.parallel.primitives.parallelize import parallelize
+from gpu_workbench.parallel.recipes import loss_scale
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe
 from gpu_workbench.parallel.recipes.parallel_engine import ParallelEngine
 from gpu_workbench.parallel.runtime import memory
@@ -29,7 +30,7 @@ class FSDPEngine(ParallelEngine):
     def _backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         # Skip the reduce-scatter on all micro-batches but the last (FSDP2's no_sync).
         self.module.set_requires_gradient_sync(last)
-        (loss / accum).backward()
+        loss_scale.scaled(self.scaler, loss / accum).backward()
 
 
 class FSDP(Recipe):

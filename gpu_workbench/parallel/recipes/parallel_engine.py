@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from gpu_workbench.parallel.primitives import context_parallel, expert_parallel, moe_summary, tensor_parallel
 from gpu_workbench.parallel.primitives.parallelize import Layout
+from gpu_workbench.parallel.recipes import loss_scale
 from gpu_workbench.parallel.recipes.base import Context, TorchEngine, clip_, local
 from gpu_workbench.profiling import range as prange
 
@@ -33,7 +34,8 @@ class ParallelEngine(TorchEngine):
     def __init__(self, layout: Layout, cfg, ctx: Context):
         super().__init__(layout.module, layout.model, cfg, ctx)
         self.layout, self.sharded = layout, layout.sharded
-        self.tp_watch = tensor_parallel.CollectiveWatch(cfg.steps) if layout.tp else None
+        self.scaler = loss_scale.make(cfg, ctx.device, self.sharded)   # again: sharded is known now
+        self.tp_watch = tensor_parallel.CollectiveWatch(cfg.steps, not cfg.train.compile) if layout.tp else None
         self.cp_measured = None
 
     # ---- forward and backward ----------------------------------------------------------------
@@ -65,7 +67,7 @@ class ParallelEngine(TorchEngine):
             expert_parallel.reduce_grads(self.layout.experts)
 
     def _backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        (loss / accum).backward()
+        loss_scale.scaled(self.scaler, loss / accum).backward()
 
     # ---- the update --------------------------------------------------------------------------
     def step(self) -> tuple[float, bool]:

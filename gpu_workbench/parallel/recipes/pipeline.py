@@ -46,6 +46,7 @@ from gpu_workbench.parallel import models
 from gpu_workbench.parallel.data import rank_slice
 from gpu_workbench.parallel.models.transformer import GPT, cross_entropy
 from gpu_workbench.parallel.primitives import tensor_parallel
+from gpu_workbench.parallel.primitives.compilation import compile_blocks
 from gpu_workbench.parallel.primitives.pipeline.bubble import measure
 from gpu_workbench.parallel.primitives.pipeline.gantt import draw_gantt
 from gpu_workbench.parallel.primitives.pipeline.schedule import Op, closed_form_bubble, peak_inflight, simulate
@@ -65,6 +66,7 @@ from gpu_workbench.parallel.primitives.tensor_parallel import (
     stage_params_per_rank,
     tp_stats,
 )
+from gpu_workbench.parallel.recipes import loss_scale
 from gpu_workbench.parallel.recipes.base import (
     Context,
     Engine,
@@ -101,7 +103,7 @@ class PipelineEngine(TorchEngine):
         self.tied = cfg.model.tie_embeddings and self.pp > 1
         self.tie_group = _tie_group(mesh, ctx.rank) if self.tied else None
         self.stages = stages
-        self.tp_watch = CollectiveWatch(cfg.steps) if self.tp > 1 else None
+        self.tp_watch = CollectiveWatch(cfg.steps, not cfg.train.compile) if self.tp > 1 else None
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None   # spans cover their kernels
         self.recorder = SpanRecorder(clock_offset_ns(), sync=sync)
         self.history: list[list[tuple]] = []
@@ -157,7 +159,7 @@ class PipelineEngine(TorchEngine):
         return ((x,) if self.has_first else ()), ({"target": y, "losses": losses} if self.has_last else {})
 
     def _autocast(self):
-        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return loss_scale.autocast(self.cfg, self.ctx.device.type)   # bf16 (fp16 is refused here)
 
     def _vocab_parallel(self):
         return loss_parallel() if self.tp > 1 else contextlib.nullcontext()
@@ -350,6 +352,8 @@ class Pipeline(Recipe):
         if ctx.dims.tp > 1:   # every stage tensor-parallel over its tp group (docs/ARCHITECTURE.md, Tensor parallelism)
             for stage in stages:
                 tensor_parallel.apply(stage, mesh["tp"], cfg.tp.sequence_parallel, models.get(cfg.model.arch))
+        for stage in stages:   # train.compile: step 4 of parallelize, on this rank's blocks
+            compile_blocks(stage.blocks.values(), cfg)
         engine = PipelineEngine(stages, cfg, ctx, mesh)
         # gloo's p2p threads abort the process ("terminate called without an active exception") when the
         # interpreter tears the groups down unordered at exit (seen ~1 in 2 runs): destroy them first.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from gpu_workbench.parallel.primitives.parallelize import per_module_steps
 from gpu_workbench.parallel.recipes.base import Context, Engine, Recipe, TorchEngine
 
 
@@ -16,4 +17,5 @@ class Single(Recipe):
 
     def setup(self, model: nn.Module, cfg, ctx: Context) -> Engine:
         model.to(ctx.device)
+        per_module_steps(model, cfg, ctx)   # parallelize's step 4 (precision=fp8, train.compile); nothing else applies
         return TorchEngine(model, model, cfg, ctx)

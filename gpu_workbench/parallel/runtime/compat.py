@@ -216,3 +216,13 @@ def all_to_all_autograd(out: torch.Tensor, x: torch.Tensor, out_splits: list[int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return functional.all_to_all_single(out, x, out_splits, in_splits, group=group)
+
+
+def settled(t):
+    """`t` with a pending functional collective waited on, in autograd: DTensor.to_local() may hand out an
+    AsyncCollectiveTensor (tensor parallelism's embedding output), which a torch.compile'd region takes as a
+    subclass input and returns a plain gradient for, which the DTensor redistribution behind it refuses in
+    backward (torch 2.11-2.13). A copy outside the graph is a plain tensor. Anything else passes as it is."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return t.clone() if isinstance(t, AsyncCollectiveTensor) else t

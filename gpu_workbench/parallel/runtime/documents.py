@@ -41,6 +41,9 @@ def check(cfg, recipe) -> None:
                         f"local-sgd), not recipe {recipe.name}")
     if cfg.cp.degree > 1:
         raise UserError("data.document_mask with cp.degree > 1: ring attention takes no document mask; use cp.degree=1")
-    if cfg.model.activation_checkpointing:
+    if cfg.model.activation_checkpointing != "none":
         raise UserError("data.document_mask with model.activation_checkpointing: the recompute would run "
                         "without the mask; turn one off")
+    if cfg.train.compile:
+        raise UserError("data.document_mask with train.compile: a compiled block does not read the mask (a "
+                        "context variable); turn one off")

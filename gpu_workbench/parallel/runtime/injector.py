@@ -9,6 +9,8 @@ server's workers and Hogwild's processes.
 - `straggler.rank=R straggler.factor=F`: rank R sleeps (F - 1) x its own compute time each step.
 - `fault.nan_at_step=S`: the gradient of step S turns NaN on every rank, once per process (a rolled-back
   run replays step S with a clean gradient), to exercise the nan_policy.
+- `fault.overflow_at_step=S` (precision=fp16): the gradient of step S holds an inf on every rank, once per
+  process, to exercise the loss scaler (the step skipped, the scale halved).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class FaultInjector:
         self.marker = Path(run_dir) / MARKER if run_dir is not None else None
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         self.fired = replacement or restarted or (self.marker is not None and self.marker.exists())
-        self.poisoned = False
+        self.poisoned = self.overflowed = False
 
     def before_step(self, step: int) -> None:
         """Fire an injected kill or hang if this rank and step ask for it."""
@@ -53,6 +55,13 @@ class FaultInjector:
         """True once, at fault.nan_at_step: the caller turns this step's gradient NaN."""
         if self.fault.nan_at_step == step and not self.poisoned:
             self.poisoned = True
+            return True
+        return False
+
+    def overflows(self, step: int) -> bool:
+        """True once, at fault.overflow_at_step: the caller puts an inf into this step's gradient."""
+        if self.fault.overflow_at_step == step and not self.overflowed:
+            self.overflowed = True
             return True
         return False
 

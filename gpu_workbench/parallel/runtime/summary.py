@@ -168,6 +168,12 @@ class RunSummary:
     checkpoint_bytes_written: int = 0     # bytes of the checkpoint files the run's saves wrote, every segment
     checkpoint_blocking_s: float = 0.0    # seconds blocked in saves, async staging and waits too (slowest rank)
     cp: ContextParallelStatsPart | None = None
+    compiled: bool = False             # train.compile (parallel/primitives/compilation.py)
+    compile_s: float | None = None     # the first step's time less the median of the others': its compile
+    activation_checkpointing: str = "none"
+    activation_bytes_saved: int | None = None   # kept for backward by one micro-batch's forward, rank 0
+    overflow_steps: int = 0            # precision=fp16: steps the loss scaler skipped (also in skipped_steps)
+    loss_scale: float | None = None    # precision=fp16: the loss scale after the last step
     qat: dict | None = None            # quant.qat: mode, group_size, layers fake-quantised (parallel/models/qat.py)
     moe: MoeStats | None = None        # model.moe.experts > 0: routing, all-to-all, expert bytes
     schema_version: int = SCHEMA_VERSION

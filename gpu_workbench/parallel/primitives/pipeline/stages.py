@@ -18,8 +18,8 @@ from datetime import timedelta
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.utils.checkpoint import checkpoint
 
+from gpu_workbench.parallel.models import recompute
 from gpu_workbench.parallel.models.transformer import GPT
 from gpu_workbench.parallel.runtime import compat
 from gpu_workbench.parallel.runtime import flight_recorder as flight
@@ -87,10 +87,7 @@ class StageModule(nn.Module):
             if self.pos_emb is not None:
                 x = x + self.pos_emb(torch.arange(tokens.shape[1], device=x.device))
         for block in self.blocks.values():
-            if self.checkpointing and self.training:
-                x = checkpoint(block, x, None, use_reentrant=False)
-            else:
-                x = block(x, None)
+            x = recompute.run_block(block, x, None, self.checkpointing, self.training)
         return self.head(self.ln_f(x)) if self.is_last else x
 
 

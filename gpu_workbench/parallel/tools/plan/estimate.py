@@ -61,7 +61,7 @@ def compute_seconds(cfg, dims, hw) -> tuple[float, float]:
     per_token = spec.flops_per_token(m)
     block_params = spec.sharded_per_block(m) + spec.replicated_per_block(m)
     block_fwd = 2 * m.n_layers * block_params + 2 * m.n_layers * m.seq_len * m.d_model
-    work = per_token + (block_fwd if m.activation_checkpointing else 0)
+    work = per_token + (block_fwd if m.activation_checkpointing == "full" else 0)
     tokens_per_gpu = cfg.global_batch * m.seq_len / dims.world_size
     return tokens_per_gpu * work / (hw.peak_bf16_flops * EFFICIENCY), per_token
 
@@ -88,7 +88,7 @@ def estimate(cfg, dims, hw) -> Estimate:
     layers = m.n_layers // dims.pp
     block, _ = per_block_token(cfg, dims.tp, cfg.tp.sequence_parallel)
     parts["memory"] = (4 * block * tokens * layers * mbs + 28 * held / shard) / (hw.hbm_gb_s * 1e9)
-    e = 2 if cfg.precision == "bf16" else 4
+    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
     tp_bytes = 0.0
     if dims.tp > 1:
         stage = None if dims.pp == 1 else (layers, True, True)
@@ -102,7 +102,7 @@ def estimate(cfg, dims, hw) -> Estimate:
     if dims.pp > 1:
         from gpu_workbench.parallel.primitives.pipeline.schedule import simulate
 
-        bwd = 3.0 if m.activation_checkpointing else 2.0
+        bwd = 3.0 if m.activation_checkpointing == "full" else 2.0
         sim = simulate(cfg.pp.schedule, dims.pp, cfg.pp.microbatches, cfg.pp.virtual_stages, 1.0, bwd)
         bubble = sim.bubble_fraction
         act = tokens * m.d_model * e
@@ -119,7 +119,7 @@ def _cp_seconds(cfg, dims, hw, compute: float) -> float:
     if dims.cp == 1:
         return 0.0
     m = cfg.model
-    e = 2 if cfg.precision == "bf16" else 4
+    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
     kv = (m.n_kv_heads or m.n_heads) * (m.d_model // m.n_heads) // dims.tp
     tokens = cfg.micro_batch * m.seq_len // dims.cp
     passes = 3 * (dims.cp - 1) * m.n_layers * cfg.accum_steps(dims.dp)

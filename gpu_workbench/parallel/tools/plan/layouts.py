@@ -35,10 +35,10 @@ class Candidate:
 
 def _choices(n_layers: int, gpus: int):
     for recipe, tp, cp, mb, ac in itertools.product(("fsdp", "ddp", "pipeline"), DEGREES, DEGREES, (1, 2, 4),
-                                                   (False, True)):
+                                                   ("none", "full")):
         if recipe != "pipeline":
             yield [f"recipe={recipe}", f"tp.degree={tp}", f"cp.degree={cp}", f"micro_batch={mb}",
-                   f"model.activation_checkpointing={str(ac).lower()}"]
+                   f"model.activation_checkpointing={ac}"]
             continue
         if cp > 1:
             continue
@@ -47,7 +47,7 @@ def _choices(n_layers: int, gpus: int):
                 if pp * v <= n_layers and pp * tp <= gpus:
                     yield ["recipe=pipeline", f"tp.degree={tp}", f"pp.degree={pp}", f"pp.schedule={schedule}",
                            f"pp.virtual_stages={v}", "pp.microbatches=0", f"micro_batch={mb}",
-                           f"model.activation_checkpointing={str(ac).lower()}", "pp.gantt=false"]
+                           f"model.activation_checkpointing={ac}", "pp.gantt=false"]
 
 
 def candidates(config, extra: list[str], gpus: int, gpu_memory: float) -> tuple[list[Candidate], int, int]:
