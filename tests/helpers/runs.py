@@ -118,3 +118,18 @@ def train_single(run_dir: Path, overrides: list[str], config: str = TINY) -> Pat
 
     train(RunConfig.from_toml(config, [*overrides, "recipe=single", f"run_dir={run_dir}"]))
     return Path(run_dir)
+
+
+def refused_in_process(capsys, args: list[str], message: str) -> None:
+    """`wb train --config TINY ARGS` through the CLI's entry point in this process (no interpreter start):
+    exit code 2 and one line `wb: error: ...` on stderr that holds `message`."""
+    import pytest
+
+    from gpu_workbench.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", TINY, *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wb: error: "), err
+    assert message in err, err
