@@ -40,7 +40,7 @@ demo: $(STAMP)
 # they skip with its reason. slurm-down after the run, even when a test fails, leaves nothing running if
 # pytest itself dies.
 PYTEST_JOBS ?= $(shell echo $$(( $$(nproc) + 1 )))
-LANE_LOG  := $(T36_VENV)/lane.log
+LANE_LOG   = $(T36_VENV)/lane.log
 
 test: $(STAMP) $(T36_STAMP)
 	status=0; \

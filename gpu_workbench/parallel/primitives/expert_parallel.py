@@ -180,5 +180,5 @@ def predicted_step_bytes(cfg, moe_layers: int, dp: int) -> int:
     with model.activation_checkpointing (backward recomputes the forward, its all-to-alls too)."""
     m = cfg.model
     slots = cfg.micro_batch * m.seq_len * m.moe.top_k
-    passes = 6 if m.activation_checkpointing else 4
+    passes = 6 if m.activation_checkpointing != "none" else 4
     return passes * slots * m.d_model * 4 * moe_layers * cfg.accum_steps(dp)

@@ -65,7 +65,7 @@ def _experts(engine, cfg, dims, experts, ops: list[dict]) -> None:
 
     layers, mbs = sum(isinstance(m, MoE) for m in engine.layout.model.modules()), cfg.accum_steps(dims.dp)
     total = expert_parallel.predicted_step_bytes(cfg, layers, dims.dp)
-    count = (6 if cfg.model.activation_checkpointing else 4) * layers * mbs   # recompute: the forward's again
+    count = (6 if cfg.model.activation_checkpointing != "none" else 4) * layers * mbs   # recompute: the forward's again
     ops.append(_op("all_to_all", "ep", dims.ep, count, total // max(count, 1),
                    "expert parallelism: tokens to their experts and back (forward, backward)"))
     if experts.sharded:   # an fsdp unit of its own per MoE layer, over the ranks holding the same experts
