@@ -10,6 +10,10 @@ CPU_TORCH ?= 2.13.0
 GPU_TORCH ?= 2.11.0
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST    := $(BIN)/python -m pytest
+# The Triton 3.6 lane's venv (test-triton36, below); defined here, before `test` names its stamp
+T36_VENV  ?= .venv-triton36
+T36_STAMP := $(T36_VENV)/.installed
+T36_PY    := $(T36_VENV)/bin/python
 
 .PHONY: install demo test test-fast test-triton36 test-stacks bench lint gpu-check clean slurm-up slurm-down
 
@@ -62,9 +66,6 @@ slurm-down:
 # triton==3.6.0 alone and sees the main venv's packages after its own (a .pth line: the same CPU torch and
 # the project's editable install, without installing torch a second time); --ignore-installed keeps pip
 # from uninstalling the main venv's triton, which it would otherwise take for this venv's.
-T36_VENV  ?= .venv-triton36
-T36_STAMP := $(T36_VENV)/.installed
-T36_PY    := $(T36_VENV)/bin/python
 SITE_DIR  := import sysconfig; print(sysconfig.get_paths()["purelib"])
 
 $(T36_STAMP): $(STAMP) pyproject.toml Makefile

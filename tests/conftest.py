@@ -1,6 +1,6 @@
-"""Suite-wide test settings: `gpu` tests are skipped where CUDA is absent; a process group a test leaves behind
-in the pytest process is named and destroyed, so it cannot change the tests after it on that worker (the dry
-run, for one, refuses to start inside a process group)."""
+"""Suite-wide test settings: `gpu` tests are skipped where CUDA is absent; a process group a test module
+leaves behind in the pytest process is named and destroyed, so it cannot change the tests after it on that
+worker (the dry run, for one, refuses to start inside a process group)."""
 
 import warnings
 
@@ -18,12 +18,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+def pytest_runtest_teardown(item, nextitem):
+    """After a module's last test and its module fixtures' teardown: no process group may outlive the module."""
     import torch.distributed as dist
 
-    had_group = dist.is_available() and dist.is_initialized()
     yield
-    if not had_group and dist.is_available() and dist.is_initialized():
-        warnings.warn(f"{item.nodeid} left a process group behind: destroyed", stacklevel=1)
-        print(f"\nwb-tests: {item.nodeid} left a process group behind: destroyed")
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    if dist.is_available() and dist.is_initialized():
+        warnings.warn(f"{item.module.__name__} left a process group behind: destroyed", stacklevel=1)
+        print(f"\nwb-tests: {item.module.__name__} left a process group behind: destroyed")
         dist.destroy_process_group()
