@@ -9,7 +9,7 @@ zero in fp16: the loss is multiplied by the scale before backward, the gradients
 A step whose gradients hold an inf or NaN is skipped and the scale falls (x 0.5); after 2000 clean steps it
 doubles (torch's defaults). The loop (parallel/loop/trainer.py) does not count an overflow with a finite loss as
 a divergence under nan_policy: in fp16 an overflow is expected. `fault.overflow_at_step` injects one.
-Runs under single, ddp and fsdp with tp.degree = 1 (`validate`); elsewhere it is refused in one line.
+Runs under single, ddp and fsdp with tp.degree = ep.degree = 1 (`validate`); elsewhere it is refused in one line.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def validate(cfg) -> None:
     if cfg.tp.degree > 1:
         raise UserError(f"precision=fp16 with tp.degree={cfg.tp.degree}: the loss scaler's overflow check over "
                         f"DTensor gradients is not wired; use precision=bf16 or tp.degree=1")
+    if cfg.ep.degree > 1:   # each rank's experts' gradients differ: one rank could skip a step the others take
+        raise UserError(f"precision=fp16 with ep.degree={cfg.ep.degree}: the loss scaler's overflow check is not "
+                        f"agreed across the ranks holding different experts; use precision=bf16 or ep.degree=1")
 
 
 def make(cfg, device: torch.device, sharded: bool):

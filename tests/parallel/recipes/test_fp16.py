@@ -79,6 +79,7 @@ def test_fp16_tracks_fp32(runs):
     (["recipe=zero2", "precision=fp16"], "precision=fp16 with recipe=zero2"),
     (["recipe=pipeline", "precision=fp16"], "precision=fp16 with recipe=pipeline"),
     (["recipe=ddp", "tp.degree=2", "precision=fp16"], "precision=fp16 with tp.degree=2"),
+    (["recipe=ddp", "model.moe.experts=4", "ep.degree=2", "precision=fp16"], "precision=fp16 with ep.degree=2"),
     (["recipe=ddp", "fault.overflow_at_step=3"], "fault.overflow_at_step=3 needs precision=fp16"),
 ])
 def test_refused_in_one_line(overrides, words):
