@@ -44,7 +44,9 @@ def runs(tmp_path_factory):
 def test_compiled_equals_eager_per_step(runs, name):
     assert_matches_single(runs / name, runs / "eager", STEPS)
     got = summary(runs / name)
-    assert got["compiled"] is True and got["compile_s"] >= 0
+    # recorded for a compiled run (a float, the first step's excess over the median), absent for eager; its value
+    # is a timing and is compared in `make bench` only
+    assert got["compiled"] is True and isinstance(got["compile_s"], float)
     assert summary(runs / "eager")["compiled"] is False and summary(runs / "eager")["compile_s"] is None
 
 
