@@ -74,6 +74,7 @@ ray_up() {
     mkdir -p "$RAY_TMP"   # token authentication with this cluster's own token (not ~/.ray's)
     [ -s "$RAY_TMP/auth_token" ] || od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$RAY_TMP/auth_token"
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_TMP/auth_token
+    export RAY_worker_niceness=0   # Ray's workers at nice 15 starve beside busy processes (parallel/runtime/local_ray.py)
     ip netns exec $A "$RAY" start --head --node-ip-address 10.77.0.1 --port "$RAY_PORT" \
         --temp-dir "$RAY_TMP/A" --include-dashboard false "${common[@]}" >"$RAY_TMP.A.log" 2>&1 \
         || { cat "$RAY_TMP.A.log" >&2; exit 1; }

@@ -42,6 +42,7 @@ from gpu_workbench.parallel.checkpoint import handed
 from gpu_workbench.parallel.config import FAULT_WORLD_ENV
 from gpu_workbench.parallel.loop.preflight import preflight
 from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.local_ray import start_local_ray
 from gpu_workbench.parallel.runtime.lock import TOKEN_ENV, RunLock
 from gpu_workbench.parallel.runtime.rundir import resolve_run_dir
 from gpu_workbench.parallel.runtime.summary import RunSummary
@@ -187,9 +188,8 @@ def _init_ray(address: str | None, nproc: int) -> None:
               "them)", file=sys.stderr)
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:   # embedded local Ray: loopback only, no dashboard
-        ray.init(num_cpus=max(nproc, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
-                 _node_ip_address="127.0.0.1", configure_logging=False)
+    else:
+        start_local_ray(max(nproc, os.cpu_count() or 1), runtime_env=env)
 
 
 def _world_sizes(nproc: int | tuple[int, int]) -> range:

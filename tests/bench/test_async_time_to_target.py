@@ -15,6 +15,7 @@ import json
 import pytest
 
 from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.runtime.local_ray import start_local_ray
 from tests.helpers.runs import TINY, summary, torchrun
 
 pytestmark = pytest.mark.slow
@@ -32,8 +33,7 @@ def test_straggler_async_vs_sync_time_to_target(benchmark, tmp_path):
     ddp_dir, ps_dir = tmp_path / "ddp", tmp_path / "ps"
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
+        start_local_ray(2, log_to_driver=False)
     try:
         def both():
             torchrun(4, [(TINY, [*COMMON, "recipe=ddp", f"run_dir={ddp_dir}"])])

@@ -25,7 +25,7 @@ def ray_head(tmp_path_factory):
     """(dashboard URL, env with RAY_AUTH_MODE=token and HOME holding the token)."""
     home = tmp_path_factory.mktemp("home")
     temp_dir = f"/tmp/wbray-{os.getpid()}"   # Ray's socket paths must stay short
-    auth = common.env(HOME=str(home), RAY_AUTH_MODE="token")
+    auth = common.env(HOME=str(home), RAY_AUTH_MODE="token", RAY_worker_niceness="0")   # parallel/runtime/local_ray.py
     subprocess.run([f"{common.VENV_BIN}/ray", "get-auth-token", "--generate"], env=auth, check=True,
                    capture_output=True,
                    timeout=60)

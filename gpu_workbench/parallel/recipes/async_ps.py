@@ -35,6 +35,7 @@ from gpu_workbench.parallel.recipes.ps.report import WorkerRun, write_run
 from gpu_workbench.parallel.recipes.ps.server import ParamShard
 from gpu_workbench.parallel.recipes.ps.worker import PSWorker
 from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.local_ray import start_local_ray
 from gpu_workbench.parallel.runtime.rundir import RunDir, resolve_run_dir
 from gpu_workbench.parallel.runtime.summary import AsyncStats, RunSummary
 
@@ -52,9 +53,8 @@ def _ray_session(cfg: RunConfig) -> bool:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
     if cfg.ps.ray_address:
         ray.init(address=cfg.ps.ray_address, runtime_env=env, log_to_driver=False)
-    else:   # embedded: loopback only, no dashboard
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", configure_logging=False)
+    else:
+        start_local_ray(2, runtime_env=env, log_to_driver=False)
     return True
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 
 import pytest
 import torch
 
 from gpu_workbench.parallel import RunConfig, train
+from gpu_workbench.parallel.runtime.local_ray import start_local_ray
 from gpu_workbench.parallel.runtime.rundir import read_metrics
 from tests.helpers.runs import TINY, final_params, losses, max_rel_diff, rel, summary, torchrun
 
@@ -29,11 +31,20 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
+        start_local_ray(2, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
+
+
+def test_local_ray_workers_run_at_the_callers_priority(ray_local):
+    """Ray's default starts its workers at nice 15, where busy processes beside them starve them
+    (gpu_workbench/parallel/runtime/local_ray.py)."""
+    @ray_local.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray_local.get(niceness.remote(), timeout=120) == os.nice(0)
 
 
 @pytest.fixture(scope="module")
