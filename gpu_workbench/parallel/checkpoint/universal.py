@@ -65,10 +65,13 @@ def _alone() -> bool:
     return not dist.is_initialized()
 
 
-def trainer_state(scheduler, optimizer, step: int, global_batch: int) -> dict:
-    """What trainer_rank<r>.pt holds: the schedule, the rates, the data position, this rank's RNG."""
+def trainer_state(scheduler, optimizer, step: int, global_batch: int, scaler=None) -> dict:
+    """What trainer_rank<r>.pt holds: the schedule, the rates, the data position, this rank's RNG, and under
+    precision=fp16 the loss scaler (its scale and clean-step count: a resumed run skips the steps the
+    uninterrupted one would)."""
     # None: a --deepspeed config's own scheduler, which DeepSpeed steps and this format does not hold
     state = {"scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "loss_scaler": scaler.state_dict() if scaler is not None else None,
              "lrs": [g["lr"] for g in optimizer.param_groups],
              "data": {"next_step": step, "samples_seen": step * global_batch}, "rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -95,7 +98,7 @@ def save(engine, path: Path, step: int, previous: dict | None = None):
         written.chain = 0 if full else int(previous.get("chain", 0)) + 1
     delay = engine.cfg.fault.checkpoint_write_delay_s
     written.pending = writer.write(request, Path(path) / "dcp", opts.async_save, delay)
-    extra = trainer_state(engine.scheduler, engine.optimizer, step, engine.cfg.global_batch)
+    extra = trainer_state(engine.scheduler, engine.optimizer, step, engine.cfg.global_batch, engine.scaler)
     torch.save(extra, Path(path) / f"trainer_rank{engine.ctx.rank}.pt")
     return written
 
@@ -137,13 +140,15 @@ def load(engine, path: Path, model_only: bool = False) -> None:
         set_model_state_dict(module, model_sd)
         return
     set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    restore_trainer_state(path, engine.ctx.rank, engine.scheduler, optimizer)
+    restore_trainer_state(path, engine.ctx.rank, engine.scheduler, optimizer, engine.scaler)
 
 
-def restore_trainer_state(path: Path, rank: int, scheduler, optimizer) -> None:
+def restore_trainer_state(path: Path, rank: int, scheduler, optimizer, scaler=None) -> None:
     extra = torch.load(_trainer_file(path, rank), map_location="cpu", weights_only=True)
     if scheduler is not None and extra["scheduler"] is not None:
         scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and extra.get("loss_scaler"):   # absent: written by a run without fp16
+        scaler.load_state_dict(extra["loss_scaler"])
     for group, lr in zip(optimizer.param_groups, extra["lrs"], strict=True):
         group["lr"] = lr
     torch.set_rng_state(extra["rng"])

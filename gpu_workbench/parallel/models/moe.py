@@ -175,8 +175,6 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 def add_aux(loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
     """The training loss plus the routers' losses; a vocabulary-parallel loss (a replicated DTensor under
     tensor parallelism) takes them as a replicated DTensor on its mesh."""
-    from torch.distributed.tensor import DTensor
-
     if isinstance(loss, DTensor):
         aux = DTensor.from_local(aux.to(loss.dtype), loss.device_mesh, loss.placements, run_check=False)
     return loss + aux.to(loss.dtype)

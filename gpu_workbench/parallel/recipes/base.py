@@ -208,6 +208,7 @@ class Engine(ABC):
     # the activation bytes the first micro-batch's forward kept for backward (models/recompute.py); None: not
     # counted (tensor parallelism's DTensors, an engine with a train step of its own)
     activation_bytes: int | None = None
+    scaler = None   # precision=fp16: the loss scaler (recipes/loss_scale.py), saved in every checkpoint
 
     @abstractmethod
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...

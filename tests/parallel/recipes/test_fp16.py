@@ -5,9 +5,11 @@ fp32 run; where the scaler is not wired it is refused in one line."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from gpu_workbench.parallel import RunConfig
+from gpu_workbench.parallel import RunConfig, train
 from gpu_workbench.parallel.recipes import resolve
 from gpu_workbench.parallel.runtime.errors import UserError
 from gpu_workbench.parallel.runtime.rundir import read_metrics
@@ -73,6 +75,22 @@ def test_fp16_tracks_fp32(runs):
     assert worst < FP16_TOLERANCE, (worst, fp16, fp32)
     assert fp16[-1] < fp16[0] - 0.5   # and it trains
     assert summary(runs / "track-fp16")["overflow_steps"] == 0
+
+
+def test_a_resumed_run_keeps_the_loss_scale(runs, tmp_path):
+    """The scaler is in the checkpoint: resumed after the overflow's halving, the run goes on at the halved scale,
+    as the uninterrupted run (a fresh scaler would start again at 65536)."""
+    run_dir = tmp_path / "run"
+    cfg = RunConfig.from_toml(LLAMA, [*COMMON, *OVERFLOW, "checkpoint.every=3", "checkpoint.keep=2",
+                                      f"run_dir={run_dir}"])
+    train(cfg)
+    for later in (p for p in (run_dir / "checkpoints").iterdir() if p.name != "step_000003"):
+        shutil.rmtree(later)
+    (run_dir / "final_model.pt").unlink()
+    assert train(cfg).resumed_from_step == 3
+    scales = [m["loss_scale"] for m in read_metrics(run_dir)]
+    assert scales == [m["loss_scale"] for m in read_metrics(runs / "single")] and scales[3] < scales[0], scales
+    assert losses(run_dir) == losses(runs / "single")
 
 
 @pytest.mark.parametrize(("overrides", "words"), [
