@@ -60,6 +60,19 @@ def test_validate_prints_each_published_run(cli):
     assert "6,667" in done.stdout and "ratio" in done.stdout
 
 
+def test_selective_checkpointing_costs_between_none_and_full():
+    """selective recomputes half the blocks' matmuls and keeps attention: more than none, under half of full."""
+    from gpu_workbench.parallel import RunConfig, recipes
+    from gpu_workbench.parallel.tools.plan.estimate import compute_seconds
+
+    def seconds(mode: str) -> float:
+        cfg = RunConfig.from_toml(LLAMA_8B, [f"model.activation_checkpointing={mode}"])
+        return compute_seconds(cfg, recipes.resolve(cfg, 8), hardware.PRESETS["H100"])[0]
+
+    none, selective, full = map(seconds, ("none", "selective", "full"))
+    assert none < selective < none + (full - none) / 2
+
+
 @pytest.mark.parametrize("text", ["80", "80GB", "80 GiB"])
 def test_gpu_memory_parses(text):
     from gpu_workbench.cli.plan_cli import _memory

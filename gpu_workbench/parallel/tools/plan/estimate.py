@@ -2,7 +2,7 @@
 runs it). For a resolved config (its ParallelDims `dims`) on `hw`:
 
     compute     model FLOPs per GPU (6 per parameter and token, plus causal attention; full activation
-                checkpointing adds one forward of the blocks) / (peak x EFFICIENCY)
+                checkpointing adds one forward of the blocks, selective half their matmuls) / (peak x EFFICIENCY)
     memory      non-matmul passes over the saved activations (4 per byte: written, read, its gradient
                 written and read) and AdamW's 28 bytes per parameter of the rank's shard, over HBM bandwidth
     tp          tensor_parallel.predicted_step_bytes (16-bit activations under bf16) as ring all-reduces on
@@ -59,11 +59,18 @@ def compute_seconds(cfg, dims, hw) -> tuple[float, float]:
     m = cfg.model
     spec = models.get(m.arch)
     per_token = spec.flops_per_token(m)
-    block_params = spec.sharded_per_block(m) + spec.replicated_per_block(m)
-    block_fwd = 2 * m.n_layers * block_params + 2 * m.n_layers * m.seq_len * m.d_model
-    work = per_token + (block_fwd if m.activation_checkpointing == "full" else 0)
+    work = per_token + recomputed_flops_per_token(m)
     tokens_per_gpu = cfg.global_batch * m.seq_len / dims.world_size
     return tokens_per_gpu * work / (hw.peak_bf16_flops * EFFICIENCY), per_token
+
+
+def recomputed_flops_per_token(m) -> float:
+    """The forward FLOPs backward runs again: "full" the blocks' whole forward; "selective" (models/recompute.py)
+    keeps attention's and every other matmul's output, so half the blocks' matmuls run again."""
+    spec = models.get(m.arch)
+    matmuls = 2 * m.n_layers * (spec.sharded_per_block(m) + spec.replicated_per_block(m))
+    attention = 2 * m.n_layers * m.seq_len * m.d_model
+    return {"full": matmuls + attention, "selective": matmuls / 2}.get(m.activation_checkpointing, 0.0)
 
 
 def params_on_rank(cfg, dims) -> int:
@@ -102,7 +109,7 @@ def estimate(cfg, dims, hw) -> Estimate:
     if dims.pp > 1:
         from gpu_workbench.parallel.primitives.pipeline.schedule import simulate
 
-        bwd = 3.0 if m.activation_checkpointing == "full" else 2.0
+        bwd = 2.0 + recomputed_flops_per_token(m) / per_token * 3   # per_token: forward and backward (3 forwards)
         sim = simulate(cfg.pp.schedule, dims.pp, cfg.pp.microbatches, cfg.pp.virtual_stages, 1.0, bwd)
         bubble = sim.bubble_fraction
         act = tokens * m.d_model * e
