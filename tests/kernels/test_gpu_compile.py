@@ -35,7 +35,8 @@ SWEEPS = [(kernel, 90) for kernel in suite.KERNELS] + [("softmax", 80)]
 def test_every_config_compiles(kernel, arch):
     specs = suite.suite(kernel).compile_specs()
     assert specs, f"{kernel} declares no compile specs"
-    results = compile_all(specs, (arch,), jobs=2)
+    # in this process: under xdist every CPU is busy already, and a spawned pool re-imports torch and triton
+    results = compile_all(specs, (arch,), jobs=1)
     assert len(results) == len(specs)
     failures = [f"{r.spec.label} sm_{r.arch}: {r.failure}" for r in results if not r.passed]
     assert not failures, "\n".join(failures[:20])

@@ -112,7 +112,8 @@ def test_unknown_option_is_a_usage_error():
 
 
 def test_compile_table_for_softmax_on_one_arch():
-    out = wb("kernels", "compile", "softmax", "--arch", "90", "--jobs", "2")
+    # a slice of the specs through the worker pool; every config compiles in tests/kernels/test_gpu_compile.py
+    out = wb("kernels", "compile", "softmax", "--arch", "90", "--jobs", "2", "--match", "fwd block fp16")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr
     assert "softmax fwd block fp16" in out.stdout and " 0 failed" in out.stdout
 
