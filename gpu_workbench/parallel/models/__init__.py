@@ -21,6 +21,7 @@ _WHERE = {
     "qwen2": "qwen2:SPEC",
     "qwen3": "qwen3:SPEC",
     "qwen3_moe": "qwen3_moe:SPEC",
+    "mixtral": "mixtral:SPEC",
 }
 
 __all__ = ["ARCHS", "ArchSpec", "get"]

@@ -1,7 +1,8 @@
-"""The Hugging Face adapter of the llama family (llama, qwen2, qwen3; models/hf_adapter.py): LlamaForCausalLM's
-names, the q/k rows permuted per head (halves <-> interleaved pairs), qwen2's q/k/v biases, qwen3's per-head
-q/k RMSNorm (its weight permuted like a head: it scales each dimension before the rotation), and Qwen3-MoE's
-routed blocks (the router, each expert's Linears stacked into the MoE layer's (experts, in, out) weights)."""
+"""The Hugging Face adapter of the llama family (llama, qwen2, qwen3, qwen3_moe, mixtral; models/hf_adapter.py):
+LlamaForCausalLM's names, the q/k rows permuted per head (halves <-> interleaved pairs), qwen2's q/k/v biases,
+qwen3's per-head q/k RMSNorm (its weight permuted like a head: it scales each dimension before the rotation), and
+the routed blocks of Qwen3-MoE and Mixtral (the router, each expert's Linears stacked into the MoE layer's
+(experts, in, out) weights)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ def _head_dim(m) -> int:
     return m.head_dim or m.d_model // m.n_heads
 
 
-def _names(m, qkv_bias: bool, qk_norm: bool) -> dict[str, Source]:
+# A routed block's names, per format: (its MLP's prefix, each expert's Linear for our gate, up and down)
+MOE_FORMATS = {"qwen3_moe": ("mlp.", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+               "mixtral": ("block_sparse_moe.", {"gate": "w1", "up": "w3", "down": "w2"})}
+
+
+def _names(m, qkv_bias: bool, qk_norm: bool, arch: str) -> dict[str, Source]:
     from gpu_workbench.parallel.models.moe import is_moe_block  # torch: not at import (config checks)
 
     d = _head_dim(m)
@@ -27,7 +33,7 @@ def _names(m, qkv_bias: bool, qk_norm: bool) -> dict[str, Source]:
                     b + "attn.k.weight": Source(a + "k_proj.weight", "heads", head_dim=d),
                     b + "attn.v.weight": Source(a + "v_proj.weight"),
                     b + "attn.proj.weight": Source(a + "o_proj.weight")})
-        out.update(_moe_names(m, b, h) if is_moe_block(m, i) else
+        out.update(_moe_names(m, b, h, arch) if is_moe_block(m, i) else
                    {b + f"mlp.{p}.weight": Source(h + f"mlp.{p}_proj.weight") for p in ("gate", "up", "down")})
         if qkv_bias or m.qkv_bias:
             out.update({b + "attn.q.bias": Source(a + "q_proj.bias", "heads", head_dim=d),
@@ -39,40 +45,49 @@ def _names(m, qkv_bias: bool, qk_norm: bool) -> dict[str, Source]:
     return out
 
 
-def _moe_names(m, b: str, h: str) -> dict[str, Source]:
-    """A Qwen3-MoE block's MLP: the router (mlp.gate) and each expert's three Linears, stacked here."""
+def _moe_names(m, b: str, h: str, arch: str) -> dict[str, Source]:
+    """A routed block's MLP: the router (<prefix>gate) and each expert's three Linears, stacked here."""
+    prefix, linears = MOE_FORMATS[arch]
     x = m.moe.experts
-    return {b + "mlp.router.weight": Source(h + "mlp.gate.weight"),
-            **{b + f"mlp.experts.{p}": Source(h + "mlp.experts.{e}." + f"{p}_proj.weight", "experts", part=x)
-               for p in ("gate", "up", "down")}}
+    return {b + "mlp.router.weight": Source(h + prefix + "gate.weight"),
+            **{b + f"mlp.experts.{ours}": Source(h + prefix + "experts.{e}." + f"{theirs}.weight", "experts", part=x)
+               for ours, theirs in linears.items()}}
 
 
-def _moe_from_config(hf: dict) -> dict:
-    """model.moe from Qwen3-MoE's config.json: every decoder_sparse_step-th layer routed, softmax top-k."""
+def _moe_from_config(hf: dict, arch: str) -> dict:
+    """model.moe from config.json: Qwen3-MoE routes every decoder_sparse_step-th layer (its top-k weights
+    normalised if norm_topk_prob), Mixtral every layer (always normalised); both softmax top-k."""
     from gpu_workbench.parallel.config import MoeConfig
 
     require(hf, "mlp_only_layers", ([], None), "every decoder_sparse_step-th layer is routed here, no exceptions")
+    require(hf, "router_jitter_noise", (0, 0.0, None), "router jitter noise is not implemented")
     experts = hf["num_local_experts"] if "num_local_experts" in hf else hf["num_experts"]   # transformers 5, 4
+    mixtral = arch == "mixtral"
     return {"moe": MoeConfig(experts=experts, top_k=hf["num_experts_per_tok"],
-                             every=hf.get("decoder_sparse_step") or 1, d_ff=hf["moe_intermediate_size"],
-                             norm_topk=bool(hf.get("norm_topk_prob", False)),
+                             every=1 if mixtral else hf.get("decoder_sparse_step") or 1,
+                             d_ff=hf["intermediate_size" if mixtral else "moe_intermediate_size"],
+                             norm_topk=mixtral or bool(hf.get("norm_topk_prob", False)),
                              aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))}
 
 
-def _moe_to_config(m) -> dict:
+def _moe_to_config(m, arch: str) -> dict:
     from gpu_workbench.parallel.models.moe import expert_width
 
     e = m.moe
-    if e.score != "softmax" or e.shared_experts or e.capacity_factor:
+    mixtral = arch == "mixtral"
+    if e.score != "softmax" or e.shared_experts or e.capacity_factor or (mixtral and (e.every != 1 or not e.norm_topk)):
         from gpu_workbench.parallel.runtime.errors import UserError
 
-        raise UserError("Qwen3-MoE's format holds softmax routing without shared experts or a capacity factor; "
+        held = "every layer routed, top-k weights normalised, " if mixtral else ""
+        raise UserError(f"{arch}'s format holds {held}softmax routing without shared experts or a capacity factor; "
                         f"this model has model.moe.score={e.score}, shared_experts={e.shared_experts}, "
-                        f"capacity_factor={e.capacity_factor}")
-    return {"num_experts": e.experts, "num_local_experts": e.experts, "num_experts_per_tok": e.top_k,
-            "decoder_sparse_step": e.every,
-            "moe_intermediate_size": expert_width(m), "norm_topk_prob": e.norm_topk, "mlp_only_layers": [],
-            "router_aux_loss_coef": e.aux_loss_coef, "output_router_logits": False}
+                        f"capacity_factor={e.capacity_factor}, every={e.every}, norm_topk={e.norm_topk}")
+    out = {"num_local_experts": e.experts, "num_experts_per_tok": e.top_k, "router_aux_loss_coef": e.aux_loss_coef,
+           "output_router_logits": False}
+    if mixtral:
+        return {**out, "intermediate_size": expert_width(m), "router_jitter_noise": 0.0}
+    return {**out, "num_experts": e.experts, "decoder_sparse_step": e.every, "moe_intermediate_size": expert_width(m),
+            "norm_topk_prob": e.norm_topk, "mlp_only_layers": []}
 
 
 def _from_config(hf: dict, arch: str) -> dict:
@@ -81,7 +96,7 @@ def _from_config(hf: dict, arch: str) -> dict:
     require(hf, "attention_bias", (False, None) if arch != "qwen2" else (False, True, None),
             "q/k/v biases are qwen2's (model_type qwen2)")
     require(hf, "use_sliding_window", (False, None), "sliding-window attention is not implemented")
-    if arch == "llama":
+    if arch in ("llama", "mixtral"):
         require(hf, "sliding_window", (None,), "sliding-window attention is not implemented")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // heads
@@ -91,7 +106,7 @@ def _from_config(hf: dict, arch: str) -> dict:
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "head_dim": head_dim if head_dim * heads != hidden else 0,
             "max_positions": hf.get("max_position_embeddings") or 0, **rope(hf),
-            **(_moe_from_config(hf) if arch == "qwen3_moe" else {})}
+            **(_moe_from_config(hf, arch) if arch in MOE_FORMATS else {})}
 
 
 def _to_config(m, model_type: str, hf_class: str) -> dict:
@@ -109,13 +124,15 @@ def _to_config(m, model_type: str, hf_class: str) -> dict:
         out["attention_bias"] = False
     if model_type in ("qwen3", "qwen3_moe"):
         out.update(use_sliding_window=False, sliding_window=None)
-    if model_type == "qwen3_moe":
-        out.update(_moe_to_config(m))
+    if model_type == "mixtral":
+        out.update(sliding_window=None)
+    if model_type in MOE_FORMATS:
+        out.update(_moe_to_config(m, model_type))
     return out
 
 
 def adapter(arch: str, hf_class: str, qkv_bias: bool = False, qk_norm: bool = False) -> Adapter:
     return Adapter(model_types=(arch,), hf_class=hf_class,
-                   names=lambda m: _names(m, qkv_bias, qk_norm),
+                   names=lambda m: _names(m, qkv_bias, qk_norm, arch),
                    from_config=lambda hf: _from_config(hf, arch),
                    to_config=lambda m: _to_config(m, arch, hf_class))
