@@ -58,6 +58,7 @@ def _print_plan(config: str, extra: list[str], gpus: int, memory: float, hw, top
         return
     for i, (est, cand) in enumerate(ranked[:top], 1):
         used = " x ".join(f"{k} {v}" for k, v in cand.dims.degrees().items() if v > 1) or "1"
+        used += f", ep {cand.dims.ep} within dp" if cand.dims.ep > 1 else ""
         print(f"{i}. {cand.cfg.recipe} ({used}), micro_batch {cand.cfg.micro_batch}, checkpointing "
               f"{cand.cfg.model.activation_checkpointing}"
               + (f", {cand.cfg.pp.schedule}" if cand.cfg.recipe == "pipeline" else "")

@@ -73,6 +73,29 @@ def test_selective_checkpointing_costs_between_none_and_full():
     assert none < selective < none + (full - none) / 2
 
 
+def test_experts_add_ep_layouts_that_split_the_experts():
+    """A model with experts: layouts with ep.degree > 1; under ddp each rank then holds 1/ep of the routed experts
+    (fsdp shards them over every dp rank either way, and gathers 1/ep as many); the tokens' all-to-alls cost time."""
+    from gpu_workbench.parallel import RunConfig, recipes
+    from gpu_workbench.parallel.tools.plan.estimate import estimate
+    from gpu_workbench.parallel.tools.plan.layouts import candidates, state_bytes
+
+    moe = ["model.moe.experts=8", "model.moe.top_k=2", "global_batch=64"]
+    fits, _, _ = candidates(LLAMA_8B, moe, 64, 80e9)
+    assert any("ep.degree=8" in c.overrides for c in fits)
+    hw = hardware.PRESETS["H100"]
+
+    def layout(recipe: str, ep: int):
+        cfg = RunConfig.from_toml(LLAMA_8B, [*moe, f"recipe={recipe}", f"ep.degree={ep}", "model.fused_head_loss=false"])
+        dims = recipes.resolve(cfg, 64)
+        return state_bytes(cfg, dims), estimate(cfg, dims, hw).parts
+
+    (ddp1, _), (ddp8, _) = layout("ddp", 1), layout("ddp", 8)
+    (fsdp1, parts1), (fsdp8, parts8) = layout("fsdp", 1), layout("fsdp", 8)
+    assert ddp8 < ddp1 and fsdp8 == fsdp1
+    assert parts1["ep"] == 0 < parts8["ep"] and parts8["dp"] < parts1["dp"]
+
+
 @pytest.mark.parametrize("text", ["80", "80GB", "80 GiB"])
 def test_gpu_memory_parses(text):
     from gpu_workbench.cli.plan_cli import _memory

@@ -8,6 +8,8 @@ runs it). For a resolved config (its ParallelDims `dims`) on `hw`:
     tp          tensor_parallel.predicted_step_bytes (16-bit activations under bf16) as ring all-reduces on
                 the tp group, not overlapped (they sit between a layer's matmuls)
     cp          ring attention's K/V passes, hidden behind the attention's own FLOPs where they are shorter
+    ep          the tokens' all-to-alls (expert_parallel.predicted_step_bytes, 16-bit under bf16) on the ep
+                group, not overlapped (the experts wait for their tokens)
     fsdp / ddp  all-gathers (forward, and backward when resharding) and one reduce-scatter of the rank's fp32
                 parameters (this project's FSDP2 gathers fp32); ddp's all-reduce: overlapped with compute, the
                 excess and one unit's worth exposed
@@ -73,12 +75,23 @@ def recomputed_flops_per_token(m) -> float:
     return {"full": matmuls + attention, "selective": matmuls / 2}.get(m.activation_checkpointing, 0.0)
 
 
+def other_ranks_experts(cfg, dims) -> int:
+    """The routed experts' parameters that the rest of a rank's ep group holds (0 without expert parallelism)."""
+    m = cfg.model
+    spec = models.get(m.arch)
+    routed = spec.moe_blocks(m) * m.moe.experts * spec.expert_params(m)
+    return routed - routed // dims.ep
+
+
 def params_on_rank(cfg, dims) -> int:
-    """Parameters one rank holds before data-parallel sharding: Ψs/T + Ψr, of the biggest stage under pp."""
+    """Parameters one rank holds before data-parallel sharding: Ψs/T + Ψr, of the biggest stage under pp. With
+    expert parallelism under ddp, the routed experts split over ep (fsdp shards them over all dp ranks either way:
+    dp / ep ranks x ep)."""
     m = cfg.model
     n = models.get(m.arch).n_params(m)
     if dims.pp == 1:
-        return tensor_parallel.params_per_rank(m, n, dims.tp)
+        held = tensor_parallel.params_per_rank(m, n, dims.tp)
+        return held - (other_ranks_experts(cfg, dims) if cfg.recipe != "fsdp" else 0)
     per = -(-m.n_layers // dims.pp)
     return max(tensor_parallel.stage_params_per_rank(m, per, True, False, dims.tp),
                tensor_parallel.stage_params_per_rank(m, per, False, True, dims.tp))
@@ -103,7 +116,10 @@ def estimate(cfg, dims, hw) -> Estimate:
         tp_bytes = tensor_parallel.predicted_step_bytes(cfg, micro, stage)["bytes"]
     parts["tp"] = _ring(dims.tp, tp_bytes * e / 4, _bandwidth(dims, "tp", hw), all_reduce=True)
     parts["cp"] = _cp_seconds(cfg, dims, hw, compute)
-    parts["dp"] = _dp_seconds(cfg, dims, hw, held * 4, compute, mbs)
+    parts["ep"] = _ep_seconds(cfg, dims, hw)
+    # fsdp gathers (and reduces) only its ep group's share of the experts
+    gathered = held - (other_ranks_experts(cfg, dims) if cfg.recipe == "fsdp" else 0)
+    parts["dp"] = _dp_seconds(cfg, dims, hw, gathered * 4, compute, mbs)
     parts["pp_p2p"] = 0.0
     bubble = 0.0
     if dims.pp > 1:
@@ -114,7 +130,7 @@ def estimate(cfg, dims, hw) -> Estimate:
         bubble = sim.bubble_fraction
         act = tokens * m.d_model * e
         parts["pp_p2p"] = 2 * cfg.pp.microbatches * cfg.pp.virtual_stages * act / _bandwidth(dims, "pp", hw)
-    busy = parts["compute"] + parts["memory"] + parts["tp"] + parts["cp"]
+    busy = parts["compute"] + parts["memory"] + parts["tp"] + parts["cp"] + parts["ep"]
     parts["bubble"] = busy * bubble / (1 - bubble)
     step = busy + parts["bubble"] + parts["dp"] + parts["pp_p2p"]
     tps = cfg.global_batch * m.seq_len / step / dims.world_size
@@ -133,6 +149,20 @@ def _cp_seconds(cfg, dims, hw, compute: float) -> float:
     ring = passes * 2 * tokens * kv * e / _bandwidth(dims, "cp", hw)
     attention = compute * 6 * m.seq_len * m.d_model / models.get(m.arch).flops_per_token(m)
     return max(0.0, ring - attention)
+
+
+def _ep_seconds(cfg, dims, hw) -> float:
+    """The tokens' all-to-alls of one step on the ep group (E consecutive data-parallel ranks), exposed."""
+    if dims.ep == 1:
+        return 0.0
+    from gpu_workbench.parallel.primitives.expert_parallel import predicted_step_bytes
+
+    m = cfg.model
+    e = 4 if cfg.precision == "fp32" else 2
+    nbytes = predicted_step_bytes(cfg, models.get(m.arch).moe_blocks(m), dims.dp) * e / 4
+    inside = dims.ep * dims.cp * dims.tp <= hw.gpus_per_node
+    bandwidth = (hw.intra_node_gb_s if inside else hw.inter_node_gb_s) * 1e9
+    return nbytes * (dims.ep - 1) / dims.ep / bandwidth
 
 
 def _dp_seconds(cfg, dims, hw, state: float, compute: float, mbs: int) -> float:

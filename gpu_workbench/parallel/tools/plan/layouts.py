@@ -1,5 +1,6 @@
 """The layouts `wb plan` considers, and which of them fit: every recipe of the shared loop that composes
-(ddp, fsdp, pipeline), tp x cp x pp degrees, micro-batch, activation checkpointing and pipeline schedule.
+(ddp, fsdp, pipeline), tp x cp x pp degrees (x ep for a model with experts), micro-batch, activation
+checkpointing and pipeline schedule.
 Each candidate is a config with its overrides, checked by the real `recipes.resolve` (what the project cannot
 run is dropped there), then by memory: the recipe's model-state formula over the parameters a rank holds
 (the dry run checks these bytes against real runs: tests/parallel/tools/test_dry_run.py) plus the activation
@@ -33,12 +34,13 @@ class Candidate:
         return self.state_bytes + self.activation_bytes
 
 
-def _choices(n_layers: int, gpus: int):
+def _choices(n_layers: int, gpus: int, experts: bool):
     for recipe, tp, cp, mb, ac in itertools.product(("fsdp", "ddp", "pipeline"), DEGREES, DEGREES, (1, 2, 4),
                                                    ("none", "full")):
         if recipe != "pipeline":
-            yield [f"recipe={recipe}", f"tp.degree={tp}", f"cp.degree={cp}", f"micro_batch={mb}",
-                   f"model.activation_checkpointing={ac}"]
+            for ep in DEGREES if experts else (1,):   # resolve refuses what does not divide
+                yield [f"recipe={recipe}", f"tp.degree={tp}", f"cp.degree={cp}", f"micro_batch={mb}",
+                       f"model.activation_checkpointing={ac}", *([f"ep.degree={ep}"] if ep > 1 else [])]
             continue
         if cp > 1:
             continue
@@ -56,7 +58,7 @@ def candidates(config, extra: list[str], gpus: int, gpu_memory: float) -> tuple[
 
     base = RunConfig.from_toml(config, extra)
     fits, refused, too_big = [], 0, 0
-    for over in _choices(base.model.n_layers, gpus):
+    for over in _choices(base.model.n_layers, gpus, base.model.moe.experts > 0):
         head = ["model.fused_head_loss=false"] if "tp.degree=1" not in over else []
         over = [*over, *head]
         cfg = RunConfig.from_toml(config, [*extra, *over])
