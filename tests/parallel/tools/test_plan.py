@@ -86,7 +86,8 @@ def test_experts_add_ep_layouts_that_split_the_experts():
     hw = hardware.PRESETS["H100"]
 
     def layout(recipe: str, ep: int):
-        cfg = RunConfig.from_toml(LLAMA_8B, [*moe, f"recipe={recipe}", f"ep.degree={ep}", "model.fused_head_loss=false"])
+        cfg = RunConfig.from_toml(LLAMA_8B, [*moe, f"recipe={recipe}", f"ep.degree={ep}",
+                                             "model.fused_head_loss=false"])
         dims = recipes.resolve(cfg, 64)
         return state_bytes(cfg, dims), estimate(cfg, dims, hw).parts
 
