@@ -205,6 +205,7 @@ class Engine(ABC):
 
     cfg: RunConfig
     ctx: Context
+    raw: nn.Module   # the unwrapped model (its state-dict names are the GPT's)
     # the activation bytes the first micro-batch's forward kept for backward (models/recompute.py); None: not
     # counted (tensor parallelism's DTensors, an engine with a train step of its own)
     activation_bytes: int | None = None
@@ -302,8 +303,11 @@ class Engine(ABC):
         return n_params
 
     def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict[str, Any]:
-        """Optional parts of the run summary this engine measured ({"comm": CommStats, ...}). Collective."""
-        return {}
+        """Optional parts of the run summary this engine measured ({"comm": CommStats, ...}); here model.moe's
+        routing (parallel/primitives/moe_summary.py). Collective."""
+        from gpu_workbench.parallel.primitives import moe_summary
+
+        return {"moe": moe_summary.part(self.raw, self.cfg, self.ctx.dims)}
 
 
 class TorchEngine(Engine):
@@ -361,12 +365,6 @@ class TorchEngine(Engine):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.raw.state_dict().items()}
-
-    def summary_parts(self, run_dir: Path, steps_run: int, elapsed_s: float) -> dict[str, Any]:
-        """model.moe: the routers' part (parallel/primitives/moe_summary.py). Collective."""
-        from gpu_workbench.parallel.primitives import moe_summary
-
-        return {"moe": moe_summary.part(self.raw, self.cfg, self.ctx.dims)}
 
     # Checkpoints: the universal format (parallel/checkpoint/universal.py), whatever the layout.
     def state_module(self) -> nn.Module:

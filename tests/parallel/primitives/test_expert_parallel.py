@@ -1,6 +1,6 @@
 """Expert parallelism (parallel/primitives/expert_parallel.py) equals `single` per step: a dropless llama MoE under
-ep=2 with ddp x2 and fsdp x2 (one 2-rank launch), fsdp x4 with ep=2 and ddp x2 x tp=2 with ep=2 (one 4-rank
-launch). Losses (with the routers' aux and z losses), clipping norms, held-out losses, final parameters.
+ep=2 with ddp x2 and fsdp x2, and under zero2 x2 without ep (one 2-rank launch), fsdp x4 with ep=2 and ddp x2 x tp=2
+and fsdp x2 x tp=2 with ep=2 (one 4-rank launch). Losses (with the routers' aux and z losses), clipping norms, held-out losses, final parameters.
 Universal checkpoints reshard the experts: fsdp ep=2 starts from single's step 1, single from ddp ep=2's."""
 
 from pathlib import Path
@@ -14,6 +14,8 @@ from tests.helpers.runs import (
     losses,
     max_rel_diff,
     rel,
+    runnable,
+    skip_unless_runnable,
     summary,
     torchrun,
     train_single,
@@ -26,8 +28,13 @@ MOE = ["model.arch=llama", "model.d_model=32", "model.n_heads=2", "model.n_layer
        "checkpoint.save_final=true", "optim.warmup_steps=1", "eval.every=3", "eval.batches=1"]
 CAPACITY = "model.moe.capacity_factor=0.75"   # slots dropped, each rank its own micro-batches' (as single)
 SAVE = "checkpoint.every=1"   # the runs whose step-1 checkpoint another starts from
-TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2", SAVE], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"]}
-FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp", "tp.degree=2", "ep.degree=2"]}
+TWO = {"ddp-ep2": ["recipe=ddp", "ep.degree=2", SAVE], "fsdp-ep2": ["recipe=fsdp", "ep.degree=2"],
+       "zero2": ["recipe=zero2"]}   # experts without ep: DeepSpeed's engine takes the MoE model as any other
+FOUR = {"fsdp4-ep2": ["recipe=fsdp", "ep.degree=2"], "ddp-tp2-ep2": ["recipe=ddp", "tp.degree=2", "ep.degree=2"],
+        "fsdp-tp2-ep2": ["recipe=fsdp", "tp.degree=2", "ep.degree=2"]}
+
+
+EP = [name for name in {**TWO, **FOUR} if name != "zero2"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,8 @@ def runs(tmp_path_factory) -> Path:
     resumed = {"ddp-ep2-capacity": ["recipe=ddp", "ep.degree=2", CAPACITY],
                "fsdp-ep2-from-single": ["recipe=fsdp", "ep.degree=2", f"checkpoint.load_from={step1(root / 'single')}"]}
     for nproc, layouts in ((2, TWO | resumed), (4, FOUR)):
-        torchrun(nproc, [(TINY, [*MOE, *over, f"run_dir={root / name}"]) for name, over in layouts.items()])
+        torchrun(nproc, [(TINY, [*MOE, *over, f"run_dir={root / name}"]) for name, over in layouts.items()
+                         if runnable(over[0])])
     train_single(root / "single-from-ddp-ep2", [*MOE, f"checkpoint.load_from={step1(root / 'ddp-ep2')}"])
     train_single(root / "single-capacity", [*MOE, CAPACITY])
     return root
@@ -49,6 +57,7 @@ def step1(run: Path) -> str:
 
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_expert_parallel_matches_single(runs, name):
+    skip_unless_runnable(name)
     assert_matches_single(runs / name, runs / "single", STEPS)
 
 
@@ -60,7 +69,7 @@ def test_universal_checkpoint_reshards_experts(runs, name):
     assert max_rel_diff(final_params(runs / name), final_params(runs / "single")) < 1e-5
 
 
-@pytest.mark.parametrize("name", [*TWO, *FOUR])
+@pytest.mark.parametrize("name", EP)
 def test_moe_summary_measured_beside_predicted(runs, name):
     """The summary's moe part: the same routing as single's (every rank's tokens once), the all-to-all bytes of
     one step (mean over ranks) equal to the dropless formula, each rank holding 1/ep of the expert bytes."""
@@ -76,7 +85,15 @@ def test_moe_summary_measured_beside_predicted(runs, name):
     assert ref["ep_all_to_all_bytes_per_step_per_rank_measured"] is None
 
 
-@pytest.mark.parametrize("name", [*TWO, *FOUR])
+def test_zero_routes_as_single_and_holds_every_expert(runs):
+    """ZeRO-2 without ep: the summary's moe part from DeepSpeed's engine too (the routing summed over its ranks)."""
+    skip_unless_runnable("zero2")
+    got, ref = summary(runs / "zero2"), summary(runs / "single")
+    assert got["moe_tokens_per_expert"] == ref["moe_tokens_per_expert"] and got["ep_degree"] == 1
+    assert got["moe_expert_param_bytes_per_rank_measured"] == ref["moe_expert_param_bytes_per_rank_measured"] > 0
+
+
+@pytest.mark.parametrize("name", EP)
 def test_memory_model_counts_experts_per_rank(runs, name):
     """Parameters, gradients and Adam moments each rank holds, measured, equal the recipe's formula: the
     experts split over ep under ddp, over every dp rank under fsdp."""
