@@ -15,6 +15,7 @@ its own gradients and AdamW moments).
 
 from __future__ import annotations
 
+import os
 import queue as queue_mod
 import time
 
@@ -81,6 +82,28 @@ class Hogwild(Recipe):
         return _run(cfg, nproc)
 
 
+def start_method() -> str:
+    """"fork" where there is one and a forked child can still run backward (no interpreter and torch start per
+    worker), else "forkserver" (a fresh interpreter forks the workers), else "spawn". Once autograd has started
+    its device threads in this process, a forked child's backward raises (the pytorch wiki's Autograd-and-Fork
+    page): a CUDA build of torch does after a compiled backward, even with no GPU. A one-op child tells."""
+    if "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    probe = mp.get_context("fork").Process(target=_backward_once)
+    probe.start()
+    probe.join()
+    return "fork" if probe.exitcode == 0 else "forkserver"
+
+
+def _backward_once() -> None:
+    """The probe's child: one tiny backward; exit 1, silently, where autograd refuses it."""
+    try:
+        (torch.ones(1, requires_grad=True) * 2).sum().backward()
+    except RuntimeError:
+        os._exit(1)
+    os._exit(0)
+
+
 def _run(cfg: RunConfig, nproc: int) -> RunSummary:
     run_dir = resolve_run_dir(cfg)
     out = RunDir(run_dir, active=True)
@@ -89,8 +112,7 @@ def _run(cfg: RunConfig, nproc: int) -> RunSummary:
     torch.manual_seed(cfg.seed)
     model = build(cfg.model)
     model.share_memory()
-    # fork where there is one (Linux): no interpreter + torch start per worker; workers use one thread each
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context(start_method())   # workers use one thread each
     results, start = ctx.Queue(), ctx.Barrier(nproc + 1)
     procs = [ctx.Process(target=_worker, args=(w, nproc, cfg.to_dict(), model, results, start), daemon=True)
              for w in range(nproc)]

@@ -1,7 +1,8 @@
 """Expert parallelism (parallel/primitives/expert_parallel.py) equals `single` per step: a dropless llama MoE under
 ep=2 with ddp x2 and fsdp x2, and under zero2 x2 without ep (one 2-rank launch), fsdp x4 with ep=2 and ddp x2 x tp=2
-and fsdp x2 x tp=2 with ep=2 (one 4-rank launch). Losses (with the routers' aux and z losses), clipping norms, held-out losses, final parameters.
-Universal checkpoints reshard the experts: fsdp ep=2 starts from single's step 1, single from ddp ep=2's."""
+and fsdp x2 x tp=2 with ep=2 (one 4-rank launch). Losses (with the routers' aux and z losses), clipping norms,
+held-out losses, final parameters. Universal checkpoints reshard the experts: fsdp ep=2 starts from single's
+step 1, single from ddp ep=2's."""
 
 from pathlib import Path
 

@@ -47,3 +47,23 @@ def test_wb_train_rejects_a_bad_worker_count_before_starting_anything():
     assert done.returncode == 2
     assert "global_batch (16) must be divisible by micro_batch (4) x data-parallel degree (3)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_hogwild_workers_from_a_fork_server(tmp_path, monkeypatch):
+    """Where a forked child cannot run backward (autograd's threads started here: a CUDA build of torch after a
+    compiled backward), hogwild's workers come from a fork server; the model is shared with them all the same."""
+    import torch
+
+    from gpu_workbench.parallel import train
+    from gpu_workbench.parallel.recipes import hogwild
+    from gpu_workbench.parallel.runtime.rundir import read_metrics
+
+    monkeypatch.setattr(hogwild, "start_method", lambda: "forkserver")
+    run = tmp_path / "run"
+    train(RunConfig.from_toml(TINY, ["recipe=hogwild", "steps=3", "global_batch=8", "progress=false", "eval.every=0",
+                                     "checkpoint.every=0", "checkpoint.save_final=true", f"run_dir={run}"]), 2)
+    rows = read_metrics(run)
+    assert sorted((m["worker"], m["clock"]) for m in rows) == [(w, c) for w in (0, 1) for c in range(3)]
+    init = hogwild.build(RunConfig.from_toml(TINY, []).model).state_dict()   # seed 0: the workers' start
+    final = torch.load(run / "final_model.pt", weights_only=True)
+    assert any(not torch.equal(final[k], v) for k, v in init.items())   # the workers' updates reached the model
