@@ -67,7 +67,9 @@ install_stack() {
     fi
     echo "== $name: installing into $venv ($spec)"
     [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
-    "$pip" install -q --upgrade pip
+    # setuptools >= 70.1 builds wheels itself (tests/test_namespace.py runs `pip wheel --no-build-isolation`;
+    # Python 3.10's venv ships setuptools 65, which needs the `wheel` package for that)
+    "$pip" install -q --upgrade pip "setuptools>=70.1,<82"   # <82: torch 2.11 requires it
     # Two steps: the stack's torch (and Triton) first, then the project, whose range (torch>=2.5) keeps it.
     local first=${spec%% | *} second=${spec##* | }
     # Word splitting of the requirement lists is wanted, pathname expansion (of `.[test]`) is not.

@@ -25,16 +25,12 @@ from gpu_workbench.parallel import models
 from gpu_workbench.parallel.models import hf_config
 from gpu_workbench.parallel.runtime.errors import UserError, UserTypeError
 from gpu_workbench.parallel.runtime.flat_config import flatten_config
+from gpu_workbench.parallel.runtime.toml_compat import tomllib
 
 # the world size injected fault ranks are aimed at, where it is larger than the current one (an elastic job)
 FAULT_WORLD_ENV = "WB_FAULT_WORLD_SIZE"
 # Old values a field still accepts, as they were written (TOML, text or an old config.json), and what they mean now
 LEGACY_VALUES = {"model.activation_checkpointing": {"true": "full", "false": "none"}}
-
-try:
-    import tomllib
-except ModuleNotFoundError:   # Python 3.10
-    import tomli as tomllib
 
 
 @dataclass

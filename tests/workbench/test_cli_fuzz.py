@@ -22,12 +22,8 @@ from hypothesis import strategies as st
 from gpu_workbench.cli.app import main
 from gpu_workbench.parallel import RunConfig, recipes
 from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.toml_compat import tomllib
 from tests.helpers.runs import TINY, wb
-
-try:
-    import tomllib
-except ModuleNotFoundError:   # Python 3.10
-    import tomli as tomllib
 
 
 def _leaves(cls: type = RunConfig, prefix: str = "") -> dict[str, typing.Any]:

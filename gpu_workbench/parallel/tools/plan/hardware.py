@@ -8,9 +8,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import tomllib
-
 from gpu_workbench.parallel.runtime.errors import UserError
+from gpu_workbench.parallel.runtime.toml_compat import tomllib
 
 
 @dataclass(frozen=True)
