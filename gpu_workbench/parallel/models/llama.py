@@ -17,6 +17,17 @@ def check(m) -> None:
                         f"model.arch = '{m.arch}': rotary embeddings rotate pairs of dimensions")
 
 
+def routed_check(dense: str):
+    """The check of a routed architecture (qwen3_moe, mixtral): the family's, and experts to route to; `dense` is
+    the architecture without them."""
+    def check_routed(m) -> None:
+        check(m)
+        if not m.moe.experts:
+            raise UserError(f"model.arch = '{m.arch}' needs model.moe.experts > 0 (or use model.arch = '{dense}')")
+
+    return check_routed
+
+
 def default_d_ff(m) -> int:
     return -(-8 * m.d_model // 3 // 8) * 8
 

@@ -5,18 +5,9 @@ models/hf_llama.py (its `block_sparse_moe` names)."""
 from __future__ import annotations
 
 from gpu_workbench.parallel.models import hf_llama
-from gpu_workbench.parallel.models.llama import SWIGLU_PLAN, default_d_ff
-from gpu_workbench.parallel.models.llama import check as llama_check
+from gpu_workbench.parallel.models.llama import SWIGLU_PLAN, default_d_ff, routed_check
 from gpu_workbench.parallel.models.spec import ArchSpec
-from gpu_workbench.parallel.runtime.errors import UserError
-
-
-def check(m) -> None:
-    llama_check(m)
-    if not m.moe.experts:
-        raise UserError("model.arch = 'mixtral' needs model.moe.experts > 0 (or use model.arch = 'llama')")
-
 
 SPEC = ArchSpec(name="mixtral", positions="rotary", norm="rmsnorm", mlp="swiglu", grouped_query=True,
-                default_d_ff=default_d_ff, check=check, mlp_plan=SWIGLU_PLAN,
+                default_d_ff=default_d_ff, check=routed_check("llama"), mlp_plan=SWIGLU_PLAN,
                 hf=hf_llama.adapter("mixtral", "MixtralForCausalLM"))

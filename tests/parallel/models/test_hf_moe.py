@@ -110,3 +110,12 @@ def test_export_refuses_what_the_format_cannot_hold(arch, overrides, words):
     with pytest.raises(UserError, match=words) as err:
         models.get(arch).hf.to_config(cfg.model)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("arch", "dense"), [("mixtral", "llama"), ("qwen3_moe", "qwen3")])
+def test_a_routed_architecture_without_experts_is_refused(arch, dense):
+    from gpu_workbench.parallel.runtime.errors import UserError
+
+    with pytest.raises(UserError, match=f"model.arch = '{arch}' needs model.moe.experts > 0 .*'{dense}'") as err:
+        RunConfig.from_toml(None, [f"model.arch={arch}"])
+    assert "\n" not in str(err.value)

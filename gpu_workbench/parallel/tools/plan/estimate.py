@@ -48,8 +48,18 @@ def _bandwidth(dims, name: str, hw) -> float:
         if other == name:
             break
         stride *= getattr(dims, other)
-    inside = getattr(dims, name) * stride <= hw.gpus_per_node
-    return (hw.intra_node_gb_s if inside else hw.inter_node_gb_s) * 1e9
+    return _spanning(getattr(dims, name) * stride, hw)
+
+
+def _spanning(ranks: int, hw) -> float:
+    """Bytes/s one rank gets in a group whose members lie within `ranks` consecutive ranks."""
+    return (hw.intra_node_gb_s if ranks <= hw.gpus_per_node else hw.inter_node_gb_s) * 1e9
+
+
+def _element_bytes(cfg) -> int:
+    """Bytes of one activation value on the wire: 4 under fp32, else 2 (bf16, fp16, and fp8's bf16 around its
+    float8 linears)."""
+    return 4 if cfg.precision == "fp32" else 2
 
 
 def _ring(n: int, nbytes: float, bw: float, all_reduce: bool = False) -> float:
@@ -108,7 +118,7 @@ def estimate(cfg, dims, hw) -> Estimate:
     layers = m.n_layers // dims.pp
     block, _ = per_block_token(cfg, dims.tp, cfg.tp.sequence_parallel)
     parts["memory"] = (4 * block * tokens * layers * mbs + 28 * held / shard) / (hw.hbm_gb_s * 1e9)
-    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
+    e = _element_bytes(cfg)
     tp_bytes = 0.0
     if dims.tp > 1:
         stage = None if dims.pp == 1 else (layers, True, True)
@@ -142,7 +152,7 @@ def _cp_seconds(cfg, dims, hw, compute: float) -> float:
     if dims.cp == 1:
         return 0.0
     m = cfg.model
-    e = 4 if cfg.precision == "fp32" else 2   # bf16, fp16 and fp8 (bf16 around its float8 linears)
+    e = _element_bytes(cfg)
     kv = (m.n_kv_heads or m.n_heads) * (m.d_model // m.n_heads) // dims.tp
     tokens = cfg.micro_batch * m.seq_len // dims.cp
     passes = 3 * (dims.cp - 1) * m.n_layers * cfg.accum_steps(dims.dp)
@@ -158,11 +168,8 @@ def _ep_seconds(cfg, dims, hw) -> float:
     from gpu_workbench.parallel.primitives.expert_parallel import predicted_step_bytes
 
     m = cfg.model
-    e = 4 if cfg.precision == "fp32" else 2
-    nbytes = predicted_step_bytes(cfg, models.get(m.arch).moe_blocks(m), dims.dp) * e / 4
-    inside = dims.ep * dims.cp * dims.tp <= hw.gpus_per_node
-    bandwidth = (hw.intra_node_gb_s if inside else hw.inter_node_gb_s) * 1e9
-    return nbytes * (dims.ep - 1) / dims.ep / bandwidth
+    nbytes = predicted_step_bytes(cfg, models.get(m.arch).moe_blocks(m), dims.dp) * _element_bytes(cfg) / 4
+    return nbytes * (dims.ep - 1) / dims.ep / _spanning(dims.ep * dims.cp * dims.tp, hw)
 
 
 def _dp_seconds(cfg, dims, hw, state: float, compute: float, mbs: int) -> float:
